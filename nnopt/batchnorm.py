@@ -1,0 +1,116 @@
+r"""Batch Normalization: the textbook's reference forward and backward.
+
+Forward over a batch of m samples (per feature):
+
+.. math::
+    \mu = \frac1m\sum x,\quad \sigma^2 = \frac1m\sum (x-\mu)^2,\quad
+    n = \frac{x-\mu}{\sqrt{\sigma^2+\epsilon}},\quad z = \gamma n + \beta
+
+Backward, with :math:`d = \partial J/\partial z`:
+
+.. math::
+    d\gamma = \sum d\,n,\quad d\beta = \sum d,\quad dn = d\,\gamma,\\
+    d\sigma^2 = -\tfrac12(\sigma^2+\epsilon)^{-3/2}\sum dn\,(x-\mu),\\
+    d\mu = -\frac{\sum dn}{\sqrt{\sigma^2+\epsilon}} - \frac2m d\sigma^2\sum(x-\mu),\\
+    dx = \frac{dn}{\sqrt{\sigma^2+\epsilon}} + d\sigma^2\frac{2(x-\mu)}{m} + \frac{d\mu}{m}
+
+These two functions are the reference every fast path (numba, CUDA) is tested against.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import namespace_of
+from .errors import check_finite_number
+from .layers import Layer, check_dtype, check_input
+from .params import Parameter
+
+
+def batchnorm_forward(x, gamma, beta, eps):
+    """Training-mode forward. Returns ``(z, mean, var, cache)``."""
+    xp = namespace_of(x)
+    m = x.shape[0]
+    mean = xp.sum(x, axis=0) / m
+    centered = x - mean
+    var = xp.sum(centered * centered, axis=0) / m
+    std = xp.sqrt(var + eps)
+    normed = centered / std
+    return gamma * normed + beta, mean, var, (centered, normed, var, std, gamma, eps)
+
+
+def batchnorm_backward(d, cache):
+    """Returns ``(dx, dgamma, dbeta)`` for the cache of :func:`batchnorm_forward`."""
+    xp = namespace_of(d)
+    centered, normed, var, std, gamma, eps = cache
+    m = d.shape[0]
+    dgamma = xp.sum(d * normed, axis=0)
+    dbeta = xp.sum(d, axis=0)
+    dn = d * gamma
+    dvar = -0.5 * (var + eps) ** -1.5 * xp.sum(dn * centered, axis=0)
+    dmu = -xp.sum(dn, axis=0) / std - (2.0 / m) * dvar * xp.sum(centered, axis=0)
+    dx = dn / std + dvar * 2.0 * centered / m + dmu / m
+    return dx, dgamma, dbeta
+
+
+class BatchNorm(Layer):
+    r"""Batch Normalization over the features of a (batch, features) input.
+
+    ``momentum`` follows the textbook: ``running = momentum * running + (1 - momentum) *
+    batch_value`` (0.9). PyTorch's ``momentum=0.1`` is the same thing as 0.9 here.
+    ``unbiased_running_var=True`` stores :math:`\frac{m}{m-1}\sigma^2` in the running
+    variance, as PyTorch does; the textbook stores the biased one. ``train=False`` uses
+    the running statistics.
+    """
+
+    def __init__(self, n_features: int, momentum: float = 0.9, eps: float = 1e-5,
+                 unbiased_running_var: bool = False, name: str = "bn"):
+        self.n = int(n_features)
+        self.momentum = check_finite_number("BatchNorm momentum", momentum, low=0, high=1)
+        self.eps = check_finite_number("BatchNorm eps", eps, low=0, low_open=True)
+        self.unbiased = bool(unbiased_running_var)
+        self.gamma = Parameter(np.ones(self.n), f"{name}.gamma")
+        self.beta = Parameter(np.zeros(self.n), f"{name}.beta")
+        self.params = (self.gamma, self.beta)
+        self.buffers = {"running_mean": np.zeros(self.n), "running_var": np.ones(self.n)}
+        self.name = name
+
+    def forward(self, x, train=True):
+        check_input(self, x, self.n)
+        check_dtype(self, x, self.gamma)
+        xp = namespace_of(x)
+        if not train:
+            self.train_mode = False
+            self.std = xp.sqrt(self.buffers["running_var"] + self.eps)
+            self.normed = (x - self.buffers["running_mean"]) / self.std
+            return self.gamma.data * self.normed + self.beta.data
+        m = x.shape[0]
+        if m < 2:
+            raise ValueError(f"{self!r} in training mode needs a batch of at least 2 samples, got "
+                             f"{m}: one sample has zero variance. Use a larger batch or train=False")
+        self.train_mode = True
+        z, mean, var, self.cache = batchnorm_forward(x, self.gamma.data, self.beta.data, self.eps)
+        self._update_running(mean, var, m)
+        return z
+
+    def _update_running(self, mean, var, m):
+        a = self.momentum
+        if self.unbiased:
+            var = var * (m / (m - 1))
+        running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
+        running_mean[...] = a * running_mean + (1 - a) * mean
+        running_var[...] = a * running_var + (1 - a) * var
+
+    def backward(self, d):
+        xp = namespace_of(d)
+        if not self.train_mode:
+            # Inference mode is an affine map per feature.
+            self.gamma.grad += xp.sum(d * self.normed, axis=0)
+            self.beta.grad += xp.sum(d, axis=0)
+            return d * self.gamma.data / self.std
+        dx, dgamma, dbeta = batchnorm_backward(d, self.cache)
+        self.gamma.grad += dgamma
+        self.beta.grad += dbeta
+        return dx
+
+    def __repr__(self):
+        return f"BatchNorm({self.n})"

@@ -1,0 +1,67 @@
+r"""Losses. Each returns the mean loss over the batch and keeps what ``backward`` needs.
+
+* :class:`SoftmaxCrossEntropy`: :math:`J = -\frac{1}{m}\sum_i \sum_k y_{ik}\log a_{ik}`,
+  :math:`a = \mathrm{softmax}(z)`; :math:`\partial J/\partial z = (a - y)/m`.
+* :class:`MSELoss`: :math:`J = \frac{1}{2m}\sum_i (a_i - y_i)^2`;
+  :math:`\partial J/\partial a = (a - y)/m`.
+"""
+from __future__ import annotations
+
+from .backend import namespace_of
+
+
+def one_hot(labels, n_classes, dtype):
+    """Integer labels (m,) to a one-hot matrix (m, n_classes) of ``dtype``."""
+    xp = namespace_of(labels)
+    return xp.astype(labels[:, None] == xp.arange(n_classes, dtype=labels.dtype)[None, :], dtype)
+
+
+def _check_pair(name, a, y):
+    if y.shape[0] != a.shape[0]:
+        raise ValueError(f"{name}: {a.shape[0]} predictions but {y.shape[0]} targets")
+
+
+class SoftmaxCrossEntropy:
+    """Softmax over the last axis and cross-entropy against one-hot or integer labels."""
+
+    def forward(self, logits, target):
+        xp = namespace_of(logits)
+        if len(logits.shape) != 2:
+            raise ValueError(f"SoftmaxCrossEntropy expects logits of shape (batch, classes), "
+                             f"got {tuple(logits.shape)}")
+        _check_pair("SoftmaxCrossEntropy", logits, target)
+        if len(target.shape) == 1:
+            if xp.isdtype(target.dtype, "real floating"):
+                raise TypeError("SoftmaxCrossEntropy: 1-D targets must be integer class labels, "
+                                f"got {target.dtype}; pass one-hot rows or xp.astype(y, xp.int64)")
+            target = one_hot(target, logits.shape[1], logits.dtype)
+        elif tuple(target.shape) != tuple(logits.shape):
+            raise ValueError(f"SoftmaxCrossEntropy: one-hot targets {tuple(target.shape)} do not "
+                             f"match logits {tuple(logits.shape)}")
+        shifted = logits - xp.max(logits, axis=1, keepdims=True)
+        log_sum = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+        log_prob = shifted - log_sum
+        self.prob, self.target = xp.exp(log_prob), target
+        return -xp.sum(target * log_prob) / logits.shape[0]
+
+    def backward(self):
+        return (self.prob - self.target) / self.prob.shape[0]
+
+
+class MSELoss:
+    """Half the mean squared error, the textbook's regression loss."""
+
+    def forward(self, prediction, target):
+        _check_pair("MSELoss", prediction, target)
+        if tuple(target.shape) != tuple(prediction.shape):
+            raise ValueError(f"MSELoss: target shape {tuple(target.shape)} does not match "
+                             f"prediction shape {tuple(prediction.shape)}")
+        xp = namespace_of(prediction)
+        self.diff = prediction - target
+        return xp.sum(self.diff * self.diff) / (2 * prediction.shape[0])
+
+    def backward(self):
+        return self.diff / self.diff.shape[0]
+
+
+LOSSES = {"cross_entropy": SoftmaxCrossEntropy, "mse": MSELoss}

@@ -1,0 +1,74 @@
+r"""Learning-rate schedules.
+
+A schedule is a pure function ``epoch -> multiplier of the base lr`` (Optax style);
+:class:`LRScheduler` applies one to every group of an optimizer, PyTorch style:
+call ``scheduler.step()`` once per epoch.
+
+* ``step_decay(step_size, gamma)``: :math:`\gamma^{\lfloor e / s \rfloor}`
+* ``exponential_decay(gamma)``: :math:`\gamma^e`
+* ``cosine_decay(t_max, eta_min_ratio)``: :math:`r + (1-r)\frac{1 + \cos(\pi \min(e, T)/T)}{2}`
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import check_finite_number
+
+
+def step_decay(step_size: int, gamma: float = 0.1):
+    if int(step_size) < 1:
+        raise ValueError(f"step_size must be an integer >= 1, got {step_size!r}")
+    gamma = check_finite_number("gamma", gamma, low=0)
+    return lambda epoch: gamma ** (epoch // int(step_size))
+
+
+def exponential_decay(gamma: float):
+    gamma = check_finite_number("gamma", gamma, low=0)
+    return lambda epoch: gamma ** epoch
+
+
+def cosine_decay(t_max: int, eta_min_ratio: float = 0.0):
+    if int(t_max) < 1:
+        raise ValueError(f"t_max must be an integer >= 1, got {t_max!r}")
+    r = check_finite_number("eta_min_ratio", eta_min_ratio, low=0, high=1)
+    return lambda epoch: r + (1 - r) * (1 + math.cos(math.pi * min(epoch, t_max) / t_max)) / 2
+
+
+class LRScheduler:
+    """Sets ``group["lr"] = base_lr * schedule(epoch)`` for every group of ``optimizer``."""
+
+    def __init__(self, optimizer, schedule):
+        self.optimizer, self.schedule = optimizer, schedule
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.epoch = 0
+
+    def step(self):
+        self.epoch += 1
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.schedule(self.epoch)
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state):
+        self.epoch, self.base_lrs = int(state["epoch"]), list(state["base_lrs"])
+
+
+class StepLR(LRScheduler):
+    def __init__(self, optimizer, step_size: int, gamma: float = 0.1):
+        super().__init__(optimizer, step_decay(step_size, gamma))
+
+
+class ExponentialLR(LRScheduler):
+    def __init__(self, optimizer, gamma: float):
+        super().__init__(optimizer, exponential_decay(gamma))
+
+
+class CosineAnnealingLR(LRScheduler):
+    def __init__(self, optimizer, T_max: int, eta_min: float = 0.0):
+        base = optimizer.param_groups[0]["lr"]
+        ratio = eta_min / base if base > 0 else 0.0
+        super().__init__(optimizer, cosine_decay(T_max, min(ratio, 1.0)))

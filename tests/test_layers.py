@@ -1,0 +1,184 @@
+"""Finite-difference checks (float64) of every layer, loss and a whole network."""
+import numpy as np
+import pytest
+
+import nnopt
+from nnopt import BatchNorm, Linear, ReLU, Sequential, Sigmoid, Tanh
+from nnopt.losses import MSELoss, SoftmaxCrossEntropy
+from tests.helpers import dev, host, numeric_grad, numeric_param_grad, rel_err
+
+
+def check_layer(xp, layers, x_host, train=True, tol=1e-6):
+    """J = sum(out * R): compare backward's dJ/dx and dJ/dparams with central differences."""
+    model = Sequential(layers, device=xp, dtype="float64")
+    model.layers[0].needs_input_grad = True
+    rng = np.random.default_rng(1)
+    out = model.forward(dev(xp, x_host), train)
+    weights = rng.normal(size=tuple(out.shape))
+
+    def objective_x(xh):
+        return float(np.sum(host(model.forward(dev(xp, xh), train)) * weights))
+
+    def objective_params():
+        return float(np.sum(host(model.forward(dev(xp, x_host), train)) * weights))
+
+    model.zero_grad()
+    model.forward(dev(xp, x_host), train)
+    dx = host(model.backward(dev(xp, weights)))
+    dparams = host(model.flat.grad)
+    num_dx = numeric_grad(objective_x, x_host.copy())
+    assert rel_err(dx, num_dx) < tol
+    if model.flat.size:
+        num_dp = numeric_param_grad(objective_params, model.flat)
+        assert rel_err(dparams, num_dp) < tol
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_linear_gradients(xp, rng, batch):
+    check_layer(xp, [Linear(5, 3, "normal", rng)], rng.normal(size=(batch, 5)))
+
+
+@pytest.mark.parametrize("activation", [Sigmoid, Tanh, ReLU])
+def test_activation_gradients(xp, rng, activation):
+    x = rng.normal(size=(6, 4))
+    x[np.abs(x) < 1e-3] = 0.5  # ReLU's kink is not differentiable
+    check_layer(xp, [Linear(4, 4, "normal", rng), activation()], x)
+
+
+@pytest.mark.parametrize("batch", [2, 3, 7, 16])
+def test_batchnorm_training_gradients(xp, rng, batch):
+    bn = BatchNorm(5)
+    bn.gamma.data = rng.uniform(0.5, 2.0, 5)
+    bn.beta.data = rng.normal(size=5)
+    check_layer(xp, [Linear(3, 5, "normal", rng), bn], rng.normal(size=(batch, 3)) * 3 + 1)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_batchnorm_inference_gradients(xp, rng, batch):
+    bn = BatchNorm(4)
+    bn.gamma.data = rng.uniform(0.5, 2.0, 4)
+    bn.buffers = {"running_mean": rng.normal(size=4), "running_var": rng.uniform(0.5, 2, 4)}
+    check_layer(xp, [bn], rng.normal(size=(batch, 4)), train=False)
+
+
+def test_batchnorm_forward_normalizes_and_tracks_running_stats(xp, rng):
+    bn = BatchNorm(3, momentum=0.9, eps=1e-5)
+    model = Sequential([bn], device=xp, dtype="float64")
+    x = rng.normal(size=(50, 3)) * [1.0, 4.0, 0.1] + [2.0, -1.0, 5.0]
+    z = host(model.forward(dev(xp, x)))
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(z.var(axis=0), x.var(axis=0) / (x.var(axis=0) + 1e-5), rtol=1e-10)
+    np.testing.assert_allclose(host(bn.buffers["running_mean"]), 0.1 * x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(host(bn.buffers["running_var"]), 0.9 + 0.1 * x.var(axis=0),
+                               rtol=1e-12)
+    # Inference uses the running statistics, not the batch's.
+    expected = (x - host(bn.buffers["running_mean"])) / np.sqrt(
+        host(bn.buffers["running_var"]) + 1e-5)
+    np.testing.assert_allclose(host(model.forward(dev(xp, x), train=False)), expected, rtol=1e-10)
+
+
+def test_batchnorm_unbiased_running_var(xp, rng):
+    bn = BatchNorm(2, momentum=0.0, unbiased_running_var=True)
+    model = Sequential([bn], device=xp, dtype="float64")
+    x = rng.normal(size=(8, 2))
+    model.forward(dev(xp, x))
+    np.testing.assert_allclose(host(bn.buffers["running_var"]), x.var(axis=0, ddof=1), rtol=1e-12)
+
+
+def test_batchnorm_rejects_batch_of_one(xp):
+    model = Sequential([BatchNorm(3)], device=xp, dtype="float64")
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        model.forward(dev(xp, np.ones((1, 3))))
+    model.forward(dev(xp, np.ones((1, 3))), train=False)  # inference is fine
+
+
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_softmax_cross_entropy(xp, rng, one_hot):
+    logits = rng.normal(size=(7, 5)) * 3
+    labels = rng.integers(0, 5, 7)
+    target = np.eye(5)[labels] if one_hot else labels
+    loss = SoftmaxCrossEntropy()
+    value = float(loss.forward(dev(xp, logits), dev(xp, target)))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert value == pytest.approx(-np.mean(np.log(p[np.arange(7), labels])), rel=1e-12)
+    grad = host(loss.backward())
+    num = numeric_grad(lambda z: float(SoftmaxCrossEntropy().forward(dev(xp, z), dev(xp, target))),
+                       logits.copy())
+    assert rel_err(grad, num) < 1e-7
+
+
+def test_mse_loss(xp, rng):
+    a, y = rng.normal(size=(9, 1)), rng.normal(size=(9, 1))
+    loss = MSELoss()
+    assert float(loss.forward(dev(xp, a), dev(xp, y))) == pytest.approx(np.sum((a - y) ** 2) / 18)
+    num = numeric_grad(lambda z: float(MSELoss().forward(dev(xp, z), dev(xp, y))), a.copy())
+    assert rel_err(host(loss.backward()), num) < 1e-7
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_whole_network_gradient(xp, rng, batchnorm, activation):
+    model = nnopt.mlp([6, 5, 4, 3], activation, batchnorm=batchnorm, init="xavier",
+                      seed=int(rng.integers(1 << 30)), device=xp, dtype="float64")
+    for p in model.parameters():
+        if p.name.endswith(".b"):  # a zero bias after a dead ReLU layer sits on the kink
+            p.data[...] = dev(xp, rng.uniform(0.1, 0.5, p.shape))
+    x, labels = dev(xp, rng.normal(size=(8, 6))), dev(xp, rng.integers(0, 3, 8))
+    loss = SoftmaxCrossEntropy()
+    model.zero_grad()
+    model.loss_and_backward(x, labels, loss)
+    analytic = host(model.flat.grad)
+
+    def objective():
+        # Training-mode output does not read the running statistics it updates.
+        return float(loss.forward(model.forward(x), labels))
+
+    assert rel_err(analytic, numeric_param_grad(objective, model.flat)) < 1e-6
+
+
+def test_gradients_accumulate_until_zero_grad(xp, rng):
+    model = nnopt.mlp([3, 4, 2], seed=0, device=xp, dtype="float64")
+    x, y = dev(xp, rng.normal(size=(5, 3))), dev(xp, rng.integers(0, 2, 5))
+    loss = SoftmaxCrossEntropy()
+    model.loss_and_backward(x, y, loss)
+    once = host(model.flat.grad)
+    model.loss_and_backward(x, y, loss)
+    np.testing.assert_allclose(host(model.flat.grad), 2 * once, rtol=1e-12)
+    model.zero_grad()
+    assert not np.any(host(model.flat.grad))
+
+
+def test_bad_inputs_get_clear_errors(xp, rng):
+    model = nnopt.mlp([4, 3, 2], seed=0, device=xp, dtype="float64")
+    with pytest.raises(ValueError, match="expects 4 features"):
+        model.forward(dev(xp, np.ones((2, 5))))
+    with pytest.raises(ValueError, match="2-D batch"):
+        model.forward(dev(xp, np.ones((2, 2, 2))))
+    with pytest.raises(TypeError, match="does not match the parameters"):
+        model.forward(dev(xp, np.ones((2, 4), dtype=np.float32)))
+    with pytest.raises(ValueError, match="predictions but 3 targets"):
+        SoftmaxCrossEntropy().forward(dev(xp, np.ones((2, 2))), dev(xp, np.array([0, 1, 1])))
+    with pytest.raises(ValueError, match="unknown activation 'relu6'"):
+        nnopt.mlp([4, 2], activation="relu6")
+    with pytest.raises(ValueError, match="dtype must be"):
+        nnopt.mlp([4, 2], dtype="float16")
+
+
+def test_model_state_dict_round_trip_and_mismatch(xp):
+    a = nnopt.mlp([4, 3, 2], batchnorm=True, seed=1, device=xp, dtype="float64")
+    b = nnopt.mlp([4, 3, 2], batchnorm=True, seed=2, device=xp, dtype="float64")
+    b.load_state_dict(a.state_dict())
+    for key, value in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[key], value)
+    with pytest.raises(ValueError, match="different layer sizes"):
+        nnopt.mlp([4, 5, 2], batchnorm=True, device=xp).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        nnopt.mlp([4, 3, 2], device=xp).load_state_dict(a.state_dict())
+
+
+def test_same_seed_same_network_on_every_backend(xp):
+    on_backend = nnopt.mlp([5, 4, 2], seed=7, device=xp, dtype="float64").state_dict()
+    on_numpy = nnopt.mlp([5, 4, 2], seed=7, device="cpu", dtype="float64").state_dict()
+    for key in on_numpy:
+        np.testing.assert_array_equal(on_backend[key], on_numpy[key])
