@@ -6,7 +6,8 @@ call ``scheduler.step()`` once per epoch.
 
 * ``step_decay(step_size, gamma)``: :math:`\gamma^{\lfloor e / s \rfloor}`
 * ``exponential_decay(gamma)``: :math:`\gamma^e`
-* ``cosine_decay(t_max, eta_min_ratio)``: :math:`r + (1-r)\frac{1 + \cos(\pi \min(e, T)/T)}{2}`
+* ``cosine_decay(t_max, eta_min_ratio)``: :math:`r + (1-r)\frac{1 + \cos(\pi e/T)}{2}`
+  (past T it rises again, as PyTorch's CosineAnnealingLR does)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def cosine_decay(t_max: int, eta_min_ratio: float = 0.0):
     if int(t_max) < 1:
         raise ValueError(f"t_max must be an integer >= 1, got {t_max!r}")
     r = check_finite_number("eta_min_ratio", eta_min_ratio, low=0, high=1)
-    return lambda epoch: r + (1 - r) * (1 + math.cos(math.pi * min(epoch, t_max) / t_max)) / 2
+    return lambda epoch: r + (1 - r) * (1 + math.cos(math.pi * epoch / t_max)) / 2
 
 
 class LRScheduler:

@@ -1,0 +1,229 @@
+"""Each optimizer against an independent reference for 100 steps on random problems."""
+import numpy as np
+import pytest
+
+import nnopt
+from nnopt import optim
+from nnopt.params import FlatParameters, Parameter
+from tests.helpers import dev, host, rel_err
+
+torch = pytest.importorskip("torch", reason="torch is the oracle for the optimizer tests")
+
+SIZES = (37, 5, 1)
+
+
+def gradient(theta, target, scale):
+    """A random, non-quadratic problem: the gradient at theta (host, float64)."""
+    return scale * (theta - target) + 0.3 * np.cos(3 * theta)
+
+
+def problem(rng):
+    return [(rng.normal(size=n), rng.normal(size=n), rng.uniform(0.1, 3, n)) for n in SIZES]
+
+
+def run_nnopt(xp, rng_problem, make, steps=100, scheduler=None):
+    params = [Parameter(start.copy(), f"p{i}") for i, (start, _, _) in enumerate(rng_problem)]
+    storage = FlatParameters(params, xp, "float64")
+    opt = make(params)
+    sched = scheduler(opt) if scheduler else None
+    for _ in range(steps):
+        for p, (_, target, scale) in zip(params, rng_problem):
+            p.grad[...] = dev(xp, gradient(host(p.data), target, scale))
+        opt.step()
+        if sched:
+            sched.step()
+    return np.concatenate([host(p.data) for p in params]), opt, storage
+
+
+def run_torch(rng_problem, make, steps=100, scheduler=None):
+    params = [torch.tensor(start.copy(), dtype=torch.float64, requires_grad=True)
+              for start, _, _ in rng_problem]
+    opt = make(params)
+    sched = scheduler(opt) if scheduler else None
+    for _ in range(steps):
+        for p, (_, target, scale) in zip(params, rng_problem):
+            p.grad = torch.from_numpy(gradient(p.detach().numpy(), target, scale))
+        opt.step()
+        if sched:
+            sched.step()
+    return np.concatenate([p.detach().numpy() for p in params])
+
+
+TORCH_MATCHES = {
+    "sgd": (lambda ps: optim.SGD(ps, lr=0.05), lambda ps: torch.optim.SGD(ps, lr=0.05)),
+    "momentum-textbook": (lambda ps: optim.Momentum(ps, lr=0.02, momentum=0.9),
+                          lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9)),
+    "momentum-torch": (lambda ps: optim.Momentum(ps, lr=0.02, momentum=0.8, buffer="torch"),
+                       lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.8)),
+    "nag-textbook": (lambda ps: optim.NAG(ps, lr=0.02, momentum=0.9),
+                     lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9, nesterov=True)),
+    "nag-torch": (lambda ps: optim.NAG(ps, lr=0.03, momentum=0.7, buffer="torch"),
+                  lambda ps: torch.optim.SGD(ps, lr=0.03, momentum=0.7, nesterov=True)),
+    "adagrad": (lambda ps: optim.AdaGrad(ps, lr=0.3),
+                lambda ps: torch.optim.Adagrad(ps, lr=0.3, eps=1e-6)),
+    "adadelta-textbook": (lambda ps: optim.AdaDelta(ps, lr=0.01),  # lr ignored
+                          lambda ps: torch.optim.Adadelta(ps, lr=1.0, rho=0.9, eps=1e-5)),
+    "adadelta-torch": (lambda ps: optim.AdaDelta(ps, lr=0.5, rho=0.95, eps=1e-6,
+                                                 lr_scales_step=True),
+                       lambda ps: torch.optim.Adadelta(ps, lr=0.5, rho=0.95, eps=1e-6)),
+    "rmsprop-torch": (lambda ps: optim.RMSProp(ps, lr=0.01, alpha=0.99, eps=1e-8,
+                                               eps_inside_root=False),
+                      lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.99, eps=1e-8)),
+    "adam": (lambda ps: optim.Adam(ps, lr=0.05, betas=(0.8, 0.99), eps=1e-7),
+             lambda ps: torch.optim.Adam(ps, lr=0.05, betas=(0.8, 0.99), eps=1e-7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_MATCHES))
+def test_matches_torch_optim(xp, rng, name):
+    ours, theirs = TORCH_MATCHES[name]
+    prob = problem(rng)
+    got, _, _ = run_nnopt(xp, prob, ours)
+    want = run_torch(prob, theirs)
+    assert rel_err(got, want) < 1e-10
+    assert rel_err(got, np.concatenate([s for s, _, _ in prob])) > 1e-3  # it moved
+
+
+def rmsprop_textbook(prob, lr, alpha, eps, steps=100):
+    theta = np.concatenate([s for s, _, _ in prob])
+    target = np.concatenate([t for _, t, _ in prob])
+    scale = np.concatenate([c for _, _, c in prob])
+    r = np.zeros_like(theta)
+    for _ in range(steps):
+        g = gradient(theta, target, scale)
+        r = alpha * r + (1 - alpha) * g ** 2
+        theta = theta - lr * g / np.sqrt(r + eps)
+    return theta
+
+
+def test_rmsprop_textbook_eps_inside_root(xp, rng):
+    prob = problem(rng)
+    got, _, _ = run_nnopt(xp, prob, lambda ps: optim.RMSProp(ps, lr=0.01))
+    assert rel_err(got, rmsprop_textbook(prob, 0.01, 0.9, 1e-6)) < 1e-10
+
+
+def test_momentum_forms_differ_under_a_schedule_as_documented(xp, rng):
+    prob = problem(rng)
+    theta = np.concatenate([s for s, _, _ in prob])
+    target = np.concatenate([t for _, t, _ in prob])
+    scale = np.concatenate([c for _, _, c in prob])
+    v, lr = np.zeros_like(theta), 0.05
+    for step in range(100):
+        v = 0.9 * v - lr * gradient(theta, target, scale)
+        theta = theta + v
+        lr = 0.05 * 0.5 ** ((step + 1) // 10)
+    sched = lambda opt: optim.StepLR(opt, step_size=10, gamma=0.5)  # noqa: E731
+    textbook, _, _ = run_nnopt(xp, prob, lambda ps: optim.Momentum(ps, lr=0.05), scheduler=sched)
+    assert rel_err(textbook, theta) < 1e-10
+    torch_form, _, _ = run_nnopt(xp, prob, lambda ps: optim.Momentum(ps, lr=0.05, buffer="torch"),
+                                 scheduler=sched)
+    want = run_torch(prob, lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+                     scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 10, 0.5))
+    assert rel_err(torch_form, want) < 1e-10
+    assert rel_err(torch_form, textbook) > 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_state_dict_round_trip_is_exact(xp, rng, name):
+    prob = problem(rng)
+    make = lambda ps: optim.create(name, ps, lr=0.01)  # noqa: E731
+    straight, _, _ = run_nnopt(xp, prob, make, steps=20)
+    half, opt, _ = run_nnopt(xp, prob, make, steps=10)
+    saved = opt.state_dict()
+    resumed_prob = []
+    offset = 0
+    for start, target, scale in prob:
+        resumed_prob.append((half[offset:offset + start.size], target, scale))
+        offset += start.size
+    params = [Parameter(s.copy(), f"p{i}") for i, (s, _, _) in enumerate(resumed_prob)]
+    FlatParameters(params, xp, "float64")
+    fresh = optim.create(name, params, lr=0.5)
+    fresh.load_state_dict(saved)
+    for _ in range(10):
+        for p, (_, target, scale) in zip(params, prob):
+            p.grad[...] = dev(xp, gradient(host(p.data), target, scale))
+        fresh.step()
+    np.testing.assert_array_equal(np.concatenate([host(p.data) for p in params]), straight)
+    assert fresh.param_groups[0]["lr"] == 0.01
+
+
+def test_param_groups_have_their_own_hyper_parameters(xp, rng):
+    model = nnopt.mlp([3, 4, 2], seed=0, device=xp, dtype="float64")
+    first, rest = model.parameters()[:2], model.parameters()[2:]
+    opt = optim.SGD([{"params": first, "lr": 0.0}, {"params": rest}], lr=0.1)
+    before = host(model.flat.data)
+    model.flat.grad[...] = 1.0
+    opt.step()
+    after = host(model.flat.data)
+    n_first = sum(p.size for p in first)
+    np.testing.assert_array_equal(after[:n_first], before[:n_first])
+    np.testing.assert_allclose(after[n_first:], before[n_first:] - 0.1, rtol=1e-12)
+
+
+def test_non_contiguous_group_updates_each_parameter(xp, rng):
+    prob = problem(rng)
+    params = [Parameter(s.copy(), f"p{i}") for i, (s, _, _) in enumerate(prob)]
+    FlatParameters(params, xp, "float64")
+    opt = optim.Adam([params[2], params[0]], lr=0.1)  # out of storage order: per-parameter path
+    for p in params:
+        p.grad[...] = 1.0
+    opt.step()
+    np.testing.assert_allclose(host(params[0].data), prob[0][0] - 0.1, rtol=1e-6)
+    np.testing.assert_array_equal(host(params[1].data), prob[1][0])
+
+
+def test_nonfinite_gradients_raise_or_skip(xp):
+    storage = FlatParameters.from_arrays(xp, w=[1.0, 2.0])
+    storage.grad[...] = dev(xp, np.array([np.nan, 1.0]))
+    with pytest.raises(FloatingPointError, match="non-finite gradient.*'w'|non-finite gradient"):
+        optim.SGD(storage, nonfinite="raise").step()
+    skipper = optim.Adam(storage, nonfinite="skip")
+    assert skipper.step() is False and skipper.skipped_steps == 1
+    np.testing.assert_array_equal(host(storage.data), [1.0, 2.0])
+    assert not optim.SGD(storage).grads_finite()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(lr=-0.1), "lr must be in"), (dict(lr=float("nan")), "lr must be finite"),
+    (dict(lr="fast"), "lr must be a number"), (dict(betas=(0.9, 1.0)), "beta2 must be in"),
+    (dict(betas=(-0.1, 0.9)), "beta1 must be in"), (dict(eps=0), "eps must be in"),
+    (dict(momentum=0.9), "no hyper-parameter 'momentum'"),
+])
+def test_bad_hyper_parameters(bad, match):
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), w=[1.0])
+    with pytest.raises((ValueError, TypeError), match=match):
+        optim.Adam(storage, **bad)
+
+
+def test_unknown_names_and_foreign_state_dicts():
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), w=[1.0, 2.0])
+    with pytest.raises(ValueError, match="did you mean 'adam'"):
+        optim.create("adamm", storage)
+    with pytest.raises(ValueError, match="belongs to optimizer 'AdaGrad', not Adam"):
+        optim.Adam(storage).load_state_dict(optim.AdaGrad(storage).state_dict())
+    other = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), w=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="another model's optimizer"):
+        optim.Adam(storage).load_state_dict(optim.Adam(other).state_dict())
+    with pytest.raises(ValueError, match="buffer form"):
+        optim.Momentum(storage, buffer="keras")
+    with pytest.raises(TypeError, match="not a parameter bound to flat storage"):
+        optim.SGD([Parameter(np.ones(2))])
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda o: optim.StepLR(o, 3, 0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5)),
+    (lambda o: optim.ExponentialLR(o, 0.9),
+     lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9)),
+    (lambda o: optim.CosineAnnealingLR(o, 10, 0.01),
+     lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 10, 0.01)),
+])
+def test_schedules_match_torch(ours, theirs):
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), w=[1.0])
+    mine = ours(optim.SGD(storage, lr=0.1))
+    t_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    reference = theirs(t_opt)
+    for _ in range(15):
+        t_opt.step()
+        reference.step()
+        mine.step()
+        assert mine.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0], rel=1e-9, abs=1e-15)
