@@ -1,0 +1,80 @@
+"""Checkpoints: one .npz holding the model, the optimizer state and JSON metadata.
+
+Written atomically (temporary file in the same folder, fsync, rename), so an
+interrupted run always leaves the previous checkpoint whole. Read without pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(file_object)`` on a temporary file, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(path, model_state: dict, optimizer_state: dict, meta: dict) -> None:
+    arrays = {f"model/{k}": v for k, v in model_state.items()}
+    opt_meta = dict(optimizer_state)
+    opt_meta["state"] = []
+    for i, group_state in enumerate(optimizer_state["state"]):
+        scalars = {}
+        for key, value in group_state.items():
+            if isinstance(value, np.ndarray):
+                arrays[f"optimizer/{i}/{key}"] = value
+            else:
+                scalars[key] = value
+        opt_meta["state"].append(scalars)
+    header = json.dumps({"format": "nnopt-checkpoint-1", "meta": meta, "optimizer": opt_meta})
+    arrays["header"] = np.frombuffer(header.encode(), dtype=np.uint8)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load(path) -> tuple[dict, dict, dict]:
+    """Return ``(model_state, optimizer_state, meta)``; a clear error when the file is
+    missing, corrupt or not an nnopt checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.npz"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        header = json.loads(arrays.pop("header").tobytes().decode())
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not an nnopt checkpoint "
+                              f"({type(exc).__name__}: {exc}); use an intact one or start afresh") from None
+    if header.get("format") != "nnopt-checkpoint-1":
+        raise CheckpointError(f"{path} is not an nnopt checkpoint (format {header.get('format')!r})")
+    model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    optimizer_state = header["optimizer"]
+    for i, scalars in enumerate(optimizer_state["state"]):
+        prefix = f"optimizer/{i}/"
+        scalars.update({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+    for group in optimizer_state["param_groups"]:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    return model_state, optimizer_state, header["meta"]

@@ -1,0 +1,363 @@
+"""Train the textbook's MNIST network: ``python -m nnopt.train [--device cpu|gpu] ...``.
+
+With no flags: 784-128-64-32-16-10, FC -> BN -> ReLU, MSRA init, SGD lr 0.1, batch 64,
+stop when the validation loss <= 0.12 (checked every 44 iterations) or after 30
+epochs, on the embedded ``mnist-sample`` data, on the CPU. Writes config.json,
+metrics.jsonl, checkpoint.npz, summary.json and curves.png to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, datasets, optim
+from .backend import BackendUnavailable, asarray, get_namespace, synchronize
+from .losses import SoftmaxCrossEntropy
+from .model import mlp
+
+TEXTBOOK_SIZES = [784, 128, 64, 32, 16, 10]
+#: Config keys a resumed run must share with its checkpoint.
+RESUME_KEYS = ("dataset", "sizes", "activation", "bn", "init", "optimizer", "hyper",
+               "batch_size", "seed", "dtype", "check_every", "target_loss", "val_size")
+
+
+def parse_value(text):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if "," in text:
+        return tuple(parse_value(t) for t in text.split(","))
+    try:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        return text
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m nnopt.train",
+        description="Train the textbook's MNIST network (chapter 15) with or without Batch "
+                    "Normalization and report epochs, iterations, time and test accuracy.")
+    p.add_argument("--device", default="cpu", help="cpu (NumPy) or gpu (CuPy); default cpu")
+    p.add_argument("--dataset", default=None, choices=datasets.DATASETS,
+                   help="default mnist-sample: the 10,000 MNIST test digits shipped with nnopt")
+    p.add_argument("--data-dir", help="folder holding the IDX files (else $NNOPT_DATA, the "
+                                      "user cache, system folders, then a download)")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="training samples held out for validation (default 3000; 400 for the sample)")
+    p.add_argument("--optimizer", default="sgd", help=f"one of {', '.join(optim.OPTIMIZERS)}")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="another optimizer hyper-parameter, e.g. --opt momentum=0.8, "
+                        "--opt betas=0.9,0.99, --opt eps_inside_root=false (repeatable)")
+    p.add_argument("--init", default="msra", help="weight initializer (msra, xavier, normal, ...)")
+    p.add_argument("--activation", default="relu", choices=["relu", "sigmoid", "tanh"])
+    p.add_argument("--sizes", default=",".join(map(str, TEXTBOOK_SIZES)),
+                   help="layer sizes, comma separated (default the textbook's 784,128,64,32,16,10)")
+    p.add_argument("--no-bn", dest="bn", action="store_false",
+                   help="train the baseline without Batch Normalization")
+    p.add_argument("--epochs", type=int, default=30, help="at most this many epochs (default 30)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--target-loss", type=float, default=0.12,
+                   help="stop when the validation loss is at most this (default 0.12; 0 never stops)")
+    p.add_argument("--check-every", type=int, default=44,
+                   help="iterations between validation checks (default 44)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint file or run folder")
+    p.add_argument("--evaluate", metavar="CKPT", help="only report the test accuracy of a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no per-check log lines")
+    return p
+
+
+def config_from_args(args) -> dict:
+    hyper = {"lr": args.lr}
+    for item in args.opt:
+        if "=" not in item:
+            raise ValueError(f"--opt expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        hyper[key.strip()] = parse_value(value.strip())
+    for name, value in (("epochs", args.epochs), ("batch-size", args.batch_size),
+                        ("check-every", args.check_every)):
+        if value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"--sizes must be integers separated by commas, got {args.sizes!r}") from None
+    if sizes[0] != 784 or sizes[-1] != 10:
+        raise ValueError(f"--sizes must start with 784 (28x28 pixels) and end with 10 classes, got {sizes}")
+    return {"device": args.device, "dataset": args.dataset or "mnist-sample",
+            "data_dir": args.data_dir, "val_size": args.val_size, "sizes": sizes,
+            "activation": args.activation, "bn": args.bn, "init": args.init,
+            "optimizer": args.optimizer.lower(), "hyper": hyper, "epochs": args.epochs,
+            "batch_size": args.batch_size, "target_loss": args.target_loss,
+            "check_every": args.check_every, "seed": args.seed, "dtype": args.dtype,
+            "out": args.out}
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so the run stops at a
+    consistent point and saves a checkpoint; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate(model, x, y, loss_fn, batch=4096):
+    """Mean loss and accuracy (inference mode) over a whole split."""
+    xp = model.xp
+    total_loss, correct, n = 0.0, 0, x.shape[0]
+    for start in range(0, n, batch):
+        xb, yb = x[start:start + batch], y[start:start + batch]
+        logits = model.forward(xb, train=False)
+        total_loss += float(loss_fn.forward(logits, yb)) * xb.shape[0]
+        correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64)))
+    return total_loss / n, correct / n
+
+
+class Progress:
+    def __init__(self, enabled):
+        self.enabled = enabled
+
+    def show(self, epoch, epochs, done, total):
+        if self.enabled:
+            filled = int(30 * done / total)
+            sys.stderr.write(f"\repoch {epoch}/{epochs} [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{done}/{total}")
+            sys.stderr.flush()
+
+    def end(self):
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+
+
+def build(config, xp):
+    model = mlp(config["sizes"], config["activation"], config["bn"], config["init"],
+                config["seed"], xp, config["dtype"])
+    return model, optim.create(config["optimizer"], model, **config["hyper"])
+
+
+def fit(config: dict, resume=None, log=print) -> dict:
+    """Train as ``config`` says; returns the summary (also written to summary.json)."""
+    xp = get_namespace(config["device"])
+    data = datasets.load(config["dataset"], config["data_dir"], n_val=config["val_size"])
+    dtype = getattr(xp, config["dtype"])
+    model, opt = build(config, xp)
+    loss_fn = SoftmaxCrossEntropy()
+    x_train, y_train = asarray(data.x_train, xp, dtype), xp.asarray(data.y_train)
+    x_val, y_val = asarray(data.x_val, xp, dtype), xp.asarray(data.y_val)
+    x_test, y_test = asarray(data.x_test, xp, dtype), xp.asarray(data.y_test)
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    progress = {"epoch": 0, "pos": 0, "iteration": 0, "elapsed": 0.0, "reached": False,
+                "window": [0.0, 0, 0], "history": []}
+    if resume:
+        model_state, opt_state, meta = checkpoint.load(resume)
+        saved = meta["config"]
+        diff = [k for k in RESUME_KEYS if saved.get(k) != json.loads(json.dumps(config.get(k)))]
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
+                                for k in diff)
+            raise checkpoint.CheckpointError(
+                f"checkpoint {resume} was made with another configuration ({details}); "
+                "pass the same flags, or start without --resume")
+        try:
+            model.load_state_dict(model_state)
+            opt.load_state_dict(opt_state)
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"checkpoint {resume} does not fit this model: {exc}") from None
+        progress = meta["progress"]
+        log(f"resumed from {resume} at epoch {progress['epoch'] + 1}, "
+            f"iteration {progress['iteration']}")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_metrics(out, progress["history"])
+
+    def save_checkpoint():
+        checkpoint.save(out / "checkpoint.npz", model.state_dict(), opt.state_dict(),
+                        {"config": config, "progress": progress})
+
+    log(f"data: {data.description}")
+    log(f"model: {model}; optimizer: {opt}; device: {config['device']}")
+    n, batch = x_train.shape[0], config["batch_size"]
+    # A last batch of one sample cannot be batch-normalized: fold it away.
+    per_epoch = n // batch if n % batch == 1 else math.ceil(n / batch)
+    bar = Progress(sys.stderr.isatty() and not os.environ.get("CI"))
+    started = time.perf_counter() - progress["elapsed"]
+    interrupted = False
+    with StopRequest() as stop:
+        for epoch in range(progress["epoch"], config["epochs"]):
+            if progress["reached"]:
+                break
+            order = xp.asarray(np.random.default_rng([config["seed"], epoch]).permutation(n))
+            for it in range(progress["pos"], per_epoch):
+                if stop.requested:
+                    interrupted = True
+                    break
+                idx = order[it * batch:(it + 1) * batch]
+                xb, yb = xp.take(x_train, idx, axis=0), xp.take(y_train, idx, axis=0)
+                model.zero_grad()
+                loss = model.loss_and_backward(xb, yb, loss_fn)
+                opt.step()
+                window = progress["window"]
+                window[0] += float(loss) * xb.shape[0]
+                window[1] += int(xp.sum(xp.astype(xp.argmax(loss_fn.prob, axis=1) == yb, xp.int64)))
+                window[2] += xb.shape[0]
+                progress["iteration"] += 1
+                progress["pos"] = it + 1
+                if progress["iteration"] % config["check_every"] == 0:
+                    record = check(model, loss_fn, x_val, y_val, progress, epoch, started)
+                    append_metric(out, record)
+                    if not config.get("quiet"):
+                        bar.end()
+                        log(format_record(record))
+                    if record["val_loss"] <= config["target_loss"]:
+                        progress["reached"] = True
+                        break
+                bar.show(epoch + 1, config["epochs"], it + 1, per_epoch)
+            bar.end()
+            if interrupted:
+                break
+            progress["epoch"], progress["pos"] = epoch + 1, 0
+            progress["elapsed"] = time.perf_counter() - started
+            save_checkpoint()
+    synchronize(xp)
+    progress["elapsed"] = time.perf_counter() - started
+    if interrupted:
+        save_checkpoint()
+        log(f"interrupted at epoch {progress['epoch'] + 1}, iteration {progress['iteration']}; "
+            f"checkpoint saved: resume with --resume {out / 'checkpoint.npz'}")
+        raise KeyboardInterrupt
+    save_checkpoint()
+    test_loss, test_acc = evaluate(model, x_test, y_test, loss_fn)
+    summary = {"dataset": config["dataset"], "bn": config["bn"], "device": config["device"],
+               "epochs": progress["epoch"],
+               "iterations": progress["iteration"], "time_s": round(progress["elapsed"], 3),
+               "reached_target": progress["reached"], "test_loss": test_loss,
+               "test_accuracy": test_acc, "data": data.description}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(out / "curves.png", progress["history"], config)
+    log(f"{'reached' if progress['reached'] else 'did not reach'} validation loss "
+        f"{config['target_loss']} after {summary['epochs']} epochs, {summary['iterations']} "
+        f"iterations, {summary['time_s']:.1f} s; test accuracy {100 * test_acc:.2f}% "
+        f"(loss {test_loss:.4f}) on {config['dataset']}")
+    return summary
+
+
+def check(model, loss_fn, x_val, y_val, progress, epoch, started):
+    window = progress["window"]
+    val_loss, val_acc = evaluate(model, x_val, y_val, loss_fn)
+    record = {"epoch": epoch + 1, "iteration": progress["iteration"],
+              "train_loss": window[0] / window[2], "train_accuracy": window[1] / window[2],
+              "val_loss": val_loss, "val_accuracy": val_acc,
+              "time_s": round(time.perf_counter() - started, 3)}
+    progress["window"] = [0.0, 0, 0]
+    progress["history"].append(record)
+    return record
+
+
+def format_record(r):
+    return (f"epoch {r['epoch']:3d} iter {r['iteration']:6d}  train loss {r['train_loss']:.4f} "
+            f"acc {100 * r['train_accuracy']:.2f}%  val loss {r['val_loss']:.4f} "
+            f"acc {100 * r['val_accuracy']:.2f}%  {r['time_s']:.1f} s")
+
+
+def write_metrics(out, history):
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+
+
+def append_metric(out, record):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_curves(path, history, config):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    it = [r["iteration"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    title = f"{config['dataset']}, {'with' if config['bn'] else 'without'} BN, {config['optimizer']}"
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        ax_loss.plot(it, [r[key] for r in history], label=label)
+    ax_loss.axhline(config["target_loss"], color="gray", ls="--", label="target")
+    ax_loss.set(xlabel="iteration", ylabel="cross-entropy loss", title=f"Loss: {title}")
+    ax_loss.set_yscale("log")
+    for key, label in (("train_accuracy", "train"), ("val_accuracy", "validation")):
+        ax_acc.plot(it, [100 * r[key] for r in history], label=label)
+    ax_acc.set(xlabel="iteration", ylabel="accuracy (%)", title=f"Accuracy: {title}")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_evaluate(args) -> int:
+    model_state, _, meta = checkpoint.load(args.evaluate)
+    config = meta["config"]
+    dataset = args.dataset or config["dataset"]
+    xp = get_namespace(args.device)
+    data = datasets.load(dataset, args.data_dir or config.get("data_dir"))
+    model = mlp(config["sizes"], config["activation"], config["bn"], config["init"],
+                config["seed"], xp, config["dtype"])
+    try:
+        model.load_state_dict(model_state)
+    except ValueError as exc:
+        raise checkpoint.CheckpointError(f"checkpoint {args.evaluate}: {exc}") from None
+    dtype = getattr(xp, config["dtype"])
+    loss, acc = evaluate(model, asarray(data.x_test, xp, dtype), xp.asarray(data.y_test),
+                         SoftmaxCrossEntropy())
+    print(f"test accuracy {100 * acc:.2f}% (loss {loss:.4f}) on {data.x_test.shape[0]} "
+          f"images of {dataset}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.evaluate:
+            return run_evaluate(args)
+        config = config_from_args(args)
+        config["quiet"] = args.quiet
+        fit(config, resume=args.resume, log=lambda s: print(s, flush=True))
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (BackendUnavailable, datasets.DataError, checkpoint.CheckpointError,
+            ValueError, TypeError) as exc:
+        print(f"nnopt.train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

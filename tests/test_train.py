@@ -1,0 +1,133 @@
+"""Short training runs on the embedded sample: CLI, outputs, resume, evaluation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nnopt import checkpoint, train
+
+SMALL = ["--sizes", "784,24,16,10", "--check-every", "40", "--batch-size", "128", "--quiet"]
+
+
+def run_cli(args):
+    return train.main(SMALL + list(args))
+
+
+def metrics(folder):
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("time_s")
+    return rows
+
+
+def test_outputs_and_summary(tmp_path):
+    assert run_cli(["--epochs", "2", "--out", str(tmp_path)]) == 0
+    for name in ("config.json", "metrics.jsonl", "checkpoint.npz", "summary.json", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["iterations"] == 2 * 60  # 7600 / 128 -> 60
+    assert summary["test_accuracy"] > 0.8
+    rows = metrics(tmp_path)
+    assert [r["iteration"] for r in rows] == [40, 80, 120]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["sizes"] == [784, 24, 16, 10] and config["bn"] is True
+
+
+def test_flags_reach_the_run(tmp_path):
+    assert run_cli(["--epochs", "1", "--no-bn", "--optimizer", "adam", "--lr", "0.002",
+                    "--opt", "betas=0.8,0.99", "--init", "xavier", "--activation", "tanh",
+                    "--seed", "3", "--out", str(tmp_path)]) == 0
+    _, opt_state, meta = checkpoint.load(tmp_path / "checkpoint.npz")
+    assert opt_state["optimizer"] == "Adam"
+    assert opt_state["param_groups"][0]["lr"] == 0.002
+    assert opt_state["param_groups"][0]["betas"] == (0.8, 0.99)
+    assert meta["config"]["bn"] is False and meta["config"]["activation"] == "tanh"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(["--epochs", "3", "--out", str(straight)]) == 0
+    assert run_cli(["--epochs", "1", "--out", str(split)]) == 0
+    assert run_cli(["--epochs", "3", "--out", str(split), "--resume", str(split)]) == 0
+    a, _, _ = checkpoint.load(straight / "checkpoint.npz")
+    b, _, _ = checkpoint.load(split / "checkpoint.npz")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert metrics(straight) == metrics(split)
+
+
+def test_interrupt_saves_a_consistent_checkpoint(tmp_path):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    args = ["--epochs", "2", "--quiet"]
+    assert run_cli(args + ["--out", str(straight)]) == 0
+    config = train.config_from_args(train.build_parser().parse_args(SMALL + args + ["--out", str(cut)]))
+    config["quiet"] = False
+
+    def log(line):  # Ctrl-C during the run, at the first check
+        if line.startswith("epoch"):
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(config, log=log)
+    _, _, meta = checkpoint.load(cut)
+    assert meta["progress"]["iteration"] == 40  # stopped between steps, mid-epoch
+    assert run_cli(args + ["--out", str(cut), "--resume", str(cut)]) == 0
+    a, _, _ = checkpoint.load(straight)
+    b, _, _ = checkpoint.load(cut)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_evaluate_reports_accuracy(tmp_path, capsys):
+    assert run_cli(["--epochs", "1", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    capsys.readouterr()
+    assert train.main(["--evaluate", str(tmp_path / "checkpoint.npz")]) == 0
+    out = capsys.readouterr().out
+    assert f"{100 * summary['test_accuracy']:.2f}%" in out and "2000 images" in out
+
+
+def test_bad_checkpoints_and_mismatches(tmp_path, capsys):
+    assert run_cli(["--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert run_cli(["--epochs", "2", "--no-bn", "--out", str(tmp_path / "x"),
+                    "--resume", str(tmp_path)]) == 2
+    assert "another configuration (bn: checkpoint True vs now False)" in capsys.readouterr().err
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes((tmp_path / "checkpoint.npz").read_bytes()[:500])
+    assert train.main(["--evaluate", str(broken)]) == 2
+    assert "corrupt or not an nnopt checkpoint" in capsys.readouterr().err
+    assert train.main(["--evaluate", str(tmp_path / "nothing.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--optimizer", "adamw"], "unknown optimizer 'adamw'"),
+    (["--opt", "betas"], "--opt expects KEY=VALUE"),
+    (["--opt", "gamma=2"], "has no hyper-parameter 'gamma'"),
+    (["--lr", "-1"], "lr must be in"),
+    (["--sizes", "100,10"], "must start with 784"),
+    (["--init", "kaiming_he"], "unknown initializer"),
+])
+def test_bad_flags_get_one_line_errors(tmp_path, capsys, args, message):
+    assert run_cli(args + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_gpu_without_gpu_is_one_line(tmp_path):
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here; this test is for machines without it")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, "-m", "nnopt.train", "--device", "gpu", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "CuPy" in proc.stderr
