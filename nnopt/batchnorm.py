@@ -14,7 +14,8 @@ Backward, with :math:`d = \partial J/\partial z`:
     d\mu = -\frac{\sum dn}{\sqrt{\sigma^2+\epsilon}} - \frac2m d\sigma^2\sum(x-\mu),\\
     dx = \frac{dn}{\sqrt{\sigma^2+\epsilon}} + d\sigma^2\frac{2(x-\mu)}{m} + \frac{d\mu}{m}
 
-These two functions are the reference every fast path (numba, CUDA) is tested against.
+These two functions are the reference every fast path (numba, CUDA) is tested against;
+on NumPy float arrays the layer uses the fused numba kernels of ``nnopt.fast.cpu``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from .backend import namespace_of
 from .errors import check_finite_number
+from .fast import cpu_fast_for
 from .layers import Layer, check_dtype, check_input
 from .params import Parameter
 
@@ -88,6 +90,15 @@ class BatchNorm(Layer):
             raise ValueError(f"{self!r} in training mode needs a batch of at least 2 samples, got "
                              f"{m}: one sample has zero variance. Use a larger batch or train=False")
         self.train_mode = True
+        fast = cpu_fast_for(x, self.gamma.data)
+        if fast is not None:
+            z, mean, inv_std = fast.bn_forward(x, self.gamma.data, self.beta.data, self.eps,
+                                               self.momentum, self.unbiased,
+                                               self.buffers["running_mean"],
+                                               self.buffers["running_var"])
+            self.fused = (fast, x, mean, inv_std)
+            return z
+        self.fused = None
         z, mean, var, self.cache = batchnorm_forward(x, self.gamma.data, self.beta.data, self.eps)
         self._update_running(mean, var, m)
         return z
@@ -107,6 +118,10 @@ class BatchNorm(Layer):
             self.gamma.grad += xp.sum(d * self.normed, axis=0)
             self.beta.grad += xp.sum(d, axis=0)
             return d * self.gamma.data / self.std
+        if self.fused is not None:
+            fast, x, mean, inv_std = self.fused
+            return fast.bn_backward(d, x, self.gamma.data, mean, inv_std,
+                                    self.gamma.grad, self.beta.grad)
         dx, dgamma, dbeta = batchnorm_backward(d, self.cache)
         self.gamma.grad += dgamma
         self.beta.grad += dbeta

@@ -7,19 +7,25 @@ case: a whole model) the step is one call of the rule over three flat views.
 
 A subclass is one algorithm: ``defaults``, ``state_names``, ``validate`` for its
 hyper-parameters and ``update(p, g, state, hp, t)``, the readable reference formula in
-the array API. A fused fast path (numba, CUDA) may be registered beside it in
-``FAST_PATHS``; the reference stays the fallback and the oracle of the tests.
+the array API. A fused kernel of the same name (``nnopt.fast``: numba on NumPy arrays)
+replaces it where it applies; the reference stays the fallback and the tests' oracle.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import asarray, is_numpy, namespace_of, to_numpy
+from ..backend import asarray, namespace_of, to_numpy
 from ..errors import check_finite_number, unknown_name
+from ..fast import cpu_fast_for
 from ..params import Parameter
 
 NONFINITE_POLICIES = ("ignore", "raise", "skip")
 HYPER_SKIP = ("params",)
+
+
+def _finite(x) -> bool:
+    xp = namespace_of(x)
+    return bool(xp.all(xp.isfinite(x)))
 
 
 class Segment:
@@ -59,9 +65,6 @@ class Optimizer:
 
     defaults: dict = {}
     state_names: tuple = ()
-    #: {backend: {dtype name: fused function}} filled by nnopt.fast
-    FAST_PATHS: dict = {}
-
     def __init__(self, params, nonfinite: str = "ignore", use_fast_path: bool = True, **hyper):
         if nonfinite not in NONFINITE_POLICIES:
             raise unknown_name("nonfinite policy", nonfinite, NONFINITE_POLICIES)
@@ -139,36 +142,26 @@ class Optimizer:
     def update(self, p, g, state, hp, t):
         raise NotImplementedError
 
-    def _fast_path(self, p):
+    def fast_path(self, p):
+        """The fused step for array ``p`` (numba on NumPy arrays), or None."""
         if not self.use_fast_path:
             return None
-        table = self.FAST_PATHS.get(type(self).__name__)
-        if table is None:
-            return None
-        if is_numpy(p):
-            return table.get(("numpy", p.dtype.name))
-        return None
+        kernels = cpu_fast_for(p)
+        return None if kernels is None else kernels.OPTIMIZER_STEPS.get(type(self).__name__)
 
     def grads_finite(self) -> bool:
         """True when every gradient of every group is finite (one pass, one sync)."""
-        for segments in self._segments:
-            for seg in segments:
-                xp = namespace_of(seg.grad)
-                if not bool(xp.all(xp.isfinite(seg.grad))):
-                    return False
-        return True
+        return all(_finite(seg.grad) for segments in self._segments for seg in segments)
 
     def step(self) -> bool:
         """Apply one update to every group. Returns False when a non-finite gradient
         made the ``"skip"`` policy skip it."""
         if self.nonfinite != "ignore" and not self.grads_finite():
             if self.nonfinite == "raise":
-                bad = [i for i, segs in enumerate(self._segments) for s in segs
-                       if not bool(namespace_of(s.grad).all(namespace_of(s.grad).isfinite(s.grad)))]
-                names = [p.name for p in self.param_groups[bad[0]]["params"]][:4]
+                bad = [p.name for g in self.param_groups for p in g["params"] if not _finite(p.grad)]
                 raise FloatingPointError(
-                    f"non-finite gradient (NaN or inf) in parameter group {bad[0]} ({', '.join(names)}"
-                    f"{', ...' if len(names) == 4 else ''}); lower the learning rate, check the "
+                    f"non-finite gradient (NaN or inf) in {', '.join(bad[:4])}"
+                    f"{', ...' if len(bad) > 4 else ''}; lower the learning rate, check the "
                     "input data, or create the optimizer with nonfinite='skip'")
             self.skipped_steps += 1
             return False
@@ -177,7 +170,7 @@ class Optimizer:
             t = state["step"]
             for seg in segments:
                 seg_state = {k: v[seg.start:seg.stop] for k, v in state.items() if k != "step"}
-                fast = self._fast_path(seg.data)
+                fast = self.fast_path(seg.data)
                 if fast is not None:
                     fast(seg.data, seg.grad, seg_state, group, t)
                 else:

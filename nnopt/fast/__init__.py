@@ -1,0 +1,39 @@
+"""Fused fast paths beside the reference math.
+
+``nnopt.fast.cpu`` (numba) fuses each optimizer step and BN's forward/backward into one
+loop over memory; ``nnopt.fast.gpu`` (CuPy kernels from ``nnopt/kernels``) does the
+same on the GPU. The reference array-API code stays the fallback and the tests' oracle.
+``NNOPT_FAST=0`` in the environment turns every fast path off.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+
+import numpy as np
+
+ENABLED = os.environ.get("NNOPT_FAST", "1").lower() not in ("0", "false", "no")
+FAST_DTYPES = (np.float32, np.float64)
+
+
+@lru_cache(maxsize=None)
+def cpu_kernels():
+    """The numba module, or None (with one warning) where numba cannot be imported."""
+    if not ENABLED:
+        return None
+    try:
+        from . import cpu
+    except ImportError as exc:  # numba missing or incompatible with this NumPy
+        warnings.warn(f"nnopt: fused CPU kernels unavailable ({exc}); using the reference "
+                      "math. pip install numba to get them.", RuntimeWarning, stacklevel=3)
+        return None
+    return cpu
+
+
+def cpu_fast_for(*arrays):
+    """The numba kernels when every array is a NumPy float32/float64 array, else None."""
+    for a in arrays:
+        if type(a) is not np.ndarray or a.dtype.type not in FAST_DTYPES:
+            return None
+    return cpu_kernels()

@@ -1,0 +1,235 @@
+"""Numba kernels: one loop per optimizer step and per BN pass, no temporaries.
+
+Each mirrors a reference formula (``nnopt.optim.*.update``, ``nnopt.batchnorm``); the
+tests hold them to it. Scalars are float64 inside the loops, so float32 buffers get one
+rounding per stored value. Large arrays use both cores (``prange``); small ones stay on
+one thread, where starting threads would cost more than the work.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+PARALLEL_MIN = 1 << 16  # elements; below this a serial loop is faster
+
+
+def _dual(fn):
+    """Compile ``fn`` twice: serial and multi-threaded (prange); pick by size."""
+    serial = numba.njit(cache=True, fastmath=False)(fn)
+    parallel = numba.njit(cache=True, fastmath=False, parallel=True)(fn)
+
+    def pick(n):
+        return parallel if n >= PARALLEL_MIN else serial
+    pick.serial, pick.parallel = serial, parallel
+    return pick
+
+
+# --- optimizer steps over flat buffers -------------------------------------------------
+@_dual
+def sgd_kernel(p, g, lr):
+    for i in prange(p.shape[0]):
+        p[i] -= lr * g[i]
+
+
+@_dual
+def momentum_kernel(p, g, v, lr, alpha, torch_form, nesterov):
+    for i in prange(p.shape[0]):
+        if torch_form:
+            vi = alpha * v[i] + g[i]
+            v[i] = vi
+            p[i] -= lr * (g[i] + alpha * vi) if nesterov else lr * vi
+        else:
+            vi = alpha * v[i] - lr * g[i]
+            v[i] = vi
+            p[i] += alpha * vi - lr * g[i] if nesterov else vi
+
+
+@_dual
+def adagrad_kernel(p, g, r, lr, eps):
+    for i in prange(p.shape[0]):
+        ri = r[i] + g[i] * g[i]
+        r[i] = ri
+        p[i] -= lr * g[i] / (eps + math.sqrt(ri))
+
+
+@_dual
+def adadelta_kernel(p, g, s, r, rho, eps, scale):
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        si = rho * s[i] + (1.0 - rho) * gi * gi
+        s[i] = si
+        delta = math.sqrt((r[i] + eps) / (si + eps)) * gi
+        p[i] -= scale * delta
+        r[i] = rho * r[i] + (1.0 - rho) * delta * delta
+
+
+@_dual
+def rmsprop_kernel(p, g, r, lr, alpha, eps, inside):
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        ri = alpha * r[i] + (1.0 - alpha) * gi * gi
+        r[i] = ri
+        denom = math.sqrt(ri + eps) if inside else math.sqrt(ri) + eps
+        p[i] -= lr * gi / denom
+
+
+@_dual
+def adam_kernel(p, g, m, v, lr, b1, b2, eps, correction1, correction2):
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        mi = b1 * m[i] + (1.0 - b1) * gi
+        vi = b2 * v[i] + (1.0 - b2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] -= lr * (mi / correction1) / (eps + math.sqrt(vi / correction2))
+
+
+def sgd(p, g, state, hp, t):
+    sgd_kernel(p.shape[0])(p, g, hp["lr"])
+
+
+def _momentum(nesterov):
+    def step(p, g, state, hp, t):
+        momentum_kernel(p.shape[0])(p, g, state["velocity"], hp["lr"], hp["momentum"],
+                                    hp["buffer"] == "torch", nesterov)
+    return step
+
+
+def adagrad(p, g, state, hp, t):
+    adagrad_kernel(p.shape[0])(p, g, state["sum_sq"], hp["lr"], hp["eps"])
+
+
+def adadelta(p, g, state, hp, t):
+    scale = hp["lr"] if hp["lr_scales_step"] else 1.0
+    adadelta_kernel(p.shape[0])(p, g, state["sq_avg"], state["delta_sq_avg"], hp["rho"],
+                                hp["eps"], scale)
+
+
+def rmsprop(p, g, state, hp, t):
+    rmsprop_kernel(p.shape[0])(p, g, state["sq_avg"], hp["lr"], hp["alpha"], hp["eps"],
+                               hp["eps_inside_root"])
+
+
+def adam(p, g, state, hp, t):
+    b1, b2 = hp["betas"]
+    adam_kernel(p.shape[0])(p, g, state["exp_avg"], state["exp_avg_sq"], hp["lr"], b1, b2,
+                            hp["eps"], 1.0 - b1 ** t, 1.0 - b2 ** t)
+
+
+OPTIMIZER_STEPS = {"SGD": sgd, "Momentum": _momentum(False), "NAG": _momentum(True),
+                   "AdaGrad": adagrad, "AdaDelta": adadelta, "RMSProp": rmsprop, "Adam": adam}
+
+
+# --- Batch Normalization ---------------------------------------------------------------
+# Each pass works on a set of feature columns: the whole array for small batches, column
+# blocks (views) spread over threads for large ones. Indices start at 0 inside each pass so
+# numba can vectorize the inner loop.
+BLOCK = 256
+
+
+@numba.njit(cache=True)
+def _bn_forward_cols(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
+                     z, mean_out, inv_std_out):
+    m, w = x.shape
+    shift = np.empty(w)
+    acc = np.zeros(w)
+    acc2 = np.zeros(w)
+    for k in range(w):
+        shift[k] = x[0, k]
+    # Sums about the first row: one read of x, without E[x^2]-E[x]^2's cancellation.
+    for i in range(m):
+        for k in range(w):
+            dev = x[i, k] - shift[k]
+            acc[k] += dev
+            acc2[k] += dev * dev
+    scale = np.empty(w)
+    offset = np.empty(w)
+    for k in range(w):
+        mu_shifted = acc[k] / m
+        var = max(acc2[k] / m - mu_shifted * mu_shifted, 0.0)
+        mean = shift[k] + mu_shifted
+        inv_std = 1.0 / math.sqrt(var + eps)
+        mean_out[k] = mean
+        inv_std_out[k] = inv_std
+        stored_var = var * m / (m - 1) if unbiased else var
+        running_mean[k] = momentum * running_mean[k] + (1.0 - momentum) * mean
+        running_var[k] = momentum * running_var[k] + (1.0 - momentum) * stored_var
+        scale[k] = gamma[k] * inv_std          # z = gamma*(x-mean)*inv_std + beta = x*scale + offset
+        offset[k] = beta[k] - mean * scale[k]
+    for i in range(m):
+        for k in range(w):
+            z[i, k] = x[i, k] * scale[k] + offset[k]
+
+
+@numba.njit(cache=True)
+def _bn_backward_cols(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
+    """dx = gamma*inv_std*(d - mean(d) - n*mean(d*n)), n = (x-mean)*inv_std: the textbook's
+    backward simplified with sum(x - mean) = 0."""
+    m, w = d.shape
+    sum_d = np.zeros(w)
+    sum_dc = np.zeros(w)
+    for i in range(m):
+        for k in range(w):
+            dik = d[i, k]
+            sum_d[k] += dik
+            sum_dc[k] += dik * (x[i, k] - mean[k])
+    a = np.empty(w)
+    b = np.empty(w)
+    c = np.empty(w)
+    for k in range(w):
+        sum_dn = sum_dc[k] * inv_std[k]
+        dgamma[k] += sum_dn
+        dbeta[k] += sum_d[k]
+        a[k] = gamma[k] * inv_std[k]
+        b[k] = a[k] * sum_dn * inv_std[k] / m
+        c[k] = a[k] * sum_d[k] / m - b[k] * mean[k]
+    for i in range(m):
+        for k in range(w):
+            dx[i, k] = a[k] * d[i, k] - b[k] * x[i, k] - c[k]
+
+
+@numba.njit(cache=True, parallel=True)
+def _bn_forward_blocks(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
+                       z, mean_out, inv_std_out):
+    n = x.shape[1]
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        c = slice(blk * BLOCK, min(n, (blk + 1) * BLOCK))
+        _bn_forward_cols(x[:, c], gamma[c], beta[c], eps, momentum, unbiased, running_mean[c],
+                         running_var[c], z[:, c], mean_out[c], inv_std_out[c])
+
+
+@numba.njit(cache=True, parallel=True)
+def _bn_backward_blocks(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
+    n = d.shape[1]
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        c = slice(blk * BLOCK, min(n, (blk + 1) * BLOCK))
+        _bn_backward_cols(d[:, c], x[:, c], gamma[c], mean[c], inv_std[c], dx[:, c],
+                          dgamma[c], dbeta[c])
+
+
+def _parallel(a):
+    return a.size >= PARALLEL_MIN and a.shape[1] > BLOCK
+
+
+def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var):
+    """Fused training-mode forward; returns ``(z, mean, inv_std)`` and updates the running
+    statistics in place."""
+    n = x.shape[1]
+    z = np.empty_like(x)
+    mean, inv_std = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
+    kernel = _bn_forward_blocks if _parallel(x) else _bn_forward_cols
+    kernel(np.ascontiguousarray(x), gamma, beta, eps, momentum, unbiased, running_mean,
+           running_var, z, mean, inv_std)
+    return z, mean, inv_std
+
+
+def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta):
+    """Fused backward; adds into ``dgamma``/``dbeta`` and returns ``dx``."""
+    dx = np.empty_like(d)
+    kernel = _bn_backward_blocks if _parallel(d) else _bn_backward_cols
+    kernel(np.ascontiguousarray(d), np.ascontiguousarray(x), gamma, mean, inv_std, dx,
+           dgamma, dbeta)
+    return dx

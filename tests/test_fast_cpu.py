@@ -1,0 +1,87 @@
+"""The fused numba paths against the reference math (float64), on odd sizes."""
+import numpy as np
+import pytest
+
+import nnopt
+from nnopt import optim
+from nnopt.batchnorm import BatchNorm, batchnorm_backward, batchnorm_forward
+from nnopt.fast import cpu_kernels
+from nnopt.params import FlatParameters
+
+fast = cpu_kernels()
+pytestmark = pytest.mark.skipif(fast is None, reason="numba is not installed")
+
+SIZES = [1, 7, 1013, 70001]  # 70001 > PARALLEL_MIN: the threaded variant
+TOL = {"float32": 2e-5, "float64": 1e-12}
+VARIANTS = {
+    "sgd": {}, "momentum": {}, "momentum-torch": {"buffer": "torch"}, "nag": {},
+    "nag-torch": {"buffer": "torch"}, "adagrad": {}, "adadelta": {},
+    "adadelta-lr": {"lr_scales_step": True, "lr": 0.5}, "rmsprop": {},
+    "rmsprop-torch": {"eps_inside_root": False}, "adam": {"betas": (0.8, 0.95)},
+}
+
+
+def make(name, n, dtype, use_fast_path, start):
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), dtype, w=start)
+    kind = name.split("-")[0]
+    options = {"lr": 0.05, **VARIANTS[name]}
+    return storage, optim.create(kind, storage, use_fast_path=use_fast_path, **options)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_fused_step_matches_reference(rng, name, n, dtype):
+    start = rng.normal(size=n)
+    fast_store, fast_opt = make(name, n, dtype, True, start)
+    ref_store, ref_opt = make(name, n, "float64", False, start)
+    assert fast_opt.fast_path(fast_store.data) is not None
+    for _ in range(4):
+        g = rng.normal(size=n) * rng.uniform(0.1, 10)
+        fast_store.grad[...] = g
+        ref_store.grad[...] = g
+        fast_opt.step()
+        ref_opt.step()
+    scale = np.max(np.abs(ref_store.data))
+    assert np.max(np.abs(fast_store.data - ref_store.data)) / scale < TOL[dtype]
+    for key, ref_state in ref_opt.state[0].items():
+        if key != "step":
+            got = fast_opt.state[0][key]
+            assert np.max(np.abs(got - ref_state)) <= TOL[dtype] * max(np.max(np.abs(ref_state)), 1e-30)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(2, 3), (7, 33), (64, 128), (300, 301)])
+def test_fused_batchnorm_matches_reference(rng, shape, dtype):
+    x = rng.normal(size=shape) * rng.uniform(0.1, 5, shape[1]) + rng.normal(size=shape[1]) * 3
+    gamma, beta = rng.uniform(0.5, 2, shape[1]), rng.normal(size=shape[1])
+    d = rng.normal(size=shape)
+    z_ref, mean_ref, var_ref, cache = batchnorm_forward(x, gamma, beta, 1e-5)
+    dx_ref, dgamma_ref, dbeta_ref = batchnorm_backward(d, cache)
+    cast = lambda a: np.asarray(a, dtype=dtype)  # noqa: E731
+    run_mean, run_var = cast(np.zeros(shape[1])), cast(np.ones(shape[1]))
+    z, mean, inv_std = fast.bn_forward(cast(x), cast(gamma), cast(beta), 1e-5, 0.9, True,
+                                       run_mean, run_var)
+    dgamma, dbeta = cast(np.zeros(shape[1])), cast(np.zeros(shape[1]))
+    dx = fast.bn_backward(cast(d), cast(x), cast(gamma), mean, inv_std, dgamma, dbeta)
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    m = shape[0]
+    for got, want in ((z, z_ref), (mean, mean_ref), (dx, dx_ref), (dgamma, dgamma_ref),
+                      (dbeta, dbeta_ref), (run_mean, 0.1 * mean_ref),
+                      (run_var, 0.9 + 0.1 * var_ref * m / (m - 1))):
+        assert np.max(np.abs(got - want)) <= tol * max(np.max(np.abs(want)), 1.0)
+
+
+def test_fast_paths_are_used_by_default_on_numpy(monkeypatch):
+    calls = []
+    original_step, original_bn = fast.OPTIMIZER_STEPS["Adam"], fast.bn_forward
+    monkeypatch.setitem(fast.OPTIMIZER_STEPS, "Adam",
+                        lambda *a: (calls.append("adam"), original_step(*a)))
+    monkeypatch.setattr(fast, "bn_forward", lambda *a: (calls.append("bn"), original_bn(*a))[1])
+    model = nnopt.mlp([6, 5, 3], batchnorm=True, seed=0)  # float32, CPU: the defaults
+    opt = optim.Adam(model)
+    x, y = np.random.default_rng(0).random((4, 6), dtype=np.float32), np.array([0, 1, 2, 0])
+    model.loss_and_backward(x, y, nnopt.SoftmaxCrossEntropy())
+    opt.step()
+    assert calls == ["bn", "adam"]
+    assert isinstance(model.layers[1], BatchNorm) and model.layers[1].fused is not None
