@@ -1,0 +1,105 @@
+"""Shared bench helpers: timing, machine facts, table/JSON/PNG output.
+
+Speed is reported as ratios against references measured in the same process and run
+(these machines are shared and noisy), never as absolute pass/fail thresholds.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timeit(fn, *, repeat=5, min_time=0.05, sync=None):
+    """Median seconds per call over ``repeat`` rounds of at least ``min_time`` each."""
+    fn()
+    if sync:
+        sync()
+    calls = 1
+    while True:  # calibrate a round
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if sync:
+            sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time or calls > 1 << 20:
+            break
+        calls *= 2
+    rounds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if sync:
+            sync()
+        rounds.append((time.perf_counter() - start) / calls)
+    return statistics.median(rounds)
+
+
+def machine() -> dict:
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "numpy": np.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    for name in ("numba", "torch", "cupy", "array_api_compat"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def table(rows, columns) -> str:
+    """Rows of dicts as an aligned text table."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def save(name, payload) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return path
+
+
+def figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        print("note: torch is not installed; PyTorch columns are left out "
+              "(pip install torch==2.13.0)")
+        return None
+    return torch
