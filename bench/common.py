@@ -46,6 +46,35 @@ def timeit(fn, *, repeat=5, min_time=0.05, sync=None):
     return statistics.median(rounds)
 
 
+def timeit_many(fns: dict, *, repeat=7, min_time=0.05, sync=None) -> dict:
+    """Median seconds per call of each function, measured in interleaved rounds, so a
+    slow spell of a shared machine hits every contender alike."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()
+        n = 1
+        while True:
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            if sync:
+                sync()
+            if time.perf_counter() - start >= min_time or n > 1 << 20:
+                break
+            n *= 2
+        calls[name] = n
+    rounds = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            if sync:
+                sync()
+            rounds[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(times) for name, times in rounds.items()}
+
+
 def machine() -> dict:
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "python": sys.version.split()[0], "platform": platform.platform(),

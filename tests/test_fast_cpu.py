@@ -85,3 +85,15 @@ def test_fast_paths_are_used_by_default_on_numpy(monkeypatch):
     opt.step()
     assert calls == ["bn", "adam"]
     assert isinstance(model.layers[1], BatchNorm) and model.layers[1].fused is not None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_relu_matches_reference(rng, dtype):
+    from nnopt.layers import ReLU
+    x = rng.normal(size=(33, 17)).astype(dtype)
+    d = rng.normal(size=(33, 17)).astype(dtype)
+    layer = ReLU()
+    y = layer.forward(x)
+    assert layer.fast is not None
+    np.testing.assert_array_equal(y, np.where(x > 0, x, 0))
+    np.testing.assert_array_equal(layer.backward(d), np.where(x > 0, d, 0))

@@ -3,8 +3,10 @@
 Each mirrors a reference formula (``nnopt.optim.*.update``, ``nnopt.batchnorm``); the
 tests hold them to it. Scalars are cast to the buffers' dtype before the loop, so float32
 buffers are updated in float32 arithmetic (as PyTorch and the float32 reference do) and
-the loop vectorizes. The optimizer loops always use ``prange``: numba's threaded loops
-vectorize where its serial ones do not, and start in a few microseconds.
+the loop vectorizes. The optimizer loops are ``prange`` loops (numba vectorizes those,
+not its plain serial loops); below ``PARALLEL_MIN`` elements they run on the calling
+thread alone, so they neither pay for waking the pool nor fight BLAS's threads for the
+two cores in a training step.
 """
 from __future__ import annotations
 
@@ -14,8 +16,20 @@ import numba
 import numpy as np
 from numba import prange
 
-PARALLEL_MIN = 1 << 16  # elements; below this BN's column blocks stay on one thread
+PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
 jit = numba.njit(cache=True, parallel=True)
+
+
+def launch(kernel, n, *args):
+    """Run a prange kernel, on one thread when ``n`` is small."""
+    if n >= PARALLEL_MIN:
+        return kernel(*args)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
 
 
 # --- optimizer steps over flat buffers -------------------------------------------------
@@ -118,39 +132,40 @@ def _scalars(p, *values):
 
 
 def sgd(p, g, state, hp, t):
-    sgd_kernel(p, g, *_scalars(p, hp["lr"]))
+    launch(sgd_kernel, p.shape[0], p, g, *_scalars(p, hp["lr"]))
 
 
 def momentum(p, g, state, hp, t):
     kernel = momentum_torch_kernel if hp["buffer"] == "torch" else momentum_kernel
-    kernel(p, g, state["velocity"], *_scalars(p, hp["lr"], hp["momentum"]))
+    launch(kernel, p.shape[0], p, g, state["velocity"], *_scalars(p, hp["lr"], hp["momentum"]))
 
 
 def nag(p, g, state, hp, t):
     kernel = nag_torch_kernel if hp["buffer"] == "torch" else nag_kernel
-    kernel(p, g, state["velocity"], *_scalars(p, hp["lr"], hp["momentum"]))
+    launch(kernel, p.shape[0], p, g, state["velocity"], *_scalars(p, hp["lr"], hp["momentum"]))
 
 
 def adagrad(p, g, state, hp, t):
-    adagrad_kernel(p, g, state["sum_sq"], *_scalars(p, hp["lr"], hp["eps"]))
+    launch(adagrad_kernel, p.shape[0], p, g, state["sum_sq"], *_scalars(p, hp["lr"], hp["eps"]))
 
 
 def adadelta(p, g, state, hp, t):
     scale = hp["lr"] if hp["lr_scales_step"] else 1.0
-    adadelta_kernel(p, g, state["sq_avg"], state["delta_sq_avg"],
-                    *_scalars(p, hp["rho"], 1.0 - hp["rho"], hp["eps"], scale))
+    launch(adadelta_kernel, p.shape[0], p, g, state["sq_avg"], state["delta_sq_avg"],
+           *_scalars(p, hp["rho"], 1.0 - hp["rho"], hp["eps"], scale))
 
 
 def rmsprop(p, g, state, hp, t):
     kernel = rmsprop_kernel if hp["eps_inside_root"] else rmsprop_torch_kernel
-    kernel(p, g, state["sq_avg"], *_scalars(p, hp["lr"], hp["alpha"], 1.0 - hp["alpha"], hp["eps"]))
+    launch(kernel, p.shape[0], p, g, state["sq_avg"],
+           *_scalars(p, hp["lr"], hp["alpha"], 1.0 - hp["alpha"], hp["eps"]))
 
 
 def adam(p, g, state, hp, t):
     b1, b2 = hp["betas"]
-    adam_kernel(p, g, state["exp_avg"], state["exp_avg_sq"],
-                *_scalars(p, hp["lr"] / (1.0 - b1 ** t), b1, 1.0 - b1, b2, 1.0 - b2,
-                          1.0 / (1.0 - b2 ** t), hp["eps"]))
+    launch(adam_kernel, p.shape[0], p, g, state["exp_avg"], state["exp_avg_sq"],
+           *_scalars(p, hp["lr"] / (1.0 - b1 ** t), b1, 1.0 - b1, b2, 1.0 - b2,
+                     1.0 / (1.0 - b2 ** t), hp["eps"]))
 
 
 OPTIMIZER_STEPS = {"SGD": sgd, "Momentum": momentum, "NAG": nag, "AdaGrad": adagrad,
@@ -158,11 +173,7 @@ OPTIMIZER_STEPS = {"SGD": sgd, "Momentum": momentum, "NAG": nag, "AdaGrad": adag
 
 
 # --- Batch Normalization ---------------------------------------------------------------
-# Each pass works on a set of feature columns: the whole array for small batches, column
-# blocks (views) spread over threads for large ones. Indices start at 0 inside each pass so
-# numba can vectorize the inner loop.
-BLOCK = 256
-
+# Small batches: one thread, two passes over the whole (batch, features) array.
 
 @numba.njit(cache=True)
 def _bn_forward_cols(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
@@ -225,27 +236,83 @@ def _bn_backward_cols(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
             dx[i, k] = a[k] * d[i, k] - b[k] * x[i, k] - c[k]
 
 
-@numba.njit(cache=True, parallel=True)
-def _bn_forward_blocks(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
-                       z, mean_out, inv_std_out):
-    n = x.shape[1]
-    for blk in prange((n + BLOCK - 1) // BLOCK):
-        c = slice(blk * BLOCK, min(n, (blk + 1) * BLOCK))
-        _bn_forward_cols(x[:, c], gamma[c], beta[c], eps, momentum, unbiased, running_mean[c],
-                         running_var[c], z[:, c], mean_out[c], inv_std_out[c])
+# Large batches: threads take chunks of rows (contiguous memory, streaming reads), keep
+# per-feature partial sums, and the sums are combined once.
+CHUNKS = 16
 
 
 @numba.njit(cache=True, parallel=True)
-def _bn_backward_blocks(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
-    n = d.shape[1]
-    for blk in prange((n + BLOCK - 1) // BLOCK):
-        c = slice(blk * BLOCK, min(n, (blk + 1) * BLOCK))
-        _bn_backward_cols(d[:, c], x[:, c], gamma[c], mean[c], inv_std[c], dx[:, c],
-                          dgamma[c], dbeta[c])
+def _bn_forward_rows(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
+                     z, mean_out, inv_std_out):
+    m, n = x.shape
+    shift = x[0].astype(np.float64)
+    acc = np.zeros((CHUNKS, n))
+    acc2 = np.zeros((CHUNKS, n))
+    rows = (m + CHUNKS - 1) // CHUNKS
+    for c in prange(CHUNKS):
+        for i in range(c * rows, min(m, (c + 1) * rows)):
+            for k in range(n):
+                dev = x[i, k] - shift[k]
+                acc[c, k] += dev
+                acc2[c, k] += dev * dev
+    scale = np.empty(n, dtype=x.dtype)
+    offset = np.empty(n, dtype=x.dtype)
+    for k in range(n):
+        total, total2 = 0.0, 0.0
+        for c in range(CHUNKS):
+            total += acc[c, k]
+            total2 += acc2[c, k]
+        mu_shifted = total / m
+        var = max(total2 / m - mu_shifted * mu_shifted, 0.0)
+        mean = shift[k] + mu_shifted
+        inv_std = 1.0 / math.sqrt(var + eps)
+        mean_out[k] = mean
+        inv_std_out[k] = inv_std
+        stored_var = var * m / (m - 1) if unbiased else var
+        running_mean[k] = momentum * running_mean[k] + (1.0 - momentum) * mean
+        running_var[k] = momentum * running_var[k] + (1.0 - momentum) * stored_var
+        scale[k] = gamma[k] * inv_std
+        offset[k] = beta[k] - mean * gamma[k] * inv_std
+    for i in prange(m):
+        for k in range(n):
+            z[i, k] = x[i, k] * scale[k] + offset[k]
+
+
+@numba.njit(cache=True, parallel=True)
+def _bn_backward_rows(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
+    m, n = d.shape
+    acc_d = np.zeros((CHUNKS, n))
+    acc_dc = np.zeros((CHUNKS, n))
+    rows = (m + CHUNKS - 1) // CHUNKS
+    for c in prange(CHUNKS):
+        for i in range(c * rows, min(m, (c + 1) * rows)):
+            for k in range(n):
+                dik = d[i, k]
+                acc_d[c, k] += dik
+                acc_dc[c, k] += dik * (x[i, k] - mean[k])
+    a = np.empty(n, dtype=d.dtype)
+    b = np.empty(n, dtype=d.dtype)
+    c0 = np.empty(n, dtype=d.dtype)
+    for k in range(n):
+        sum_d, sum_dc = 0.0, 0.0
+        for c in range(CHUNKS):
+            sum_d += acc_d[c, k]
+            sum_dc += acc_dc[c, k]
+        sum_dn = sum_dc * inv_std[k]
+        dgamma[k] += sum_dn
+        dbeta[k] += sum_d
+        ak = gamma[k] * inv_std[k]
+        bk = ak * sum_dn * inv_std[k] / m
+        a[k] = ak
+        b[k] = bk
+        c0[k] = ak * sum_d / m - bk * mean[k]
+    for i in prange(m):
+        for k in range(n):
+            dx[i, k] = a[k] * d[i, k] - b[k] * x[i, k] - c0[k]
 
 
 def _parallel(a):
-    return a.size >= PARALLEL_MIN and a.shape[1] > BLOCK
+    return a.size >= PARALLEL_MIN and a.shape[0] >= 2 * CHUNKS
 
 
 def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var):
@@ -254,7 +321,7 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     n = x.shape[1]
     z = np.empty_like(x)
     mean, inv_std = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
-    kernel = _bn_forward_blocks if _parallel(x) else _bn_forward_cols
+    kernel = _bn_forward_rows if _parallel(x) else _bn_forward_cols
     kernel(np.ascontiguousarray(x), gamma, beta, eps, momentum, unbiased, running_mean,
            running_var, z, mean, inv_std)
     return z, mean, inv_std
@@ -263,7 +330,36 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
 def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta):
     """Fused backward; adds into ``dgamma``/``dbeta`` and returns ``dx``."""
     dx = np.empty_like(d)
-    kernel = _bn_backward_blocks if _parallel(d) else _bn_backward_cols
+    kernel = _bn_backward_rows if _parallel(d) else _bn_backward_cols
     kernel(np.ascontiguousarray(d), np.ascontiguousarray(x), gamma, mean, inv_std, dx,
            dgamma, dbeta)
+    return dx
+
+
+# --- ReLU ----------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _relu_forward(x, y):
+    for i in range(x.shape[0]):
+        for k in range(x.shape[1]):
+            y[i, k] = max(x[i, k], 0)
+
+
+@numba.njit(cache=True)
+def _relu_backward(dy, y, dx):
+    for i in range(dy.shape[0]):
+        for k in range(dy.shape[1]):
+            dx[i, k] = dy[i, k] if y[i, k] > 0 else 0
+
+
+def relu_forward(x):
+    """max(x, 0) in one pass; the output doubles as the backward's mask (y > 0 iff x > 0)."""
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    _relu_forward(x, y)
+    return y
+
+
+def relu_backward(dy, y):
+    dx = np.empty_like(y)
+    _relu_backward(np.ascontiguousarray(dy), y, dx)
     return dx

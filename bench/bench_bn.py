@@ -1,0 +1,98 @@
+"""Batch Normalization forward + backward (training mode), float32, on the CPU:
+nnopt fused (numba) vs nnopt reference (array API on NumPy) vs PyTorch (autograd).
+
+    python bench/bench_bn.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+from nnopt import BatchNorm, Sequential  # noqa: E402
+
+SHAPES = [(64, 16), (64, 128), (256, 256), (1024, 1024), (4096, 256), (4096, 4096)]
+
+
+def nnopt_fb(shape, fast):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    d = rng.standard_normal(shape, dtype=np.float32)
+    layer = BatchNorm(shape[1])
+    Sequential([layer])
+    if not fast:
+        import nnopt.batchnorm as bn_module
+        original = bn_module.cpu_fast_for
+
+        def step():
+            bn_module.cpu_fast_for = lambda *a: None
+            try:
+                layer.forward(x)
+                layer.backward(d)
+            finally:
+                bn_module.cpu_fast_for = original
+        return step
+
+    def step():
+        layer.forward(x)
+        layer.backward(d)
+    return step
+
+
+def torch_fb(torch, shape):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, requires_grad=True)
+    d = torch.randn(shape, generator=gen)
+    bn = torch.nn.BatchNorm1d(shape[1])
+
+    def step():
+        x.grad = None
+        bn.zero_grad(set_to_none=True)
+        bn(x).backward(d)
+    return step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    shapes = SHAPES[:3] if args.quick else SHAPES
+    torch = common.torch_or_none()
+    rows = []
+    for shape in shapes:
+        row = {"shape": f"{shape[0]}x{shape[1]}"}
+        row["fused_s"] = common.timeit(nnopt_fb(shape, True))
+        row["reference_s"] = common.timeit(nnopt_fb(shape, False))
+        row["fused_vs_reference"] = row["fused_s"] / row["reference_s"]
+        if torch is not None:
+            row["torch_s"] = common.timeit(torch_fb(torch, shape))
+            row["fused_vs_torch"] = row["fused_s"] / row["torch_s"]
+        rows.append(row)
+        print(f"{row['shape']:>10}: fused {row['fused_s'] * 1e6:9.1f} us"
+              + (f"  x{row['fused_vs_torch']:.2f} of torch" if torch else ""), flush=True)
+    print(common.table(rows, ["shape", "fused_s", "reference_s", "torch_s", "fused_vs_torch",
+                              "fused_vs_reference"]))
+    path = common.save("bn", {"rows": rows})
+    plt = common.figure()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [r["shape"] for r in rows]
+    for key, name in (("fused_s", "nnopt fused"), ("reference_s", "nnopt reference"),
+                      ("torch_s", "PyTorch")):
+        if key in rows[0]:
+            ax.plot(labels, [r[key] * 1e6 for r in rows], "o-", label=name)
+    ax.set(yscale="log", xlabel="batch x features", ylabel="forward + backward (us)",
+           title="BatchNorm forward+backward, float32, CPU")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=100)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Training step and epoch of the textbook network (784-128-64-32-16-10, ReLU, SGD lr 0.1),
+with and without BN: nnopt vs PyTorch on the CPU, and BN's overhead in each.
+
+    python bench/bench_train.py [--quick] [--device cpu|gpu]
+
+An epoch is 57,000 samples (the textbook's MNIST training split) of synthetic data in
+[0, 1): the time does not depend on the pixel values.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+import nnopt  # noqa: E402
+from nnopt import optim  # noqa: E402
+from nnopt.backend import asarray, get_namespace, synchronize  # noqa: E402
+
+SIZES = [784, 128, 64, 32, 16, 10]
+N_TRAIN = 57000
+
+
+def data(n=N_TRAIN):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n)
+
+
+class NnoptRunner:
+    def __init__(self, bn, batch, device="cpu", sizes=SIZES):
+        self.xp = xp = get_namespace(device)
+        x, y = data()
+        self.x, self.y = asarray(x, xp), xp.asarray(y)
+        self.model = nnopt.mlp(sizes, "relu", batchnorm=bn, seed=0, device=xp)
+        self.opt = optim.SGD(self.model, lr=0.1)
+        self.loss = nnopt.SoftmaxCrossEntropy()
+        self.batch = batch
+
+    def step(self, start=0):
+        xp = self.xp
+        idx = xp.arange(start, start + self.batch)
+        xb, yb = xp.take(self.x, idx, axis=0), xp.take(self.y, idx, axis=0)
+        self.model.zero_grad()
+        loss = self.model.loss_and_backward(xb, yb, self.loss)
+        self.opt.step()
+        return loss
+
+    def epoch(self):
+        xp, n, b = self.xp, self.x.shape[0], self.batch
+        order = xp.asarray(np.random.default_rng(1).permutation(n))
+        total = 0.0
+        for start in range(0, n - 1, b):
+            idx = order[start:start + b]
+            self.model.zero_grad()
+            total += float(self.model.loss_and_backward(xp.take(self.x, idx, axis=0),
+                                                        xp.take(self.y, idx, axis=0), self.loss))
+            self.opt.step()
+        return total
+
+    def sync(self):
+        synchronize(self.xp)
+
+
+class TorchRunner:
+    def __init__(self, torch, bn, batch, device="cpu", sizes=SIZES):
+        self.torch = torch
+        x, y = data()
+        self.device = device
+        self.x, self.y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(torch.nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                if bn:
+                    layers.append(torch.nn.BatchNorm1d(b))
+                layers.append(torch.nn.ReLU())
+        self.model = torch.nn.Sequential(*layers).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.loss = torch.nn.CrossEntropyLoss()
+        self.batch = batch
+
+    def step(self, start=0):
+        xb, yb = self.x[start:start + self.batch], self.y[start:start + self.batch]
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(self.model(xb), yb)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def epoch(self):
+        n, b = self.x.shape[0], self.batch
+        order = self.torch.from_numpy(np.random.default_rng(1).permutation(n)).to(self.device)
+        total = 0.0
+        for start in range(0, n - 1, b):
+            idx = order[start:start + b]
+            total += float(self.step_on(self.x[idx], self.y[idx]).detach())
+        return total
+
+    def step_on(self, xb, yb):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(self.model(xb), yb)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def sync(self):
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+
+
+def time_epoch(runner, repeat=2):
+    best = float("inf")
+    for _ in range(repeat):
+        runner.sync()
+        start = time.perf_counter()
+        runner.epoch()
+        runner.sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="batch 64 and 1024 only, one epoch")
+    ap.add_argument("--batches", default="64,256,1024,4096")
+    args = ap.parse_args(argv)
+    batches = [64, 1024] if args.quick else [int(b) for b in args.batches.split(",")]
+    torch = common.torch_or_none()
+    rows = []
+    for batch in batches:
+        row = {"batch": batch}
+        runners = {}
+        for bn in (False, True):
+            tag = "bn" if bn else "plain"
+            runners[f"nnopt_{tag}"] = NnoptRunner(bn, batch)
+            if torch is not None:
+                runners[f"torch_{tag}"] = TorchRunner(torch, bn, batch)
+        steps = common.timeit_many({k: r.step for k, r in runners.items()}, repeat=7)
+        row.update({f"{k}_step_s": v for k, v in steps.items()})
+        if batch == 64:
+            for _ in range(1 if args.quick else 3):  # interleaved, best of
+                for key, runner in runners.items():
+                    t = time_epoch(runner, 1)
+                    row[f"{key}_epoch_s"] = min(t, row.get(f"{key}_epoch_s", t))
+        row["nnopt_bn_overhead_%"] = 100 * (row["nnopt_bn_step_s"] / row["nnopt_plain_step_s"] - 1)
+        if torch is not None:
+            row["torch_bn_overhead_%"] = 100 * (row["torch_bn_step_s"] / row["torch_plain_step_s"] - 1)
+            row["step_ratio_bn"] = row["nnopt_bn_step_s"] / row["torch_bn_step_s"]
+            row["step_ratio_plain"] = row["nnopt_plain_step_s"] / row["torch_plain_step_s"]
+            if batch == 64:
+                row["epoch_ratio_bn"] = row["nnopt_bn_epoch_s"] / row["torch_bn_epoch_s"]
+                row["epoch_ratio_plain"] = row["nnopt_plain_epoch_s"] / row["torch_plain_epoch_s"]
+        rows.append(row)
+        print(f"batch {batch}: nnopt {row['nnopt_plain_step_s'] * 1e6:.0f} / "
+              f"{row['nnopt_bn_step_s'] * 1e6:.0f} us (BN {row['nnopt_bn_overhead_%']:+.1f}%)"
+              + (f"; torch {row['torch_plain_step_s'] * 1e6:.0f} / {row['torch_bn_step_s'] * 1e6:.0f}"
+                 f" us (BN {row['torch_bn_overhead_%']:+.1f}%)" if torch else ""), flush=True)
+    print(common.table(rows, ["batch", "nnopt_plain_step_s", "nnopt_bn_step_s", "torch_plain_step_s",
+                              "torch_bn_step_s", "nnopt_bn_overhead_%", "torch_bn_overhead_%",
+                              "step_ratio_bn", "step_ratio_plain"]))
+    epoch_rows = [r for r in rows if r["batch"] == 64]
+    if epoch_rows:
+        print(common.table(epoch_rows, ["batch", "nnopt_plain_epoch_s", "nnopt_bn_epoch_s",
+                                        "torch_plain_epoch_s", "torch_bn_epoch_s",
+                                        "epoch_ratio_plain", "epoch_ratio_bn"]))
+    path = common.save("train", {"rows": rows})
+    plt = common.figure()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for prefix, name in (("nnopt", "nnopt"), ("torch", "PyTorch")):
+        key = f"{prefix}_bn_overhead_%"
+        if key in rows[0]:
+            ax.plot([r["batch"] for r in rows], [r[key] for r in rows], "o-", label=name)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xscale="log", xlabel="batch size", ylabel="BN time overhead per step (%)",
+           title="Cost of Batch Normalization, textbook network, CPU")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=100)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
