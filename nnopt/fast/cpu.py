@@ -32,98 +32,131 @@ def launch(kernel, n, *args):
         numba.set_num_threads(threads)
 
 
+# --- update rules, one element at a time ---------------------------------------------------
+# Each ``*_rule`` is the reference formula of nnopt.optim for one element, returning the new
+# parameter and state. The flat-buffer kernels below and the batched experiments
+# (nnopt.experiments.curvefit) both inline them, so each formula exists once in numba.
+rule = numba.njit(inline="always", cache=True)
+
+
+@rule
+def sgd_rule(p, g, lr):
+    return p - lr * g
+
+
+@rule
+def momentum_rule(p, g, v, lr, alpha):
+    """Textbook: v = alpha v - lr g; p += v."""
+    v = alpha * v - lr * g
+    return p + v, v
+
+
+@rule
+def momentum_torch_rule(p, g, v, lr, alpha):
+    """PyTorch: b = alpha b + g; p -= lr b."""
+    v = alpha * v + g
+    return p - lr * v, v
+
+
+@rule
+def nag_rule(p, g, v, lr, alpha):
+    """Textbook at the stored look-ahead point: v = alpha v - lr g; p += alpha v - lr g."""
+    v = alpha * v - lr * g
+    return p + (alpha * v - lr * g), v
+
+
+@rule
+def nag_torch_rule(p, g, v, lr, alpha):
+    """PyTorch: b = alpha b + g; p -= lr (g + alpha b)."""
+    v = alpha * v + g
+    return p - lr * (g + alpha * v), v
+
+
+@rule
+def adagrad_rule(p, g, r, lr, eps):
+    r = r + g * g
+    return p - lr * g / (eps + np.sqrt(r)), r
+
+
+@rule
+def adadelta_rule(p, g, s, r, rho, one_minus_rho, eps, scale):
+    s = rho * s + one_minus_rho * g * g
+    delta = np.sqrt((r + eps) / (s + eps)) * g
+    return p - scale * delta, s, rho * r + one_minus_rho * delta * delta
+
+
+@rule
+def rmsprop_rule(p, g, r, lr, alpha, one_minus_alpha, eps):
+    """eps inside the root (textbook)."""
+    r = alpha * r + one_minus_alpha * g * g
+    return p - lr * g / np.sqrt(r + eps), r
+
+
+@rule
+def rmsprop_torch_rule(p, g, r, lr, alpha, one_minus_alpha, eps):
+    """eps outside the root (PyTorch)."""
+    r = alpha * r + one_minus_alpha * g * g
+    return p - lr * g / (np.sqrt(r) + eps), r
+
+
+@rule
+def adam_rule(p, g, m, v, step, b1, one_minus_b1, b2, one_minus_b2, inv_correction2, eps):
+    """p -= lr m_hat / (eps + sqrt(v_hat)), with step = lr / (1 - b1^t) folded in."""
+    m = b1 * m + one_minus_b1 * g
+    v = b2 * v + one_minus_b2 * g * g
+    return p - step * m / (eps + np.sqrt(v * inv_correction2)), m, v
+
+
 # --- optimizer steps over flat buffers -------------------------------------------------
 @jit
 def sgd_kernel(p, g, lr):
     for i in prange(p.shape[0]):
-        p[i] -= lr * g[i]
+        p[i] = sgd_rule(p[i], g[i], lr)
 
 
-@jit
-def momentum_kernel(p, g, v, lr, alpha):
-    """Textbook: v = alpha v - lr g; p += v."""
-    for i in prange(p.shape[0]):
-        vi = alpha * v[i] - lr * g[i]
-        v[i] = vi
-        p[i] += vi
+def _velocity_kernel(update):
+    @jit
+    def kernel(p, g, v, lr, alpha):
+        for i in prange(p.shape[0]):
+            p[i], v[i] = update(p[i], g[i], v[i], lr, alpha)
+    return kernel
 
 
-@jit
-def momentum_torch_kernel(p, g, v, lr, alpha):
-    """PyTorch: b = alpha b + g; p -= lr b."""
-    for i in prange(p.shape[0]):
-        vi = alpha * v[i] + g[i]
-        v[i] = vi
-        p[i] -= lr * vi
-
-
-@jit
-def nag_kernel(p, g, v, lr, alpha):
-    """Textbook at the stored look-ahead point: v = alpha v - lr g; p += alpha v - lr g."""
-    for i in prange(p.shape[0]):
-        vi = alpha * v[i] - lr * g[i]
-        v[i] = vi
-        p[i] += alpha * vi - lr * g[i]
-
-
-@jit
-def nag_torch_kernel(p, g, v, lr, alpha):
-    """PyTorch: b = alpha b + g; p -= lr (g + alpha b)."""
-    for i in prange(p.shape[0]):
-        vi = alpha * v[i] + g[i]
-        v[i] = vi
-        p[i] -= lr * (g[i] + alpha * vi)
+momentum_kernel = _velocity_kernel(momentum_rule)
+momentum_torch_kernel = _velocity_kernel(momentum_torch_rule)
+nag_kernel = _velocity_kernel(nag_rule)
+nag_torch_kernel = _velocity_kernel(nag_torch_rule)
 
 
 @jit
 def adagrad_kernel(p, g, r, lr, eps):
     for i in prange(p.shape[0]):
-        ri = r[i] + g[i] * g[i]
-        r[i] = ri
-        p[i] -= lr * g[i] / (eps + np.sqrt(ri))
+        p[i], r[i] = adagrad_rule(p[i], g[i], r[i], lr, eps)
 
 
 @jit
 def adadelta_kernel(p, g, s, r, rho, one_minus_rho, eps, scale):
     for i in prange(p.shape[0]):
-        gi = g[i]
-        si = rho * s[i] + one_minus_rho * gi * gi
-        s[i] = si
-        delta = np.sqrt((r[i] + eps) / (si + eps)) * gi
-        p[i] -= scale * delta
-        r[i] = rho * r[i] + one_minus_rho * delta * delta
+        p[i], s[i], r[i] = adadelta_rule(p[i], g[i], s[i], r[i], rho, one_minus_rho, eps, scale)
 
 
-@jit
-def rmsprop_kernel(p, g, r, lr, alpha, one_minus_alpha, eps):
-    """eps inside the root (textbook)."""
-    for i in prange(p.shape[0]):
-        gi = g[i]
-        ri = alpha * r[i] + one_minus_alpha * gi * gi
-        r[i] = ri
-        p[i] -= lr * gi / np.sqrt(ri + eps)
+def _rmsprop_kernel(update):
+    @jit
+    def kernel(p, g, r, lr, alpha, one_minus_alpha, eps):
+        for i in prange(p.shape[0]):
+            p[i], r[i] = update(p[i], g[i], r[i], lr, alpha, one_minus_alpha, eps)
+    return kernel
 
 
-@jit
-def rmsprop_torch_kernel(p, g, r, lr, alpha, one_minus_alpha, eps):
-    """eps outside the root (PyTorch)."""
-    for i in prange(p.shape[0]):
-        gi = g[i]
-        ri = alpha * r[i] + one_minus_alpha * gi * gi
-        r[i] = ri
-        p[i] -= lr * gi / (np.sqrt(ri) + eps)
+rmsprop_kernel = _rmsprop_kernel(rmsprop_rule)
+rmsprop_torch_kernel = _rmsprop_kernel(rmsprop_torch_rule)
 
 
 @jit
 def adam_kernel(p, g, m, v, step, b1, one_minus_b1, b2, one_minus_b2, inv_correction2, eps):
-    """p -= lr * m_hat / (eps + sqrt(v_hat)), with step = lr / (1 - b1^t) folded."""
     for i in prange(p.shape[0]):
-        gi = g[i]
-        mi = b1 * m[i] + one_minus_b1 * gi
-        vi = b2 * v[i] + one_minus_b2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        p[i] -= step * mi / (eps + np.sqrt(vi * inv_correction2))
+        p[i], m[i], v[i] = adam_rule(p[i], g[i], m[i], v[i], step, b1, one_minus_b1, b2,
+                                     one_minus_b2, inv_correction2, eps)
 
 
 def _scalars(p, *values):

@@ -1,0 +1,177 @@
+"""The curve-fitting runs of sections 15.2/15.3, all configurations at once.
+
+Every run trains the same 1 -> 3 (sigmoid) -> 1 network (MSE/2, batch 10, 100 iterations
+per epoch) for up to 10,000 epochs: in Python, layer by layer, that is minutes per run.
+Here one numba loop trains each configuration (configurations spread over the cores) and
+records the test loss; the update rules are the shared ``nnopt.fast.cpu`` rules, and the
+tests hold the whole loop to nnopt's reference layers and optimizers
+(:func:`reference_run`).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from ..fast.cpu import (adadelta_rule, adagrad_rule, adam_rule, momentum_rule, nag_rule,
+                        rmsprop_rule, sgd_rule)
+
+CODES = {"sgd": 0, "momentum": 1, "nag": 2, "adagrad": 3, "adadelta": 4, "rmsprop": 5, "adam": 6}
+DEFAULTS = {  # the library's textbook defaults, in the engine's 4-slot layout (lr, a, b, eps)
+    "sgd": (0.1, 0.0, 0.0, 0.0), "momentum": (0.1, 0.9, 0.0, 0.0), "nag": (0.1, 0.9, 0.0, 0.0),
+    "adagrad": (0.01, 0.0, 0.0, 1e-6), "adadelta": (1.0, 0.9, 0.0, 1e-5),
+    "rmsprop": (0.01, 0.9, 0.0, 1e-6), "adam": (0.001, 0.9, 0.999, 1e-8),
+}
+N_PARAMS = 10  # fc1.W (1x3), fc1.b (3), fc2.W (3x1), fc2.b (1): nnopt.mlp([1, 3, 1])'s flat order
+
+
+@numba.njit(cache=True)
+def _splitmix(state):
+    state = (state + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    z = state
+    z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    return state, z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True)
+def epoch_order(n, seed, epoch):
+    """The shuffle of one epoch: Fisher-Yates driven by splitmix64(seed, epoch)."""
+    order = np.arange(n)
+    state = np.uint64(seed) * np.uint64(1000003) + np.uint64(epoch)
+    for i in range(n - 1, 0, -1):
+        state, r = _splitmix(state)
+        j = np.int64(r % np.uint64(i + 1))
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+@numba.njit(cache=True)
+def _gradient(p, x, y, idx, g):
+    """MSE/2 gradient of the 1-3-1 sigmoid net over the samples idx, into g."""
+    m = idx.shape[0]
+    for k in range(N_PARAMS):
+        g[k] = 0.0
+    for s in range(m):
+        xi, yi = x[idx[s]], y[idx[s]]
+        a = np.empty(3)
+        out = p[9]
+        for h in range(3):
+            a[h] = 1.0 / (1.0 + math.exp(-(xi * p[h] + p[3 + h])))
+            out += a[h] * p[6 + h]
+        d2 = (out - yi) / m
+        g[9] += d2
+        for h in range(3):
+            g[6 + h] += a[h] * d2
+            dz = d2 * p[6 + h] * a[h] * (1.0 - a[h])
+            g[h] += xi * dz
+            g[3 + h] += dz
+
+
+@numba.njit(cache=True)
+def test_loss(p, x, y):
+    total = 0.0
+    for s in range(x.shape[0]):
+        out = p[9]
+        for h in range(3):
+            out += p[6 + h] / (1.0 + math.exp(-(x[s] * p[h] + p[3 + h])))
+        total += (out - y[s]) ** 2
+    return total / (2 * x.shape[0])
+
+
+@numba.njit(cache=True)
+def _update(code, p, g, s1, s2, hp, t):
+    lr, a, b, eps = hp[0], hp[1], hp[2], hp[3]
+    for k in range(p.shape[0]):
+        if code == 0:
+            p[k] = sgd_rule(p[k], g[k], lr)
+        elif code == 1:
+            p[k], s1[k] = momentum_rule(p[k], g[k], s1[k], lr, a)
+        elif code == 2:
+            p[k], s1[k] = nag_rule(p[k], g[k], s1[k], lr, a)
+        elif code == 3:
+            p[k], s1[k] = adagrad_rule(p[k], g[k], s1[k], lr, eps)
+        elif code == 4:
+            p[k], s1[k], s2[k] = adadelta_rule(p[k], g[k], s1[k], s2[k], a, 1.0 - a, eps, 1.0)
+        elif code == 5:
+            p[k], s1[k] = rmsprop_rule(p[k], g[k], s1[k], lr, a, 1.0 - a, eps)
+        else:
+            p[k], s1[k], s2[k] = adam_rule(p[k], g[k], s1[k], s2[k], lr / (1.0 - a ** t), a,
+                                           1.0 - a, b, 1.0 - b, 1.0 / (1.0 - b ** t), eps)
+
+
+@numba.njit(cache=True, parallel=True)
+def _train_all(x, y, x_test, y_test, start, codes, hyper, max_epochs, record_every,
+               check_every, target, seed, batch):
+    n_configs, n = codes.shape[0], x.shape[0]
+    curves = np.full((n_configs, max_epochs // record_every), np.nan)
+    reached = np.full(n_configs, -1)
+    final = start.copy()
+    for c in prange(n_configs):
+        p = start[c].copy()
+        g, s1, s2 = np.zeros(N_PARAMS), np.zeros(N_PARAMS), np.zeros(N_PARAMS)
+        t = 0
+        for epoch in range(max_epochs):
+            order = epoch_order(n, seed, epoch)
+            for it in range(n // batch):
+                _gradient(p, x, y, order[it * batch:(it + 1) * batch], g)
+                t += 1
+                _update(codes[c], p, g, s1, s2, hyper[c], t)
+            done = epoch + 1
+            if done % record_every == 0 or done % check_every == 0:
+                loss = test_loss(p, x_test, y_test)
+                if done % record_every == 0:
+                    curves[c, done // record_every - 1] = loss
+                if done % check_every == 0 and loss <= target:
+                    reached[c] = done
+                    break
+        final[c] = p
+    return curves, reached, final
+
+
+def train_all(configs, data, start, max_epochs=10000, record_every=10, check_every=50,
+              target=1e-3, seed=0, batch=10):
+    """Train every ``(optimizer, {hyper})`` in ``configs`` from the flat parameters
+    ``start`` (10 values). Returns (test-loss curves, epochs to target or -1, final params)."""
+    x, y, x_test, y_test = (np.ascontiguousarray(a[:, 0], dtype=np.float64) for a in data)
+    codes = np.array([CODES[name] for name, _ in configs], dtype=np.int64)
+    hyper = np.array([_slots(name, options) for name, options in configs], dtype=np.float64)
+    starts = np.repeat(np.asarray(start, dtype=np.float64)[None, :], len(configs), axis=0)
+    return _train_all(x, y, x_test, y_test, starts, codes, hyper, int(max_epochs),
+                      int(record_every), int(check_every), float(target), int(seed), int(batch))
+
+
+def _slots(name, options):
+    lr, a, b, eps = DEFAULTS[name]
+    lr = options.get("lr", lr)
+    a = options.get("momentum", options.get("rho", options.get("alpha", a)))
+    if "betas" in options:
+        a, b = options["betas"]
+    return lr, a, b, options.get("eps", eps)
+
+
+def initial_params(seed=0, init="xavier"):
+    """The starting point every configuration shares: nnopt.mlp([1, 3, 1])'s draw."""
+    from ..model import mlp
+    return mlp([1, 3, 1], "sigmoid", init=init, seed=seed, dtype="float64").flat.data.copy()
+
+
+def reference_run(name, options, data, epochs, seed=0, init="xavier", batch=10):
+    """The same training with nnopt's reference layers and optimizers (for the tests)."""
+    from .. import optim
+    from ..losses import MSELoss
+    from ..model import mlp
+    model = mlp([1, 3, 1], "sigmoid", init=init, seed=seed, dtype="float64")
+    opt = optim.create(name, model, use_fast_path=False, **options)
+    loss = MSELoss()
+    x, y = data[0], data[1]
+    for epoch in range(epochs):
+        order = epoch_order(x.shape[0], seed, epoch)
+        for it in range(x.shape[0] // batch):
+            idx = order[it * batch:(it + 1) * batch]
+            model.zero_grad()
+            model.loss_and_backward(x[idx], y[idx], loss)
+            opt.step()
+    return model.flat.data.copy()
