@@ -21,6 +21,7 @@ import os
 import tempfile
 import urllib.request
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +236,9 @@ def _split_validation(name, x, y, x_test, y_test, n_val, description):
     return Dataset(name, x[n_val:], y[n_val:], x[:n_val], y[:n_val], x_test, y_test, description)
 
 
+@lru_cache(maxsize=2)
 def load_sample(n_val=None) -> Dataset:
+    """The embedded sample (cached: its arrays are read-only, shared by every caller)."""
     files = {stem: SAMPLE_DIR / f"{stem}.gz" for stem in SAMPLE_SOURCE.counts}
     images = load_idx(files["t10k-images-idx3-ubyte"], 10000, SAMPLE_SOURCE.md5["t10k-images-idx3-ubyte"])
     labels = load_idx(files["t10k-labels-idx1-ubyte"], 10000, SAMPLE_SOURCE.md5["t10k-labels-idx1-ubyte"])
@@ -244,8 +247,11 @@ def load_sample(n_val=None) -> Dataset:
     description = ("mnist-sample: the 10,000 official MNIST test digits shipped with nnopt, "
                    "split 8,000 train (first 400 held out for validation) / 2,000 test "
                    "(every 5th image); not full MNIST")
-    return _split_validation("mnist-sample", x[~is_test], y[~is_test], x[is_test], y[is_test],
+    data = _split_validation("mnist-sample", x[~is_test], y[~is_test], x[is_test], y[is_test],
                              400 if n_val is None else n_val, description)
+    for array in (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test):
+        array.flags.writeable = False
+    return data
 
 
 def load(name="mnist-sample", data_dir=None, download_ok=True, n_val=None) -> Dataset:

@@ -49,7 +49,7 @@ def epochs_of(reached, label, runs=RUNS):
 
 def run(ctx) -> Section:
     plt = figure_module()
-    max_epochs = 4000 if ctx.quick else 10000
+    max_epochs = 6000 if ctx.quick else 10000
     data, curves, reached, final = train(ctx.seed, max_epochs)
     section = Section("15.2/15.3 Optimizers on the curve-fitting task")
     section.text("Net 1 -> 3 (sigmoid) -> 1, Xavier init (one draw shared by every run), MSE/2, "
@@ -74,22 +74,9 @@ def run(ctx) -> Section:
     plt.close(fig)
     section.figure(ctx.out / "optimizers_loss.png", "Test loss per optimizer family (log scale)")
 
-    x_test, y_test = data[2][:, 0], data[3][:, 0]
-    fig, axes = plt.subplots(4, 4, figsize=(14, 11), sharex=True, sharey=True)
-    for ax, (label, _, _, _, _), params in zip(axes.ravel(), RUNS, final):
-        hidden = 1 / (1 + np.exp(-(x_test[:, None] * params[0:3] + params[3:6])))
-        ax.scatter(data[0][::5, 0], data[1][::5, 0], s=2, color="lightgray", label="train (1 in 5)")
-        ax.plot(x_test, y_test, color="k", lw=1, label="true curve")
-        ax.plot(x_test, hidden @ params[6:9] + params[9], color="C3", label="fitted")
-        ax.set_title(label, fontsize=9)
-        ax.set(xlabel="x", ylabel="y")
-        ax.legend(fontsize=6)
-    fig.suptitle("Fitted curves at the end of each run")
-    fig.tight_layout()
-    fig.savefig(ctx.out / "optimizers_fit.png", dpi=70)
-    plt.close(fig)
-    section.figure(ctx.out / "optimizers_fit.png", "The fitted curve of every run")
-
+    if not ctx.quick:
+        _plot_fits(plt, ctx, data, final)
+        section.figure(ctx.out / "optimizers_fit.png", "The fitted curve of every run")
     rows = []
     for i, (label, _, _, textbook, remark) in enumerate(RUNS):
         ours = int(reached[i])
@@ -149,3 +136,20 @@ def _agreement(textbook, ours):
         ratio = ours / textbook
         return "agrees" if 0.5 <= ratio <= 2 else f"**differs** ({ratio:.1f}x the textbook's)"
     return "see the claims"
+
+
+def _plot_fits(plt, ctx, data, final):
+    x_test, y_test = data[2][:, 0], data[3][:, 0]
+    fig, axes = plt.subplots(4, 4, figsize=(14, 11), sharex=True, sharey=True)
+    for ax, (label, _, _, _, _), params in zip(axes.ravel(), RUNS, final):
+        hidden = 1 / (1 + np.exp(-(x_test[:, None] * params[0:3] + params[3:6])))
+        ax.scatter(data[0][::5, 0], data[1][::5, 0], s=2, color="lightgray", label="train (1 in 5)")
+        ax.plot(x_test, y_test, color="k", lw=1, label="true curve")
+        ax.plot(x_test, hidden @ params[6:9] + params[9], color="C3", label="fitted")
+        ax.set_title(label, fontsize=9)
+        ax.set(xlabel="x", ylabel="y")
+        ax.legend(fontsize=6)
+    fig.suptitle("Fitted curves at the end of each run")
+    fig.tight_layout()
+    fig.savefig(ctx.out / "optimizers_fit.png", dpi=70)
+    plt.close(fig)
