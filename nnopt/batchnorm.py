@@ -23,7 +23,7 @@ import numpy as np
 
 from .backend import namespace_of
 from .errors import check_finite_number
-from .fast import cpu_fast_for
+from .fast import fast_for
 from .layers import Layer, check_dtype, check_input
 from .params import Parameter
 
@@ -90,7 +90,7 @@ class BatchNorm(Layer):
             raise ValueError(f"{self!r} in training mode needs a batch of at least 2 samples, got "
                              f"{m}: one sample has zero variance. Use a larger batch or train=False")
         self.train_mode = True
-        fast = cpu_fast_for(x, self.gamma.data)
+        fast = fast_for(x, self.gamma.data)
         if fast is not None:
             z, mean, inv_std = fast.bn_forward(x, self.gamma.data, self.beta.data, self.eps,
                                                self.momentum, self.unbiased,

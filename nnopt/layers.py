@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import namespace_of
-from .fast import cpu_fast_for
+from .fast import fast_for
 from .init import get_initializer
 from .params import Parameter
 
@@ -47,6 +47,15 @@ def check_dtype(layer, x, param):
                         " or build the model with that dtype")
 
 
+def matmul(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b); inside a captured CUDA graph, nnopt's own GEMM kernel (CuPy refuses
+    cuBLAS calls while capturing)."""
+    fast = fast_for(a, b)
+    if fast is not None and getattr(fast, "capturing", None) and fast.capturing():
+        return fast.gemm(a, b, trans_a, trans_b)
+    return (a.T if trans_a else a) @ (b.T if trans_b else b)
+
+
 class Linear(Layer):
     r"""Fully connected: :math:`z = xW + b`, W of shape (n_in, n_out).
 
@@ -68,15 +77,15 @@ class Linear(Layer):
         check_input(self, x, self.n_in)
         check_dtype(self, x, self.W)
         self.x = x
-        z = x @ self.W.data
+        z = matmul(x, self.W.data)
         z += self.b.data
         return z
 
     def backward(self, dy):
         xp = namespace_of(dy)
-        self.W.grad += self.x.T @ dy
+        self.W.grad += matmul(self.x, dy, trans_a=True)
         self.b.grad += xp.sum(dy, axis=0)
-        return dy @ self.W.data.T if self.needs_input_grad else None
+        return matmul(dy, self.W.data, trans_b=True) if self.needs_input_grad else None
 
     def __repr__(self):
         return f"Linear({self.n_in}, {self.n_out})"
@@ -109,7 +118,7 @@ class ReLU(Layer):
     r""":math:`a = \max(z, 0)`, :math:`da/dz = [z > 0]`."""
 
     def forward(self, x, train=True):
-        self.fast = cpu_fast_for(x) if len(x.shape) == 2 else None
+        self.fast = fast_for(x) if len(x.shape) == 2 else None
         if self.fast is not None:
             self.y = self.fast.relu_forward(x)
             return self.y

@@ -8,6 +8,7 @@ metrics.jsonl, checkpoint.npz, summary.json and curves.png to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, datasets, optim
-from .backend import BackendUnavailable, asarray, get_namespace, synchronize
+from .backend import BackendUnavailable, asarray, backend_name, get_namespace, synchronize
 from .losses import SoftmaxCrossEntropy
 from .model import mlp
 
@@ -76,6 +77,8 @@ def build_parser():
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint file or run folder")
     p.add_argument("--evaluate", metavar="CKPT", help="only report the test accuracy of a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no per-check log lines")
+    p.add_argument("--no-graph", dest="graph", action="store_false",
+                   help="on the GPU, do not capture the training step as a CUDA graph")
     return p
 
 
@@ -102,7 +105,7 @@ def config_from_args(args) -> dict:
             "optimizer": args.optimizer.lower(), "hyper": hyper, "epochs": args.epochs,
             "batch_size": args.batch_size, "target_loss": args.target_loss,
             "check_every": args.check_every, "seed": args.seed, "dtype": args.dtype,
-            "out": args.out}
+            "out": args.out, "graph": args.graph}
 
 
 class StopRequest:
@@ -210,9 +213,11 @@ def fit(config: dict, resume=None, log=print) -> dict:
     # A last batch of one sample cannot be batch-normalized: fold it away.
     per_epoch = n // batch if n % batch == 1 else math.ceil(n / batch)
     bar = Progress(sys.stderr.isatty() and not os.environ.get("CI"))
+    step = Stepper(model, opt, loss_fn, batch, config.get("graph", True), log)
+    window = Window(xp)
     started = time.perf_counter() - progress["elapsed"]
     interrupted = False
-    with StopRequest() as stop:
+    with StopRequest() as stop, step.stream():
         for epoch in range(progress["epoch"], config["epochs"]):
             if progress["reached"]:
                 break
@@ -223,16 +228,12 @@ def fit(config: dict, resume=None, log=print) -> dict:
                     break
                 idx = order[it * batch:(it + 1) * batch]
                 xb, yb = xp.take(x_train, idx, axis=0), xp.take(y_train, idx, axis=0)
-                model.zero_grad()
-                loss = model.loss_and_backward(xb, yb, loss_fn)
-                opt.step()
-                window = progress["window"]
-                window[0] += float(loss) * xb.shape[0]
-                window[1] += int(xp.sum(xp.astype(xp.argmax(loss_fn.prob, axis=1) == yb, xp.int64)))
-                window[2] += xb.shape[0]
+                window.add(*step(xb, yb), yb)
+                progress["window"][2] += xb.shape[0]
                 progress["iteration"] += 1
                 progress["pos"] = it + 1
                 if progress["iteration"] % config["check_every"] == 0:
+                    window.flush_into(progress["window"])
                     record = check(model, loss_fn, x_val, y_val, progress, epoch, started)
                     append_metric(out, record)
                     if not config.get("quiet"):
@@ -243,12 +244,14 @@ def fit(config: dict, resume=None, log=print) -> dict:
                         break
                 bar.show(epoch + 1, config["epochs"], it + 1, per_epoch)
             bar.end()
+            window.flush_into(progress["window"])
             if interrupted:
                 break
             progress["epoch"], progress["pos"] = epoch + 1, 0
             progress["elapsed"] = time.perf_counter() - started
             save_checkpoint()
     synchronize(xp)
+    step.release()
     progress["elapsed"] = time.perf_counter() - started
     if interrupted:
         save_checkpoint()
@@ -269,6 +272,62 @@ def fit(config: dict, resume=None, log=print) -> dict:
         f"iterations, {summary['time_s']:.1f} s; test accuracy {100 * test_acc:.2f}% "
         f"(loss {test_loss:.4f}) on {config['dataset']}")
     return summary
+
+
+class Window:
+    """Training loss and correct predictions since the last check, summed where the arrays
+    live (no host synchronisation per step); flushed into the progress record at checks."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.reset()
+
+    def reset(self):
+        self.loss = self.xp.zeros((), dtype=self.xp.float64)
+        self.correct = self.xp.zeros((), dtype=self.xp.int64)
+
+    def add(self, loss, prob, labels):
+        xp = self.xp
+        self.loss += xp.astype(loss, xp.float64) * labels.shape[0]
+        self.correct += xp.sum(xp.astype(xp.argmax(prob, axis=1) == labels, xp.int64))
+
+    def flush_into(self, window):
+        window[0] += float(self.loss)
+        window[1] += int(self.correct)
+        self.reset()
+
+
+class Stepper:
+    """One optimization step on a batch: replayed from a captured CUDA graph on the GPU
+    (full batches, when capture works), else run eagerly. Returns (loss, softmax output)."""
+
+    def __init__(self, model, optimizer, loss_fn, batch, use_graph, log):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.captured = None
+        if use_graph and backend_name(model.xp) == "cupy":
+            from .graph import CapturedStep
+            try:
+                self.captured = CapturedStep(model, optimizer, loss_fn,
+                                             (batch, model.layers[0].n_in), (batch,))
+                log(f"CUDA graph: one captured training step of batch {batch}, replayed")
+            except Exception as exc:  # capture is an optimisation: run eagerly instead
+                log(f"CUDA graph capture unavailable ({type(exc).__name__}: {exc}); running eagerly")
+
+    def __call__(self, xb, yb):
+        if self.captured is not None and xb.shape[0] == self.captured.x.shape[0]:
+            return self.captured.step(xb, yb), self.captured.prob
+        self.model.zero_grad()
+        loss = self.model.loss_and_backward(xb, yb, self.loss_fn)
+        self.optimizer.step()
+        return loss, self.loss_fn.prob
+
+    def stream(self):
+        """Where the whole loop's device work goes: the captured graph's stream."""
+        return self.captured.stream if self.captured is not None else contextlib.nullcontext()
+
+    def release(self):
+        if self.captured is not None:
+            self.captured.release()
 
 
 def check(model, loss_fn, x_val, y_val, progress, epoch, started):

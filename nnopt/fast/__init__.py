@@ -31,9 +31,32 @@ def cpu_kernels():
     return cpu
 
 
-def cpu_fast_for(*arrays):
-    """The numba kernels when every array is a NumPy float32/float64 array, else None."""
+@lru_cache(maxsize=None)
+def gpu_kernels():
+    """The CuPy launchers, or None (with one warning) where they cannot load."""
+    if not ENABLED:
+        return None
+    try:
+        from . import gpu
+    except Exception as exc:  # CuPy missing, or no usable CUDA runtime
+        warnings.warn(f"nnopt: fused GPU kernels unavailable ({exc}); using the reference "
+                      "math.", RuntimeWarning, stacklevel=3)
+        return None
+    return gpu
+
+
+def fast_for(*arrays):
+    """The fused kernels for these arrays (numba for NumPy, CUDA for CuPy float32/float64
+    arrays, all of one kind), or None: then the reference math runs."""
+    first = arrays[0]
+    if type(first) is np.ndarray:
+        kernels = cpu_kernels
+    elif type(first).__module__.startswith("cupy") and type(first).__name__ == "ndarray":
+        kernels = gpu_kernels
+    else:
+        return None
     for a in arrays:
-        if type(a) is not np.ndarray or a.dtype.type not in FAST_DTYPES:
+        if type(a) is not type(first) or a.dtype.type not in FAST_DTYPES:
             return None
-    return cpu_kernels()
+    return kernels()
+

@@ -263,10 +263,10 @@ def _bn_backward_cols(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
         dbeta[k] += sum_d[k]
         a[k] = gamma[k] * inv_std[k]
         b[k] = a[k] * sum_dn * inv_std[k] / m
-        c[k] = a[k] * sum_d[k] / m - b[k] * mean[k]
+        c[k] = a[k] * sum_d[k] / m
     for i in range(m):
         for k in range(w):
-            dx[i, k] = a[k] * d[i, k] - b[k] * x[i, k] - c[k]
+            dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c[k]
 
 
 # Large batches: threads take chunks of rows (contiguous memory, streaming reads), keep
@@ -338,10 +338,10 @@ def _bn_backward_rows(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
         bk = ak * sum_dn * inv_std[k] / m
         a[k] = ak
         b[k] = bk
-        c0[k] = ak * sum_d / m - bk * mean[k]
+        c0[k] = ak * sum_d / m
     for i in prange(m):
         for k in range(n):
-            dx[i, k] = a[k] * d[i, k] - b[k] * x[i, k] - c0[k]
+            dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c0[k]
 
 
 def _parallel(a):

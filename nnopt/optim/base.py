@@ -16,7 +16,7 @@ import numpy as np
 
 from ..backend import asarray, namespace_of, to_numpy
 from ..errors import check_finite_number, unknown_name
-from ..fast import cpu_fast_for
+from ..fast import fast_for
 from ..params import Parameter
 
 NONFINITE_POLICIES = ("ignore", "raise", "skip")
@@ -74,6 +74,8 @@ class Optimizer:
                             f"it takes: {', '.join(self.defaults)}")
         self.nonfinite = nonfinite
         self.use_fast_path = use_fast_path
+        #: per-group device step counters, set while a CUDA graph of the step is captured
+        self.device_steps = None
         self.skipped_steps = 0
         self.defaults = {**type(self).defaults, **hyper}
         self.param_groups, self.state, self._segments = [], [], []
@@ -146,7 +148,7 @@ class Optimizer:
         """The fused step for array ``p`` (numba on NumPy arrays), or None."""
         if not self.use_fast_path:
             return None
-        kernels = cpu_fast_for(p)
+        kernels = fast_for(p)
         return None if kernels is None else kernels.OPTIMIZER_STEPS.get(type(self).__name__)
 
     def grads_finite(self) -> bool:
@@ -165,9 +167,13 @@ class Optimizer:
                     "input data, or create the optimizer with nonfinite='skip'")
             self.skipped_steps += 1
             return False
-        for group, state, segments in zip(self.param_groups, self.state, self._segments):
+        for i, (group, state, segments) in enumerate(zip(self.param_groups, self.state,
+                                                         self._segments)):
             state["step"] += 1
             t = state["step"]
+            if self.device_steps is not None:  # inside a captured graph: t lives on the device
+                self.device_steps[i] += 1
+                t = self.device_steps[i]
             for seg in segments:
                 seg_state = {k: v[seg.start:seg.stop] for k, v in state.items() if k != "step"}
                 fast = self.fast_path(seg.data)

@@ -1,0 +1,17 @@
+"""CUDA sources of nnopt's fused kernels, installed as the package ``nnopt.kernels``.
+
+``rules.cuh`` holds every per-element formula (the same ones as ``nnopt.fast.cpu``); the
+``.cu`` files hold the ``__global__`` kernels. :func:`source` returns a file with
+``rules.cuh`` inlined, ready for NVRTC (CuPy's RawModule).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SOURCES = ("optimizers.cu", "batchnorm.cu", "gemm.cu")
+
+
+def source(name: str) -> str:
+    text = (HERE / name).read_text()
+    return text.replace('#include "rules.cuh"', (HERE / "rules.cuh").read_text())

@@ -1,0 +1,166 @@
+"""CuPy launchers of the CUDA kernels in ``nnopt.kernels`` (compiled once by NVRTC, cached
+on disk by CuPy): every optimizer step, BN forward/backward, ReLU, and a small GEMM used
+inside captured CUDA graphs (where CuPy refuses cuBLAS calls).
+
+Same interface as :mod:`nnopt.fast.cpu`: ``OPTIMIZER_STEPS[name](p, g, state, hp, t)``,
+``bn_forward``, ``bn_backward``, ``relu_forward``, ``relu_backward``.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from functools import lru_cache
+
+import cupy
+import numpy as np
+
+from .. import kernels
+
+THREADS = 256
+_capture = threading.local()
+
+
+@lru_cache(maxsize=None)
+def module(name: str):
+    return cupy.RawModule(code=kernels.source(name), options=("--std=c++14",))
+
+
+@lru_cache(maxsize=None)
+def function(source: str, name: str):
+    return module(source).get_function(name)
+
+
+@lru_cache(maxsize=None)
+def _max_blocks():
+    device = cupy.cuda.Device()
+    return device.attributes["MultiProcessorCount"] * 32
+
+
+def _suffix(a):
+    return "f32" if a.dtype == cupy.float32 else "f64"
+
+
+def _launch(name, n, *args, source="optimizers.cu"):
+    blocks = max(1, min((n + THREADS - 1) // THREADS, _max_blocks()))
+    function(source, name)((blocks,), (THREADS,), (*args, np.int64(n)))
+
+
+def _s(p, *values):
+    cast = np.float32 if p.dtype == cupy.float32 else np.float64
+    return tuple(cast(v) for v in values)
+
+
+# --- graph capture ----------------------------------------------------------------------------
+def capturing() -> bool:
+    """True while nnopt is capturing a CUDA graph on this thread."""
+    return getattr(_capture, "active", False)
+
+
+@contextlib.contextmanager
+def capture_mode():
+    _capture.active = True
+    try:
+        yield
+    finally:
+        _capture.active = False
+
+
+def gemm(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) with nnopt's own tiled kernel (capturable; cuBLAS is not, in CuPy)."""
+    a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != k2:
+        raise ValueError(f"gemm: inner sizes differ ({k} vs {k2})")
+    c = cupy.empty((m, n), dtype=a.dtype)
+    function("gemm.cu", f"gemm_{_suffix(a)}")(((n + 15) // 16, (m + 15) // 16), (16, 16),
+                                             (a, b, c, np.int32(m), np.int32(n), np.int32(k),
+                                              np.int32(trans_a), np.int32(trans_b)))
+    return c
+
+
+# --- optimizer steps --------------------------------------------------------------------------
+def sgd(p, g, state, hp, t):
+    _launch(f"sgd_{_suffix(p)}", p.size, p, g, *_s(p, hp["lr"]))
+
+
+def momentum(p, g, state, hp, t):
+    kind = "momentum_torch" if hp["buffer"] == "torch" else "momentum"
+    _launch(f"{kind}_{_suffix(p)}", p.size, p, g, state["velocity"], *_s(p, hp["lr"], hp["momentum"]))
+
+
+def nag(p, g, state, hp, t):
+    kind = "nag_torch" if hp["buffer"] == "torch" else "nag"
+    _launch(f"{kind}_{_suffix(p)}", p.size, p, g, state["velocity"], *_s(p, hp["lr"], hp["momentum"]))
+
+
+def adagrad(p, g, state, hp, t):
+    _launch(f"adagrad_{_suffix(p)}", p.size, p, g, state["sum_sq"], *_s(p, hp["lr"], hp["eps"]))
+
+
+def adadelta(p, g, state, hp, t):
+    scale = hp["lr"] if hp["lr_scales_step"] else 1.0
+    _launch(f"adadelta_{_suffix(p)}", p.size, p, g, state["sq_avg"], state["delta_sq_avg"],
+            *_s(p, hp["rho"], hp["eps"], scale))
+
+
+def rmsprop(p, g, state, hp, t):
+    kind = "rmsprop" if hp["eps_inside_root"] else "rmsprop_torch"
+    _launch(f"{kind}_{_suffix(p)}", p.size, p, g, state["sq_avg"],
+            *_s(p, hp["lr"], hp["alpha"], hp["eps"]))
+
+
+def adam(p, g, state, hp, t):
+    """``t`` is the step count: an int, or a device int32 array (inside captured graphs)."""
+    b1, b2 = hp["betas"]
+    if isinstance(t, cupy.ndarray):
+        _launch(f"adam_device_step_{_suffix(p)}", p.size, p, g, state["exp_avg"],
+                state["exp_avg_sq"], t, *_s(p, hp["lr"], b1, b2, hp["eps"]))
+    else:
+        _launch(f"adam_{_suffix(p)}", p.size, p, g, state["exp_avg"], state["exp_avg_sq"],
+                np.int32(t), *_s(p, hp["lr"], b1, b2, hp["eps"]))
+
+
+def increment_step(counter):
+    function("optimizers.cu", "increment_step")((1,), (1,), (counter,))
+
+
+OPTIMIZER_STEPS = {"SGD": sgd, "Momentum": momentum, "NAG": nag, "AdaGrad": adagrad,
+                   "AdaDelta": adadelta, "RMSProp": rmsprop, "Adam": adam}
+
+
+# --- Batch Normalization and ReLU -------------------------------------------------------------
+def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var):
+    x = cupy.ascontiguousarray(x)
+    m, n = x.shape
+    z = cupy.empty_like(x)
+    mean, inv_std = cupy.empty(n, dtype=x.dtype), cupy.empty(n, dtype=x.dtype)
+    s = _s(x, eps, momentum)
+    function("batchnorm.cu", f"bn_forward_{_suffix(x)}")(
+        ((n + 31) // 32,), (32, 8),
+        (x, gamma, beta, s[0], s[1], np.int32(unbiased), running_mean, running_var, z, mean,
+         inv_std, np.int32(m), np.int32(n)))
+    return z, mean, inv_std
+
+
+def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta):
+    d = cupy.ascontiguousarray(d)
+    m, n = d.shape
+    dx = cupy.empty_like(d)
+    function("batchnorm.cu", f"bn_backward_{_suffix(d)}")(
+        ((n + 31) // 32,), (32, 8),
+        (d, cupy.ascontiguousarray(x), gamma, mean, inv_std, dx, dgamma, dbeta, np.int32(m),
+         np.int32(n)))
+    return dx
+
+
+_relu = cupy.ElementwiseKernel("T x", "T y", "y = x > 0 ? x : (T)0", "nnopt_relu")
+_relu_grad = cupy.ElementwiseKernel("T dy, T y", "T dx", "dx = y > 0 ? dy : (T)0", "nnopt_relu_grad")
+
+
+def relu_forward(x):
+    return _relu(x)
+
+
+def relu_backward(dy, y):
+    return _relu_grad(dy, y)

@@ -1,0 +1,107 @@
+"""GPU only (pytest --backend cupy): the CUDA kernels against the reference math, and the
+captured CUDA-graph training step against the eager one."""
+import numpy as np
+import pytest
+
+import nnopt
+from nnopt import optim
+from nnopt.backend import backend_name
+from nnopt.batchnorm import batchnorm_backward, batchnorm_forward
+from nnopt.params import FlatParameters
+from tests.helpers import dev, host
+
+
+@pytest.fixture
+def gpu(xp):
+    if backend_name(xp) != "cupy":
+        pytest.skip("GPU kernels: run with --backend cupy on a machine with a GPU")
+    from nnopt.fast import gpu_kernels
+    kernels = gpu_kernels()
+    assert kernels is not None, "the CUDA kernels failed to load"
+    return kernels
+
+
+VARIANTS = [("sgd", {}), ("momentum", {}), ("momentum", {"buffer": "torch"}), ("nag", {}),
+            ("nag", {"buffer": "torch"}), ("adagrad", {}), ("adadelta", {}),
+            ("adadelta", {"lr_scales_step": True, "lr": 0.5}), ("rmsprop", {}),
+            ("rmsprop", {"eps_inside_root": False}), ("adam", {"betas": (0.8, 0.95)})]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n", [1, 1013, 1_000_003])
+@pytest.mark.parametrize("name, options", VARIANTS)
+def test_gpu_step_matches_reference(xp, gpu, rng, name, options, n, dtype):
+    start = rng.normal(size=n)
+    fast_store = FlatParameters.from_arrays(xp, dtype, w=start)
+    ref_store = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), "float64", w=start)
+    hyper = {"lr": 0.05, **options}
+    fast = optim.create(name, fast_store, **hyper)
+    ref = optim.create(name, ref_store, use_fast_path=False, **hyper)
+    assert fast.fast_path(fast_store.data) is gpu.OPTIMIZER_STEPS[type(fast).__name__]
+    for _ in range(4):
+        g = rng.normal(size=n)
+        fast_store.grad[...] = dev(xp, g)
+        ref_store.grad[...] = g
+        fast.step()
+        ref.step()
+    tol = 2e-5 if dtype == "float32" else 1e-12
+    got = host(fast_store.data)
+    assert np.max(np.abs(got - ref_store.data)) <= tol * np.max(np.abs(ref_store.data))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(2, 3), (64, 128), (301, 77), (4096, 256)])
+def test_gpu_batchnorm_matches_reference(xp, gpu, rng, shape, dtype):
+    x = rng.normal(size=shape) * rng.uniform(0.2, 4, shape[1]) + rng.normal(size=shape[1]) * 2
+    gamma, beta, d = rng.uniform(0.5, 2, shape[1]), rng.normal(size=shape[1]), rng.normal(size=shape)
+    z_ref, mean_ref, _, cache = batchnorm_forward(x, gamma, beta, 1e-5)
+    dx_ref, dgamma_ref, dbeta_ref = batchnorm_backward(d, cache)
+    c = lambda a: dev(xp, np.ascontiguousarray(a), getattr(xp, dtype))  # noqa: E731
+    run_mean, run_var = c(np.zeros(shape[1])), c(np.ones(shape[1]))
+    z, mean, inv_std = gpu.bn_forward(c(x), c(gamma), c(beta), 1e-5, 0.9, False, run_mean, run_var)
+    dgamma, dbeta = c(np.zeros(shape[1])), c(np.zeros(shape[1]))
+    dx = gpu.bn_backward(c(d), c(x), c(gamma), mean, inv_std, dgamma, dbeta)
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    for got, want in ((z, z_ref), (mean, mean_ref), (dx, dx_ref), (dgamma, dgamma_ref),
+                      (dbeta, dbeta_ref), (run_mean, 0.1 * mean_ref)):
+        assert np.max(np.abs(host(got) - want)) <= tol * max(np.max(np.abs(want)), 1.0)
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
+def test_gemm_matches_matmul(xp, gpu, rng, trans_a, trans_b):
+    a = rng.normal(size=(77, 45) if not trans_a else (45, 77))
+    b = rng.normal(size=(45, 33) if not trans_b else (33, 45))
+    want = (a.T if trans_a else a) @ (b.T if trans_b else b)
+    got = host(gpu.gemm(dev(xp, a), dev(xp, b), trans_a, trans_b))
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_captured_step_matches_eager(xp, gpu, rng, name):
+    from nnopt.graph import CapturedStep
+    make = lambda: nnopt.mlp([784, 128, 64, 32, 16, 10], batchnorm=True, seed=1, device=xp)  # noqa: E731
+    eager_model, graph_model = make(), make()
+    eager_opt = optim.create(name, eager_model, lr=0.01)
+    graph_opt = optim.create(name, graph_model, lr=0.01)
+    loss_fn = nnopt.SoftmaxCrossEntropy()
+    captured = CapturedStep(graph_model, graph_opt, nnopt.SoftmaxCrossEntropy(), (64, 784), (64,))
+    for _ in range(5):
+        x = dev(xp, rng.random((64, 784)), xp.float32)
+        y = dev(xp, rng.integers(0, 10, 64))
+        eager_model.zero_grad()
+        eager_loss = float(eager_model.loss_and_backward(x, y, loss_fn))
+        eager_opt.step()
+        graph_loss = captured.step(x, y)
+        captured.synchronize()
+        assert float(graph_loss) == pytest.approx(eager_loss, rel=1e-4)
+    captured.release()
+    assert graph_opt.state[0]["step"] == eager_opt.state[0]["step"] == 5
+    a, b = eager_model.state_dict(), graph_model.state_dict()
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-5)
+
+
+def test_train_on_gpu_one_epoch(xp, gpu, tmp_path):
+    from nnopt import train
+    assert train.main(["--device", "gpu", "--epochs", "1", "--quiet", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "summary.json").exists()
