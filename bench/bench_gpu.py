@@ -1,0 +1,235 @@
+"""The GPU side of the harness: optimizer-step bandwidth, BN forward+backward, and the
+training step on CPU vs GPU with and without BN and CUDA-graph capture, to test the
+textbook's claim that BN's time overhead becomes negligible on a GPU.
+
+    python bench/bench_gpu.py [--quick] [--out FILE.json]
+    python bench/bench_gpu.py --dry-run      # CPU stand-ins, to check the script itself
+
+Ratios only, measured in one process against references measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+from bench_train import SIZES, NnoptRunner, TorchRunner  # noqa: E402
+
+import nnopt  # noqa: E402
+from nnopt import optim  # noqa: E402
+from nnopt.backend import get_namespace, synchronize  # noqa: E402
+
+
+class GraphRunner(NnoptRunner):
+    """NnoptRunner whose step is one replay of a captured CUDA graph."""
+
+    def __init__(self, bn, batch, sizes=SIZES):
+        super().__init__(bn, batch, "gpu", sizes)
+        from nnopt.graph import CapturedStep
+        self.captured = CapturedStep(self.model, self.opt, self.loss, (batch, sizes[0]), (batch,))
+
+    def step(self, start=0):
+        return self.captured.step(self.x[start:start + self.batch], self.y[start:start + self.batch])
+
+    def sync(self):
+        self.captured.synchronize()
+
+
+def bench_optim(xp, torch, tdev, sync, sizes):
+    rows = []
+    for n in sizes:
+        src, dst = xp.ones(n, dtype=xp.float32), xp.empty(n, dtype=xp.float32)
+
+        def copy():
+            dst[...] = src
+        times = {"copy": copy}
+        for name in optim.OPTIMIZERS:
+            store = nnopt.FlatParameters([nnopt.Parameter(np.zeros(1), "w")], xp, "float32") \
+                if n == 1 else nnopt.FlatParameters([nnopt.Parameter(np.zeros(n), "w")], xp, "float32")
+            store.grad[...] = 1e-3
+            times[f"nnopt_{name}"] = optim.create(name, store, lr=1e-3).step
+        if torch is not None:
+            for name, make in (("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
+                               ("sgd", lambda ps: torch.optim.SGD(ps, lr=1e-3, fused=True))):
+                p = torch.zeros(n, device=tdev, requires_grad=True)
+                p.grad = torch.full((n,), 1e-3, device=tdev)
+                try:
+                    opt = make([p])
+                    opt.step()
+                    times[f"torch_fused_{name}"] = opt.step
+                except (RuntimeError, TypeError):
+                    pass
+        measured = common.timeit_many(times, repeat=5, sync=sync)
+        copy_bw = 8 * n / measured["copy"]
+        for name in optim.OPTIMIZERS:
+            from bench_optim import BYTES
+            row = {"n": n, "optimizer": name, "seconds": measured[f"nnopt_{name}"],
+                   "GBps": BYTES[name] * n / measured[f"nnopt_{name}"] / 1e9,
+                   "copy_GBps": copy_bw / 1e9}
+            row["fraction_of_copy_bw"] = row["GBps"] * 1e9 / copy_bw
+            if f"torch_fused_{name}" in measured:
+                row["vs_torch_fused"] = measured[f"nnopt_{name}"] / measured[f"torch_fused_{name}"]
+            rows.append(row)
+    return rows
+
+
+def bench_bn(xp, torch, tdev, sync, shapes):
+    rows = []
+    for shape in shapes:
+        rng = np.random.default_rng(0)
+        x = xp.asarray(rng.standard_normal(shape, dtype=np.float32))
+        d = xp.asarray(rng.standard_normal(shape, dtype=np.float32))
+        layer = nnopt.BatchNorm(shape[1])
+        nnopt.Sequential([layer], device=xp)
+
+        def fused():
+            layer.forward(x)
+            layer.backward(d)
+        times = {"nnopt": fused}
+        if torch is not None:
+            tx = torch.randn(shape, device=tdev, requires_grad=True)
+            td = torch.randn(shape, device=tdev)
+            tbn = torch.nn.BatchNorm1d(shape[1]).to(tdev)
+
+            def torch_fb():
+                tx.grad = None
+                tbn(tx).backward(td)
+            times["torch"] = torch_fb
+        m = common.timeit_many(times, repeat=5, sync=sync)
+        row = {"shape": f"{shape[0]}x{shape[1]}", "nnopt_s": m["nnopt"]}
+        if "torch" in m:
+            row["torch_s"] = m["torch"]
+            row["vs_torch"] = m["nnopt"] / m["torch"]
+        rows.append(row)
+    return rows
+
+
+def bench_train(torch, configs, dry_run):
+    """Per-step time of every (batch, width) config: CPU and GPU, BN on/off, graph on/off."""
+    rows = []
+    gpu = "cpu" if dry_run else "gpu"
+    tdev = "cpu" if dry_run else "cuda"
+    for batch, width, with_cpu in configs:
+        sizes = SIZES if width is None else [784, width, width, width, width, 10]
+        row = {"batch": batch, "width": "textbook" if width is None else width}
+        runners = {}
+        for bn in (False, True):
+            tag = "bn" if bn else "plain"
+            if with_cpu:
+                runners[f"cpu_{tag}"] = NnoptRunner(bn, batch, "cpu", sizes)
+            runners[f"gpu_{tag}"] = NnoptRunner(bn, batch, gpu, sizes)
+            if not dry_run and width is None:  # nnopt's capturable GEMM is sized for small layers
+                try:
+                    runners[f"gpu_graph_{tag}"] = GraphRunner(bn, batch, sizes)
+                except Exception as exc:  # report, do not hide
+                    row["graph_error"] = f"{type(exc).__name__}: {exc}"
+            if torch is not None:
+                runners[f"torch_gpu_{tag}"] = TorchRunner(torch, bn, batch, tdev, sizes)
+        for key, runner in runners.items():
+            row[f"{key}_s"] = common.timeit(runner.step, repeat=3, min_time=0.05, sync=runner.sync)
+        for prefix in ("cpu", "gpu", "gpu_graph", "torch_gpu"):
+            if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
+                row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
+        if "gpu_graph_bn_s" in row:
+            row["graph_speedup_bn"] = row["gpu_bn_s"] / row["gpu_graph_bn_s"]
+        if "cpu_bn_s" in row:
+            row["gpu_speedup_bn"] = row["cpu_bn_s"] / row.get("gpu_graph_bn_s", row["gpu_bn_s"])
+        rows.append(row)
+        print(f"batch {batch:5d} width {row['width']}: " + ", ".join(
+            f"{k[:-2]} {v * 1e6:.0f} us" for k, v in row.items() if k.endswith("_s")), flush=True)
+    return rows
+
+
+def verdict(rows, threshold=10.0):
+    holds, fails = [], []
+    for r in rows:
+        key = "gpu_graph_bn_overhead_%" if "gpu_graph_bn_overhead_%" in r else "gpu_bn_overhead_%"
+        label = f"batch {r['batch']}, width {r['width']} ({r[key]:+.0f}%)"
+        (holds if abs(r[key]) < threshold else fails).append(label)
+    text = (f"BN's time overhead on the GPU is below {threshold:.0f}% (negligible) for: "
+            f"{'; '.join(holds) or 'no configuration'}. It is not for: {'; '.join(fails) or 'none'}.")
+    cpu = [r for r in rows if "cpu_bn_overhead_%" in r]
+    if cpu:
+        text += " On the CPU, in the same run: " + "; ".join(
+            f"batch {r['batch']}, width {r['width']} {r['cpu_bn_overhead_%']:+.0f}%" for r in cpu) + "."
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="CPU stand-ins for the GPU")
+    ap.add_argument("--out", default=str(common.RESULTS / "gpu.json"))
+    args = ap.parse_args(argv)
+    xp = get_namespace("cpu" if args.dry_run else "gpu")
+    torch = common.torch_or_none()
+    if torch is not None and not args.dry_run and not torch.cuda.is_available():
+        print("note: this torch has no CUDA; PyTorch GPU columns are left out")
+        torch = None
+    tdev = "cpu" if args.dry_run else "cuda"
+
+    def sync():
+        synchronize(xp)
+        if torch is not None and tdev == "cuda":
+            torch.cuda.synchronize()
+    small = args.quick or args.dry_run
+    sizes = [10**5, 10**6] if small else [10**6, 10**7, 10**8]
+    shapes = [(64, 128), (1024, 1024)] if small else [(64, 16), (64, 128), (256, 256), (1024, 1024), (4096, 4096)]
+    configs = [(64, None, True), (1024, None, True)] if small else [
+        (64, None, True), (1024, None, True), (8192, None, True), (64, 1024, True),
+        (1024, 1024, True), (8192, 1024, False), (64, 4096, False), (1024, 4096, False),
+        (8192, 4096, False)]
+    results = {"optim": bench_optim(xp, torch, tdev, sync, sizes)}
+    print(common.table(results["optim"], ["optimizer", "n", "seconds", "GBps", "copy_GBps",
+                                          "fraction_of_copy_bw", "vs_torch_fused"]))
+    results["bn"] = bench_bn(xp, torch, tdev, sync, shapes)
+    print(common.table(results["bn"], ["shape", "nnopt_s", "torch_s", "vs_torch"]))
+    results["train"] = bench_train(torch, configs, args.dry_run)
+    print(common.table(results["train"], ["batch", "width", "cpu_bn_overhead_%", "gpu_bn_overhead_%",
+                                          "gpu_graph_bn_overhead_%", "torch_gpu_bn_overhead_%",
+                                          "graph_speedup_bn", "gpu_speedup_bn"]))
+    results["verdict"] = verdict(results["train"])
+    print(results["verdict"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import json
+    out.write_text(json.dumps({"machine": common.machine(), "device": device_name(xp), **results},
+                              indent=2, default=str) + "\n")
+    plot(results["train"], out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def device_name(xp):
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    except Exception:
+        return "cpu (dry run)"
+
+
+def plot(rows, path):
+    plt = common.figure()
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    labels = [f"b{r['batch']}\n{r['width']}" for r in rows]
+    x = np.arange(len(rows))
+    for i, (key, name) in enumerate((("cpu_bn_overhead_%", "CPU (nnopt)"),
+                                     ("gpu_bn_overhead_%", "GPU eager (nnopt)"),
+                                     ("gpu_graph_bn_overhead_%", "GPU graph (nnopt)"),
+                                     ("torch_gpu_bn_overhead_%", "GPU (PyTorch)"))):
+        values = [r.get(key, np.nan) for r in rows]
+        ax.bar(x + (i - 1.5) * 0.2, values, 0.2, label=name)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set(ylabel="BN time overhead per step (%)", xlabel="batch / hidden width",
+           title="Does BN's cost vanish on a GPU? Overhead per configuration")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()
