@@ -14,29 +14,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
-from nnopt import BatchNorm, Sequential  # noqa: E402
 
 SHAPES = [(64, 16), (64, 128), (256, 256), (1024, 1024), (4096, 256), (4096, 4096)]
 
 
-def nnopt_fb(shape, fast):
+def make_nnopt(shape, fast):
+    from nnopt import BatchNorm, Sequential
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, dtype=np.float32)
     d = rng.standard_normal(shape, dtype=np.float32)
-    layer = BatchNorm(shape[1])
+    layer = BatchNorm(shape[1], use_fast_path=fast)
     Sequential([layer])
-    if not fast:
-        import nnopt.batchnorm as bn_module
-        original = bn_module.cpu_fast_for
-
-        def step():
-            bn_module.cpu_fast_for = lambda *a: None
-            try:
-                layer.forward(x)
-                layer.backward(d)
-            finally:
-                bn_module.cpu_fast_for = original
-        return step
 
     def step():
         layer.forward(x)
@@ -44,7 +32,8 @@ def nnopt_fb(shape, fast):
     return step
 
 
-def torch_fb(torch, shape):
+def make_torch(shape):
+    import torch
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, requires_grad=True)
     d = torch.randn(shape, generator=gen)
@@ -62,19 +51,30 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     shapes = SHAPES[:3] if args.quick else SHAPES
-    torch = common.torch_or_none()
+    workers = {"nnopt": common.Worker("bench_bn")}
+    if common.have_torch():
+        workers["torch"] = common.Worker("bench_bn")
     rows = []
-    for shape in shapes:
-        row = {"shape": f"{shape[0]}x{shape[1]}"}
-        row["fused_s"] = common.timeit(nnopt_fb(shape, True))
-        row["reference_s"] = common.timeit(nnopt_fb(shape, False))
-        row["fused_vs_reference"] = row["fused_s"] / row["reference_s"]
-        if torch is not None:
-            row["torch_s"] = common.timeit(torch_fb(torch, shape))
-            row["fused_vs_torch"] = row["fused_s"] / row["torch_s"]
-        rows.append(row)
-        print(f"{row['shape']:>10}: fused {row['fused_s'] * 1e6:9.1f} us"
-              + (f"  x{row['fused_vs_torch']:.2f} of torch" if torch else ""), flush=True)
+    try:
+        for shape in shapes:
+            workers["nnopt"].ask("make", "fused", "make_nnopt", shape, True)
+            workers["nnopt"].ask("make", "reference", "make_nnopt", shape, False)
+            contenders = {"fused": (workers["nnopt"], "fused"),
+                          "reference": (workers["nnopt"], "reference")}
+            if "torch" in workers:
+                workers["torch"].ask("make", "torch", "make_torch", shape)
+                contenders["torch"] = (workers["torch"], "torch")
+            measured = common.compare(contenders, repeat=5)
+            row = {"shape": f"{shape[0]}x{shape[1]}", **{f"{k}_s": v for k, v in measured.items()}}
+            row["fused_vs_reference"] = row["fused_s"] / row["reference_s"]
+            if "torch_s" in row:
+                row["fused_vs_torch"] = row["fused_s"] / row["torch_s"]
+            rows.append(row)
+            print(f"{row['shape']:>10}: fused {row['fused_s'] * 1e6:9.1f} us"
+                  + (f"  x{row['fused_vs_torch']:.2f} of torch" if "torch_s" in row else ""), flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
     print(common.table(rows, ["shape", "fused_s", "reference_s", "torch_s", "fused_vs_torch",
                               "fused_vs_reference"]))
     path = common.save("bn", {"rows": rows})

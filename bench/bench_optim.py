@@ -16,8 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
-import nnopt  # noqa: E402
-from nnopt import optim  # noqa: E402
+OPTIMIZERS = ("sgd", "momentum", "nag", "adagrad", "adadelta", "rmsprop", "adam")
 
 # Buffers read and written per parameter in one step (p, g read; p, state r/w), float32.
 BYTES = {"sgd": 12, "momentum": 20, "nag": 20, "adagrad": 20, "adadelta": 28,
@@ -33,67 +32,90 @@ TORCH = {
 }
 
 
-def copy_bandwidth(n):
-    """Read+write bytes per second of the faster of NumPy's copy and a two-core numba copy."""
+# Factories the worker processes call (each imports only its own library).
+def make_copy(n, threaded):
+    """A read+write copy of n float32: NumPy's, or a two-core numba loop."""
+    src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
+    if not threaded:
+        return lambda: np.copyto(dst, src)
     import numba
 
     @numba.njit(parallel=True)
     def parallel_copy(dst, src):
         for i in numba.prange(src.shape[0]):
             dst[i] = src[i]
-    src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
-    best = min(common.timeit(lambda: np.copyto(dst, src), repeat=3),
-               common.timeit(lambda: parallel_copy(dst, src), repeat=3))
-    return 8 * n / best
+    return lambda: parallel_copy(dst, src)
 
 
-def nnopt_step(name, n, fast):
-    params = [nnopt.Parameter(np.zeros(n), "w")]
-    storage = nnopt.FlatParameters(params, nnopt.get_namespace("cpu"), "float32")
+def make_nnopt(name, n, fast):
+    import nnopt
+    from nnopt import optim
+    storage = nnopt.FlatParameters([nnopt.Parameter(np.zeros(n), "w")],
+                                   nnopt.get_namespace("cpu"), "float32")
     storage.grad[...] = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
-    opt = optim.create(name, storage, lr=0.01, use_fast_path=fast)
-    return opt.step
+    return optim.create(name, storage, lr=0.01, use_fast_path=fast).step
 
 
-def torch_step(torch, name, n, variant):
+def make_torch(name, n, variant):
+    import torch
     p = torch.zeros(n, dtype=torch.float32, requires_grad=True)
     p.grad = torch.randn(n, dtype=torch.float32)
     kwargs = {"foreach": True} if variant == "foreach" else {"fused": True}
-    try:
-        opt = TORCH[name](torch, [p], **kwargs)
-        opt.step()
-    except (RuntimeError, TypeError, ValueError):
-        return None
+    opt = TORCH[name](torch, [p], **kwargs)
+    opt.step()  # raises where torch has no such variant
     return opt.step
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="1e4,1e5,1e6,1e7,1e8")
-    ap.add_argument("--quick", action="store_true", help="sizes 1e4..1e6 only, fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="sizes 1e4..1e6 only")
     args = ap.parse_args(argv)
     sizes = [int(float(s)) for s in ("1e4,1e5,1e6" if args.quick else args.sizes).split(",")]
-    torch = common.torch_or_none()
+    nn = common.Worker("bench_optim")
+    tw = common.Worker("bench_optim") if common.have_torch() else None
     rows = []
-    for n in sizes:
-        copy_bw = copy_bandwidth(n)
-        for name in optim.OPTIMIZERS:
-            row = {"optimizer": name, "n": n, "copy_GBps": copy_bw / 1e9}
-            row["fused_s"] = common.timeit(nnopt_step(name, n, True), repeat=3)
-            if n <= 10_000_000:  # the reference's temporaries make 1e8 slow and memory-hungry
-                row["reference_s"] = common.timeit(nnopt_step(name, n, False), repeat=3)
-            row["fused_GBps"] = BYTES[name] * n / row["fused_s"] / 1e9
-            row["fused_vs_copy_bw"] = row["fused_GBps"] / (copy_bw / 1e9)
-            if torch is not None:
-                for variant in ("foreach", "fused"):
-                    step = torch_step(torch, name, n, variant)
-                    if step is not None:
-                        row[f"torch_{variant}_s"] = common.timeit(step, repeat=3)
-                best = min(row.get("torch_fused_s", np.inf), row.get("torch_foreach_s", np.inf))
-                row["fused_vs_best_torch"] = row["fused_s"] / best
-            rows.append(row)
-            print(f"n={n:>9} {name:9s} fused {row['fused_s'] * 1e3:8.3f} ms"
-                  + (f"  torch best x{row['fused_vs_best_torch']:.2f}" if torch else ""), flush=True)
+    try:
+        for n in sizes:
+            nn.ask("make", "copy_numpy", "make_copy", n, False)
+            nn.ask("make", "copy_threads", "make_copy", n, True)
+            copies = common.compare({"numpy": (nn, "copy_numpy"), "threads": (nn, "copy_threads")},
+                                    repeat=3)
+            copy_bw = 8 * n / min(copies.values())
+            for name in OPTIMIZERS:
+                contenders = {"fused": (nn, "fused")}
+                nn.ask("make", "fused", "make_nnopt", name, n, True)
+                if n <= 10_000_000:  # the reference's temporaries make 1e8 slow and memory-hungry
+                    nn.ask("make", "reference", "make_nnopt", name, n, False)
+                    contenders["reference"] = (nn, "reference")
+                for variant in ("foreach", "fused") if tw else ():
+                    try:
+                        tw.ask("make", f"torch_{variant}", "make_torch", name, n, variant)
+                        contenders[f"torch_{variant}"] = (tw, f"torch_{variant}")
+                    except RuntimeError:
+                        pass  # this torch has no such variant of this optimizer
+                measured = common.compare(contenders, repeat=3)
+                row = {"optimizer": name, "n": n, "copy_GBps": copy_bw / 1e9,
+                       **{f"{k}_s": v for k, v in measured.items()}}
+                row["fused_GBps"] = BYTES[name] * n / row["fused_s"] / 1e9
+                row["fused_vs_copy_bw"] = row["fused_GBps"] / (copy_bw / 1e9)
+                torch_times = [row[k] for k in ("torch_fused_s", "torch_foreach_s") if k in row]
+                if torch_times:
+                    row["fused_vs_best_torch"] = row["fused_s"] / min(torch_times)
+                if "torch_fused_s" in row:
+                    row["fused_vs_torch_fused"] = row["fused_s"] / row["torch_fused_s"]
+                for worker in (nn, tw):
+                    for key in ("fused", "reference", "torch_foreach", "torch_fused"):
+                        if worker:
+                            worker.ask("drop", key)
+                rows.append(row)
+                print(f"n={n:>9} {name:9s} fused {row['fused_s'] * 1e3:8.3f} ms"
+                      + (f"  best torch x{row['fused_vs_best_torch']:.2f}" if torch_times else ""),
+                      flush=True)
+    finally:
+        for worker in (nn, tw):
+            if worker:
+                worker.close()
     columns = ["optimizer", "n", "fused_s", "reference_s", "torch_foreach_s", "torch_fused_s",
                "fused_vs_best_torch", "fused_GBps", "fused_vs_copy_bw"]
     print(common.table(rows, columns))
@@ -105,7 +127,7 @@ def main(argv=None):
 def plot(rows, path):
     plt = common.figure()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name in optim.OPTIMIZERS:
+    for name in OPTIMIZERS:
         mine = [r for r in rows if r["optimizer"] == name]
         ax.plot([r["n"] for r in mine], [r["fused_vs_copy_bw"] for r in mine], "o-", label=name)
     ax.set(xscale="log", xlabel="parameters (float32)", ylabel="effective bandwidth / copy bandwidth",

@@ -1,26 +1,22 @@
 """Training step and epoch of the textbook network (784-128-64-32-16-10, ReLU, SGD lr 0.1),
 with and without BN: nnopt vs PyTorch on the CPU, and BN's overhead in each.
 
-    python bench/bench_train.py [--quick] [--device cpu|gpu]
+    python bench/bench_train.py [--quick] [--batches 64,256,1024,4096]
 
 An epoch is 57,000 samples (the textbook's MNIST training split) of synthetic data in
-[0, 1): the time does not depend on the pixel values.
+[0, 1): the time does not depend on the pixel values. nnopt and PyTorch each run in a
+worker process of their own (see common.Worker), timed in interleaved rounds.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
-
-import nnopt  # noqa: E402
-from nnopt import optim  # noqa: E402
-from nnopt.backend import asarray, get_namespace, synchronize  # noqa: E402
 
 SIZES = [784, 128, 64, 32, 16, 10]
 N_TRAIN = 57000
@@ -33,6 +29,9 @@ def data(n=N_TRAIN):
 
 class NnoptRunner:
     def __init__(self, bn, batch, device="cpu", sizes=SIZES):
+        import nnopt
+        from nnopt import optim
+        from nnopt.backend import asarray, get_namespace
         self.xp = xp = get_namespace(device)
         x, y = data()
         self.x, self.y = asarray(x, xp), xp.asarray(y)
@@ -63,6 +62,7 @@ class NnoptRunner:
         return total
 
     def sync(self):
+        from nnopt.backend import synchronize
         synchronize(self.xp)
 
 
@@ -85,12 +85,7 @@ class TorchRunner:
         self.batch = batch
 
     def step(self, start=0):
-        xb, yb = self.x[start:start + self.batch], self.y[start:start + self.batch]
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(xb), yb)
-        loss.backward()
-        self.opt.step()
-        return loss
+        return self.step_on(self.x[start:start + self.batch], self.y[start:start + self.batch])
 
     def epoch(self):
         n, b = self.x.shape[0], self.batch
@@ -113,15 +108,14 @@ class TorchRunner:
             self.torch.cuda.synchronize()
 
 
-def time_epoch(runner, repeat=2):
-    best = float("inf")
-    for _ in range(repeat):
-        runner.sync()
-        start = time.perf_counter()
-        runner.epoch()
-        runner.sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+# Factories the worker processes call (each imports only its own library).
+def make_nnopt(bn, batch, what):
+    return getattr(NnoptRunner(bn, batch), what)
+
+
+def make_torch(bn, batch, what):
+    import torch
+    return getattr(TorchRunner(torch, bn, batch), what)
 
 
 def main(argv=None):
@@ -130,36 +124,46 @@ def main(argv=None):
     ap.add_argument("--batches", default="64,256,1024,4096")
     args = ap.parse_args(argv)
     batches = [64, 1024] if args.quick else [int(b) for b in args.batches.split(",")]
-    torch = common.torch_or_none()
+    workers = {"nnopt": common.Worker("bench_train")}
+    if common.have_torch():
+        workers["torch"] = common.Worker("bench_train")
     rows = []
-    for batch in batches:
-        row = {"batch": batch}
-        runners = {}
-        for bn in (False, True):
-            tag = "bn" if bn else "plain"
-            runners[f"nnopt_{tag}"] = NnoptRunner(bn, batch)
-            if torch is not None:
-                runners[f"torch_{tag}"] = TorchRunner(torch, bn, batch)
-        steps = common.timeit_many({k: r.step for k, r in runners.items()}, repeat=7)
-        row.update({f"{k}_step_s": v for k, v in steps.items()})
-        if batch == 64:
-            for _ in range(1 if args.quick else 3):  # interleaved, best of
-                for key, runner in runners.items():
-                    t = time_epoch(runner, 1)
-                    row[f"{key}_epoch_s"] = min(t, row.get(f"{key}_epoch_s", t))
-        row["nnopt_bn_overhead_%"] = 100 * (row["nnopt_bn_step_s"] / row["nnopt_plain_step_s"] - 1)
-        if torch is not None:
-            row["torch_bn_overhead_%"] = 100 * (row["torch_bn_step_s"] / row["torch_plain_step_s"] - 1)
-            row["step_ratio_bn"] = row["nnopt_bn_step_s"] / row["torch_bn_step_s"]
-            row["step_ratio_plain"] = row["nnopt_plain_step_s"] / row["torch_plain_step_s"]
+    try:
+        for batch in batches:
+            row = {"batch": batch}
+            for what, repeat, min_time in (("step", 7, 0.05), ("epoch", 1 if args.quick else 3, 0.0)):
+                if what == "epoch" and batch != 64:
+                    continue
+                contenders = {}
+                for lib, worker in workers.items():
+                    for bn in (False, True):
+                        key = f"{lib}_{'bn' if bn else 'plain'}"
+                        worker.ask("make", key, f"make_{lib}", bn, batch, what)
+                        contenders[key] = (worker, key)
+                measured = common.compare(contenders, repeat=repeat, min_time=min_time)
+                row.update({f"{k}_{what}_s": v for k, v in measured.items()})
+                for worker in workers.values():
+                    for key in contenders:
+                        worker.ask("drop", key)
+            row["nnopt_bn_overhead_%"] = 100 * (row["nnopt_bn_step_s"] / row["nnopt_plain_step_s"] - 1)
+            if "torch" in workers:
+                row["torch_bn_overhead_%"] = 100 * (row["torch_bn_step_s"] / row["torch_plain_step_s"] - 1)
+                row["step_ratio_bn"] = row["nnopt_bn_step_s"] / row["torch_bn_step_s"]
+                row["step_ratio_plain"] = row["nnopt_plain_step_s"] / row["torch_plain_step_s"]
+                if batch == 64:
+                    row["epoch_ratio_bn"] = row["nnopt_bn_epoch_s"] / row["torch_bn_epoch_s"]
+                    row["epoch_ratio_plain"] = row["nnopt_plain_epoch_s"] / row["torch_plain_epoch_s"]
             if batch == 64:
-                row["epoch_ratio_bn"] = row["nnopt_bn_epoch_s"] / row["torch_bn_epoch_s"]
-                row["epoch_ratio_plain"] = row["nnopt_plain_epoch_s"] / row["torch_plain_epoch_s"]
-        rows.append(row)
-        print(f"batch {batch}: nnopt {row['nnopt_plain_step_s'] * 1e6:.0f} / "
-              f"{row['nnopt_bn_step_s'] * 1e6:.0f} us (BN {row['nnopt_bn_overhead_%']:+.1f}%)"
-              + (f"; torch {row['torch_plain_step_s'] * 1e6:.0f} / {row['torch_bn_step_s'] * 1e6:.0f}"
-                 f" us (BN {row['torch_bn_overhead_%']:+.1f}%)" if torch else ""), flush=True)
+                row["nnopt_bn_epoch_overhead_%"] = 100 * (row["nnopt_bn_epoch_s"] / row["nnopt_plain_epoch_s"] - 1)
+            rows.append(row)
+            print(f"batch {batch}: nnopt {row['nnopt_plain_step_s'] * 1e6:.0f} / "
+                  f"{row['nnopt_bn_step_s'] * 1e6:.0f} us (BN {row['nnopt_bn_overhead_%']:+.1f}%)"
+                  + (f"; torch {row['torch_plain_step_s'] * 1e6:.0f} / {row['torch_bn_step_s'] * 1e6:.0f}"
+                     f" us (BN {row['torch_bn_overhead_%']:+.1f}%)" if "torch" in workers else ""),
+                  flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
     print(common.table(rows, ["batch", "nnopt_plain_step_s", "nnopt_bn_step_s", "torch_plain_step_s",
                               "torch_bn_step_s", "nnopt_bn_overhead_%", "torch_bn_overhead_%",
                               "step_ratio_bn", "step_ratio_plain"]))
@@ -167,7 +171,8 @@ def main(argv=None):
     if epoch_rows:
         print(common.table(epoch_rows, ["batch", "nnopt_plain_epoch_s", "nnopt_bn_epoch_s",
                                         "torch_plain_epoch_s", "torch_bn_epoch_s",
-                                        "epoch_ratio_plain", "epoch_ratio_bn"]))
+                                        "nnopt_bn_epoch_overhead_%", "epoch_ratio_plain",
+                                        "epoch_ratio_bn"]))
     path = common.save("train", {"rows": rows})
     plt = common.figure()
     fig, ax = plt.subplots(figsize=(7, 4.5))

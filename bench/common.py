@@ -75,6 +75,87 @@ def timeit_many(fns: dict, *, repeat=7, min_time=0.05, sync=None) -> dict:
     return {name: statistics.median(times) for name, times in rounds.items()}
 
 
+# --- contenders in their own processes ---------------------------------------------------
+# nnopt and PyTorch share one OpenMP runtime when they share a process (torch's CPU wheel
+# loads the system libgomp, as numba does), so whichever is imported first sets the other's
+# thread policy. Each side therefore runs in a worker process of its own, in its default
+# environment; the coordinator times them in interleaved rounds, one at a time.
+def _serve(conn, module_name):
+    import importlib
+    module = importlib.import_module(module_name)
+    made = {}
+    while True:
+        op, key, args = conn.recv()
+        try:
+            if op == "make":
+                made[key] = getattr(module, args[0])(*args[1:])
+                result = None
+            elif op == "calibrate":
+                result = _calibrate(made[key], *args)
+            elif op == "time":
+                fn, calls, sync = made[key], args[0], getattr(made[key], "sync", None)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                if sync:
+                    sync()
+                result = (time.perf_counter() - start) / calls
+            elif op == "drop":
+                made.pop(key, None)
+                result = None
+            else:
+                break
+            conn.send(("ok", result))
+        except Exception as exc:  # reported to the coordinator, which raises it
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _calibrate(fn, min_time):
+    fn()
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if time.perf_counter() - start >= min_time or calls > 1 << 20:
+            return calls
+        calls *= 2
+
+
+class Worker:
+    """A process that builds timed callables with factories of ``module`` and times them."""
+
+    def __init__(self, module):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, module), daemon=True)
+        self.process.start()
+
+    def ask(self, op, key, *args):
+        self.conn.send((op, key, args))
+        status, result = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"worker {op} {key}: {result}")
+        return result
+
+    def close(self):
+        self.conn.send(("stop", None, ()))
+        self.process.join(timeout=10)
+
+
+def compare(contenders: dict, *, repeat=7, min_time=0.05, pause=0.02) -> dict:
+    """Median seconds per call of each ``name: (worker, key)``, interleaved rounds. The
+    pause lets one side's idle threads stop spinning before the other side runs."""
+    calls = {name: worker.ask("calibrate", key, min_time) for name, (worker, key) in contenders.items()}
+    rounds = {name: [] for name in contenders}
+    for _ in range(repeat):
+        for name, (worker, key) in contenders.items():
+            time.sleep(pause)
+            rounds[name].append(worker.ask("time", key, calls[name]))
+    return {name: statistics.median(times) for name, times in rounds.items()}
+
+
 def machine() -> dict:
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "python": sys.version.split()[0], "platform": platform.platform(),
@@ -132,3 +213,12 @@ def torch_or_none():
               "(pip install torch==2.13.0)")
         return None
     return torch
+
+
+def have_torch() -> bool:
+    """Whether torch is installed, without importing it here (see Worker)."""
+    import importlib.util
+    found = importlib.util.find_spec("torch") is not None
+    if not found:
+        print("note: torch is not installed; PyTorch columns are left out (pip install torch==2.13.0)")
+    return found

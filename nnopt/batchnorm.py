@@ -61,11 +61,11 @@ class BatchNorm(Layer):
     batch_value`` (0.9). PyTorch's ``momentum=0.1`` is the same thing as 0.9 here.
     ``unbiased_running_var=True`` stores :math:`\frac{m}{m-1}\sigma^2` in the running
     variance, as PyTorch does; the textbook stores the biased one. ``train=False`` uses
-    the running statistics.
+    the running statistics. ``use_fast_path=False`` keeps the fused kernels out.
     """
 
     def __init__(self, n_features: int, momentum: float = 0.9, eps: float = 1e-5,
-                 unbiased_running_var: bool = False, name: str = "bn"):
+                 unbiased_running_var: bool = False, name: str = "bn", use_fast_path: bool = True):
         self.n = int(n_features)
         self.momentum = check_finite_number("BatchNorm momentum", momentum, low=0, high=1)
         self.eps = check_finite_number("BatchNorm eps", eps, low=0, low_open=True)
@@ -75,6 +75,7 @@ class BatchNorm(Layer):
         self.params = (self.gamma, self.beta)
         self.buffers = {"running_mean": np.zeros(self.n), "running_var": np.ones(self.n)}
         self.name = name
+        self.use_fast_path = use_fast_path
 
     def forward(self, x, train=True):
         check_input(self, x, self.n)
@@ -90,7 +91,7 @@ class BatchNorm(Layer):
             raise ValueError(f"{self!r} in training mode needs a batch of at least 2 samples, got "
                              f"{m}: one sample has zero variance. Use a larger batch or train=False")
         self.train_mode = True
-        fast = fast_for(x, self.gamma.data)
+        fast = fast_for(x, self.gamma.data) if self.use_fast_path else None
         if fast is not None:
             z, mean, inv_std = fast.bn_forward(x, self.gamma.data, self.beta.data, self.eps,
                                                self.momentum, self.unbiased,

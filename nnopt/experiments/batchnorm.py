@@ -63,15 +63,20 @@ def run(ctx) -> Section:
     data = datasets.load(ctx.dataset, ctx.data_dir)
 
     before, after = layer_inputs(ctx.out / "bn_runs/bn_seed0", data)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for k in range(4):
-        axes[0].hist(before[:, k], bins=40, alpha=0.6, label=f"feature {k}")
-        axes[1].hist(after[:, k], bins=40, alpha=0.6, label=f"feature {k}")
-    axes[0].set(title="Layer 2: FC outputs entering BN", xlabel="value", ylabel="count")
-    axes[1].set(title="Layer 2: after BN (batch statistics, learned gamma/beta)", xlabel="value",
-                ylabel="count")
-    for ax in axes:
-        ax.legend(fontsize=8)
+    means, stds = before.mean(axis=0), before.std(axis=0)
+    # The features that differ most: lowest/highest mean, smallest/largest spread.
+    picks = list(dict.fromkeys([int(np.argmin(means)), int(np.argmax(means)),
+                                int(np.argmin(stds)), int(np.argmax(stds))]))
+    normed = (before - means) / np.sqrt(before.var(axis=0) + 1e-5)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = ((before, "FC outputs entering BN"), (normed, "normalized: (x - mean) / std"),
+              (after, "BN output: gamma * normalized + beta"))
+    for ax, (values, title) in zip(axes, panels):
+        for k in picks:
+            ax.hist(values[:, k], bins=40, alpha=0.55,
+                    label=f"feature {k} (in: mean {means[k]:+.2f}, std {stds[k]:.2f})")
+        ax.set(title=f"Layer 2: {title}", xlabel="value", ylabel="count")
+        ax.legend(fontsize=7)
     fig.suptitle(f"A trained BN network's second layer on 1,000 validation images ({ctx.dataset})")
     fig.tight_layout()
     fig.savefig(ctx.out / "bn_distribution.png", dpi=80)
@@ -79,7 +84,8 @@ def run(ctx) -> Section:
     section.text("BN standardizes each feature over the batch, then rescales it by the learned "
                  "gamma and shifts it by beta: features that enter with very different centres "
                  "and spreads leave on a common footing.")
-    section.figure(ctx.out / "bn_distribution.png", "Four features of layer 2, before and after BN")
+    section.figure(ctx.out / "bn_distribution.png",
+                   "The most different features of layer 2: entering BN, normalized, and after gamma/beta")
     spread_in = [float(np.std(before[:, k])) for k in range(before.shape[1])]
     mean_in = [float(np.mean(before[:, k])) for k in range(before.shape[1])]
     section.text(f"Entering BN, the 64 features' means range over [{min(mean_in):.2f}, "

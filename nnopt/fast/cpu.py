@@ -206,26 +206,22 @@ OPTIMIZER_STEPS = {"SGD": sgd, "Momentum": momentum, "NAG": nag, "AdaGrad": adag
 
 
 # --- Batch Normalization ---------------------------------------------------------------
-# Small batches: one thread, two passes over the whole (batch, features) array.
+# Per-feature sums are taken about the first row (one read of x, without the cancellation
+# of E[x^2] - E[x]^2). Small batches: one thread, whole arrays. Large ones: threads take
+# chunks of rows (contiguous, streaming reads) with per-feature partial sums, combined once.
+CHUNKS = 16
+BN_PARALLEL_MIN = 1 << 18
+
 
 @numba.njit(cache=True)
-def _bn_forward_cols(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
-                     z, mean_out, inv_std_out):
-    m, w = x.shape
-    shift = np.empty(w)
-    acc = np.zeros(w)
-    acc2 = np.zeros(w)
-    for k in range(w):
-        shift[k] = x[0, k]
-    # Sums about the first row: one read of x, without E[x^2]-E[x]^2's cancellation.
-    for i in range(m):
-        for k in range(w):
-            dev = x[i, k] - shift[k]
-            acc[k] += dev
-            acc2[k] += dev * dev
-    scale = np.empty(w)
-    offset = np.empty(w)
-    for k in range(w):
+def _bn_finalize(acc, acc2, shift, m, gamma, beta, eps, momentum, unbiased, running_mean,
+                 running_var, mean_out, inv_std_out):
+    """Mean, 1/sqrt(var + eps) and running statistics per feature; returns the (scale,
+    offset) of z = gamma (x - mean) inv_std + beta = x scale + offset."""
+    n = acc.shape[0]
+    scale = np.empty(n, dtype=gamma.dtype)
+    offset = np.empty(n, dtype=gamma.dtype)
+    for k in range(n):
         mu_shifted = acc[k] / m
         var = max(acc2[k] / m - mu_shifted * mu_shifted, 0.0)
         mean = shift[k] + mu_shifted
@@ -235,48 +231,52 @@ def _bn_forward_cols(x, gamma, beta, eps, momentum, unbiased, running_mean, runn
         stored_var = var * m / (m - 1) if unbiased else var
         running_mean[k] = momentum * running_mean[k] + (1.0 - momentum) * mean
         running_var[k] = momentum * running_var[k] + (1.0 - momentum) * stored_var
-        scale[k] = gamma[k] * inv_std          # z = gamma*(x-mean)*inv_std + beta = x*scale + offset
-        offset[k] = beta[k] - mean * scale[k]
-    for i in range(m):
-        for k in range(w):
-            z[i, k] = x[i, k] * scale[k] + offset[k]
+        scale[k] = gamma[k] * inv_std
+        offset[k] = beta[k] - mean * gamma[k] * inv_std
+    return scale, offset
 
 
 @numba.njit(cache=True)
-def _bn_backward_cols(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
-    """dx = gamma*inv_std*(d - mean(d) - n*mean(d*n)), n = (x-mean)*inv_std: the textbook's
-    backward simplified with sum(x - mean) = 0."""
-    m, w = d.shape
-    sum_d = np.zeros(w)
-    sum_dc = np.zeros(w)
-    for i in range(m):
-        for k in range(w):
-            dik = d[i, k]
-            sum_d[k] += dik
-            sum_dc[k] += dik * (x[i, k] - mean[k])
-    a = np.empty(w)
-    b = np.empty(w)
-    c = np.empty(w)
-    for k in range(w):
+def _bn_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std, dgamma, dbeta):
+    """dx = gamma inv_std (d - mean(d) - n mean(d n)) = a d - b (x - mean) - c, with
+    n = (x - mean) inv_std: the textbook's backward simplified with sum(x - mean) = 0.
+    Also adds dgamma = sum(d n) and dbeta = sum(d)."""
+    n = sum_d.shape[0]
+    a = np.empty(n, dtype=gamma.dtype)
+    b = np.empty(n, dtype=gamma.dtype)
+    c = np.empty(n, dtype=gamma.dtype)
+    for k in range(n):
         sum_dn = sum_dc[k] * inv_std[k]
         dgamma[k] += sum_dn
         dbeta[k] += sum_d[k]
         a[k] = gamma[k] * inv_std[k]
         b[k] = a[k] * sum_dn * inv_std[k] / m
         c[k] = a[k] * sum_d[k] / m
+    return a, b, c
+
+
+@numba.njit(cache=True)
+def _bn_forward_serial(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
+                       z, mean_out, inv_std_out):
+    m, n = x.shape
+    shift = x[0].astype(np.float64)
+    acc = np.zeros(n)
+    acc2 = np.zeros(n)
     for i in range(m):
-        for k in range(w):
-            dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c[k]
-
-
-# Large batches: threads take chunks of rows (contiguous memory, streaming reads), keep
-# per-feature partial sums, and the sums are combined once.
-CHUNKS = 16
+        for k in range(n):
+            dev = x[i, k] - shift[k]
+            acc[k] += dev
+            acc2[k] += dev * dev
+    scale, offset = _bn_finalize(acc, acc2, shift, m, gamma, beta, eps, momentum, unbiased,
+                                 running_mean, running_var, mean_out, inv_std_out)
+    for i in range(m):
+        for k in range(n):
+            z[i, k] = x[i, k] * scale[k] + offset[k]
 
 
 @numba.njit(cache=True, parallel=True)
-def _bn_forward_rows(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
-                     z, mean_out, inv_std_out):
+def _bn_forward_parallel(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
+                         z, mean_out, inv_std_out):
     m, n = x.shape
     shift = x[0].astype(np.float64)
     acc = np.zeros((CHUNKS, n))
@@ -288,31 +288,32 @@ def _bn_forward_rows(x, gamma, beta, eps, momentum, unbiased, running_mean, runn
                 dev = x[i, k] - shift[k]
                 acc[c, k] += dev
                 acc2[c, k] += dev * dev
-    scale = np.empty(n, dtype=x.dtype)
-    offset = np.empty(n, dtype=x.dtype)
-    for k in range(n):
-        total, total2 = 0.0, 0.0
-        for c in range(CHUNKS):
-            total += acc[c, k]
-            total2 += acc2[c, k]
-        mu_shifted = total / m
-        var = max(total2 / m - mu_shifted * mu_shifted, 0.0)
-        mean = shift[k] + mu_shifted
-        inv_std = 1.0 / math.sqrt(var + eps)
-        mean_out[k] = mean
-        inv_std_out[k] = inv_std
-        stored_var = var * m / (m - 1) if unbiased else var
-        running_mean[k] = momentum * running_mean[k] + (1.0 - momentum) * mean
-        running_var[k] = momentum * running_var[k] + (1.0 - momentum) * stored_var
-        scale[k] = gamma[k] * inv_std
-        offset[k] = beta[k] - mean * gamma[k] * inv_std
+    scale, offset = _bn_finalize(acc.sum(axis=0), acc2.sum(axis=0), shift, m, gamma, beta,
+                                 eps, momentum, unbiased, running_mean, running_var, mean_out,
+                                 inv_std_out)
     for i in prange(m):
         for k in range(n):
             z[i, k] = x[i, k] * scale[k] + offset[k]
 
 
+@numba.njit(cache=True)
+def _bn_backward_serial(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
+    m, n = d.shape
+    sum_d = np.zeros(n)
+    sum_dc = np.zeros(n)
+    for i in range(m):
+        for k in range(n):
+            dik = d[i, k]
+            sum_d[k] += dik
+            sum_dc[k] += dik * (x[i, k] - mean[k])
+    a, b, c = _bn_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std, dgamma, dbeta)
+    for i in range(m):
+        for k in range(n):
+            dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c[k]
+
+
 @numba.njit(cache=True, parallel=True)
-def _bn_backward_rows(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
+def _bn_backward_parallel(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
     m, n = d.shape
     acc_d = np.zeros((CHUNKS, n))
     acc_dc = np.zeros((CHUNKS, n))
@@ -323,29 +324,18 @@ def _bn_backward_rows(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
                 dik = d[i, k]
                 acc_d[c, k] += dik
                 acc_dc[c, k] += dik * (x[i, k] - mean[k])
-    a = np.empty(n, dtype=d.dtype)
-    b = np.empty(n, dtype=d.dtype)
-    c0 = np.empty(n, dtype=d.dtype)
-    for k in range(n):
-        sum_d, sum_dc = 0.0, 0.0
-        for c in range(CHUNKS):
-            sum_d += acc_d[c, k]
-            sum_dc += acc_dc[c, k]
-        sum_dn = sum_dc * inv_std[k]
-        dgamma[k] += sum_dn
-        dbeta[k] += sum_d
-        ak = gamma[k] * inv_std[k]
-        bk = ak * sum_dn * inv_std[k] / m
-        a[k] = ak
-        b[k] = bk
-        c0[k] = ak * sum_d / m
+    a, b, c0 = _bn_backward_coefficients(acc_d.sum(axis=0), acc_dc.sum(axis=0), m, gamma,
+                                         inv_std, dgamma, dbeta)
     for i in prange(m):
         for k in range(n):
             dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c0[k]
 
 
 def _parallel(a):
-    return a.size >= PARALLEL_MIN and a.shape[0] >= 2 * CHUNKS
+    # Threads only for big arrays: in a training step BLAS's threads run between these
+    # kernels. With numba's pool waiting passively (nnopt.fast sets OMP_WAIT_POLICY) the
+    # two pools coexist; if another library made OpenMP spin first, they fight (README).
+    return a.size >= BN_PARALLEL_MIN and a.shape[0] >= 2 * CHUNKS
 
 
 def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var):
@@ -354,7 +344,7 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     n = x.shape[1]
     z = np.empty_like(x)
     mean, inv_std = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
-    kernel = _bn_forward_rows if _parallel(x) else _bn_forward_cols
+    kernel = _bn_forward_parallel if _parallel(x) else _bn_forward_serial
     kernel(np.ascontiguousarray(x), gamma, beta, eps, momentum, unbiased, running_mean,
            running_var, z, mean, inv_std)
     return z, mean, inv_std
@@ -363,7 +353,7 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
 def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta):
     """Fused backward; adds into ``dgamma``/``dbeta`` and returns ``dx``."""
     dx = np.empty_like(d)
-    kernel = _bn_backward_rows if _parallel(d) else _bn_backward_cols
+    kernel = _bn_backward_parallel if _parallel(d) else _bn_backward_serial
     kernel(np.ascontiguousarray(d), np.ascontiguousarray(x), gamma, mean, inv_std, dx,
            dgamma, dbeta)
     return dx
