@@ -32,7 +32,8 @@ class GraphRunner(NnoptRunner):
         from nnopt.graph import CapturedStep
         self.captured = CapturedStep(self.model, self.opt, self.loss, (batch, sizes[0]), (batch,))
 
-    def step(self, start=0):
+    def step(self):
+        start = self.next_start()
         return self.captured.step(self.x[start:start + self.batch], self.y[start:start + self.batch])
 
     def sync(self):
@@ -148,14 +149,14 @@ def verdict(rows, threshold=10.0):
     holds, fails = [], []
     for r in rows:
         key = "gpu_graph_bn_overhead_%" if "gpu_graph_bn_overhead_%" in r else "gpu_bn_overhead_%"
-        label = f"batch {r['batch']}, width {r['width']} ({r[key]:+.0f}%)"
-        (holds if abs(r[key]) < threshold else fails).append(label)
+        label = f"batch {r['batch']}, width {r['width']} ({r[key]:+.1f}%)"
+        (holds if r[key] < threshold else fails).append(label)
     text = (f"BN's time overhead on the GPU is below {threshold:.0f}% (negligible) for: "
             f"{'; '.join(holds) or 'no configuration'}. It is not for: {'; '.join(fails) or 'none'}.")
     cpu = [r for r in rows if "cpu_bn_overhead_%" in r]
     if cpu:
         text += " On the CPU, in the same run: " + "; ".join(
-            f"batch {r['batch']}, width {r['width']} {r['cpu_bn_overhead_%']:+.0f}%" for r in cpu) + "."
+            f"batch {r['batch']}, width {r['width']} {r['cpu_bn_overhead_%']:+.1f}%" for r in cpu) + "."
     return text
 
 

@@ -144,14 +144,19 @@ class Worker:
         self.process.join(timeout=10)
 
 
-def compare(contenders: dict, *, repeat=7, min_time=0.05, pause=0.02) -> dict:
-    """Median seconds per call of each ``name: (worker, key)``, interleaved rounds. The
-    pause lets one side's idle threads stop spinning before the other side runs."""
+def compare(contenders: dict, *, repeat=7, min_time=0.05, pause=0.25) -> dict:
+    """Median seconds per call of each ``name: (worker, key)``, in interleaved rounds whose
+    order rotates. The pause lets the last side's idle threads stop spinning first
+    (OpenBLAS's spin for about 0.1 s after a call) so that nobody runs beside them."""
     calls = {name: worker.ask("calibrate", key, min_time) for name, (worker, key) in contenders.items()}
     rounds = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, (worker, key) in contenders.items():
-            time.sleep(pause)
+    names, previous = list(contenders), None
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            worker, key = contenders[name]
+            if worker is not previous:
+                time.sleep(pause)
+                previous = worker
             rounds[name].append(worker.ask("time", key, calls[name]))
     return {name: statistics.median(times) for name, times in rounds.items()}
 

@@ -93,10 +93,14 @@ class BatchNorm(Layer):
         self.train_mode = True
         fast = fast_for(x, self.gamma.data) if self.use_fast_path else None
         if fast is not None:
+            scratch = getattr(fast, "Scratch", None)
+            if scratch is not None and not hasattr(self, "scratch"):
+                self.scratch = scratch()
+            out = self.scratch.get("z", x) if scratch is not None else None
             z, mean, inv_std = fast.bn_forward(x, self.gamma.data, self.beta.data, self.eps,
                                                self.momentum, self.unbiased,
                                                self.buffers["running_mean"],
-                                               self.buffers["running_var"])
+                                               self.buffers["running_var"], out=out)
             self.fused = (fast, x, mean, inv_std)
             return z
         self.fused = None
@@ -121,8 +125,9 @@ class BatchNorm(Layer):
             return d * self.gamma.data / self.std
         if self.fused is not None:
             fast, x, mean, inv_std = self.fused
+            out = self.scratch.get("dx", d) if hasattr(self, "scratch") else None
             return fast.bn_backward(d, x, self.gamma.data, mean, inv_std,
-                                    self.gamma.grad, self.beta.grad)
+                                    self.gamma.grad, self.beta.grad, out=out)
         dx, dgamma, dbeta = batchnorm_backward(d, self.cache)
         self.gamma.grad += dgamma
         self.beta.grad += dbeta

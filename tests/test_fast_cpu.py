@@ -77,7 +77,7 @@ def test_fast_paths_are_used_by_default_on_numpy(monkeypatch):
     original_step, original_bn = fast.OPTIMIZER_STEPS["Adam"], fast.bn_forward
     monkeypatch.setitem(fast.OPTIMIZER_STEPS, "Adam",
                         lambda *a: (calls.append("adam"), original_step(*a)))
-    monkeypatch.setattr(fast, "bn_forward", lambda *a: (calls.append("bn"), original_bn(*a))[1])
+    monkeypatch.setattr(fast, "bn_forward", lambda *a, **k: (calls.append("bn"), original_bn(*a, **k))[1])
     model = nnopt.mlp([6, 5, 3], batchnorm=True, seed=0)  # float32, CPU: the defaults
     opt = optim.Adam(model)
     x, y = np.random.default_rng(0).random((4, 6), dtype=np.float32), np.array([0, 1, 2, 0])
@@ -97,3 +97,21 @@ def test_fused_relu_matches_reference(rng, dtype):
     assert layer.fast is not None
     np.testing.assert_array_equal(y, np.where(x > 0, x, 0))
     np.testing.assert_array_equal(layer.backward(d), np.where(x > 0, d, 0))
+
+
+def test_batchnorm_reuses_its_output_only_when_nobody_holds_it(rng):
+    model = nnopt.Sequential([BatchNorm(5)], dtype="float64")
+    x = rng.normal(size=(8, 5))
+    first = model.forward(x)
+    kept = first.copy()
+    second = model.forward(x * 2)  # `first` is still held here: a new array
+    assert second is not first
+    np.testing.assert_array_equal(first, kept)
+    del first, second
+    third = model.forward(x)
+    fourth_input = x + 1
+    del third
+    fourth = model.forward(fourth_input)  # nobody held the previous output: reused
+    assert fourth is model.layers[0].scratch.arrays["z"]
+    z_ref, _, _, _ = batchnorm_forward(fourth_input, np.ones(5), np.zeros(5), 1e-5)
+    np.testing.assert_allclose(fourth, z_ref, rtol=1e-10, atol=1e-12)

@@ -11,6 +11,7 @@ two cores in a training step.
 from __future__ import annotations
 
 import math
+import sys
 
 import numba
 import numpy as np
@@ -338,11 +339,29 @@ def _parallel(a):
     return a.size >= BN_PARALLEL_MIN and a.shape[0] >= 2 * CHUNKS
 
 
-def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var):
+class Scratch:
+    """Output buffers handed out again on the next call, but only once nobody else holds
+    the previous one (CPython's reference count says so): a fresh multi-megabyte array per
+    step costs more in page faults than the kernel that fills it."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, name, like):
+        array = self.arrays.get(name)
+        # References: the dict, the local name, getrefcount's argument; more = someone else.
+        if (array is not None and array.shape == like.shape and array.dtype == like.dtype
+                and sys.getrefcount(array) <= 3):
+            return array
+        array = self.arrays[name] = np.empty_like(like)
+        return array
+
+
+def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, out=None):
     """Fused training-mode forward; returns ``(z, mean, inv_std)`` and updates the running
-    statistics in place."""
+    statistics in place. ``out``: an array to write z into."""
     n = x.shape[1]
-    z = np.empty_like(x)
+    z = np.empty_like(x) if out is None else out
     mean, inv_std = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
     kernel = _bn_forward_parallel if _parallel(x) else _bn_forward_serial
     kernel(np.ascontiguousarray(x), gamma, beta, eps, momentum, unbiased, running_mean,
@@ -350,9 +369,9 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     return z, mean, inv_std
 
 
-def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta):
-    """Fused backward; adds into ``dgamma``/``dbeta`` and returns ``dx``."""
-    dx = np.empty_like(d)
+def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None):
+    """Fused backward; adds into ``dgamma``/``dbeta`` and returns ``dx`` (in ``out`` if given)."""
+    dx = np.empty_like(d) if out is None else out
     kernel = _bn_backward_parallel if _parallel(d) else _bn_backward_serial
     kernel(np.ascontiguousarray(d), np.ascontiguousarray(x), gamma, mean, inv_std, dx,
            dgamma, dbeta)

@@ -130,10 +130,10 @@ OPTIMIZER_STEPS = {"SGD": sgd, "Momentum": momentum, "NAG": nag, "AdaGrad": adag
 
 
 # --- Batch Normalization and ReLU -------------------------------------------------------------
-def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var):
+def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, out=None):
     x = cupy.ascontiguousarray(x)
     m, n = x.shape
-    z = cupy.empty_like(x)
+    z = cupy.empty_like(x) if out is None else out
     mean, inv_std = cupy.empty(n, dtype=x.dtype), cupy.empty(n, dtype=x.dtype)
     s = _s(x, eps, momentum)
     function("batchnorm.cu", f"bn_forward_{_suffix(x)}")(
@@ -143,10 +143,10 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     return z, mean, inv_std
 
 
-def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta):
+def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None):
     d = cupy.ascontiguousarray(d)
     m, n = d.shape
-    dx = cupy.empty_like(d)
+    dx = cupy.empty_like(d) if out is None else out
     function("batchnorm.cu", f"bn_backward_{_suffix(d)}")(
         ((n + 31) // 32,), (32, 8),
         (d, cupy.ascontiguousarray(x), gamma, mean, inv_std, dx, dgamma, dbeta, np.int32(m),
