@@ -73,12 +73,14 @@ def run(ctx) -> Section:
     for group, runs, name in figures:
         fig, axes = plt.subplots(len(runs), 6, figsize=(15, 2.1 * len(runs)), squeeze=False)
         for row, (init, activation) in enumerate(runs):
-            span = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "relu": (0.0, 2.0)}[activation]
             for col, values in enumerate(stats[init, activation]):
                 ax = axes[row, col]
                 values = values.ravel()
+                span = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}.get(activation)
                 if activation == "relu":
                     values = values[values > 0]  # the exact zeros (about half) would hide the rest
+                    top = float(np.percentile(values, 99.5)) if values.size else 1.0
+                    span = (0.0, max(2.0, top))  # Normal init makes them grow layer by layer
                 counts, edges = np.histogram(values, bins=25, range=span)
                 ax.stairs(counts, edges, fill=True, color="C0")
                 ax.set_title(f"{init}+{activation}: layer {col + 1}", fontsize=8)
@@ -87,14 +89,15 @@ def run(ctx) -> Section:
                     ax.set_ylabel("count", fontsize=7)
                 ax.set_xlabel("activation", fontsize=7)
         fig.suptitle(f"Activation histograms per layer ({group} runs; 1000x128 inputs, 25 bins)")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.97))
         fig.savefig(ctx.out / name, dpi=80)
         plt.close(fig)
     section.text("Input randn(1000, 128) through 6 layers of FC 128->128 (bias 0) + activation, "
                  "each layer's weights drawn independently (the course code reused one matrix). "
                  "Histograms of the 128,000 values per layer, 25 bins over [0, 1] as in the textbook "
-                 "([-1, 1] for tanh; for ReLU the positive values over [0, 2], since the exact "
-                 "zeros, about half, would flatten the rest and MSRA's values reach past 1).")
+                 "([-1, 1] for tanh; for ReLU the positive values over [0, 2] or wider where "
+                 "they grow past it, since the exact zeros, about half, would flatten the rest "
+                 "and MSRA's values reach past 1).")
     section.figure(ctx.out / "init_textbook.png", "The textbook's four runs")
     if not ctx.quick:
         section.figure(ctx.out / "init_grid.png", "The whole grid: Normal/Xavier/MSRA x sigmoid/tanh/ReLU")
