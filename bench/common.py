@@ -21,58 +21,37 @@ RESULTS = Path(__file__).parent / "results"
 
 def timeit(fn, *, repeat=5, min_time=0.05, sync=None):
     """Median seconds per call over ``repeat`` rounds of at least ``min_time`` each."""
-    fn()
-    if sync:
-        sync()
-    calls = 1
-    while True:  # calibrate a round
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if sync:
-            sync()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time or calls > 1 << 20:
-            break
-        calls *= 2
-    rounds = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if sync:
-            sync()
-        rounds.append((time.perf_counter() - start) / calls)
-    return statistics.median(rounds)
+    return timeit_many({"fn": fn}, repeat=repeat, min_time=min_time, sync=sync)["fn"]
 
 
 def timeit_many(fns: dict, *, repeat=7, min_time=0.05, sync=None) -> dict:
     """Median seconds per call of each function, measured in interleaved rounds, so a
-    slow spell of a shared machine hits every contender alike."""
-    calls = {}
-    for name, fn in fns.items():
-        fn()
-        n = 1
-        while True:
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            if sync:
-                sync()
-            if time.perf_counter() - start >= min_time or n > 1 << 20:
-                break
-            n *= 2
-        calls[name] = n
+    slow spell of a shared machine hits every contender alike (same process: for
+    contenders that share a runtime safely, e.g. on a GPU; see Worker otherwise)."""
+    calls = {name: _calibrate(fn, min_time, sync) for name, fn in fns.items()}
     rounds = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            if sync:
-                sync()
-            rounds[name].append((time.perf_counter() - start) / calls[name])
+            rounds[name].append(_run(fn, calls[name], sync))
     return {name: statistics.median(times) for name, times in rounds.items()}
+
+
+def _run(fn, calls, sync=None):
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if sync:
+        sync()
+    return (time.perf_counter() - start) / calls
+
+
+def _calibrate(fn, min_time, sync=None):
+    """How many calls make a round of at least ``min_time`` seconds (after a warm-up)."""
+    fn()
+    calls = 1
+    while _run(fn, calls, sync) * calls < min_time and calls <= 1 << 20:
+        calls *= 2
+    return calls
 
 
 # --- contenders in their own processes ---------------------------------------------------
@@ -93,13 +72,7 @@ def _serve(conn, module_name):
             elif op == "calibrate":
                 result = _calibrate(made[key], *args)
             elif op == "time":
-                fn, calls, sync = made[key], args[0], getattr(made[key], "sync", None)
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                if sync:
-                    sync()
-                result = (time.perf_counter() - start) / calls
+                result = _run(made[key], args[0])
             elif op == "drop":
                 made.pop(key, None)
                 result = None
@@ -108,18 +81,6 @@ def _serve(conn, module_name):
             conn.send(("ok", result))
         except Exception as exc:  # reported to the coordinator, which raises it
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def _calibrate(fn, min_time):
-    fn()
-    calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if time.perf_counter() - start >= min_time or calls > 1 << 20:
-            return calls
-        calls *= 2
 
 
 class Worker:
