@@ -217,7 +217,7 @@ def download(source: Source, target_dir: Path, timeout=30) -> dict:
 def offline_message(source: Source, errors=()) -> str:
     files = "\n".join(f"  {stem}.gz" for stem in source.counts)
     looked = "\n".join(f"  {d}" for d in candidate_dirs(source))
-    tried = f"\nDownload failed:\n  " + "\n  ".join(errors[:4]) if errors else ""
+    tried = "\nDownload failed:\n  " + "\n  ".join(errors[:4]) if errors else ""
     return (f"data set {source.name!r} is not on this machine and could not be downloaded."
             f"{tried}\nPut these four files (gzipped or not):\n{files}\n"
             f"into --data-dir DIR, $NNOPT_DATA, or {cache_dir() / source.name}.\nLooked in:\n{looked}\n"

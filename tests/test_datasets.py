@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nnopt import datasets
-from nnopt.datasets import DataError, Source, load_idx, parse_idx
+from nnopt.datasets import DataError, Source, load_idx
 
 SAMPLE_LABELS = datasets.SAMPLE_DIR / "t10k-labels-idx1-ubyte.gz"
 

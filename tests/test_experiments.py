@@ -1,6 +1,5 @@
 """The chapter's experiments in --quick form: their qualitative claims, and the batched
 curve-fitting engine against nnopt's reference layers and optimizers."""
-from pathlib import Path
 
 import numpy as np
 import pytest
