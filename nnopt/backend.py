@@ -75,8 +75,18 @@ def get_namespace(name: str = "cpu"):
     raise ValueError(f"unknown device or backend {name!r}; choose one of: {known}")
 
 
+_NAMESPACE_OF_TYPE = {}
+
+
 def namespace_of(*arrays):
-    """The array namespace shared by ``arrays`` (array_api_compat.array_namespace)."""
+    """The array namespace shared by ``arrays`` (array_api_compat.array_namespace),
+    remembered per array type: it is asked a dozen times per training step."""
+    kind = type(arrays[0])
+    if all(type(a) is kind for a in arrays[1:]):
+        xp = _NAMESPACE_OF_TYPE.get(kind)
+        if xp is None:
+            xp = _NAMESPACE_OF_TYPE[kind] = array_api_compat.array_namespace(arrays[0])
+        return xp
     return array_api_compat.array_namespace(*arrays)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import backend_name, to_numpy
+from .fast import capture_mode
 
 
 class GraphCaptureUnavailable(RuntimeError):
@@ -59,7 +60,7 @@ class CapturedStep:
     def _warm_up(self):
         """One real step (compiles and loads every kernel before capture), then undone."""
         snapshot = self._snapshot()
-        with self.stream, self.gpu.capture_mode():
+        with self.stream, capture_mode():
             self._body()
             scratch = self.cupy.zeros(1, dtype=self.cupy.int32)
             scratch += 1  # the device step counters' increment kernel
@@ -72,7 +73,7 @@ class CapturedStep:
         host_steps = [s["step"] for s in opt.state]
         cupy.cuda.get_current_stream().synchronize()
         try:
-            with self.stream, self.gpu.capture_mode(), cupy.cuda.using_allocator(self.pool.malloc):
+            with self.stream, capture_mode(), cupy.cuda.using_allocator(self.pool.malloc):
                 self.stream.begin_capture()
                 try:
                     value = self._body()

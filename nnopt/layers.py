@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import namespace_of
-from .fast import fast_for
+from .fast import capturing, fast_for, gpu_kernels
 from .init import get_initializer
 from .params import Parameter
 
@@ -50,9 +50,8 @@ def check_dtype(layer, x, param):
 def matmul(a, b, trans_a=False, trans_b=False):
     """op(a) @ op(b); inside a captured CUDA graph, nnopt's own GEMM kernel (CuPy refuses
     cuBLAS calls while capturing)."""
-    fast = fast_for(a, b)
-    if fast is not None and getattr(fast, "capturing", None) and fast.capturing():
-        return fast.gemm(a, b, trans_a, trans_b)
+    if capturing():
+        return gpu_kernels().gemm(a, b, trans_a, trans_b)
     return (a.T if trans_a else a) @ (b.T if trans_b else b)
 
 

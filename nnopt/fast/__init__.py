@@ -7,7 +7,9 @@ same on the GPU. The reference array-API code stays the fallback and the tests' 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
 from functools import lru_cache
 
@@ -19,6 +21,24 @@ ENABLED = os.environ.get("NNOPT_FAST", "1").lower() not in ("0", "false", "no")
 # Passive waiting, unless the user chose otherwise; read when numba first starts its pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 FAST_DTYPES = (np.float32, np.float64)
+
+
+_capture = threading.local()
+
+
+def capturing() -> bool:
+    """True while nnopt is capturing a CUDA graph on this thread."""
+    return getattr(_capture, "active", False)
+
+
+@contextlib.contextmanager
+def capture_mode():
+    """Route matrix products to nnopt's capturable GEMM while a CUDA graph is captured."""
+    _capture.active = True
+    try:
+        yield
+    finally:
+        _capture.active = False
 
 
 @lru_cache(maxsize=None)

@@ -7,8 +7,6 @@ Same interface as :mod:`nnopt.fast.cpu`: ``OPTIMIZER_STEPS[name](p, g, state, hp
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from functools import lru_cache
 
 import cupy
@@ -17,7 +15,6 @@ import numpy as np
 from .. import kernels
 
 THREADS = 256
-_capture = threading.local()
 
 
 @lru_cache(maxsize=None)
@@ -51,20 +48,6 @@ def _s(p, *values):
 
 
 # --- graph capture ----------------------------------------------------------------------------
-def capturing() -> bool:
-    """True while nnopt is capturing a CUDA graph on this thread."""
-    return getattr(_capture, "active", False)
-
-
-@contextlib.contextmanager
-def capture_mode():
-    _capture.active = True
-    try:
-        yield
-    finally:
-        _capture.active = False
-
-
 def gemm(a, b, trans_a=False, trans_b=False):
     """op(a) @ op(b) with nnopt's own tiled kernel (capturable; cuBLAS is not, in CuPy)."""
     a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
