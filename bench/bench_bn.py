@@ -87,10 +87,7 @@ def main(argv=None):
             ax.plot(labels, [r[key] * 1e6 for r in rows], "o-", label=name)
     ax.set(yscale="log", xlabel="batch x features", ylabel="forward + backward (us)",
            title="BatchNorm forward+backward, float32, CPU")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=100)
+    common.finish(fig, ax, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 

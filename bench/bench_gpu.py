@@ -227,9 +227,7 @@ def plot(rows, path):
     ax.set_xticks(x, labels, fontsize=8)
     ax.set(ylabel="BN time overhead per step (%)", xlabel="batch / hidden width",
            title="Does BN's cost vanish on a GPU? Overhead per configuration")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    common.finish(fig, ax, path)
 
 
 if __name__ == "__main__":

@@ -133,10 +133,7 @@ def plot(rows, path):
     ax.set(xscale="log", xlabel="parameters (float32)", ylabel="effective bandwidth / copy bandwidth",
            title="nnopt fused optimizer step: fraction of copy bandwidth (CPU)")
     ax.axhline(1.0, color="gray", ls="--")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    common.finish(fig, ax, path)
 
 
 if __name__ == "__main__":

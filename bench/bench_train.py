@@ -196,10 +196,7 @@ def main(argv=None):
     ax.axhline(0, color="gray", lw=0.8)
     ax.set(xscale="log", xlabel="batch size", ylabel="BN time overhead per step (%)",
            title="Cost of Batch Normalization, textbook network, CPU")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=100)
+    common.finish(fig, ax, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 

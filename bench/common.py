@@ -171,6 +171,14 @@ def figure():
     return plt
 
 
+def finish(fig, ax, path):
+    """Legend, grid, layout; save the figure as PNG."""
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def torch_or_none():
     try:
         import torch
