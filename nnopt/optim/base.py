@@ -145,7 +145,7 @@ class Optimizer:
         raise NotImplementedError
 
     def fast_path(self, p):
-        """The fused step for array ``p`` (numba on NumPy arrays), or None."""
+        """The fused step for array ``p`` (numba for NumPy, CUDA for CuPy), or None."""
         if not self.use_fast_path:
             return None
         kernels = fast_for(p)
@@ -171,7 +171,7 @@ class Optimizer:
                                                          self._segments)):
             state["step"] += 1
             t = state["step"]
-            if self.device_steps is not None:  # inside a captured graph: t lives on the device
+            if self.device_steps is not None:  # a captured CUDA graph reads t on the device
                 self.device_steps[i] += 1
                 t = self.device_steps[i]
             for seg in segments:
