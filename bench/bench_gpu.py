@@ -115,34 +115,41 @@ def bench_train(torch, configs, dry_run):
     gpu = "cpu" if dry_run else "gpu"
     tdev = "cpu" if dry_run else "cuda"
     for batch, width, with_cpu in configs:
-        sizes = SIZES if width is None else [784, width, width, width, width, 10]
-        row = {"batch": batch, "width": "textbook" if width is None else width}
-        runners = {}
-        for bn in (False, True):
-            tag = "bn" if bn else "plain"
-            if with_cpu:
-                runners[f"cpu_{tag}"] = NnoptRunner(bn, batch, "cpu", sizes)
-            runners[f"gpu_{tag}"] = NnoptRunner(bn, batch, gpu, sizes)
-            if not dry_run and width is None:  # nnopt's capturable GEMM is sized for small layers
-                try:
-                    runners[f"gpu_graph_{tag}"] = GraphRunner(bn, batch, sizes)
-                except Exception as exc:  # report, do not hide
-                    row["graph_error"] = f"{type(exc).__name__}: {exc}"
-            if torch is not None:
-                runners[f"torch_gpu_{tag}"] = TorchRunner(torch, bn, batch, tdev, sizes)
-        for key, runner in runners.items():
-            row[f"{key}_s"] = common.timeit(runner.step, repeat=3, min_time=0.05, sync=runner.sync)
-        for prefix in ("cpu", "gpu", "gpu_graph", "torch_gpu"):
-            if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
-                row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
-        if "gpu_graph_bn_s" in row:
-            row["graph_speedup_bn"] = row["gpu_bn_s"] / row["gpu_graph_bn_s"]
-        if "cpu_bn_s" in row:
-            row["gpu_speedup_bn"] = row["cpu_bn_s"] / row.get("gpu_graph_bn_s", row["gpu_bn_s"])
-        rows.append(row)
-        print(f"batch {batch:5d} width {row['width']}: " + ", ".join(
-            f"{k[:-2]} {v * 1e6:.0f} us" for k, v in row.items() if k.endswith("_s")), flush=True)
+        try:
+            rows.append(_train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run))
+        except Exception as exc:  # record it and go on with the other configurations
+            print(f"batch {batch} width {width}: {type(exc).__name__}: {exc}", flush=True)
     return rows
+
+
+def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
+    sizes = SIZES if width is None else [784, width, width, width, width, 10]
+    row = {"batch": batch, "width": "textbook" if width is None else width}
+    runners = {}
+    for bn in (False, True):
+        tag = "bn" if bn else "plain"
+        if with_cpu:
+            runners[f"cpu_{tag}"] = NnoptRunner(bn, batch, "cpu", sizes)
+        runners[f"gpu_{tag}"] = NnoptRunner(bn, batch, gpu, sizes)
+        if not dry_run and width is None:  # nnopt's capturable GEMM is sized for small layers
+            try:
+                runners[f"gpu_graph_{tag}"] = GraphRunner(bn, batch, sizes)
+            except Exception as exc:  # report, do not hide
+                row["graph_error"] = f"{type(exc).__name__}: {exc}"
+        if torch is not None:
+            runners[f"torch_gpu_{tag}"] = TorchRunner(torch, bn, batch, tdev, sizes)
+    for key, runner in runners.items():
+        row[f"{key}_s"] = common.timeit(runner.step, repeat=3, min_time=0.05, sync=runner.sync)
+    for prefix in ("cpu", "gpu", "gpu_graph", "torch_gpu"):
+        if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
+            row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
+    if "gpu_graph_bn_s" in row:
+        row["graph_speedup_bn"] = row["gpu_bn_s"] / row["gpu_graph_bn_s"]
+    if "cpu_bn_s" in row:
+        row["gpu_speedup_bn"] = row["cpu_bn_s"] / row.get("gpu_graph_bn_s", row["gpu_bn_s"])
+    print(f"batch {batch:5d} width {row['width']}: " + ", ".join(
+        f"{k[:-2]} {v * 1e6:.0f} us" for k, v in row.items() if k.endswith("_s")), flush=True)
+    return row
 
 
 def verdict(rows, threshold=10.0):
@@ -184,10 +191,20 @@ def main(argv=None):
         (64, None, True), (1024, None, True), (8192, None, True), (64, 1024, True),
         (1024, 1024, True), (8192, 1024, False), (64, 4096, False), (1024, 4096, False),
         (8192, 4096, False)]
-    results = {"optim": bench_optim(xp, torch, tdev, sync, sizes)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {}
+
+    def write():  # after every section, so a run cut short still leaves its numbers
+        import json
+        out.write_text(json.dumps({"machine": common.machine(), "device": device_name(xp),
+                                   **results}, indent=2, default=str) + "\n")
+    results["optim"] = bench_optim(xp, torch, tdev, sync, sizes)
+    write()
     print(common.table(results["optim"], ["optimizer", "n", "seconds", "GBps", "copy_GBps",
                                           "fraction_of_copy_bw", "vs_torch_fused"]))
     results["bn"] = bench_bn(xp, torch, tdev, sync, shapes)
+    write()
     print(common.table(results["bn"], ["shape", "nnopt_s", "torch_s", "vs_torch"]))
     results["train"] = bench_train(torch, configs, args.dry_run)
     print(common.table(results["train"], ["batch", "width", "cpu_bn_overhead_%", "gpu_bn_overhead_%",
@@ -195,11 +212,7 @@ def main(argv=None):
                                           "graph_speedup_bn", "gpu_speedup_bn"]))
     results["verdict"] = verdict(results["train"])
     print(results["verdict"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import json
-    out.write_text(json.dumps({"machine": common.machine(), "device": device_name(xp), **results},
-                              indent=2, default=str) + "\n")
+    write()
     plot(results["train"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -44,3 +44,4 @@ step "GPU benchmarks"
 timeout 240 python3 bench/bench_gpu.py ${BENCH_ARGS:-} --out "$OUT/gpu.json" || echo "BENCH FAILED (rc $?)"
 
 step "done"
+sleep 1  # let tee finish the log
