@@ -262,10 +262,11 @@ def run(ctx) -> Section:
     if not order_ok:
         section.text("The textbook's ordering does not carry over to this draw: the counts "
                      "depend on the exact data, shuffle and stopping threshold (the text says "
-                     "so), and on a two-parameter problem this well conditioned, plain SGD at "
-                     "lr 0.2 is already close to the best step, while Momentum at lr 0.02 and "
-                     "RMSProp at 0.05 take smaller effective steps. We report our counts as "
-                     "measured rather than tune the data until the textbook's order appears.")
+                     "so). A likely reason, not verified: on a two-parameter problem this well "
+                     "conditioned, plain SGD at lr 0.2 is already close to the best step, while "
+                     "Momentum at lr 0.02 and RMSProp at 0.05 take smaller effective steps. We "
+                     "report our counts as measured rather than tune the data until the "
+                     "textbook's order appears.")
 
     # Extra surfaces (full runs only)
     for name in () if ctx.quick else ("rosenbrock", "beale"):
