@@ -86,25 +86,17 @@ def line_paths(name, options, seed=0, target=0.005, max_iterations=2000, device=
     the full-data MSE/2 first fell below ``target`` (None if never)."""
     x, y = regression.line(seed)
     model = mlp([1, 1], init="zeros", seed=seed, device=device, dtype="float64")
-    opt, loss = optim.create(name, model, **options), MSELoss()
-    xp = model.xp
-    xd, yd = xp.asarray(x), xp.asarray(y)
-    rng = np.random.default_rng(seed)
-    path, reached, iteration = [to_numpy(model.flat.data).copy()], None, 0
-    while iteration < max_iterations and reached is None:
-        order = xp.asarray(rng.permutation(x.shape[0]))
-        for start in range(0, x.shape[0], 5):
-            idx = order[start:start + 5]
-            model.zero_grad()
-            model.loss_and_backward(xp.take(xd, idx, axis=0), xp.take(yd, idx, axis=0), loss)
-            opt.step()
-            iteration += 1
-            path.append(to_numpy(model.flat.data).copy())
-            if float(loss.forward(model.forward(xd), yd)) < target:
-                reached = iteration
-                break
-            if iteration >= max_iterations:
-                break
+    loss = MSELoss()
+    steps = regression.minibatch_steps(model, optim.create(name, model, **options), loss, x, y,
+                                       5, seed)
+    xd, yd = model.xp.asarray(x), model.xp.asarray(y)
+    path, reached = [to_numpy(model.flat.data).copy()], None
+    for iteration in range(1, max_iterations + 1):
+        next(steps)
+        path.append(to_numpy(model.flat.data).copy())
+        if float(loss.forward(model.forward(xd), yd)) < target:
+            reached = iteration
+            break
     return np.array(path), reached
 
 

@@ -44,17 +44,9 @@ def zero_init_demo(seed=0, epochs=50, device="cpu"):
     layer's weights and biases after training (columns stay identical)."""
     x, y, _, _ = regression.curve(seed)
     model = mlp([1, 3, 1], "sigmoid", init="zeros", seed=seed, device=device, dtype="float64")
-    opt, loss = optim.SGD(model, lr=0.1), MSELoss()
-    xp = model.xp
-    xd, yd = xp.asarray(x), xp.asarray(y)
-    order_rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = xp.asarray(order_rng.permutation(x.shape[0]))
-        for start in range(0, x.shape[0], 10):
-            idx = order[start:start + 10]
-            model.zero_grad()
-            model.loss_and_backward(xp.take(xd, idx, axis=0), xp.take(yd, idx, axis=0), loss)
-            opt.step()
+    steps = regression.minibatch_steps(model, optim.SGD(model, lr=0.1), MSELoss(), x, y, 10, seed)
+    for _ in range(epochs * -(-x.shape[0] // 10)):
+        next(steps)
     first, second = model.layers[0], model.layers[2]
     return to_numpy(first.W.data), to_numpy(first.b.data), to_numpy(second.W.data)
 

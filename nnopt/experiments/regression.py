@@ -24,3 +24,19 @@ def line(seed=0, n=200, noise=0.1):
     rng = np.random.default_rng(seed)
     x = rng.random(n)
     return x[:, None], (2 * x + 3 + rng.normal(0, noise, n))[:, None]
+
+
+def minibatch_steps(model, optimizer, loss, x, y, batch, seed):
+    """Train ``model`` on host arrays x, y: reshuffle each epoch (host RNG of ``seed``), take
+    one optimizer step per minibatch, and yield after every step, endlessly."""
+    xp = model.xp
+    xd, yd = xp.asarray(x), xp.asarray(y)
+    rng = np.random.default_rng(seed)
+    while True:
+        order = xp.asarray(rng.permutation(x.shape[0]))
+        for start in range(0, x.shape[0], batch):
+            idx = order[start:start + batch]
+            model.zero_grad()
+            model.loss_and_backward(xp.take(xd, idx, axis=0), xp.take(yd, idx, axis=0), loss)
+            optimizer.step()
+            yield
