@@ -100,7 +100,8 @@ def backend_name(xp) -> str:
 
 
 def is_numpy(x) -> bool:
-    return isinstance(x, np.ndarray)
+    """A NumPy ndarray itself (not a subclass such as a masked array)."""
+    return type(x) is np.ndarray
 
 
 def is_cupy(x) -> bool:

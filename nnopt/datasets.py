@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import atomic_write
 from .errors import unknown_name
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
@@ -96,14 +96,14 @@ class Dataset:
     y_test: np.ndarray
     description: str
 
-    @property
-    def n_classes(self):
-        return 10
-
 
 # --- the IDX format ---------------------------------------------------------------
 def read_bytes(path: Path) -> bytes:
-    raw = Path(path).read_bytes()
+    return decompress(Path(path).read_bytes(), path)
+
+
+def decompress(raw: bytes, path) -> bytes:
+    """The IDX bytes of a file's contents, gunzipped when they are gzip data."""
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
@@ -144,7 +144,7 @@ def load_idx(path, expected_count=None, md5s=None) -> np.ndarray:
     decompressed bytes) against ``md5s`` when given, and parse it."""
     path = Path(path)
     raw = path.read_bytes()
-    data = read_bytes(path)
+    data = decompress(raw, path)
     if md5s:
         digests = {hashlib.md5(raw).hexdigest(), hashlib.md5(data).hexdigest()}
         if not digests & set(md5s):
@@ -203,10 +203,7 @@ def download(source: Source, target_dir: Path, timeout=30) -> dict:
             if hashlib.md5(payload).hexdigest() not in source.md5[stem]:
                 errors.append(f"{url}: checksum mismatch")
                 continue
-            fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=f".{stem}.", suffix=".part")
-            with os.fdopen(fd, "wb") as out:
-                out.write(payload)
-            os.replace(tmp, target_dir / f"{stem}.gz")
+            atomic_write(target_dir / f"{stem}.gz", lambda out: out.write(payload))
             found[stem] = target_dir / f"{stem}.gz"
             break
         else:

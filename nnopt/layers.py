@@ -6,18 +6,29 @@ as PyTorch does; ``zero_grad`` clears them) and returns :math:`\partial J/\parti
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 
-from .backend import namespace_of
-from .fast import capturing, fast_for, gpu_kernels
+from .backend import namespace_of, rng as make_rng
+from .fast import fast_for, matmul
 from .init import get_initializer
 from .params import Parameter
 
 
 class Layer:
+    """``params``: this layer's :class:`Parameter` objects; ``buffers``: named state arrays
+    that are not trained (BN's running statistics). The class-level values are immutable
+    defaults for layers that set none; ``__init__`` gives each instance its own."""
+
     params: tuple = ()
-    buffers: dict = {}
+    buffers = MappingProxyType({})
     needs_input_grad = True
+
+    def __init__(self):
+        self.params = ()
+        self.buffers = {}
+        self.needs_input_grad = True
 
     def forward(self, x, train: bool = True):
         raise NotImplementedError
@@ -40,6 +51,12 @@ def check_input(layer, x, n_features):
                          f"got a batch of shape {tuple(x.shape)}")
 
 
+def check_forward_ran(layer, cached):
+    if cached is None:
+        raise RuntimeError(f"{layer!r}: backward needs the values of a forward pass; call "
+                           "forward(x) (or model.loss_and_backward) before backward")
+
+
 def check_dtype(layer, x, param):
     if x.dtype != param.data.dtype:
         raise TypeError(f"{layer!r}: input dtype {x.dtype} does not match the parameters' "
@@ -47,26 +64,22 @@ def check_dtype(layer, x, param):
                         " or build the model with that dtype")
 
 
-def matmul(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b); inside a captured CUDA graph, nnopt's own GEMM kernel (CuPy refuses
-    cuBLAS calls while capturing)."""
-    if capturing():
-        return gpu_kernels().gemm(a, b, trans_a, trans_b)
-    return (a.T if trans_a else a) @ (b.T if trans_b else b)
-
-
 class Linear(Layer):
     r"""Fully connected: :math:`z = xW + b`, W of shape (n_in, n_out).
 
     Backward: :math:`dW = x^T dz,\ db = \sum_{batch} dz,\ dx = dz W^T`.
+
+    ``rng``: a NumPy Generator or a seed for the weights' draw (default: a fresh seed).
     """
 
     def __init__(self, n_in: int, n_out: int, init="msra", rng=None, name="fc",
                  init_options=None):
+        super().__init__()
         if int(n_in) < 1 or int(n_out) < 1:
             raise ValueError(f"Linear needs n_in, n_out >= 1, got ({n_in}, {n_out})")
         self.n_in, self.n_out = int(n_in), int(n_out)
-        rng = rng if rng is not None else np.random.default_rng()
+        rng = rng if isinstance(rng, np.random.Generator) else make_rng(rng)
+        self.x = None
         draw = get_initializer(init, **(init_options or {}))
         self.W = Parameter(draw((self.n_in, self.n_out), rng), f"{name}.W")
         self.b = Parameter(np.zeros(self.n_out), f"{name}.b")
@@ -81,6 +94,7 @@ class Linear(Layer):
         return z
 
     def backward(self, dy):
+        check_forward_ran(self, self.x)
         xp = namespace_of(dy)
         self.W.grad += matmul(self.x, dy, trans_a=True)
         self.b.grad += xp.sum(dy, axis=0)
@@ -90,7 +104,15 @@ class Linear(Layer):
         return f"Linear({self.n_in}, {self.n_out})"
 
 
-class Sigmoid(Layer):
+class Activation(Layer):
+    """An element-wise activation; ``y`` is its last output, which its backward needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.y = None
+
+
+class Sigmoid(Activation):
     r""":math:`a = 1 / (1 + e^{-z})`, :math:`da/dz = a (1 - a)`."""
 
     def forward(self, x, train=True):
@@ -99,10 +121,11 @@ class Sigmoid(Layer):
         return self.y
 
     def backward(self, dy):
+        check_forward_ran(self, self.y)
         return dy * self.y * (1.0 - self.y)
 
 
-class Tanh(Layer):
+class Tanh(Activation):
     r""":math:`a = \tanh z`, :math:`da/dz = 1 - a^2`."""
 
     def forward(self, x, train=True):
@@ -110,11 +133,16 @@ class Tanh(Layer):
         return self.y
 
     def backward(self, dy):
+        check_forward_ran(self, self.y)
         return dy * (1.0 - self.y * self.y)
 
 
-class ReLU(Layer):
+class ReLU(Activation):
     r""":math:`a = \max(z, 0)`, :math:`da/dz = [z > 0]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fast = self.mask = None
 
     def forward(self, x, train=True):
         self.fast = fast_for(x) if len(x.shape) == 2 else None
@@ -126,6 +154,7 @@ class ReLU(Layer):
         return xp.where(self.mask, x, 0.0)
 
     def backward(self, dy):
+        check_forward_ran(self, self.mask if self.fast is None else self.y)
         if self.fast is not None:
             return self.fast.relu_backward(dy, self.y)
         return namespace_of(dy).where(self.mask, dy, 0.0)

@@ -63,5 +63,3 @@ class MSELoss:
     def backward(self):
         return self.diff / self.diff.shape[0]
 
-
-LOSSES = {"cross_entropy": SoftmaxCrossEntropy, "mse": MSELoss}

@@ -4,11 +4,17 @@ With no flags: 784-128-64-32-16-10, FC -> BN -> ReLU, MSRA init, SGD lr 0.1, bat
 stop when the validation loss <= 0.12 (checked every 44 iterations) or after 30
 epochs, on the embedded ``mnist-sample`` data, on the CPU. Writes config.json,
 metrics.jsonl, checkpoint.npz, summary.json and curves.png to ``--out``.
+
+In code: ``fit(make_config(bn=False, epochs=5))``. A run is four pieces:
+:func:`prepare` (data, model, optimizer), :func:`resume_into` (a checkpoint's state),
+:func:`run_epoch` (steps and validation checks) and :func:`finish` (test accuracy,
+summary, curves); :class:`TrainState` is everything a checkpoint carries to continue.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -25,9 +31,36 @@ from .losses import SoftmaxCrossEntropy
 from .model import mlp
 
 TEXTBOOK_SIZES = [784, 128, 64, 32, 16, 10]
+#: The textbook's run; ``make_config`` overrides any of these.
+DEFAULTS = {"device": "cpu", "dataset": "mnist-sample", "data_dir": None, "val_size": None,
+            "sizes": TEXTBOOK_SIZES, "activation": "relu", "bn": True, "init": "msra",
+            "optimizer": "sgd", "hyper": {"lr": 0.1}, "epochs": 30, "batch_size": 64,
+            "target_loss": 0.12, "check_every": 44, "seed": 0, "dtype": "float32",
+            "out": "runs/train", "graph": True, "quiet": False}
 #: Config keys a resumed run must share with its checkpoint.
 RESUME_KEYS = ("dataset", "sizes", "activation", "bn", "init", "optimizer", "hyper",
                "batch_size", "seed", "dtype", "check_every", "target_loss", "val_size")
+
+
+# --- configuration ------------------------------------------------------------------------
+def make_config(**overrides) -> dict:
+    """The default run with ``overrides`` (same keys as :data:`DEFAULTS`), checked."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown training setting {unknown[0]!r}; known: {', '.join(DEFAULTS)}")
+    config = json.loads(json.dumps({**DEFAULTS, **overrides}))  # a deep, JSON-clean copy
+    config["optimizer"] = str(config["optimizer"]).lower()
+    validate_config(config)
+    return config
+
+
+def validate_config(config: dict) -> None:
+    for key in ("epochs", "batch_size", "check_every"):
+        if config[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
+    sizes = config["sizes"]
+    if sizes[0] != 784 or sizes[-1] != 10:
+        raise ValueError(f"--sizes must start with 784 (28x28 pixels) and end with 10 classes, got {sizes}")
 
 
 def parse_value(text):
@@ -43,37 +76,38 @@ def parse_value(text):
 
 
 def build_parser():
+    d = DEFAULTS
     p = argparse.ArgumentParser(
         prog="python -m nnopt.train",
         description="Train the textbook's MNIST network (chapter 15) with or without Batch "
                     "Normalization and report epochs, iterations, time and test accuracy.")
-    p.add_argument("--device", default="cpu", help="cpu (NumPy) or gpu (CuPy); default cpu")
+    p.add_argument("--device", default=d["device"], help="cpu (NumPy) or gpu (CuPy); default cpu")
     p.add_argument("--dataset", default=None, choices=datasets.DATASETS,
                    help="default mnist-sample: the 10,000 MNIST test digits shipped with nnopt")
     p.add_argument("--data-dir", help="folder holding the IDX files (else $NNOPT_DATA, the "
                                       "user cache, system folders, then a download)")
     p.add_argument("--val-size", type=int, default=None,
                    help="training samples held out for validation (default 3000; 400 for the sample)")
-    p.add_argument("--optimizer", default="sgd", help=f"one of {', '.join(optim.OPTIMIZERS)}")
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    p.add_argument("--optimizer", default=d["optimizer"], help=f"one of {', '.join(optim.OPTIMIZERS)}")
+    p.add_argument("--lr", type=float, default=d["hyper"]["lr"], help="learning rate (default 0.1)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="another optimizer hyper-parameter, e.g. --opt momentum=0.8, "
                         "--opt betas=0.9,0.99, --opt eps_inside_root=false (repeatable)")
-    p.add_argument("--init", default="msra", help="weight initializer (msra, xavier, normal, ...)")
-    p.add_argument("--activation", default="relu", choices=["relu", "sigmoid", "tanh"])
-    p.add_argument("--sizes", default=",".join(map(str, TEXTBOOK_SIZES)),
+    p.add_argument("--init", default=d["init"], help="weight initializer (msra, xavier, normal, ...)")
+    p.add_argument("--activation", default=d["activation"], choices=["relu", "sigmoid", "tanh"])
+    p.add_argument("--sizes", default=",".join(map(str, d["sizes"])),
                    help="layer sizes, comma separated (default the textbook's 784,128,64,32,16,10)")
     p.add_argument("--no-bn", dest="bn", action="store_false",
                    help="train the baseline without Batch Normalization")
-    p.add_argument("--epochs", type=int, default=30, help="at most this many epochs (default 30)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--target-loss", type=float, default=0.12,
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="at most this many epochs (default 30)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--target-loss", type=float, default=d["target_loss"],
                    help="stop when the validation loss is at most this (default 0.12; 0 never stops)")
-    p.add_argument("--check-every", type=int, default=44,
+    p.add_argument("--check-every", type=int, default=d["check_every"],
                    help="iterations between validation checks (default 44)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--dtype", default=d["dtype"], choices=["float32", "float64"])
+    p.add_argument("--out", default=d["out"], help="output folder (default runs/train)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint file or run folder")
     p.add_argument("--evaluate", metavar="CKPT", help="only report the test accuracy of a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no per-check log lines")
@@ -89,25 +123,208 @@ def config_from_args(args) -> dict:
             raise ValueError(f"--opt expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         hyper[key.strip()] = parse_value(value.strip())
-    for name, value in (("epochs", args.epochs), ("batch-size", args.batch_size),
-                        ("check-every", args.check_every)):
-        if value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
         raise ValueError(f"--sizes must be integers separated by commas, got {args.sizes!r}") from None
-    if sizes[0] != 784 or sizes[-1] != 10:
-        raise ValueError(f"--sizes must start with 784 (28x28 pixels) and end with 10 classes, got {sizes}")
-    return {"device": args.device, "dataset": args.dataset or "mnist-sample",
-            "data_dir": args.data_dir, "val_size": args.val_size, "sizes": sizes,
-            "activation": args.activation, "bn": args.bn, "init": args.init,
-            "optimizer": args.optimizer.lower(), "hyper": hyper, "epochs": args.epochs,
-            "batch_size": args.batch_size, "target_loss": args.target_loss,
-            "check_every": args.check_every, "seed": args.seed, "dtype": args.dtype,
-            "out": args.out, "graph": args.graph}
+    return make_config(device=args.device, dataset=args.dataset or DEFAULTS["dataset"],
+                       data_dir=args.data_dir, val_size=args.val_size, sizes=sizes,
+                       activation=args.activation, bn=args.bn, init=args.init,
+                       optimizer=args.optimizer, hyper=hyper, epochs=args.epochs,
+                       batch_size=args.batch_size, target_loss=args.target_loss,
+                       check_every=args.check_every, seed=args.seed, dtype=args.dtype,
+                       out=args.out, graph=args.graph, quiet=args.quiet)
 
 
+# --- the pieces of a run ------------------------------------------------------------------------
+def build_model(config: dict, xp=None):
+    """The network ``config`` describes, on ``xp`` (default: the config's device)."""
+    xp = get_namespace(config["device"]) if xp is None else xp
+    return mlp(config["sizes"], config["activation"], config["bn"], config["init"],
+               config["seed"], xp, config["dtype"])
+
+
+def build_optimizer(config: dict, model):
+    return optim.create(config["optimizer"], model, **config["hyper"])
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a run stands: saved in every checkpoint, so a resumed run continues exactly.
+
+    ``pos`` is the next batch of the current epoch; the ``window_*`` sums cover the
+    training steps since the last validation check."""
+    epoch: int = 0
+    pos: int = 0
+    iteration: int = 0
+    elapsed: float = 0.0
+    reached: bool = False
+    window_loss: float = 0.0
+    window_correct: int = 0
+    window_samples: int = 0
+    history: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainState":
+        saved = dict(saved)
+        if "window" in saved:  # checkpoints of nnopt 0.1.0 kept the sums in a list
+            saved["window_loss"], saved["window_correct"], saved["window_samples"] = saved.pop("window")
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run works with."""
+    config: dict
+    xp: object
+    data: datasets.Dataset
+    arrays: dict          # split name -> (x, y) on the device
+    model: object
+    optimizer: object
+    loss_fn: object
+    out: Path
+    log: object
+    state: TrainState
+    started: float = 0.0  # perf_counter() at the run's (virtual) start, resumed time included
+
+    def save_checkpoint(self):
+        checkpoint.save(self.out / "checkpoint.npz", self.model.state_dict(),
+                        self.optimizer.state_dict(),
+                        {"config": self.config, "progress": self.state.to_dict()})
+
+
+def prepare(config: dict, log=print) -> Run:
+    """Load the data and build the model and optimizer; touches no file."""
+    xp = get_namespace(config["device"])
+    data = datasets.load(config["dataset"], config["data_dir"], n_val=config["val_size"])
+    dtype = getattr(xp, config["dtype"])
+    model = build_model(config, xp)
+    arrays = {split: (asarray(getattr(data, f"x_{split}"), xp, dtype),
+                      xp.asarray(getattr(data, f"y_{split}")))
+              for split in ("train", "val", "test")}
+    return Run(config, xp, data, arrays, model, build_optimizer(config, model),
+               SoftmaxCrossEntropy(), Path(config["out"]), log, TrainState())
+
+
+def resume_into(run: Run, path) -> None:
+    """Load a checkpoint's parameters, optimizer state and progress into ``run``."""
+    model_state, opt_state, meta = checkpoint.load(path)
+    saved, config = meta["config"], run.config
+    diff = [k for k in RESUME_KEYS if saved.get(k) != json.loads(json.dumps(config.get(k)))]
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
+                            for k in diff)
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was made with another configuration ({details}); "
+            "pass the same flags, or start without --resume")
+    try:
+        run.model.load_state_dict(model_state)
+        run.optimizer.load_state_dict(opt_state)
+    except ValueError as exc:
+        raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from None
+    run.state = TrainState.from_dict(meta["progress"])
+    run.log(f"resumed from {path} at epoch {run.state.epoch + 1}, iteration {run.state.iteration}")
+
+
+def batches_per_epoch(n: int, batch: int) -> int:
+    # A last batch of one sample cannot be batch-normalized: fold it away.
+    return n // batch if n % batch == 1 else math.ceil(n / batch)
+
+
+def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
+    """Train from ``run.state.pos`` to the end of ``epoch`` (or the target, or a stop
+    request), checking on the validation split every ``check_every`` iterations.
+    Returns True when a stop request interrupted it."""
+    config, state, xp = run.config, run.state, run.xp
+    x_train, y_train = run.arrays["train"]
+    n, batch = x_train.shape[0], config["batch_size"]
+    per_epoch = batches_per_epoch(n, batch)
+    order = xp.asarray(np.random.default_rng([config["seed"], epoch]).permutation(n))
+    for it in range(state.pos, per_epoch):
+        if stop.requested:
+            window.flush_into(state)
+            return True
+        idx = order[it * batch:(it + 1) * batch]
+        xb, yb = xp.take(x_train, idx, axis=0), xp.take(y_train, idx, axis=0)
+        window.add(*step(xb, yb), yb)
+        state.iteration += 1
+        state.pos = it + 1
+        if state.iteration % config["check_every"] == 0:
+            window.flush_into(state)
+            record = check(run, epoch)
+            append_metric(run.out, record)
+            if not config.get("quiet"):
+                bar.end()
+                run.log(format_record(record))
+            if record["val_loss"] <= config["target_loss"]:
+                state.reached = True
+                break
+        bar.show(epoch + 1, config["epochs"], it + 1, per_epoch)
+    bar.end()
+    window.flush_into(state)
+    return False
+
+
+def finish(run: Run) -> dict:
+    """Test accuracy, summary.json and curves.png of a completed run."""
+    config, state = run.config, run.state
+    x_test, y_test = run.arrays["test"]
+    test_loss, test_acc = evaluate(run.model, x_test, y_test, run.loss_fn)
+    summary = {"dataset": config["dataset"], "bn": config["bn"], "device": config["device"],
+               "epochs": state.epoch, "iterations": state.iteration,
+               "time_s": round(state.elapsed, 3), "reached_target": state.reached,
+               "test_loss": test_loss, "test_accuracy": test_acc, "data": run.data.description}
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(run.out / "curves.png", state.history, config)
+    run.log(f"{'reached' if state.reached else 'did not reach'} validation loss "
+            f"{config['target_loss']} after {summary['epochs']} epochs, {summary['iterations']} "
+            f"iterations, {summary['time_s']:.1f} s; test accuracy {100 * test_acc:.2f}% "
+            f"(loss {test_loss:.4f}) on {config['dataset']}")
+    return summary
+
+
+def fit(config: dict, resume=None, log=print) -> dict:
+    """Train as ``config`` says; returns the summary (also written to summary.json)."""
+    run = prepare(config, log)
+    if resume:
+        resume_into(run, resume)
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_metrics(run.out, run.state.history)
+    log(f"data: {run.data.description}")
+    log(f"model: {run.model}; optimizer: {run.optimizer}; device: {config['device']}")
+    state = run.state
+    bar = ProgressBar(sys.stderr.isatty() and not os.environ.get("CI"))
+    step = Stepper(run.model, run.optimizer, run.loss_fn, config["batch_size"],
+                   config.get("graph", True), log)
+    window = Window(run.xp)
+    run.started = time.perf_counter() - state.elapsed
+    interrupted = False
+    with StopRequest() as stop, step.stream():
+        for epoch in range(state.epoch, config["epochs"]):
+            if state.reached:
+                break
+            interrupted = run_epoch(run, epoch, step, window, stop, bar)
+            if interrupted:
+                break
+            state.epoch, state.pos = epoch + 1, 0
+            state.elapsed = time.perf_counter() - run.started
+            run.save_checkpoint()
+    synchronize(run.xp)
+    step.release()
+    state.elapsed = time.perf_counter() - run.started
+    run.save_checkpoint()
+    if interrupted:
+        log(f"interrupted at epoch {state.epoch + 1}, iteration {state.iteration}; "
+            f"checkpoint saved: resume with --resume {run.out / 'checkpoint.npz'}")
+        raise KeyboardInterrupt
+    return finish(run)
+
+
+# --- the training loop's helpers -------------------------------------------------------------
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so the run stops at a
     consistent point and saves a checkpoint; a second Ctrl-C stops at once."""
@@ -146,7 +363,7 @@ def evaluate(model, x, y, loss_fn, batch=4096):
     return total_loss / n, correct / n
 
 
-class Progress:
+class ProgressBar:
     def __init__(self, enabled):
         self.enabled = enabled
 
@@ -162,121 +379,9 @@ class Progress:
             sys.stderr.write("\r" + " " * 60 + "\r")
 
 
-def build(config, xp):
-    model = mlp(config["sizes"], config["activation"], config["bn"], config["init"],
-                config["seed"], xp, config["dtype"])
-    return model, optim.create(config["optimizer"], model, **config["hyper"])
-
-
-def fit(config: dict, resume=None, log=print) -> dict:
-    """Train as ``config`` says; returns the summary (also written to summary.json)."""
-    xp = get_namespace(config["device"])
-    data = datasets.load(config["dataset"], config["data_dir"], n_val=config["val_size"])
-    dtype = getattr(xp, config["dtype"])
-    model, opt = build(config, xp)
-    loss_fn = SoftmaxCrossEntropy()
-    x_train, y_train = asarray(data.x_train, xp, dtype), xp.asarray(data.y_train)
-    x_val, y_val = asarray(data.x_val, xp, dtype), xp.asarray(data.y_val)
-    x_test, y_test = asarray(data.x_test, xp, dtype), xp.asarray(data.y_test)
-    out = Path(config["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    progress = {"epoch": 0, "pos": 0, "iteration": 0, "elapsed": 0.0, "reached": False,
-                "window": [0.0, 0, 0], "history": []}
-    if resume:
-        model_state, opt_state, meta = checkpoint.load(resume)
-        saved = meta["config"]
-        diff = [k for k in RESUME_KEYS if saved.get(k) != json.loads(json.dumps(config.get(k)))]
-        if diff:
-            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
-                                for k in diff)
-            raise checkpoint.CheckpointError(
-                f"checkpoint {resume} was made with another configuration ({details}); "
-                "pass the same flags, or start without --resume")
-        try:
-            model.load_state_dict(model_state)
-            opt.load_state_dict(opt_state)
-        except ValueError as exc:
-            raise checkpoint.CheckpointError(f"checkpoint {resume} does not fit this model: {exc}") from None
-        progress = meta["progress"]
-        log(f"resumed from {resume} at epoch {progress['epoch'] + 1}, "
-            f"iteration {progress['iteration']}")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_metrics(out, progress["history"])
-
-    def save_checkpoint():
-        checkpoint.save(out / "checkpoint.npz", model.state_dict(), opt.state_dict(),
-                        {"config": config, "progress": progress})
-
-    log(f"data: {data.description}")
-    log(f"model: {model}; optimizer: {opt}; device: {config['device']}")
-    n, batch = x_train.shape[0], config["batch_size"]
-    # A last batch of one sample cannot be batch-normalized: fold it away.
-    per_epoch = n // batch if n % batch == 1 else math.ceil(n / batch)
-    bar = Progress(sys.stderr.isatty() and not os.environ.get("CI"))
-    step = Stepper(model, opt, loss_fn, batch, config.get("graph", True), log)
-    window = Window(xp)
-    started = time.perf_counter() - progress["elapsed"]
-    interrupted = False
-    with StopRequest() as stop, step.stream():
-        for epoch in range(progress["epoch"], config["epochs"]):
-            if progress["reached"]:
-                break
-            order = xp.asarray(np.random.default_rng([config["seed"], epoch]).permutation(n))
-            for it in range(progress["pos"], per_epoch):
-                if stop.requested:
-                    interrupted = True
-                    break
-                idx = order[it * batch:(it + 1) * batch]
-                xb, yb = xp.take(x_train, idx, axis=0), xp.take(y_train, idx, axis=0)
-                window.add(*step(xb, yb), yb)
-                progress["window"][2] += xb.shape[0]
-                progress["iteration"] += 1
-                progress["pos"] = it + 1
-                if progress["iteration"] % config["check_every"] == 0:
-                    window.flush_into(progress["window"])
-                    record = check(model, loss_fn, x_val, y_val, progress, epoch, started)
-                    append_metric(out, record)
-                    if not config.get("quiet"):
-                        bar.end()
-                        log(format_record(record))
-                    if record["val_loss"] <= config["target_loss"]:
-                        progress["reached"] = True
-                        break
-                bar.show(epoch + 1, config["epochs"], it + 1, per_epoch)
-            bar.end()
-            window.flush_into(progress["window"])
-            if interrupted:
-                break
-            progress["epoch"], progress["pos"] = epoch + 1, 0
-            progress["elapsed"] = time.perf_counter() - started
-            save_checkpoint()
-    synchronize(xp)
-    step.release()
-    progress["elapsed"] = time.perf_counter() - started
-    if interrupted:
-        save_checkpoint()
-        log(f"interrupted at epoch {progress['epoch'] + 1}, iteration {progress['iteration']}; "
-            f"checkpoint saved: resume with --resume {out / 'checkpoint.npz'}")
-        raise KeyboardInterrupt
-    save_checkpoint()
-    test_loss, test_acc = evaluate(model, x_test, y_test, loss_fn)
-    summary = {"dataset": config["dataset"], "bn": config["bn"], "device": config["device"],
-               "epochs": progress["epoch"],
-               "iterations": progress["iteration"], "time_s": round(progress["elapsed"], 3),
-               "reached_target": progress["reached"], "test_loss": test_loss,
-               "test_accuracy": test_acc, "data": data.description}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curves(out / "curves.png", progress["history"], config)
-    log(f"{'reached' if progress['reached'] else 'did not reach'} validation loss "
-        f"{config['target_loss']} after {summary['epochs']} epochs, {summary['iterations']} "
-        f"iterations, {summary['time_s']:.1f} s; test accuracy {100 * test_acc:.2f}% "
-        f"(loss {test_loss:.4f}) on {config['dataset']}")
-    return summary
-
-
 class Window:
     """Training loss and correct predictions since the last check, summed where the arrays
-    live (no host synchronisation per step); flushed into the progress record at checks."""
+    live (no host synchronisation per step); flushed into the state at checks."""
 
     def __init__(self, xp):
         self.xp = xp
@@ -285,15 +390,18 @@ class Window:
     def reset(self):
         self.loss = self.xp.zeros((), dtype=self.xp.float64)
         self.correct = self.xp.zeros((), dtype=self.xp.int64)
+        self.samples = 0
 
     def add(self, loss, prob, labels):
         xp = self.xp
         self.loss += xp.astype(loss, xp.float64) * labels.shape[0]
         self.correct += xp.sum(xp.astype(xp.argmax(prob, axis=1) == labels, xp.int64))
+        self.samples += labels.shape[0]
 
-    def flush_into(self, window):
-        window[0] += float(self.loss)
-        window[1] += int(self.correct)
+    def flush_into(self, state: TrainState):
+        state.window_loss += float(self.loss)
+        state.window_correct += int(self.correct)
+        state.window_samples += self.samples
         self.reset()
 
 
@@ -330,15 +438,18 @@ class Stepper:
             self.captured.release()
 
 
-def check(model, loss_fn, x_val, y_val, progress, epoch, started):
-    window = progress["window"]
-    val_loss, val_acc = evaluate(model, x_val, y_val, loss_fn)
-    record = {"epoch": epoch + 1, "iteration": progress["iteration"],
-              "train_loss": window[0] / window[2], "train_accuracy": window[1] / window[2],
+def check(run: Run, epoch: int) -> dict:
+    """Validate, and turn the training window into one metrics record."""
+    state = run.state
+    x_val, y_val = run.arrays["val"]
+    val_loss, val_acc = evaluate(run.model, x_val, y_val, run.loss_fn)
+    record = {"epoch": epoch + 1, "iteration": state.iteration,
+              "train_loss": state.window_loss / state.window_samples,
+              "train_accuracy": state.window_correct / state.window_samples,
               "val_loss": val_loss, "val_accuracy": val_acc,
-              "time_s": round(time.perf_counter() - started, 3)}
-    progress["window"] = [0.0, 0, 0]
-    progress["history"].append(record)
+              "time_s": round(time.perf_counter() - run.started, 3)}
+    state.window_loss, state.window_correct, state.window_samples = 0.0, 0, 0
+    state.history.append(record)
     return record
 
 
@@ -380,14 +491,14 @@ def plot_curves(path, history, config):
     plt.close(fig)
 
 
+# --- the command line ------------------------------------------------------------------------
 def run_evaluate(args) -> int:
     model_state, _, meta = checkpoint.load(args.evaluate)
     config = meta["config"]
     dataset = args.dataset or config["dataset"]
     xp = get_namespace(args.device)
     data = datasets.load(dataset, args.data_dir or config.get("data_dir"))
-    model = mlp(config["sizes"], config["activation"], config["bn"], config["init"],
-                config["seed"], xp, config["dtype"])
+    model = build_model(config, xp)
     try:
         model.load_state_dict(model_state)
     except ValueError as exc:
@@ -406,9 +517,7 @@ def main(argv=None) -> int:
     try:
         if args.evaluate:
             return run_evaluate(args)
-        config = config_from_args(args)
-        config["quiet"] = args.quiet
-        fit(config, resume=args.resume, log=lambda s: print(s, flush=True))
+        fit(config_from_args(args), resume=args.resume, log=lambda s: print(s, flush=True))
         return 0
     except KeyboardInterrupt:
         return 130

@@ -182,3 +182,25 @@ def test_same_seed_same_network_on_every_backend(xp):
     on_numpy = nnopt.mlp([5, 4, 2], seed=7, device="cpu", dtype="float64").state_dict()
     for key in on_numpy:
         np.testing.assert_array_equal(on_backend[key], on_numpy[key])
+
+
+@pytest.mark.parametrize("make", [lambda: Linear(3, 2, rng=0), Sigmoid, Tanh, ReLU])
+def test_backward_before_forward_is_a_clear_error(make):
+    layer = make()
+    with pytest.raises(RuntimeError, match="call forward"):
+        layer.backward(np.ones((2, 2)))
+
+
+def test_layers_do_not_share_buffers():
+    a, b = ReLU(), Sigmoid()
+    assert a.buffers is not b.buffers
+    a.buffers["x"] = 1
+    assert "x" not in b.buffers and "x" not in ReLU().buffers
+
+
+def test_linear_takes_a_seed_or_a_generator():
+    same = [Linear(4, 3, rng=7).W.data for _ in range(2)]
+    np.testing.assert_array_equal(*same)
+    gen = Linear(4, 3, rng=np.random.default_rng(7)).W.data
+    np.testing.assert_array_equal(same[0], gen)
+    assert not np.array_equal(Linear(4, 3).W.data, Linear(4, 3).W.data)

@@ -131,3 +131,29 @@ def test_gpu_without_gpu_is_one_line(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "CuPy" in proc.stderr
+
+
+def test_make_config_is_the_cli_default_and_checks_keys():
+    assert train.make_config() == train.config_from_args(train.build_parser().parse_args([]))
+    config = train.make_config(bn=False, hyper={"lr": 0.05, "betas": (0.8, 0.9)})
+    assert config["bn"] is False and config["hyper"]["betas"] == [0.8, 0.9]
+    assert train.DEFAULTS["hyper"] == {"lr": 0.1}  # overrides never leak into the defaults
+    with pytest.raises(ValueError, match="unknown training setting 'epoch'"):
+        train.make_config(epoch=3)
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        train.make_config(batch_size=0)
+
+
+def test_build_model_follows_the_config():
+    model = train.build_model(train.make_config(sizes=[784, 20, 10], bn=False, seed=3))
+    assert [type(layer).__name__ for layer in model.layers] == ["Linear", "ReLU", "Linear"]
+    again = train.build_model(train.make_config(sizes=[784, 20, 10], bn=False, seed=3))
+    np.testing.assert_array_equal(model.flat.data, again.flat.data)
+
+
+def test_train_state_reads_old_checkpoints():
+    old = {"epoch": 1, "pos": 5, "iteration": 65, "elapsed": 1.5, "reached": False,
+           "window": [2.5, 40, 64], "history": [{"iteration": 44}]}
+    state = train.TrainState.from_dict(old)
+    assert (state.window_loss, state.window_correct, state.window_samples) == (2.5, 40, 64)
+    assert train.TrainState.from_dict(state.to_dict()) == state

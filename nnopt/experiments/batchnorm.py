@@ -9,7 +9,6 @@ import numpy as np
 from .. import checkpoint, datasets, train
 from ..backend import asarray, get_namespace, to_numpy
 from ..batchnorm import BatchNorm
-from ..model import mlp
 from .report import Section, figure_module
 
 #: Validation-loss targets: the textbook's 0.12 for full MNIST; the smaller sample and the
@@ -24,15 +23,10 @@ def train_pair(ctx, target, seeds, epochs):
     results = {False: [], True: []}
     for seed in seeds:
         for bn in (False, True):
-            args = ["--dataset", ctx.dataset, "--device", ctx.device, "--seed", str(seed),
-                    "--epochs", str(epochs), "--target-loss", str(target), "--quiet",
-                    "--out", str(ctx.out / f"bn_runs/{'bn' if bn else 'plain'}_seed{seed}")]
-            if ctx.data_dir:
-                args += ["--data-dir", ctx.data_dir]
-            if not bn:
-                args.append("--no-bn")
-            config = train.config_from_args(train.build_parser().parse_args(args))
-            config["quiet"] = True
+            config = train.make_config(
+                dataset=ctx.dataset, data_dir=ctx.data_dir, device=ctx.device, seed=seed,
+                bn=bn, epochs=epochs, target_loss=target, quiet=True,
+                out=str(ctx.out / f"bn_runs/{'bn' if bn else 'plain'}_seed{seed}"))
             results[bn].append(train.fit(config, log=lambda line: None))
     return results
 
@@ -42,8 +36,7 @@ def layer_inputs(run_dir: Path, data, layer_index=2, n=1000):
     model_state, _, meta = checkpoint.load(run_dir)
     config = meta["config"]
     xp = get_namespace(config["device"])
-    model = mlp(config["sizes"], config["activation"], config["bn"], config["init"],
-                config["seed"], xp, config["dtype"])
+    model = train.build_model(config, xp)
     model.load_state_dict(model_state)
     x = asarray(data.x_val[:n], xp)
     for layer in model.layers:

@@ -263,7 +263,6 @@ def run(ctx) -> Section:
     # Extra surfaces (full runs only)
     for name in () if ctx.quick else ("rosenbrock", "beale"):
         fn, start, minimum, steps, runs, box = SURFACES[name]
-        steps = 200 if ctx.quick else steps
         extra = {label: descend(fn, start, o, opts, steps, ctx.device) for label, (o, opts) in runs.items()}
         _overlay(plt, extra, _contour_fn(fn, box, levels=25, log=True),
                  f"{name.title()} (log10 contours), {steps} steps", minimum,

@@ -15,6 +15,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..backend import is_cupy, is_numpy
+
 ENABLED = os.environ.get("NNOPT_FAST", "1").lower() not in ("0", "false", "no")
 # numba's OpenMP threads spin after each parallel loop by default; in a training step they
 # then steal the cores BLAS needs next (measured: BN at batch 4096 went from +5% to +240%).
@@ -73,9 +75,9 @@ def fast_for(*arrays):
     """The fused kernels for these arrays (numba for NumPy, CUDA for CuPy float32/float64
     arrays, all of one kind), or None: then the reference math runs."""
     first = arrays[0]
-    if type(first) is np.ndarray:
+    if is_numpy(first):
         kernels = cpu_kernels
-    elif type(first).__module__.startswith("cupy") and type(first).__name__ == "ndarray":
+    elif is_cupy(first):
         kernels = gpu_kernels
     else:
         return None
@@ -83,4 +85,12 @@ def fast_for(*arrays):
         if type(a) is not type(first) or a.dtype.type not in FAST_DTYPES:
             return None
     return kernels()
+
+
+def matmul(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b). While a CUDA graph is captured, nnopt's own GEMM kernel: CuPy refuses
+    cuBLAS calls during capture."""
+    if capturing():
+        return gpu_kernels().gemm(a, b, trans_a, trans_b)
+    return (a.T if trans_a else a) @ (b.T if trans_b else b)
 
