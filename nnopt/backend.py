@@ -14,11 +14,13 @@ from __future__ import annotations
 import numpy as np
 import array_api_compat
 
+from .errors import InputError, InputTypeError, NnoptError, check_int
+
 DEVICE_ALIASES = {"cpu": "numpy", "gpu": "cupy", "cuda": "cupy"}
 BACKENDS = ("numpy", "strict", "torch", "cupy")
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(NnoptError, RuntimeError):
     """The requested backend cannot run here (library or device missing)."""
 
 
@@ -52,7 +54,7 @@ def get_namespace(name: str = "cpu"):
     'array_api_compat.numpy'
     """
     if not isinstance(name, str):
-        raise TypeError(f"device must be a string such as 'cpu' or 'gpu', got {name!r}")
+        raise InputTypeError(f"device must be a string such as 'cpu' or 'gpu', got {name!r}")
     key = DEVICE_ALIASES.get(name.lower(), name.lower())
     if key == "numpy":
         import array_api_compat.numpy as xp
@@ -72,7 +74,7 @@ def get_namespace(name: str = "cpu"):
             raise BackendUnavailable("backend 'torch' needs: pip install torch") from exc
         return xp
     known = ", ".join(sorted(set(DEVICE_ALIASES) | set(BACKENDS)))
-    raise ValueError(f"unknown device or backend {name!r}; choose one of: {known}")
+    raise InputError(f"unknown device or backend {name!r}; choose one of: {known}")
 
 
 _NAMESPACE_OF_TYPE = {}
@@ -138,14 +140,22 @@ def synchronize(xp) -> None:
 
 
 def rng(seed=None) -> np.random.Generator:
-    """The host random generator every draw in nnopt comes from."""
-    return np.random.default_rng(seed)
+    """The host random generator every draw in nnopt comes from. ``seed``: None (fresh
+    entropy), an integer >= 0, or a Generator (returned as it is)."""
+    if seed is None or isinstance(seed, np.random.Generator):
+        return np.random.default_rng(seed)
+    return np.random.default_rng(check_int("seed", seed, low=0))
+
+
+FLOAT_DTYPES = ("float32", "float64")
 
 
 def float_dtype(xp, name):
-    """Resolve 'float32'/'float64' (or a dtype) to ``xp``'s dtype, with a clear error."""
-    if not isinstance(name, str):
-        return name
-    if name not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {name!r}")
-    return getattr(xp, name)
+    """Resolve 'float32'/'float64', or a float32/float64 dtype of any library (np.float32,
+    xp.float64, ...), to ``xp``'s dtype; anything else is a clear error."""
+    key = name if isinstance(name, str) else getattr(name, "__name__", None) or str(name)
+    key = key.rsplit(".", 1)[-1]
+    if key not in FLOAT_DTYPES:
+        raise InputError(f"dtype must be 'float32' or 'float64', got {name!r}; parameters "
+                         "and their gradients need a float type of at least 32 bits")
+    return getattr(xp, key)

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import NnoptError
 
-class CheckpointError(RuntimeError):
-    pass
+
+class CheckpointError(NnoptError, RuntimeError):
+    """A checkpoint is missing, damaged, or belongs to another run."""
 
 
 def atomic_write(path, write) -> None:
@@ -67,8 +69,19 @@ def load(path) -> tuple[dict, dict, dict]:
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or not an nnopt checkpoint "
                               f"({type(exc).__name__}: {exc}); use an intact one or start afresh") from None
-    if header.get("format") != "nnopt-checkpoint-1":
-        raise CheckpointError(f"{path} is not an nnopt checkpoint (format {header.get('format')!r})")
+    if not isinstance(header, dict) or header.get("format") != "nnopt-checkpoint-1":
+        fmt = header.get("format") if isinstance(header, dict) else None
+        raise CheckpointError(f"{path} is not an nnopt checkpoint (format {fmt!r})")
+    missing = [key for key in ("meta", "optimizer") if not isinstance(header.get(key), dict)]
+    opt = header.get("optimizer") or {}
+    missing += [f"optimizer.{key}" for key in ("state", "param_groups")
+                if not isinstance(opt.get(key), list)]
+    meta = header.get("meta") or {}
+    missing += [f"meta.{key}" for key in ("config", "progress") if not isinstance(meta.get(key), dict)]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {', '.join(missing)} in its "
+                              "header): it was damaged or not written by nnopt.train; use an "
+                              "intact one or start afresh")
     model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     optimizer_state = header["optimizer"]
     for i, scalars in enumerate(optimizer_state["state"]):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write
-from .errors import unknown_name
+from .errors import InputError, NnoptError, unknown_name
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -34,7 +34,7 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 SAMPLE_DIR = Path(__file__).parent / "sample"
 
 
-class DataError(RuntimeError):
+class DataError(NnoptError, RuntimeError):
     """A data file is missing, broken or not what it claims to be."""
 
 
@@ -178,6 +178,12 @@ def candidate_dirs(source: Source, data_dir=None) -> list[Path]:
     return dirs + [Path(d) for d in source.system_dirs]
 
 
+def check_data_dir(data_dir) -> None:
+    if data_dir and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file; give the folder that holds the "
+                        "four IDX files")
+
+
 def find_files(source: Source, data_dir=None) -> dict | None:
     for directory in candidate_dirs(source, data_dir):
         found = {stem: _file_in(directory, stem) for stem in source.counts}
@@ -186,7 +192,7 @@ def find_files(source: Source, data_dir=None) -> dict | None:
     return None
 
 
-def download(source: Source, target_dir: Path, timeout=30) -> dict:
+def download(source: Source, target_dir: Path, timeout=30, data_dir=None) -> dict:
     """Fetch the four files from the first mirror that answers; each is written to a
     temporary file, md5-checked, then renamed into place (never a half file)."""
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -207,13 +213,13 @@ def download(source: Source, target_dir: Path, timeout=30) -> dict:
             found[stem] = target_dir / f"{stem}.gz"
             break
         else:
-            raise DataError(offline_message(source, errors))
+            raise DataError(offline_message(source, errors, data_dir))
     return found
 
 
-def offline_message(source: Source, errors=()) -> str:
+def offline_message(source: Source, errors=(), data_dir=None) -> str:
     files = "\n".join(f"  {stem}.gz" for stem in source.counts)
-    looked = "\n".join(f"  {d}" for d in candidate_dirs(source))
+    looked = "\n".join(f"  {d}" for d in candidate_dirs(source, data_dir))
     tried = "\nDownload failed:\n  " + "\n  ".join(errors[:4]) if errors else ""
     return (f"data set {source.name!r} is not on this machine and could not be downloaded."
             f"{tried}\nPut these four files (gzipped or not):\n{files}\n"
@@ -228,8 +234,9 @@ def _scale(images):
 
 
 def _split_validation(name, x, y, x_test, y_test, n_val, description):
-    if not 0 < n_val < x.shape[0]:
-        raise ValueError(f"validation size must be between 1 and {x.shape[0] - 1}, got {n_val}")
+    if isinstance(n_val, bool) or not isinstance(n_val, (int, np.integer)) or not 0 < n_val < x.shape[0]:
+        raise InputError(f"--val-size must be an integer between 1 and {x.shape[0] - 1} for "
+                         f"{name} ({x.shape[0]} training images), got {n_val!r}")
     return Dataset(name, x[n_val:], y[n_val:], x[:n_val], y[:n_val], x_test, y_test, description)
 
 
@@ -237,18 +244,30 @@ def _split_validation(name, x, y, x_test, y_test, n_val, description):
 def load_sample(n_val=None) -> Dataset:
     """The embedded sample (cached: its arrays are read-only, shared by every caller)."""
     files = {stem: SAMPLE_DIR / f"{stem}.gz" for stem in SAMPLE_SOURCE.counts}
-    images = load_idx(files["t10k-images-idx3-ubyte"], 10000, SAMPLE_SOURCE.md5["t10k-images-idx3-ubyte"])
-    labels = load_idx(files["t10k-labels-idx1-ubyte"], 10000, SAMPLE_SOURCE.md5["t10k-labels-idx1-ubyte"])
+    try:
+        images = load_idx(files["t10k-images-idx3-ubyte"], 10000,
+                          SAMPLE_SOURCE.md5["t10k-images-idx3-ubyte"])
+        labels = load_idx(files["t10k-labels-idx1-ubyte"], 10000,
+                          SAMPLE_SOURCE.md5["t10k-labels-idx1-ubyte"])
+    except (DataError, OSError) as exc:
+        raise DataError(f"the sample data shipped inside nnopt ({SAMPLE_DIR}) is damaged or "
+                        f"missing: {str(exc).split(';')[0]}; reinstall nnopt "
+                        "(pip install --force-reinstall nnopt, or git checkout nnopt/sample)") from None
     is_test = np.arange(10000) % 5 == 4
     x, y = _scale(images), labels.astype(np.int64)
     description = ("mnist-sample: the 10,000 official MNIST test digits shipped with nnopt, "
                    "split 8,000 train (first 400 held out for validation) / 2,000 test "
                    "(every 5th image); not full MNIST")
     data = _split_validation("mnist-sample", x[~is_test], y[~is_test], x[is_test], y[is_test],
-                             400 if n_val is None else n_val, description)
+                             default_val_size("mnist-sample") if n_val is None else n_val, description)
     for array in (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test):
         array.flags.writeable = False
     return data
+
+
+def default_val_size(name: str) -> int:
+    """Images held out for validation: the textbook's 3,000 (5%), 400 of the sample."""
+    return 400 if name == "mnist-sample" else 3000
 
 
 def load(name="mnist-sample", data_dir=None, download_ok=True, n_val=None) -> Dataset:
@@ -257,12 +276,14 @@ def load(name="mnist-sample", data_dir=None, download_ok=True, n_val=None) -> Da
         return load_sample(n_val)
     if name not in SOURCES:
         raise unknown_name("data set", name, DATASETS)
+    check_data_dir(data_dir)
     source = SOURCES[name]
     files = find_files(source, data_dir)
     if files is None:
         if not download_ok:
-            raise DataError(offline_message(source))
-        files = download(source, (Path(data_dir) if data_dir else cache_dir()) / source.name)
+            raise DataError(offline_message(source, data_dir=data_dir))
+        files = download(source, (Path(data_dir) if data_dir else cache_dir()) / source.name,
+                         data_dir=data_dir)
     arrays = {stem: load_idx(path, source.counts[stem], source.md5[stem])
               for stem, path in files.items()}
     where = files["train-images-idx3-ubyte"].parent
@@ -272,4 +293,4 @@ def load(name="mnist-sample", data_dir=None, download_ok=True, n_val=None) -> Da
                              arrays["train-labels-idx1-ubyte"].astype(np.int64),
                              _scale(arrays["t10k-images-idx3-ubyte"]),
                              arrays["t10k-labels-idx1-ubyte"].astype(np.int64),
-                             3000 if n_val is None else n_val, description)
+                             default_val_size(name) if n_val is None else n_val, description)

@@ -26,7 +26,7 @@ from functools import partial
 
 import numpy as np
 
-from .errors import check_finite_number, unknown_name
+from .errors import InputError, check_finite_number, check_int, unknown_name
 
 
 def calculate_gain(nonlinearity: str = "relu", param: float | None = None) -> float:
@@ -34,7 +34,7 @@ def calculate_gain(nonlinearity: str = "relu", param: float | None = None) -> fl
     gains = {"linear": 1.0, "identity": 1.0, "sigmoid": 1.0, "tanh": 5.0 / 3,
              "relu": math.sqrt(2.0), "selu": 3.0 / 4}
     if nonlinearity == "leaky_relu":
-        slope = 0.01 if param is None else float(param)
+        slope = 0.01 if param is None else check_finite_number("leaky_relu slope", param)
         return math.sqrt(2.0 / (1 + slope ** 2))
     if nonlinearity not in gains:
         raise unknown_name("nonlinearity", nonlinearity, list(gains) + ["leaky_relu"])
@@ -43,9 +43,9 @@ def calculate_gain(nonlinearity: str = "relu", param: float | None = None) -> fl
 
 def fans(shape) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a weight of shape ``(n_in, n_out)``; a vector has fan n."""
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(check_int("weight size", s) for s in shape)
     if len(shape) == 0 or any(s <= 0 for s in shape):
-        raise ValueError(f"cannot initialize a weight of shape {shape}: every size must be >= 1")
+        raise InputError(f"cannot initialize a weight of shape {shape}: every size must be >= 1")
     if len(shape) == 1:
         return shape[0], shape[0]
     receptive = math.prod(shape[2:])
@@ -72,7 +72,8 @@ def constant(shape, rng=None, value: float = 0.0):
 
 
 def normal(shape, rng, mean: float = 0.0, std: float = 1.0):
-    check_finite_number("std", std, low=0)
+    check_finite_number("normal mean", mean)
+    check_finite_number("normal std", std, low=0)
     fans(shape)
     return rng.normal(mean, std, size=shape)
 
@@ -83,12 +84,14 @@ def uniform(shape, rng, low: float = 0.0, high: float = 1.0):
 
 
 def xavier_uniform(shape, rng, gain: float = 1.0):
+    gain = check_finite_number("xavier_uniform gain", gain, low=0)
     fan_in, fan_out = fans(shape)
     bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
     return rng.uniform(-bound, bound, size=shape)
 
 
 def xavier_normal(shape, rng, gain: float = 1.0):
+    gain = check_finite_number("xavier_normal gain", gain, low=0)
     fan_in, fan_out = fans(shape)
     return rng.normal(0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)), size=shape)
 

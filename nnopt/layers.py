@@ -11,6 +11,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .backend import namespace_of, rng as make_rng
+from .errors import InputError, InputTypeError, check_int
 from .fast import fast_for, matmul
 from .init import get_initializer
 from .params import Parameter
@@ -44,10 +45,10 @@ def check_input(layer, x, n_features):
     """Raise a clear error for a wrongly shaped or typed batch."""
     if not hasattr(x, "shape") or len(x.shape) != 2:
         shape = getattr(x, "shape", type(x).__name__)
-        raise ValueError(f"{layer!r} expects a 2-D batch (batch, features), got {shape}; "
+        raise InputError(f"{layer!r} expects a 2-D batch (batch, features), got {shape}; "
                          "reshape images to (batch, 784)")
     if n_features is not None and x.shape[1] != n_features:
-        raise ValueError(f"{layer!r} expects {n_features} features per sample, "
+        raise InputError(f"{layer!r} expects {n_features} features per sample, "
                          f"got a batch of shape {tuple(x.shape)}")
 
 
@@ -59,7 +60,7 @@ def check_forward_ran(layer, cached):
 
 def check_dtype(layer, x, param):
     if x.dtype != param.data.dtype:
-        raise TypeError(f"{layer!r}: input dtype {x.dtype} does not match the parameters' "
+        raise InputTypeError(f"{layer!r}: input dtype {x.dtype} does not match the parameters' "
                         f"{param.data.dtype}; convert the input (xp.astype(x, xp.{param.data.dtype}))"
                         " or build the model with that dtype")
 
@@ -75,9 +76,8 @@ class Linear(Layer):
     def __init__(self, n_in: int, n_out: int, init="msra", rng=None, name="fc",
                  init_options=None):
         super().__init__()
-        if int(n_in) < 1 or int(n_out) < 1:
-            raise ValueError(f"Linear needs n_in, n_out >= 1, got ({n_in}, {n_out})")
-        self.n_in, self.n_out = int(n_in), int(n_out)
+        self.n_in = check_int("Linear n_in", n_in, low=1)
+        self.n_out = check_int("Linear n_out", n_out, low=1)
         rng = rng if isinstance(rng, np.random.Generator) else make_rng(rng)
         self.x = None
         draw = get_initializer(init, **(init_options or {}))

@@ -7,7 +7,8 @@ r"""Losses. Each returns the mean loss over the batch and keeps what ``backward`
 """
 from __future__ import annotations
 
-from .backend import namespace_of
+from .backend import is_numpy, namespace_of
+from .errors import InputError, InputTypeError
 
 
 def one_hot(labels, n_classes, dtype):
@@ -18,7 +19,21 @@ def one_hot(labels, n_classes, dtype):
 
 def _check_pair(name, a, y):
     if y.shape[0] != a.shape[0]:
-        raise ValueError(f"{name}: {a.shape[0]} predictions but {y.shape[0]} targets")
+        raise InputError(f"{name}: {a.shape[0]} predictions but {y.shape[0]} targets")
+
+
+def check_labels(labels, n_classes):
+    """Class labels outside [0, n_classes) would one-hot to a zero row and give a finite,
+    meaningless loss. Checked on host arrays only: on a GPU the check would cost a
+    synchronisation per step (the training CLI checks its data sets once instead)."""
+    if not is_numpy(labels) or labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= n_classes:
+        bad = low if low < 0 else high
+        raise InputError(f"class label {bad} is out of range for {n_classes} classes (labels "
+                         f"must be 0..{n_classes - 1}); check the labels or the network's "
+                         "output size")
 
 
 class SoftmaxCrossEntropy:
@@ -27,22 +42,25 @@ class SoftmaxCrossEntropy:
     def forward(self, logits, target):
         xp = namespace_of(logits)
         if len(logits.shape) != 2:
-            raise ValueError(f"SoftmaxCrossEntropy expects logits of shape (batch, classes), "
+            raise InputError(f"SoftmaxCrossEntropy expects logits of shape (batch, classes), "
                              f"got {tuple(logits.shape)}")
         _check_pair("SoftmaxCrossEntropy", logits, target)
         if len(target.shape) == 1:
             if xp.isdtype(target.dtype, "real floating"):
-                raise TypeError("SoftmaxCrossEntropy: 1-D targets must be integer class labels, "
+                raise InputTypeError("SoftmaxCrossEntropy: 1-D targets must be integer class labels, "
                                 f"got {target.dtype}; pass one-hot rows or xp.astype(y, xp.int64)")
+            check_labels(target, logits.shape[1])
             target = one_hot(target, logits.shape[1], logits.dtype)
         elif tuple(target.shape) != tuple(logits.shape):
-            raise ValueError(f"SoftmaxCrossEntropy: one-hot targets {tuple(target.shape)} do not "
+            raise InputError(f"SoftmaxCrossEntropy: one-hot targets {tuple(target.shape)} do not "
                              f"match logits {tuple(logits.shape)}")
         shifted = logits - xp.max(logits, axis=1, keepdims=True)
         log_sum = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
         log_prob = shifted - log_sum
         self.prob, self.target = xp.exp(log_prob), target
         return -xp.sum(target * log_prob) / logits.shape[0]
+
+    __call__ = forward
 
     def backward(self):
         return (self.prob - self.target) / self.prob.shape[0]
@@ -54,11 +72,13 @@ class MSELoss:
     def forward(self, prediction, target):
         _check_pair("MSELoss", prediction, target)
         if tuple(target.shape) != tuple(prediction.shape):
-            raise ValueError(f"MSELoss: target shape {tuple(target.shape)} does not match "
+            raise InputError(f"MSELoss: target shape {tuple(target.shape)} does not match "
                              f"prediction shape {tuple(prediction.shape)}")
         xp = namespace_of(prediction)
         self.diff = prediction - target
         return xp.sum(self.diff * self.diff) / (2 * prediction.shape[0])
+
+    __call__ = forward
 
     def backward(self):
         return self.diff / self.diff.shape[0]

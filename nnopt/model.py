@@ -5,7 +5,7 @@ import numpy as np
 
 from .backend import asarray, float_dtype, get_namespace, rng as make_rng, to_numpy
 from .batchnorm import BatchNorm
-from .errors import unknown_name
+from .errors import InputError, InputTypeError, check_int, unknown_name
 from .layers import ACTIVATIONS, Layer, Linear
 from .params import FlatParameters
 
@@ -14,13 +14,20 @@ class Sequential:
     """Layers applied in order; all their parameters share one :class:`FlatParameters`.
 
     ``device`` is a name (``"cpu"``, ``"gpu"``, ``"strict"``, ...) or a namespace.
+    Like a PyTorch module, a model is in training mode until ``eval()`` (``train()``
+    switches back): ``model(x)`` and ``forward(x)`` then use BN's running statistics and
+    leave them alone. ``forward(x, train=...)`` overrides the mode for one call.
     """
 
     def __init__(self, layers, device="cpu", dtype="float32"):
         self.layers = list(layers)
         bad = [layer for layer in self.layers if not isinstance(layer, Layer)]
         if bad:
-            raise TypeError(f"Sequential takes nnopt layers, got {bad[0]!r}")
+            raise InputTypeError(f"Sequential takes nnopt layers, got {bad[0]!r}")
+        if device is None or not (isinstance(device, str) or hasattr(device, "asarray")):
+            raise InputTypeError(f"device must be a name such as 'cpu' or 'gpu' (or an array "
+                                 f"namespace), got {device!r}")
+        self.training = True
         self.xp = get_namespace(device) if isinstance(device, str) else device
         self.flat = FlatParameters([p for layer in self.layers for p in layer.params],
                                    self.xp, dtype)
@@ -33,12 +40,24 @@ class Sequential:
             # Nobody needs dJ/dx of the input data: skip that matmul.
             self.layers[0].needs_input_grad = False
 
-    def forward(self, x, train: bool = True):
+    def forward(self, x, train: bool | None = None):
+        """The network's output; ``train`` defaults to the model's mode (``self.training``)."""
+        train = self.training if train is None else bool(train)
         for layer in self.layers:
             x = layer.forward(x, train)
         return x
 
     __call__ = forward
+
+    def train(self, mode: bool = True):
+        """Training mode (BN normalizes over the batch and updates its running statistics);
+        returns the model, as in PyTorch."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Inference mode: BN uses its running statistics and does not change them."""
+        return self.train(False)
 
     def backward(self, dy):
         for layer in reversed(self.layers):
@@ -53,6 +72,10 @@ class Sequential:
 
     def parameters(self):
         return list(self.flat.params)
+
+    def named_parameters(self):
+        """``(name, Parameter)`` pairs, e.g. ``("fc1.W", ...)``, in storage order."""
+        return [(p.name, p) for p in self.flat.params]
 
     def zero_grad(self):
         self.flat.zero_grad()
@@ -74,20 +97,31 @@ class Sequential:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Copy a :meth:`state_dict` in. Every entry is checked before any is assigned, so
+        a bad one leaves the model as it was."""
+        if not isinstance(state, dict):
+            raise InputTypeError(f"load_state_dict expects the dict of model.state_dict(), "
+                                 f"got {type(state).__name__}")
         targets = {p.name: p.data for p in self.flat.params}
         targets.update({name: holder[key] for name, holder, key in self.named_buffers()})
         missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
         if missing or unexpected:
-            raise ValueError("state_dict does not belong to this model: "
+            raise InputError("state_dict does not belong to this model: "
                              f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
+        values = {}
         for name, target in targets.items():
-            value = np.asarray(state[name])
+            try:
+                value = np.asarray(to_numpy(state[name]) if hasattr(state[name], "shape")
+                                   else state[name], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InputError(f"state_dict entry {name!r} is not numeric "
+                                 f"({type(state[name]).__name__}); it is not a model state") from None
             if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"state_dict entry {name!r} has shape {tuple(value.shape)}, "
+                raise InputError(f"state_dict entry {name!r} has shape {tuple(value.shape)}, "
                                  f"this model's is {tuple(target.shape)}: different layer sizes")
+            values[name] = value
         for name, target in targets.items():
-            target[...] = asarray(np.asarray(state[name], dtype=np.float64), self.xp,
-                                  dtype=self.dtype)
+            target[...] = asarray(values[name], self.xp, dtype=self.dtype)
 
     def __repr__(self):
         inner = ", ".join(repr(layer) for layer in self.layers)
@@ -101,11 +135,16 @@ def mlp(sizes, activation="relu", batchnorm=False, init="msra", seed=0, device="
 
     The textbook's MNIST network: ``mlp([784, 128, 64, 32, 16, 10], "relu", batchnorm=True)``.
     """
-    sizes = [int(s) for s in sizes]
-    if len(sizes) < 2 or min(sizes) < 1:
-        raise ValueError(f"mlp needs at least two sizes >= 1, got {sizes}")
+    try:
+        sizes = [check_int("layer size", s, low=1) for s in sizes]
+    except (InputError, TypeError) as exc:
+        raise InputError(f"mlp sizes must be integers >= 1, such as [784, 128, 10], got "
+                         f"{sizes!r} ({exc})") from None
+    if len(sizes) < 2:
+        raise InputError(f"mlp needs at least two sizes (inputs and outputs), got {sizes}")
     if activation not in ACTIVATIONS:
         raise unknown_name("activation", activation, ACTIVATIONS)
+    float_dtype(np, dtype)
     draws = make_rng(seed)
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
@@ -114,5 +153,4 @@ def mlp(sizes, activation="relu", batchnorm=False, init="msra", seed=0, device="
             if batchnorm:
                 layers.append(BatchNorm(n_out, name=f"bn{i}", **(bn_options or {})))
             layers.append(ACTIVATIONS[activation]())
-    float_dtype(np, dtype)
     return Sequential(layers, device=device, dtype=dtype)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from .backend import asarray, float_dtype, to_numpy
+from .errors import InputError
 
 
 class Parameter:
@@ -52,7 +53,7 @@ class FlatParameters:
         names = [p.name for p in self.params]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"parameter names must be unique, repeated: {duplicates}")
+            raise InputError(f"parameter names must be unique, repeated: {duplicates}")
         self.xp = xp
         self.dtype = float_dtype(xp, dtype)
         self.size = sum(p.size for p in self.params)
@@ -61,7 +62,7 @@ class FlatParameters:
         offset = 0
         for p in self.params:
             if p.storage is not None:
-                raise ValueError(f"parameter {p.name!r} is already bound to another flat storage")
+                raise InputError(f"parameter {p.name!r} is already bound to another flat storage")
             value = p.data if isinstance(p.data, np.ndarray) else to_numpy(p.data)
             n = p.size
             p.data = xp.reshape(self.data[offset:offset + n], p.shape)

@@ -6,13 +6,14 @@ epochs, on the embedded ``mnist-sample`` data, on the CPU. Writes config.json,
 metrics.jsonl, checkpoint.npz, summary.json and curves.png to ``--out``.
 
 In code: ``fit(make_config(bn=False, epochs=5))``. A run is four pieces:
-:func:`prepare` (data, model, optimizer), :func:`resume_into` (a checkpoint's state),
-:func:`run_epoch` (steps and validation checks) and :func:`finish` (test accuracy,
-summary, curves); :class:`TrainState` is everything a checkpoint carries to continue.
+:func:`prepare` (data, model, optimizer, all checked with one forward pass before any
+file is touched), :func:`resume_into` (a checkpoint's state), :func:`run_epoch` (steps
+and validation checks) and :func:`finish` (test accuracy, summary, curves);
+:class:`TrainState` is everything a checkpoint carries to continue exactly. The command
+line (:mod:`nnopt.train_cli`) adds output-folder safety and resuming in place.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -25,115 +26,76 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, datasets, optim
-from .backend import BackendUnavailable, asarray, backend_name, get_namespace, synchronize
+from . import checkpoint, datasets, optim, runs
+from .backend import asarray, backend_name, get_namespace, is_numpy, synchronize
+from .errors import NnoptError, InputError, check_finite_number, check_int, unknown_name
 from .losses import SoftmaxCrossEntropy
 from .model import mlp
+from .optim import schedules
 
 TEXTBOOK_SIZES = [784, 128, 64, 32, 16, 10]
+DEVICES = ("cpu", "gpu", "cuda")
 #: The textbook's run; ``make_config`` overrides any of these.
 DEFAULTS = {"device": "cpu", "dataset": "mnist-sample", "data_dir": None, "val_size": None,
             "sizes": TEXTBOOK_SIZES, "activation": "relu", "bn": True, "init": "msra",
-            "optimizer": "sgd", "hyper": {"lr": 0.1}, "epochs": 30, "batch_size": 64,
-            "target_loss": 0.12, "check_every": 44, "seed": 0, "dtype": "float32",
-            "out": "runs/train", "graph": True, "quiet": False}
+            "optimizer": "sgd", "hyper": {"lr": 0.1}, "schedule": None, "epochs": 30,
+            "batch_size": 64, "target_loss": 0.12, "check_every": 44, "seed": 0,
+            "dtype": "float32", "out": "runs/train", "graph": True, "quiet": False}
 #: Config keys a resumed run must share with its checkpoint.
 RESUME_KEYS = ("dataset", "sizes", "activation", "bn", "init", "optimizer", "hyper",
-               "batch_size", "seed", "dtype", "check_every", "target_loss", "val_size")
+               "schedule", "batch_size", "seed", "dtype", "check_every", "val_size")
+
+
+class TrainingDiverged(NnoptError, FloatingPointError):
+    """The training loss became NaN or infinite."""
 
 
 # --- configuration ------------------------------------------------------------------------
 def make_config(**overrides) -> dict:
-    """The default run with ``overrides`` (same keys as :data:`DEFAULTS`), checked."""
+    """The default run with ``overrides`` (same keys as :data:`DEFAULTS`), checked and
+    resolved (``val_size`` None becomes the data set's default)."""
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown training setting {unknown[0]!r}; known: {', '.join(DEFAULTS)}")
+        raise unknown_name("training setting", unknown[0], DEFAULTS)
     config = json.loads(json.dumps({**DEFAULTS, **overrides}))  # a deep, JSON-clean copy
     config["optimizer"] = str(config["optimizer"]).lower()
     validate_config(config)
+    if config["val_size"] is None:
+        config["val_size"] = datasets.default_val_size(config["dataset"])
     return config
 
 
 def validate_config(config: dict) -> None:
     for key in ("epochs", "batch_size", "check_every"):
-        if config[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
+        check_int(f"--{key.replace('_', '-')}", config[key], low=1)
+    check_int("--seed", config["seed"], low=0)
+    check_finite_number("--target-loss", config["target_loss"], low=0)
+    if config["val_size"] is not None:
+        check_int("--val-size", config["val_size"], low=1)
+    if str(config["device"]).lower() not in DEVICES:
+        raise InputError(f"--device must be cpu or gpu, got {config['device']!r}")
+    if config["dataset"] not in datasets.DATASETS:
+        raise unknown_name("data set", config["dataset"], datasets.DATASETS)
+    if config["optimizer"] not in optim.OPTIMIZERS:
+        raise unknown_name("optimizer", config["optimizer"], optim.OPTIMIZERS)
+    if not isinstance(config["hyper"], dict):
+        raise InputError(f"hyper must be a dict of optimizer hyper-parameters, got {config['hyper']!r}")
+    reserved = sorted(set(config["hyper"]) & {"params"})
+    if reserved:
+        raise InputError(f"--opt {reserved[0]}: not a hyper-parameter (the optimizer gets the "
+                         "model's parameters itself)")
     sizes = config["sizes"]
+    if not isinstance(sizes, list) or len(sizes) < 2 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise InputError(f"--sizes must be integers >= 1 separated by commas, got {sizes!r}")
     if sizes[0] != 784 or sizes[-1] != 10:
-        raise ValueError(f"--sizes must start with 784 (28x28 pixels) and end with 10 classes, got {sizes}")
-
-
-def parse_value(text):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if "," in text:
-        return tuple(parse_value(t) for t in text.split(","))
-    try:
-        return int(text) if text.lstrip("-").isdigit() else float(text)
-    except ValueError:
-        return text
-
-
-def build_parser():
-    d = DEFAULTS
-    p = argparse.ArgumentParser(
-        prog="python -m nnopt.train",
-        description="Train the textbook's MNIST network (chapter 15) with or without Batch "
-                    "Normalization and report epochs, iterations, time and test accuracy.")
-    p.add_argument("--device", default=d["device"], help="cpu (NumPy) or gpu (CuPy); default cpu")
-    p.add_argument("--dataset", default=None, choices=datasets.DATASETS,
-                   help="default mnist-sample: the 10,000 MNIST test digits shipped with nnopt")
-    p.add_argument("--data-dir", help="folder holding the IDX files (else $NNOPT_DATA, the "
-                                      "user cache, system folders, then a download)")
-    p.add_argument("--val-size", type=int, default=None,
-                   help="training samples held out for validation (default 3000; 400 for the sample)")
-    p.add_argument("--optimizer", default=d["optimizer"], help=f"one of {', '.join(optim.OPTIMIZERS)}")
-    p.add_argument("--lr", type=float, default=d["hyper"]["lr"], help="learning rate (default 0.1)")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="another optimizer hyper-parameter, e.g. --opt momentum=0.8, "
-                        "--opt betas=0.9,0.99, --opt eps_inside_root=false (repeatable)")
-    p.add_argument("--init", default=d["init"], help="weight initializer (msra, xavier, normal, ...)")
-    p.add_argument("--activation", default=d["activation"], choices=["relu", "sigmoid", "tanh"])
-    p.add_argument("--sizes", default=",".join(map(str, d["sizes"])),
-                   help="layer sizes, comma separated (default the textbook's 784,128,64,32,16,10)")
-    p.add_argument("--no-bn", dest="bn", action="store_false",
-                   help="train the baseline without Batch Normalization")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="at most this many epochs (default 30)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--target-loss", type=float, default=d["target_loss"],
-                   help="stop when the validation loss is at most this (default 0.12; 0 never stops)")
-    p.add_argument("--check-every", type=int, default=d["check_every"],
-                   help="iterations between validation checks (default 44)")
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--dtype", default=d["dtype"], choices=["float32", "float64"])
-    p.add_argument("--out", default=d["out"], help="output folder (default runs/train)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint file or run folder")
-    p.add_argument("--evaluate", metavar="CKPT", help="only report the test accuracy of a checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no per-check log lines")
-    p.add_argument("--no-graph", dest="graph", action="store_false",
-                   help="on the GPU, do not capture the training step as a CUDA graph")
-    return p
-
-
-def config_from_args(args) -> dict:
-    hyper = {"lr": args.lr}
-    for item in args.opt:
-        if "=" not in item:
-            raise ValueError(f"--opt expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        hyper[key.strip()] = parse_value(value.strip())
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    except ValueError:
-        raise ValueError(f"--sizes must be integers separated by commas, got {args.sizes!r}") from None
-    return make_config(device=args.device, dataset=args.dataset or DEFAULTS["dataset"],
-                       data_dir=args.data_dir, val_size=args.val_size, sizes=sizes,
-                       activation=args.activation, bn=args.bn, init=args.init,
-                       optimizer=args.optimizer, hyper=hyper, epochs=args.epochs,
-                       batch_size=args.batch_size, target_loss=args.target_loss,
-                       check_every=args.check_every, seed=args.seed, dtype=args.dtype,
-                       out=args.out, graph=args.graph, quiet=args.quiet)
+        raise InputError(f"--sizes must start with 784 (28x28 pixels) and end with 10 classes, got {sizes}")
+    if config["schedule"] is not None:
+        schedules.check_spec(config["schedule"])
+    if config["bn"] and config["batch_size"] < 2:
+        raise InputError(f"--batch-size {config['batch_size']}: Batch Normalization needs at "
+                         "least 2 samples per batch (one sample has no variance); use a "
+                         "larger batch or --no-bn")
 
 
 # --- the pieces of a run ------------------------------------------------------------------------
@@ -148,12 +110,18 @@ def build_optimizer(config: dict, model):
     return optim.create(config["optimizer"], model, **config["hyper"])
 
 
+def resolved_hyper(config: dict, optimizer) -> dict:
+    """Every hyper-parameter the optimizer runs with (its defaults included), for config.json."""
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    return json.loads(json.dumps({**group, **config["hyper"]}))
+
+
 @dataclasses.dataclass
 class TrainState:
     """Where a run stands: saved in every checkpoint, so a resumed run continues exactly.
 
     ``pos`` is the next batch of the current epoch; the ``window_*`` sums cover the
-    training steps since the last validation check."""
+    training steps since the last validation check, the ``epoch_*`` sums the epoch so far."""
     epoch: int = 0
     pos: int = 0
     iteration: int = 0
@@ -162,6 +130,9 @@ class TrainState:
     window_loss: float = 0.0
     window_correct: int = 0
     window_samples: int = 0
+    epoch_loss: float = 0.0
+    epoch_correct: int = 0
+    epoch_samples: int = 0
     history: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -184,6 +155,7 @@ class Run:
     arrays: dict          # split name -> (x, y) on the device
     model: object
     optimizer: object
+    scheduler: object     # an LRScheduler or None
     loss_fn: object
     out: Path
     log: object
@@ -191,42 +163,83 @@ class Run:
     started: float = 0.0  # perf_counter() at the run's (virtual) start, resumed time included
 
     def save_checkpoint(self):
-        checkpoint.save(self.out / "checkpoint.npz", self.model.state_dict(),
-                        self.optimizer.state_dict(),
-                        {"config": self.config, "progress": self.state.to_dict()})
+        scheduler = self.scheduler.state_dict() if self.scheduler is not None else None
+        with runs.writing(self.out / "checkpoint.npz"):
+            checkpoint.save(self.out / "checkpoint.npz", self.model.state_dict(),
+                            self.optimizer.state_dict(),
+                            runs.strict({"config": self.config, "progress": self.state.to_dict(),
+                                         "scheduler": scheduler}))
 
 
 def prepare(config: dict, log=print) -> Run:
-    """Load the data and build the model and optimizer; touches no file."""
+    """Load the data, build the model and optimizer, and run one forward pass on a
+    training batch (then undo its effect on BN's statistics): every mistake in ``config``
+    shows here, before any file is touched."""
     xp = get_namespace(config["device"])
+    if config["dataset"] == "mnist-sample" and config.get("data_dir"):
+        log(f"note: --data-dir {config['data_dir']} is not used: mnist-sample ships inside nnopt")
     data = datasets.load(config["dataset"], config["data_dir"], n_val=config["val_size"])
+    n_train = data.x_train.shape[0]
+    if batches_per_epoch(n_train, config["batch_size"]) < 1:
+        raise InputError(f"--val-size {config['val_size']} leaves {n_train} training image(s): "
+                         f"not one batch; hold out fewer images")
+    for split in ("train", "val", "test"):
+        labels = getattr(data, f"y_{split}")
+        if labels.size and (labels.min() < 0 or labels.max() >= config["sizes"][-1]):
+            raise InputError(f"{config['dataset']}: {split} labels outside 0..{config['sizes'][-1] - 1}")
     dtype = getattr(xp, config["dtype"])
     model = build_model(config, xp)
+    optimizer = build_optimizer(config, model)
+    scheduler = schedules.from_spec(config["schedule"], optimizer) if config["schedule"] else None
     arrays = {split: (asarray(getattr(data, f"x_{split}"), xp, dtype),
                       xp.asarray(getattr(data, f"y_{split}")))
               for split in ("train", "val", "test")}
-    return Run(config, xp, data, arrays, model, build_optimizer(config, model),
-               SoftmaxCrossEntropy(), Path(config["out"]), log, TrainState())
+    run = Run(config, xp, data, arrays, model, optimizer, scheduler, SoftmaxCrossEntropy(),
+              Path(config["out"]), log, TrainState())
+    probe(run)
+    return run
+
+
+def probe(run: Run) -> None:
+    """One training-mode forward pass and loss on the first batch, BN statistics restored."""
+    x, y = run.arrays["train"]
+    batch = min(run.config["batch_size"], x.shape[0])
+    saved = run.model.state_dict()
+    try:
+        run.loss_fn.forward(run.model.forward(x[:batch], train=True), y[:batch])
+    finally:
+        run.model.load_state_dict(saved)
 
 
 def resume_into(run: Run, path) -> None:
-    """Load a checkpoint's parameters, optimizer state and progress into ``run``."""
+    """Load a checkpoint's parameters, optimizer and schedule state and progress into ``run``."""
     model_state, opt_state, meta = checkpoint.load(path)
-    saved, config = meta["config"], run.config
+    saved, config = resolve_saved(meta["config"]), run.config
     diff = [k for k in RESUME_KEYS if saved.get(k) != json.loads(json.dumps(config.get(k)))]
     if diff:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
                             for k in diff)
         raise checkpoint.CheckpointError(
             f"checkpoint {path} was made with another configuration ({details}); "
-            "pass the same flags, or start without --resume")
+            "resume with the same settings, or start a new run without --resume")
     try:
         run.model.load_state_dict(model_state)
         run.optimizer.load_state_dict(opt_state)
-    except ValueError as exc:
+        if run.scheduler is not None and meta.get("scheduler"):
+            run.scheduler.load_state_dict(meta["scheduler"])
+    except (ValueError, TypeError, KeyError) as exc:
         raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from None
     run.state = TrainState.from_dict(meta["progress"])
     run.log(f"resumed from {path} at epoch {run.state.epoch + 1}, iteration {run.state.iteration}")
+
+
+def resolve_saved(config: dict) -> dict:
+    """A saved config as :func:`make_config` would resolve it today (older runs stored
+    ``val_size`` None and no ``schedule``)."""
+    config = {**DEFAULTS, **config}
+    if config["val_size"] is None:
+        config["val_size"] = datasets.default_val_size(config["dataset"])
+    return config
 
 
 def batches_per_epoch(n: int, batch: int) -> int:
@@ -243,29 +256,39 @@ def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
     n, batch = x_train.shape[0], config["batch_size"]
     per_epoch = batches_per_epoch(n, batch)
     order = xp.asarray(np.random.default_rng([config["seed"], epoch]).permutation(n))
+    bar.start(epoch + 1, config["epochs"], state.pos, per_epoch)
     for it in range(state.pos, per_epoch):
         if stop.requested:
             window.flush_into(state)
             return True
         idx = order[it * batch:(it + 1) * batch]
         xb, yb = xp.take(x_train, idx, axis=0), xp.take(y_train, idx, axis=0)
-        window.add(*step(xb, yb), yb)
+        loss, prob = step(xb, yb)
         state.iteration += 1
         state.pos = it + 1
+        if window.check_each_step and not math.isfinite(float(loss)):
+            if run.optimizer.nonfinite != "skip":
+                raise diverged(run, state.iteration, float(loss))
+        else:
+            window.add(loss, prob, yb)
+        bar.update()
         if state.iteration % config["check_every"] == 0:
             window.flush_into(state)
             record = check(run, epoch)
-            append_metric(run.out, record)
-            if not config.get("quiet"):
-                bar.end()
-                run.log(format_record(record))
+            runs.write_lines(run.out / "metrics.jsonl", [record], mode="a")
+            bar.postfix(record)
             if record["val_loss"] <= config["target_loss"]:
                 state.reached = True
                 break
-        bar.show(epoch + 1, config["epochs"], it + 1, per_epoch)
-    bar.end()
     window.flush_into(state)
     return False
+
+
+def diverged(run: Run, iteration, value) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"the training loss became {value} at iteration {iteration}: the run diverged. Lower "
+        f"the learning rate (now {run.optimizer.param_groups[0]['lr']:g}), or use Batch "
+        "Normalization; the last checkpoint (end of the last finished epoch) is kept")
 
 
 def finish(run: Run) -> dict:
@@ -276,9 +299,14 @@ def finish(run: Run) -> dict:
     summary = {"dataset": config["dataset"], "bn": config["bn"], "device": config["device"],
                "epochs": state.epoch, "iterations": state.iteration,
                "time_s": round(state.elapsed, 3), "reached_target": state.reached,
-               "test_loss": test_loss, "test_accuracy": test_acc, "data": run.data.description}
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curves(run.out / "curves.png", state.history, config)
+               "test_loss": test_loss, "test_accuracy": test_acc,
+               "skipped_steps": run.optimizer.skipped_steps, "data": run.data.description}
+    runs.write_json(run.out / "summary.json", summary)
+    with runs.writing(run.out / "curves.png"):
+        plot_curves(run.out / "curves.png", state.history, config)
+    if run.optimizer.skipped_steps:
+        run.log(f"{run.optimizer.skipped_steps} step(s) were skipped for non-finite gradients "
+                "(nonfinite='skip')")
     run.log(f"{'reached' if state.reached else 'did not reach'} validation loss "
             f"{config['target_loss']} after {summary['epochs']} epochs, {summary['iterations']} "
             f"iterations, {summary['time_s']:.1f} s; test accuracy {100 * test_acc:.2f}% "
@@ -286,31 +314,54 @@ def finish(run: Run) -> dict:
     return summary
 
 
-def fit(config: dict, resume=None, log=print) -> dict:
-    """Train as ``config`` says; returns the summary (also written to summary.json)."""
+def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None) -> dict:
+    """Train as ``config`` says; returns the summary (also written to summary.json).
+
+    Nothing is written before the configuration has been checked (:func:`prepare`). A
+    fresh run refuses a folder that holds another run unless ``overwrite``; ``resume``
+    (a checkpoint or run folder) continues that run."""
     run = prepare(config, log)
     if resume:
         resume_into(run, resume)
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_metrics(run.out, run.state.history)
+    else:
+        runs.fresh_folder(run.out, overwrite=overwrite)
+    runs.prepare_folder(run.out, overwrite=overwrite and not resume)
+    config["hyper"] = resolved_hyper(config, run.optimizer)
+    runs.write_json(run.out / "config.json", config)
+    runs.write_lines(run.out / "metrics.jsonl", run.state.history)
     log(f"data: {run.data.description}")
-    log(f"model: {run.model}; optimizer: {run.optimizer}; device: {config['device']}")
+    log(f"model: {run.model}; optimizer: {run.optimizer}; device: {config['device']}; "
+        f"output: {run.out}")
+    announce_compilation(run, log)
     state = run.state
-    bar = ProgressBar(sys.stderr.isatty() and not os.environ.get("CI"))
+    bar = progress_bar or ProgressBar(enabled=sys.stderr.isatty() and not os.environ.get("CI")
+                                      and not config.get("quiet"))
     step = Stepper(run.model, run.optimizer, run.loss_fn, config["batch_size"],
                    config.get("graph", True), log)
-    window = Window(run.xp)
+    window = Window(run.xp, skip_nonfinite=run.optimizer.nonfinite == "skip")
     run.started = time.perf_counter() - state.elapsed
     interrupted = False
     with StopRequest() as stop, step.stream():
         for epoch in range(state.epoch, config["epochs"]):
             if state.reached:
                 break
-            interrupted = run_epoch(run, epoch, step, window, stop, bar)
+            try:
+                interrupted = run_epoch(run, epoch, step, window, stop, bar)
+            except FloatingPointError as exc:  # nonfinite="raise" in the optimizer
+                if isinstance(exc, TrainingDiverged):
+                    raise
+                raise TrainingDiverged(f"{exc} (iteration {state.iteration + 1})") from None
+            finally:
+                bar.close()
+            if not math.isfinite(state.epoch_loss) or not math.isfinite(state.window_loss):
+                raise diverged(run, f"{state.iteration} or earlier", float("nan"))
             if interrupted:
                 break
+            log(format_epoch(run, epoch))
             state.epoch, state.pos = epoch + 1, 0
+            state.epoch_loss, state.epoch_correct, state.epoch_samples = 0.0, 0, 0
+            if run.scheduler is not None:
+                run.scheduler.step(state.history[-1]["val_loss"] if state.history else None)
             state.elapsed = time.perf_counter() - run.started
             run.save_checkpoint()
     synchronize(run.xp)
@@ -319,9 +370,23 @@ def fit(config: dict, resume=None, log=print) -> dict:
     run.save_checkpoint()
     if interrupted:
         log(f"interrupted at epoch {state.epoch + 1}, iteration {state.iteration}; "
-            f"checkpoint saved: resume with --resume {run.out / 'checkpoint.npz'}")
+            f"checkpoint saved: continue with --resume {run.out}")
         raise KeyboardInterrupt
     return finish(run)
+
+
+def announce_compilation(run: Run, log) -> None:
+    """numba compiles the fused CPU kernels on first use (seconds), then caches them on
+    disk: say so instead of sitting silent."""
+    if not is_numpy(run.model.flat.data):
+        return
+    from .fast import cpu_kernels
+    kernels = cpu_kernels()
+    if kernels is None:
+        return
+    cache = Path(kernels.__file__).parent / "__pycache__"
+    if not any(cache.glob("cpu.*.nbi")):
+        log("compiling nnopt's fused CPU kernels (numba, first run only; cached on disk after)")
 
 
 # --- the training loop's helpers -------------------------------------------------------------
@@ -364,27 +429,43 @@ def evaluate(model, x, y, loss_fn, batch=4096):
 
 
 class ProgressBar:
+    """One tqdm bar per epoch (rate, ETA, the last check's losses), on a terminal only;
+    each epoch then leaves one log line (:func:`format_epoch`)."""
+
     def __init__(self, enabled):
         self.enabled = enabled
+        self.bar = None
 
-    def show(self, epoch, epochs, done, total):
+    def start(self, epoch, epochs, done, total):
         if self.enabled:
-            filled = int(30 * done / total)
-            sys.stderr.write(f"\repoch {epoch}/{epochs} [{'#' * filled}{'.' * (30 - filled)}] "
-                             f"{done}/{total}")
-            sys.stderr.flush()
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}/{epochs}",
+                            unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
 
-    def end(self):
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 60 + "\r")
+    def update(self):
+        if self.bar is not None:
+            self.bar.update()
+
+    def postfix(self, record):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                                 acc=f"{100 * record['train_accuracy']:.1f}%",
+                                 val_loss=f"{record['val_loss']:.4f}", refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class Window:
-    """Training loss and correct predictions since the last check, summed where the arrays
-    live (no host synchronisation per step); flushed into the state at checks."""
+    """Training loss and correct predictions since the last flush, summed where the arrays
+    live (no host synchronisation per step on a GPU); flushed into the state at checks."""
 
-    def __init__(self, xp):
+    def __init__(self, xp, skip_nonfinite=False):
         self.xp = xp
+        # On the host a float() of the loss costs nothing: stop at the first NaN step.
+        self.check_each_step = backend_name(xp) == "numpy" or skip_nonfinite
         self.reset()
 
     def reset(self):
@@ -399,9 +480,13 @@ class Window:
         self.samples += labels.shape[0]
 
     def flush_into(self, state: TrainState):
-        state.window_loss += float(self.loss)
-        state.window_correct += int(self.correct)
+        loss, correct = float(self.loss), int(self.correct)
+        state.window_loss += loss
+        state.window_correct += correct
         state.window_samples += self.samples
+        state.epoch_loss += loss
+        state.epoch_correct += correct
+        state.epoch_samples += self.samples
         self.reset()
 
 
@@ -443,29 +528,31 @@ def check(run: Run, epoch: int) -> dict:
     state = run.state
     x_val, y_val = run.arrays["val"]
     val_loss, val_acc = evaluate(run.model, x_val, y_val, run.loss_fn)
+    samples = state.window_samples
     record = {"epoch": epoch + 1, "iteration": state.iteration,
-              "train_loss": state.window_loss / state.window_samples,
-              "train_accuracy": state.window_correct / state.window_samples,
+              "train_loss": state.window_loss / samples if samples else math.nan,
+              "train_accuracy": state.window_correct / samples if samples else math.nan,
               "val_loss": val_loss, "val_accuracy": val_acc,
+              "lr": run.optimizer.param_groups[0]["lr"],
               "time_s": round(time.perf_counter() - run.started, 3)}
     state.window_loss, state.window_correct, state.window_samples = 0.0, 0, 0
     state.history.append(record)
+    if not math.isfinite(record["train_loss"]) and run.optimizer.nonfinite != "skip":
+        raise diverged(run, f"{state.iteration} or earlier", record["train_loss"])
     return record
 
 
-def format_record(r):
-    return (f"epoch {r['epoch']:3d} iter {r['iteration']:6d}  train loss {r['train_loss']:.4f} "
-            f"acc {100 * r['train_accuracy']:.2f}%  val loss {r['val_loss']:.4f} "
-            f"acc {100 * r['val_accuracy']:.2f}%  {r['time_s']:.1f} s")
-
-
-def write_metrics(out, history):
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-
-
-def append_metric(out, record):
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+def format_epoch(run: Run, epoch: int) -> str:
+    """The line an epoch leaves: its training loss/accuracy, the last check's validation."""
+    state = run.state
+    line = (f"epoch {epoch + 1:3d}/{run.config['epochs']}  iter {state.iteration:6d}  "
+            f"train loss {state.epoch_loss / max(state.epoch_samples, 1):.4f} "
+            f"acc {100 * state.epoch_correct / max(state.epoch_samples, 1):.2f}%")
+    last = state.history[-1] if state.history and state.history[-1]["epoch"] == epoch + 1 else None
+    if last is not None:
+        line += f"  val loss {last['val_loss']:.4f} acc {100 * last['val_accuracy']:.2f}%"
+    return line + (f"  lr {run.optimizer.param_groups[0]['lr']:.3g}  "
+                   f"{time.perf_counter() - run.started:.1f} s")
 
 
 def plot_curves(path, history, config):
@@ -491,40 +578,9 @@ def plot_curves(path, history, config):
     plt.close(fig)
 
 
-# --- the command line ------------------------------------------------------------------------
-def run_evaluate(args) -> int:
-    model_state, _, meta = checkpoint.load(args.evaluate)
-    config = meta["config"]
-    dataset = args.dataset or config["dataset"]
-    xp = get_namespace(args.device)
-    data = datasets.load(dataset, args.data_dir or config.get("data_dir"))
-    model = build_model(config, xp)
-    try:
-        model.load_state_dict(model_state)
-    except ValueError as exc:
-        raise checkpoint.CheckpointError(f"checkpoint {args.evaluate}: {exc}") from None
-    dtype = getattr(xp, config["dtype"])
-    loss, acc = evaluate(model, asarray(data.x_test, xp, dtype), xp.asarray(data.y_test),
-                         SoftmaxCrossEntropy())
-    print(f"test accuracy {100 * acc:.2f}% (loss {loss:.4f}) on {data.x_test.shape[0]} "
-          f"images of {dataset}")
-    return 0
-
-
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.evaluate:
-            return run_evaluate(args)
-        fit(config_from_args(args), resume=args.resume, log=lambda s: print(s, flush=True))
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    except (BackendUnavailable, datasets.DataError, checkpoint.CheckpointError,
-            ValueError, TypeError) as exc:
-        print(f"nnopt.train: error: {exc}", file=sys.stderr)
-        return 2
+    from .train_cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

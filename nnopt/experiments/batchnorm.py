@@ -27,7 +27,7 @@ def train_pair(ctx, target, seeds, epochs):
                 dataset=ctx.dataset, data_dir=ctx.data_dir, device=ctx.device, seed=seed,
                 bn=bn, epochs=epochs, target_loss=target, quiet=True,
                 out=str(ctx.out / f"bn_runs/{'bn' if bn else 'plain'}_seed{seed}"))
-            results[bn].append(train.fit(config, log=lambda line: None))
+            results[bn].append(train.fit(config, log=lambda line: None, overwrite=True))
     return results
 
 

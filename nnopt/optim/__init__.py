@@ -3,8 +3,9 @@ from ..errors import unknown_name
 from .adaptive import AdaDelta, AdaGrad, Adam, RMSProp
 from .base import Optimizer
 from .gd import NAG, SGD, Momentum
-from .schedules import (CosineAnnealingLR, ExponentialLR, LRScheduler, StepLR, cosine_decay,
-                        exponential_decay, step_decay)
+from .schedules import (CosineAnnealingLR, ExponentialLR, LRScheduler, MultiStepLR,
+                        ReduceLROnPlateau, StepLR, cosine_decay, exponential_decay,
+                        multistep_decay, step_decay)
 
 OPTIMIZERS = {cls.__name__.lower(): cls
               for cls in (SGD, Momentum, NAG, AdaGrad, AdaDelta, RMSProp, Adam)}
@@ -20,4 +21,5 @@ def create(name: str, params, **hyper) -> Optimizer:
 
 __all__ = ["Optimizer", "SGD", "Momentum", "NAG", "AdaGrad", "AdaDelta", "RMSProp", "Adam",
            "OPTIMIZERS", "create", "LRScheduler", "StepLR", "ExponentialLR", "CosineAnnealingLR",
-           "step_decay", "exponential_decay", "cosine_decay"]
+           "MultiStepLR", "ReduceLROnPlateau", "step_decay", "multistep_decay",
+           "exponential_decay", "cosine_decay"]

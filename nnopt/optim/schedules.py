@@ -1,52 +1,62 @@
 r"""Learning-rate schedules.
 
-A schedule is a pure function ``epoch -> multiplier of the base lr`` (Optax style);
-:class:`LRScheduler` applies one to every group of an optimizer, PyTorch style:
-call ``scheduler.step()`` once per epoch.
+A schedule is a pure function ``(epoch, base_lr) -> lr`` (Optax style);
+:class:`LRScheduler` applies one to every group of an optimizer, each from its own base
+rate, PyTorch style: call ``scheduler.step()`` once per epoch.
 
-* ``step_decay(step_size, gamma)``: :math:`\gamma^{\lfloor e / s \rfloor}`
-* ``exponential_decay(gamma)``: :math:`\gamma^e`
-* ``cosine_decay(t_max, eta_min_ratio)``: :math:`r + (1-r)\frac{1 + \cos(\pi e/T)}{2}`
+* ``step_decay(step_size, gamma)``: :math:`\eta_0\,\gamma^{\lfloor e / s \rfloor}`
+* ``multistep_decay(milestones, gamma)``: :math:`\eta_0\,\gamma^{\#\{m \le e\}}`
+* ``exponential_decay(gamma)``: :math:`\eta_0\,\gamma^e`
+* ``cosine_decay(t_max, eta_min)``: :math:`\eta_{min} + (\eta_0 - \eta_{min})\frac{1 + \cos(\pi e/T)}{2}`
   (past T it rises again, as PyTorch's CosineAnnealingLR does)
+
+:class:`ReduceLROnPlateau` is not a function of the epoch: it watches a metric.
 """
 from __future__ import annotations
 
 import math
 
-from ..errors import check_finite_number
+from ..errors import InputError, check_finite_number, check_int, unknown_name
 
 
 def step_decay(step_size: int, gamma: float = 0.1):
-    if int(step_size) < 1:
-        raise ValueError(f"step_size must be an integer >= 1, got {step_size!r}")
+    step_size = check_int("step_size", step_size, low=1)
     gamma = check_finite_number("gamma", gamma, low=0)
-    return lambda epoch: gamma ** (epoch // int(step_size))
+    return lambda epoch, base: base * gamma ** (epoch // step_size)
+
+
+def multistep_decay(milestones, gamma: float = 0.1):
+    if isinstance(milestones, (int, float)):
+        milestones = [milestones]
+    milestones = sorted(check_int("milestone", m, low=1) for m in milestones)
+    gamma = check_finite_number("gamma", gamma, low=0)
+    return lambda epoch, base: base * gamma ** sum(m <= epoch for m in milestones)
 
 
 def exponential_decay(gamma: float):
     gamma = check_finite_number("gamma", gamma, low=0)
-    return lambda epoch: gamma ** epoch
+    return lambda epoch, base: base * gamma ** epoch
 
 
-def cosine_decay(t_max: int, eta_min_ratio: float = 0.0):
-    if int(t_max) < 1:
-        raise ValueError(f"t_max must be an integer >= 1, got {t_max!r}")
-    r = check_finite_number("eta_min_ratio", eta_min_ratio, low=0, high=1)
-    return lambda epoch: r + (1 - r) * (1 + math.cos(math.pi * epoch / t_max)) / 2
+def cosine_decay(t_max: int, eta_min: float = 0.0):
+    t_max = check_int("t_max", t_max, low=1)
+    eta_min = check_finite_number("eta_min", eta_min, low=0)
+    return lambda epoch, base: eta_min + (base - eta_min) * (1 + math.cos(math.pi * epoch / t_max)) / 2
 
 
 class LRScheduler:
-    """Sets ``group["lr"] = base_lr * schedule(epoch)`` for every group of ``optimizer``."""
+    """Sets ``group["lr"] = schedule(epoch, base_lr)`` for every group of ``optimizer``."""
 
     def __init__(self, optimizer, schedule):
         self.optimizer, self.schedule = optimizer, schedule
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.epoch = 0
 
-    def step(self):
+    def step(self, metric=None):
+        """One epoch done (``metric`` is for :class:`ReduceLROnPlateau`; ignored here)."""
         self.epoch += 1
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * self.schedule(self.epoch)
+            group["lr"] = self.schedule(self.epoch, base)
 
     def get_last_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
@@ -63,13 +73,89 @@ class StepLR(LRScheduler):
         super().__init__(optimizer, step_decay(step_size, gamma))
 
 
+class MultiStepLR(LRScheduler):
+    def __init__(self, optimizer, milestones, gamma: float = 0.1):
+        super().__init__(optimizer, multistep_decay(milestones, gamma))
+
+
 class ExponentialLR(LRScheduler):
     def __init__(self, optimizer, gamma: float):
         super().__init__(optimizer, exponential_decay(gamma))
 
 
 class CosineAnnealingLR(LRScheduler):
+    """Every group anneals from its own base rate to the same absolute ``eta_min``."""
+
     def __init__(self, optimizer, T_max: int, eta_min: float = 0.0):
-        base = optimizer.param_groups[0]["lr"]
-        ratio = eta_min / base if base > 0 else 0.0
-        super().__init__(optimizer, cosine_decay(T_max, min(ratio, 1.0)))
+        super().__init__(optimizer, cosine_decay(T_max, eta_min))
+
+
+class ReduceLROnPlateau:
+    """Multiply every group's lr by ``factor`` when ``metric`` (a validation loss: lower
+    is better) has not improved by more than ``threshold`` (relative) for ``patience``
+    epochs; never below ``min_lr``. As ``torch.optim.lr_scheduler.ReduceLROnPlateau``
+    (mode "min", threshold_mode "rel", no cooldown)."""
+
+    def __init__(self, optimizer, factor: float = 0.1, patience: int = 10,
+                 threshold: float = 1e-4, min_lr: float = 0.0):
+        self.optimizer = optimizer
+        self.factor = check_finite_number("factor", factor, low=0, high=1, low_open=True, high_open=True)
+        self.patience = check_int("patience", patience, low=0)
+        self.threshold = check_finite_number("threshold", threshold, low=0)
+        self.min_lr = check_finite_number("min_lr", min_lr, low=0)
+        self.best, self.bad_epochs, self.epoch = math.inf, 0, 0
+
+    def step(self, metric=None):
+        self.epoch += 1
+        if metric is None or not math.isfinite(metric):
+            return
+        if metric < self.best * (1 - self.threshold):
+            self.best, self.bad_epochs = metric, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            for group in self.optimizer.param_groups:
+                group["lr"] = max(group["lr"] * self.factor, self.min_lr)
+            self.bad_epochs = 0
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "best": None if math.isinf(self.best) else self.best,
+                "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state):
+        self.epoch, self.bad_epochs = int(state["epoch"]), int(state["bad_epochs"])
+        self.best = math.inf if state.get("best") is None else float(state["best"])
+
+
+#: Names for the command line (``--schedule``), with the parameters each takes.
+SCHEDULES = {"step": (StepLR, ("step_size", "gamma")),
+             "multistep": (MultiStepLR, ("milestones", "gamma")),
+             "exponential": (ExponentialLR, ("gamma",)),
+             "cosine": (CosineAnnealingLR, ("t_max", "eta_min")),
+             "plateau": (ReduceLROnPlateau, ("factor", "patience", "threshold", "min_lr"))}
+_ARG_NAMES = {"t_max": "T_max"}
+
+
+def check_spec(spec: dict) -> None:
+    if not isinstance(spec, dict) or spec.get("name") not in SCHEDULES:
+        name = spec.get("name") if isinstance(spec, dict) else spec
+        raise unknown_name("schedule", name, SCHEDULES)
+    allowed = SCHEDULES[spec["name"]][1]
+    unknown = sorted(set(spec) - {"name"} - set(allowed))
+    if unknown:
+        raise InputError(f"schedule {spec['name']!r} has no parameter {unknown[0]!r}; it takes: "
+                         f"{', '.join(allowed)}")
+
+
+def from_spec(spec: dict, optimizer):
+    """A scheduler from ``{"name": "step", "step_size": 10, "gamma": 0.5}``."""
+    check_spec(spec)
+    cls, _ = SCHEDULES[spec["name"]]
+    options = {_ARG_NAMES.get(k, k): v for k, v in spec.items() if k != "name"}
+    try:
+        return cls(optimizer, **options)
+    except TypeError as exc:
+        raise InputError(f"schedule {spec['name']!r}: {exc}") from None

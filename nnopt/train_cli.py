@@ -1,0 +1,256 @@
+"""The command line of :mod:`nnopt.train` (``python -m nnopt.train``, ``nnopt-train``).
+
+What it adds to :func:`nnopt.train.fit`: flags, ``--config FILE`` (a run's own
+config.json; flags given on the command line override it), ``--resume DIR`` (the saved
+configuration, continued in DIR: only the flags in :data:`RESUMABLE` may change),
+output-folder safety (the default folder moves on to ``runs/train-2`` instead of
+overwriting a run; an explicit ``--out`` that holds a run needs ``--overwrite``),
+``--dry-run``, ``--evaluate``, and one-line errors with distinct exit codes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__, checkpoint, datasets, optim, runs
+from .backend import asarray, get_namespace
+from .errors import InputError, NnoptError, check_bool
+from .losses import SoftmaxCrossEntropy
+from .optim import schedules
+from .train import (DEFAULTS, TrainingDiverged, build_model, evaluate, fit, make_config, prepare,
+                    resolve_saved)
+
+#: Flags a resumed run may change: how long it runs and how it talks, where the data and
+#: the arrays live; everything else is the saved run's.
+RESUMABLE = ("epochs", "target_loss", "quiet", "device", "graph", "data_dir")
+EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def parse_value(text):
+    """An ``--opt`` value: true/false/yes/no as booleans, numbers, comma lists, else text."""
+    low = text.strip().lower()
+    if low in ("true", "false", "yes", "no"):
+        return check_bool("--opt value", low)
+    if "," in text:
+        return [parse_value(t) for t in text.split(",")]
+    try:
+        return int(text) if text.strip().lstrip("-").isdigit() else float(text)
+    except ValueError:
+        return text
+
+
+def prog_name() -> str:
+    return "nnopt-train" if Path(sys.argv[0]).name == "nnopt-train" else "python -m nnopt.train"
+
+
+def build_parser(defaults=True) -> argparse.ArgumentParser:
+    """The parser; ``defaults=False`` leaves out every flag not given (to tell which were)."""
+    d = DEFAULTS
+    p = argparse.ArgumentParser(
+        prog=prog_name(), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None if defaults else argparse.SUPPRESS,
+        description="Train the textbook's MNIST network (chapter 15) with or without Batch "
+                    "Normalization and report epochs, iterations, time and test accuracy.")
+    add = p.add_argument
+    default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    add("--version", action="version", version=f"nnopt {__version__}")
+    add("--device", default=default(d["device"]), help="cpu (NumPy) or gpu (CuPy)")
+    add("--dataset", default=default(d["dataset"]), choices=datasets.DATASETS,
+        help="mnist-sample: the 10,000 MNIST test digits shipped with nnopt")
+    add("--data-dir", default=default(None), help="folder holding the IDX files (else "
+        "$NNOPT_DATA, the user cache, system folders, then a download)")
+    add("--val-size", type=int, default=default(None),
+        help="training images held out for validation (None: 400 for mnist-sample, else 3000)")
+    add("--optimizer", default=default(d["optimizer"]), help=f"one of {', '.join(optim.OPTIMIZERS)}")
+    add("--lr", type=float, default=default(d["hyper"]["lr"]), help="learning rate")
+    add("--opt", action="append", default=default([]), metavar="KEY=VALUE",
+        help="another optimizer hyper-parameter, e.g. --opt momentum=0.8, --opt betas=0.9,0.99, "
+             "--opt eps_inside_root=false, --opt weight_decay=1e-4 (repeatable)")
+    add("--schedule", default=default("none"), choices=["none", *schedules.SCHEDULES],
+        help="learning-rate schedule, stepped once per epoch")
+    add("--schedule-opt", action="append", default=default([]), metavar="KEY=VALUE",
+        help="a schedule parameter: step: step_size, gamma; multistep: milestones=3,6, gamma; "
+             "exponential: gamma; cosine: t_max, eta_min; plateau: factor, patience, min_lr")
+    add("--init", default=default(d["init"]), help="weight initializer (msra, xavier, normal, ...)")
+    add("--activation", default=default(d["activation"]), choices=["relu", "sigmoid", "tanh"])
+    add("--sizes", default=default(",".join(map(str, d["sizes"]))), help="layer sizes, comma separated")
+    add("--no-bn", dest="bn", action="store_false", default=default(True),
+        help="train the baseline without Batch Normalization")
+    add("--epochs", type=int, default=default(d["epochs"]), help="at most this many epochs")
+    add("--batch-size", type=int, default=default(d["batch_size"]))
+    add("--target-loss", type=float, default=default(d["target_loss"]),
+        help="stop when the validation loss is at most this (0: never stop early)")
+    add("--check-every", type=int, default=default(d["check_every"]),
+        help="iterations between validation checks")
+    add("--seed", type=int, default=default(d["seed"]), help="seed of the weights and the shuffle")
+    add("--dtype", default=default(d["dtype"]), choices=["float32", "float64"])
+    add("--out", default=default(None), help="output folder (default runs/train, or the next "
+        "free runs/train-N when that holds a run)")
+    add("--overwrite", action="store_true", default=default(False),
+        help="replace the run in an existing --out folder")
+    add("--config", metavar="FILE", default=default(None),
+        help="start from a run's config.json; flags given here override it")
+    add("--resume", metavar="DIR", default=default(None),
+        help="continue the run in DIR (or of a checkpoint file) with its saved settings")
+    add("--evaluate", metavar="CKPT", default=default(None),
+        help="only report the test accuracy of a checkpoint")
+    add("--dry-run", action="store_true", default=default(False),
+        help="check the configuration (data, model, one forward pass), print it, write nothing")
+    add("--quiet", action="store_true", default=default(False),
+        help="no progress bar: one line per epoch")
+    add("--no-graph", dest="graph", action="store_false", default=default(True),
+        help="on the GPU, do not capture the training step as a CUDA graph")
+    return p
+
+
+def pairs(items, flag) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"{flag} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def overrides_from(args, given) -> dict:
+    """The config entries the flags in ``given`` set."""
+    out = {}
+    simple = ("device", "dataset", "data_dir", "val_size", "optimizer", "init", "activation",
+              "bn", "epochs", "batch_size", "target_loss", "check_every", "seed", "dtype",
+              "out", "quiet", "graph")
+    for key in simple:
+        if key in given:
+            out[key] = getattr(args, key)
+    if "sizes" in given:
+        try:
+            out["sizes"] = [int(s) for s in args.sizes.split(",")]
+        except ValueError:
+            raise InputError(f"--sizes must be integers separated by commas, got {args.sizes!r}") from None
+    if given & {"lr", "opt"}:
+        out["hyper"] = {**({"lr": args.lr} if "lr" in given else {}), **pairs(args.opt, "--opt")}
+    if given & {"schedule", "schedule_opt"}:
+        name, options = args.schedule, pairs(args.schedule_opt, "--schedule-opt")
+        if name == "none" and options:
+            raise InputError("--schedule-opt sets a schedule's parameters: name the schedule "
+                             f"with --schedule ({', '.join(schedules.SCHEDULES)})")
+        out["schedule"] = None if name == "none" else {"name": name, **options}
+    return out
+
+
+def given_flags(argv) -> set:
+    return set(vars(build_parser(defaults=False).parse_args(argv)))
+
+
+def resolve(args, given):
+    """``(config, resume_path, overwrite)`` for a fresh, configured or resumed run."""
+    if args.resume:
+        return resolve_resume(args, given)
+    base = read_config(args.config) if args.config else {}
+    overrides = overrides_from(args, given)
+    if "hyper" in overrides:  # --lr's default (0.1) holds for every optimizer, as the textbook's
+        lr = {"lr": args.lr} if "lr" in given or not base else {}
+        overrides["hyper"] = {**base.get("hyper", {}), **lr, **overrides["hyper"]}
+    config = make_config(**{**base, **overrides})
+    config["out"] = str(runs.fresh_folder(config["out"], args.overwrite,
+                                          numbered="out" not in given))
+    return config, None, args.overwrite
+
+
+def read_config(path) -> dict:
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--config {path}: cannot read a run configuration ({exc})") from None
+    if not isinstance(saved, dict):
+        raise InputError(f"--config {path} is not a run's config.json")
+    unknown = sorted(set(saved) - set(DEFAULTS))
+    if unknown:
+        raise InputError(f"--config {path}: unknown setting {unknown[0]!r}; it is not a "
+                         "config.json written by nnopt.train")
+    saved.pop("out", None)
+    return saved
+
+
+def resolve_resume(args, given):
+    path = Path(args.resume)
+    folder = path if path.is_dir() else path.parent
+    _, _, meta = checkpoint.load(path)
+    saved = resolve_saved(meta["config"])
+    if "out" in given and Path(args.out).resolve() != folder.resolve():
+        raise InputError(f"--resume continues the run in {folder}; leave out --out "
+                         f"({args.out}), or copy the run folder first")
+    if "config" in given:
+        raise InputError("--resume takes the saved run's configuration; leave out --config")
+    requested = overrides_from(args, given)
+    fixed = {k: v for k, v in make_config(**{**saved, **requested}).items()
+             if k in requested and k not in RESUMABLE}
+    changed = sorted(k for k, v in fixed.items() if v != saved.get(k))
+    if changed:
+        key = changed[0]
+        raise InputError(
+            f"--resume continues the saved run, whose {key} is {saved.get(key)!r} (asked: "
+            f"{fixed[key]!r}); only --epochs, --target-loss, --quiet, --device, --no-graph "
+            "and --data-dir may change. Start a new run (with --config "
+            f"{folder / 'config.json'}) to change the rest")
+    config = make_config(**{**saved, **{k: v for k, v in requested.items() if k in RESUMABLE}})
+    config["out"] = str(folder)
+    return config, path, False
+
+
+def run_evaluate(args, given) -> int:
+    model_state, _, meta = checkpoint.load(args.evaluate)
+    config = resolve_saved(meta["config"])
+    if "dataset" in given and args.dataset != config["dataset"]:
+        raise InputError(f"checkpoint {args.evaluate} was trained on {config['dataset']}; "
+                         f"evaluating it on {args.dataset} would measure nothing. Evaluate on "
+                         f"{config['dataset']} (leave out --dataset)")
+    xp = get_namespace(args.device)
+    data = datasets.load(config["dataset"], args.data_dir or config.get("data_dir"),
+                         n_val=config["val_size"])
+    model = build_model(config, xp)
+    try:
+        model.load_state_dict(model_state)
+    except ValueError as exc:
+        raise checkpoint.CheckpointError(f"checkpoint {args.evaluate}: {exc}") from None
+    dtype = getattr(xp, config["dtype"])
+    loss, acc = evaluate(model, asarray(data.x_test, xp, dtype), xp.asarray(data.y_test),
+                         SoftmaxCrossEntropy())
+    print(f"test accuracy {100 * acc:.2f}% (loss {loss:.4f}) on {data.x_test.shape[0]} "
+          f"images of {config['dataset']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    given = given_flags(argv)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    try:
+        if args.evaluate:
+            return run_evaluate(args, given)
+        config, resume, overwrite = resolve(args, given)
+        if args.dry_run:
+            run = prepare(config, log)
+            print(runs.dumps({**config, "hyper": {k: v for k, v in run.optimizer.param_groups[0].items()
+                                                  if k != "params"}}, indent=2))
+            print(f"dry run: configuration, data and one forward pass are fine; nothing written "
+                  f"(a real run would write to {config['out']})")
+            return 0
+        fit(config, resume=resume, log=log, overwrite=overwrite)
+        return 0
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as exc:
+        print(f"{prog_name()}: stopped: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except NnoptError as exc:
+        print(f"{prog_name()}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""What a new user runs into: bad input gets one clear line, finished runs are never lost,
+a diverging run is never reported as a result (the command line and the library)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import nnopt
+from nnopt import checkpoint, init, optim, train, train_cli
+from nnopt.errors import NnoptError
+
+SMALL = ["--sizes", "784,24,16,10", "--check-every", "40", "--batch-size", "128", "--quiet"]
+
+
+def cli(*args):
+    return train_cli.main(SMALL + list(args))
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "a_file.txt"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "1"], "Batch Normalization needs at least 2 samples"),
+    (["--val-size", "7999"], "leaves 1 training image"),
+    (["--val-size", "8000"], "--val-size must be an integer between 1 and 7999"),
+    (["--target-loss", "nan"], "--target-loss must be finite"),
+    (["--seed", "-1"], "--seed must be an integer >= 0"),
+    (["--device", "strict"], "--device must be cpu or gpu"),
+    (["--opt", "params=1"], "--opt params: not a hyper-parameter"),
+    (["--sizes", "784,ten,10"], "--sizes must be integers"),
+    (["--schedule", "step", "--schedule-opt", "gama=0.5"], "has no parameter 'gama'"),
+    (["--schedule-opt", "x"], "--schedule-opt expects KEY=VALUE"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, args, message):
+    assert cli(*args, "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+@pytest.mark.parametrize("where", ["file", "devnull", "below_file"])
+def test_out_that_is_not_a_folder(a_file, capsys, where):
+    out = {"file": a_file, "devnull": "/dev/null", "below_file": a_file / "run"}[where]
+    assert cli("--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "not a folder" in err and "Traceback" not in err
+
+
+def test_data_dir_that_is_a_file(a_file, capsys):
+    assert cli("--dataset", "fashion-mnist", "--data-dir", str(a_file)) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_a_failed_run_leaves_a_finished_one_alone(tmp_path, capsys):
+    assert cli("--epochs", "1", "--out", str(tmp_path)) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
+    assert cli("--batch-size", "1", "--out", str(tmp_path)) == 2
+    assert cli("--epochs", "2", "--out", str(tmp_path)) == 2  # holds a run: refused
+    assert "--overwrite" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_overwrite_replaces_and_default_folder_is_numbered(tmp_path, monkeypatch):
+    assert cli("--epochs", "1", "--out", str(tmp_path / "r")) == 0
+    assert cli("--epochs", "2", "--out", str(tmp_path / "r"), "--overwrite") == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["epochs"] == 2
+    monkeypatch.chdir(tmp_path)
+    assert cli("--epochs", "1") == 0 and cli("--epochs", "1") == 0
+    assert (tmp_path / "runs/train/summary.json").exists()
+    assert (tmp_path / "runs/train-2/summary.json").exists()
+
+
+def test_resume_continues_in_its_folder_with_its_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli("--epochs", "1", "--optimizer", "adam", "--lr", "0.003", "--out", str(run)) == 0
+    orphan = run / ".checkpoint.npz.abc123.tmp"
+    orphan.write_bytes(b"left by a SIGKILL")
+    # Flags at the saved (or default) value are fine; only a few may change.
+    assert train_cli.main(["--resume", str(run), "--epochs", "2", "--val-size", "400",
+                           "--batch-size", "128", "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and not orphan.exists()
+    _, opt_state, _ = checkpoint.load(run)
+    assert opt_state["optimizer"] == "Adam" and opt_state["param_groups"][0]["lr"] == 0.003
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(run), "--epochs", "3", "--lr", "0.1"]) == 2
+    assert "whose hyper is" in capsys.readouterr().err
+    assert train_cli.main(["--resume", str(run), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "continues the run in" in capsys.readouterr().err
+
+
+def test_diverging_run_stops_with_strict_json(tmp_path, capsys):
+    assert cli("--no-bn", "--lr", "1e6", "--epochs", "2", "--out", str(tmp_path)) == 3
+    err = capsys.readouterr().err
+    assert "diverged" in err and "Traceback" not in err
+    assert not (tmp_path / "summary.json").exists()
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+
+
+def test_nonfinite_raise_is_a_stop_not_a_traceback(tmp_path, capsys):
+    assert cli("--no-bn", "--lr", "1e6", "--opt", "nonfinite=raise", "--out", str(tmp_path)) == 3
+    err = capsys.readouterr().err
+    assert "non-finite gradient" in err and "Traceback" not in err
+
+
+def test_skipped_steps_are_reported(tmp_path, capsys):
+    assert cli("--no-bn", "--lr", "1e6", "--epochs", "1", "--opt", "nonfinite=skip",
+               "--out", str(tmp_path)) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped_steps"] > 0
+    assert f"{summary['skipped_steps']} step(s) were skipped" in capsys.readouterr().out
+
+
+def test_config_records_every_hyper_parameter_and_metrics_the_lr(tmp_path):
+    assert cli("--epochs", "1", "--optimizer", "adam", "--lr", "0.002", "--schedule", "step",
+               "--schedule-opt", "step_size=1", "--schedule-opt", "gamma=0.5",
+               "--out", str(tmp_path)) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["hyper"]["betas"] == [0.9, 0.999] and config["hyper"]["eps"] == 1e-8
+    assert config["val_size"] == 400 and config["schedule"]["name"] == "step"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == 0.002
+    _, opt_state, _ = checkpoint.load(tmp_path)
+    assert opt_state["param_groups"][0]["lr"] == 0.001  # halved after the epoch
+
+
+def test_config_file_dry_run_and_version(tmp_path, capsys):
+    assert cli("--epochs", "1", "--no-bn", "--out", str(tmp_path / "a")) == 0
+    capsys.readouterr()
+    assert train_cli.main(["--config", str(tmp_path / "a/config.json"), "--seed", "5",
+                           "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out[:out.rindex("}") + 1])
+    assert shown["bn"] is False and shown["seed"] == 5 and shown["sizes"] == [784, 24, 16, 10]
+    assert "nothing written" in out and not (tmp_path / "b").exists()
+    with pytest.raises(SystemExit):
+        train_cli.main(["--version"])
+    assert nnopt.__version__ in capsys.readouterr().out
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: 0.1)" in text and "(default: 30)" in text
+
+
+def test_evaluate_refuses_another_data_set(tmp_path, capsys):
+    assert cli("--epochs", "1", "--out", str(tmp_path)) == 0
+    capsys.readouterr()
+    assert train_cli.main(["--evaluate", str(tmp_path), "--dataset", "fashion-mnist"]) == 2
+    assert "was trained on mnist-sample" in capsys.readouterr().err
+
+
+def test_checkpoint_without_optimizer_header(tmp_path, capsys):
+    assert cli("--epochs", "1", "--out", str(tmp_path)) == 0
+    with np.load(tmp_path / "checkpoint.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    header = json.loads(arrays["header"].tobytes())
+    del header["optimizer"]
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(tmp_path / "checkpoint.npz", **arrays)
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete.*optimizer"):
+        checkpoint.load(tmp_path)
+
+
+def test_data_dir_with_the_embedded_sample_is_noted(tmp_path, capsys):
+    assert cli("--epochs", "1", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")) == 0
+    assert "--data-dir" in capsys.readouterr().out
+
+
+# --- the library -------------------------------------------------------------------------------
+@pytest.mark.parametrize("call, message", [
+    (lambda: nnopt.mlp([784, 10], dtype=np.int32), "dtype must be 'float32' or 'float64'"),
+    (lambda: nnopt.mlp([784, 10], dtype=np.float16), "dtype must be 'float32' or 'float64'"),
+    (lambda: nnopt.mlp([784, 10], device=None), "device must be a name"),
+    (lambda: nnopt.mlp([784, 10], seed=-1), "seed must be an integer >= 0"),
+    (lambda: nnopt.mlp([784, "ten"]), "mlp sizes must be integers"),
+    (lambda: nnopt.mlp([784, 10.9]), "mlp sizes must be integers"),
+    (lambda: nnopt.Linear(4.7, 3), "Linear n_in must be an integer"),
+    (lambda: init.xavier_uniform((3, 4), np.random.default_rng(0), gain=math.nan), "gain must be finite"),
+    (lambda: nnopt.mlp([3, 2]).load_state_dict(None), "expects the dict"),
+    (lambda: optim.Adam(nnopt.mlp([3, 2]), lr=True), "lr must be a number"),
+    (lambda: nnopt.SoftmaxCrossEntropy()(np.zeros((2, 10)), np.array([1, 12])), "class label 12"),
+    (lambda: nnopt.SoftmaxCrossEntropy()(np.zeros((2, 10)), np.array([-1, 2])), "class label -1"),
+    (lambda: optim.StepLR(optim.SGD(nnopt.mlp([3, 2])), 0), "step_size must be an integer >= 1"),
+])
+def test_library_bad_input(call, message):
+    with pytest.raises(NnoptError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+def test_model_load_state_dict_is_all_or_nothing():
+    model = nnopt.mlp([3, 4, 2], batchnorm=True, seed=0)
+    before = model.state_dict()
+    bad = dict(before)
+    bad["fc2.W"] = np.array([["a", "b"]] * 4)
+    with pytest.raises(NnoptError, match="fc2.W"):
+        model.load_state_dict(bad)
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def test_train_and_eval_modes_like_pytorch():
+    model = nnopt.mlp([3, 4, 2], batchnorm=True, seed=0)
+    x = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
+    bn = model.layers[1]
+    assert model.training
+    model(x)
+    moved = bn.buffers["running_mean"].copy()
+    assert np.any(moved != 0)
+    assert model.eval() is model and not model.training
+    out = model(x)
+    np.testing.assert_array_equal(bn.buffers["running_mean"], moved)  # eval leaves them alone
+    np.testing.assert_allclose(out, model.forward(x, train=False))
+    model.train()
+    model(x)
+    assert np.any(bn.buffers["running_mean"] != moved)
+
+
+def test_named_parameters_and_callable_losses():
+    model = nnopt.mlp([3, 4, 2], seed=0)
+    names = [name for name, _ in model.named_parameters()]
+    assert names == ["fc1.W", "fc1.b", "fc2.W", "fc2.b"]
+    y = np.array([[0.5, 1.0]])
+    assert float(nnopt.MSELoss()(np.array([[1.0, 1.0]]), y)) == pytest.approx(0.125)
