@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import lru_cache
 
 import numba
 import numpy as np
 from numba import prange
 
+from ..optim import OPTIMIZERS
+from ..optim.adaptive import adam_kernel_scalars as adam_kernel_scalars_py
+
 PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
 jit = numba.njit(cache=True, parallel=True)
 
 
-def launch(kernel, n, *args):
-    """Run a prange kernel, on one thread when ``n`` is small."""
-    if n >= PARALLEL_MIN:
+def launch(kernel, parallel, *args):
+    """Run a prange kernel: on numba's threads when ``parallel``, else on this thread alone."""
+    if parallel:
         return kernel(*args)
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
@@ -34,10 +38,14 @@ def launch(kernel, n, *args):
 
 
 # --- update rules, one element at a time ---------------------------------------------------
-# Each ``*_rule`` is the reference formula of nnopt.optim for one element, returning the new
-# parameter and state. The flat-buffer kernels below and the batched experiments
-# (nnopt.experiments.curvefit) both inline them, so each formula exists once in numba.
-rule = numba.njit(inline="always", cache=True)
+# Each ``<name>_rule`` is the reference formula of nnopt.optim for one element, returning the
+# new parameter and state. Its arguments: the element of p and g, the elements of the state
+# (the optimizer's ``state_names`` order), then ``Optimizer.kernel_scalars(group, t)``, in
+# order; kernels/rules.cuh has the same rules with the same arguments. The flat-buffer
+# kernels below and the batched experiments (nnopt.experiments.curvefit) both call them, so
+# each formula exists once in numba. (Not numba's ``inline="always"``: that refuses the
+# ``*scalars`` call below; LLVM inlines these small functions anyway.)
+rule = numba.njit(cache=True)
 
 
 @rule
@@ -108,102 +116,50 @@ def adam_rule(p, g, m, v, step, b1, one_minus_b1, b2, one_minus_b2, inv_correcti
     return p - step * m / (eps + np.sqrt(v * inv_correction2)), m, v
 
 
+#: Adam.kernel_scalars's arithmetic, compiled (the batched experiments call it per step)
+adam_kernel_scalars = rule(adam_kernel_scalars_py)
+
+RULES = {name[:-len("_rule")]: f for name, f in list(globals().items())
+         if name.endswith("_rule") and isinstance(f, numba.core.registry.CPUDispatcher)}
+
+
 # --- optimizer steps over flat buffers -------------------------------------------------
-@jit
-def sgd_kernel(p, g, lr):
-    for i in prange(p.shape[0]):
-        p[i] = sgd_rule(p[i], g[i], lr)
-
-
-def _velocity_kernel(update):
-    @jit
-    def kernel(p, g, v, lr, alpha):
-        for i in prange(p.shape[0]):
-            p[i], v[i] = update(p[i], g[i], v[i], lr, alpha)
+@lru_cache(maxsize=None)
+def flat_kernel(rule_name, n_state):
+    """The prange loop of rule ``rule_name`` (with ``n_state`` state arrays) over flat buffers."""
+    update = RULES[rule_name]
+    if n_state == 0:
+        @jit
+        def kernel(p, g, scalars):
+            for i in prange(p.shape[0]):
+                p[i] = update(p[i], g[i], *scalars)
+    elif n_state == 1:
+        @jit
+        def kernel(p, g, s, scalars):
+            for i in prange(p.shape[0]):
+                p[i], s[i] = update(p[i], g[i], s[i], *scalars)
+    else:
+        @jit
+        def kernel(p, g, s1, s2, scalars):
+            for i in prange(p.shape[0]):
+                p[i], s1[i], s2[i] = update(p[i], g[i], s1[i], s2[i], *scalars)
     return kernel
 
 
-momentum_kernel = _velocity_kernel(momentum_rule)
-momentum_torch_kernel = _velocity_kernel(momentum_torch_rule)
-nag_kernel = _velocity_kernel(nag_rule)
-nag_torch_kernel = _velocity_kernel(nag_torch_rule)
+def optimizer_step(cls):
+    """The fused ``step(p, g, state, hp, t)`` of optimizer class ``cls``: its rule over the
+    flat buffers, with its kernel scalars cast to the buffers' dtype."""
+    def step(p, g, state, hp, t):
+        kernel = flat_kernel(cls.rule_name(hp), len(cls.state_names))
+        cast = p.dtype.type
+        scalars = tuple(cast(v) for v in cls.kernel_scalars(hp, t))
+        launch(kernel, p.shape[0] >= PARALLEL_MIN, p, g,
+               *(state[name] for name in cls.state_names), scalars)
+    step.__name__ = step.__qualname__ = f"{cls.__name__.lower()}_step"
+    return step
 
 
-@jit
-def adagrad_kernel(p, g, r, lr, eps):
-    for i in prange(p.shape[0]):
-        p[i], r[i] = adagrad_rule(p[i], g[i], r[i], lr, eps)
-
-
-@jit
-def adadelta_kernel(p, g, s, r, rho, one_minus_rho, eps, scale):
-    for i in prange(p.shape[0]):
-        p[i], s[i], r[i] = adadelta_rule(p[i], g[i], s[i], r[i], rho, one_minus_rho, eps, scale)
-
-
-def _rmsprop_kernel(update):
-    @jit
-    def kernel(p, g, r, lr, alpha, one_minus_alpha, eps):
-        for i in prange(p.shape[0]):
-            p[i], r[i] = update(p[i], g[i], r[i], lr, alpha, one_minus_alpha, eps)
-    return kernel
-
-
-rmsprop_kernel = _rmsprop_kernel(rmsprop_rule)
-rmsprop_torch_kernel = _rmsprop_kernel(rmsprop_torch_rule)
-
-
-@jit
-def adam_kernel(p, g, m, v, step, b1, one_minus_b1, b2, one_minus_b2, inv_correction2, eps):
-    for i in prange(p.shape[0]):
-        p[i], m[i], v[i] = adam_rule(p[i], g[i], m[i], v[i], step, b1, one_minus_b1, b2,
-                                     one_minus_b2, inv_correction2, eps)
-
-
-def _scalars(p, *values):
-    cast = p.dtype.type
-    return tuple(cast(v) for v in values)
-
-
-def sgd(p, g, state, hp, t):
-    launch(sgd_kernel, p.shape[0], p, g, *_scalars(p, hp["lr"]))
-
-
-def momentum(p, g, state, hp, t):
-    kernel = momentum_torch_kernel if hp["buffer"] == "torch" else momentum_kernel
-    launch(kernel, p.shape[0], p, g, state["velocity"], *_scalars(p, hp["lr"], hp["momentum"]))
-
-
-def nag(p, g, state, hp, t):
-    kernel = nag_torch_kernel if hp["buffer"] == "torch" else nag_kernel
-    launch(kernel, p.shape[0], p, g, state["velocity"], *_scalars(p, hp["lr"], hp["momentum"]))
-
-
-def adagrad(p, g, state, hp, t):
-    launch(adagrad_kernel, p.shape[0], p, g, state["sum_sq"], *_scalars(p, hp["lr"], hp["eps"]))
-
-
-def adadelta(p, g, state, hp, t):
-    scale = hp["lr"] if hp["lr_scales_step"] else 1.0
-    launch(adadelta_kernel, p.shape[0], p, g, state["sq_avg"], state["delta_sq_avg"],
-           *_scalars(p, hp["rho"], 1.0 - hp["rho"], hp["eps"], scale))
-
-
-def rmsprop(p, g, state, hp, t):
-    kernel = rmsprop_kernel if hp["eps_inside_root"] else rmsprop_torch_kernel
-    launch(kernel, p.shape[0], p, g, state["sq_avg"],
-           *_scalars(p, hp["lr"], hp["alpha"], 1.0 - hp["alpha"], hp["eps"]))
-
-
-def adam(p, g, state, hp, t):
-    b1, b2 = hp["betas"]
-    launch(adam_kernel, p.shape[0], p, g, state["exp_avg"], state["exp_avg_sq"],
-           *_scalars(p, hp["lr"] / (1.0 - b1 ** t), b1, 1.0 - b1, b2, 1.0 - b2,
-                     1.0 / (1.0 - b2 ** t), hp["eps"]))
-
-
-OPTIMIZER_STEPS = {"SGD": sgd, "Momentum": momentum, "NAG": nag, "AdaGrad": adagrad,
-                   "AdaDelta": adadelta, "RMSProp": rmsprop, "Adam": adam}
+OPTIMIZER_STEPS = {cls.__name__: optimizer_step(cls) for cls in OPTIMIZERS.values()}
 
 
 # --- Batch Normalization ---------------------------------------------------------------
