@@ -51,34 +51,48 @@ NNOPT_DEVICE void adagrad_rule(T& p, T g, T& r, T lr, T eps) {
 // AdaDelta: s = rho s + (1-rho) g^2; d = sqrt((r+eps)/(s+eps)) g; p -= scale d;
 // r = rho r + (1-rho) d^2   (scale = 1 in the textbook, lr in PyTorch's variant)
 template <typename T>
-NNOPT_DEVICE void adadelta_rule(T& p, T g, T& s, T& r, T rho, T eps, T scale) {
-    s = rho * s + (T(1) - rho) * g * g;
+NNOPT_DEVICE void adadelta_rule(T& p, T g, T& s, T& r, T rho, T one_minus_rho, T eps, T scale) {
+    s = rho * s + one_minus_rho * g * g;
     T d = sqrt((r + eps) / (s + eps)) * g;
     p -= scale * d;
-    r = rho * r + (T(1) - rho) * d * d;
+    r = rho * r + one_minus_rho * d * d;
 }
 
 // RMSProp: r = alpha r + (1-alpha) g^2; p -= lr g / sqrt(r + eps)  (eps inside, textbook)
 template <typename T>
-NNOPT_DEVICE void rmsprop_rule(T& p, T g, T& r, T lr, T alpha, T eps) {
-    r = alpha * r + (T(1) - alpha) * g * g;
+NNOPT_DEVICE void rmsprop_rule(T& p, T g, T& r, T lr, T alpha, T one_minus_alpha, T eps) {
+    r = alpha * r + one_minus_alpha * g * g;
     p -= lr * g / sqrt(r + eps);
 }
 
 // RMSProp, PyTorch: p -= lr g / (sqrt(r) + eps)
 template <typename T>
-NNOPT_DEVICE void rmsprop_torch_rule(T& p, T g, T& r, T lr, T alpha, T eps) {
-    r = alpha * r + (T(1) - alpha) * g * g;
+NNOPT_DEVICE void rmsprop_torch_rule(T& p, T g, T& r, T lr, T alpha, T one_minus_alpha, T eps) {
+    r = alpha * r + one_minus_alpha * g * g;
     p -= lr * g / (sqrt(r) + eps);
 }
 
 // Adam: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
-// p -= lr (m / c1) / (eps + sqrt(v / c2)), c1 = 1 - b1^t, c2 = 1 - b2^t
+// p -= lr (m / c1) / (eps + sqrt(v / c2)), c1 = 1 - b1^t, c2 = 1 - b2^t,
+// with step = lr / c1 and inv_correction2 = 1 / c2 (Adam.kernel_scalars)
 template <typename T>
-NNOPT_DEVICE void adam_rule(T& p, T g, T& m, T& v, T step, T b1, T b2, T inv_c2, T eps) {
-    m = b1 * m + (T(1) - b1) * g;
-    v = b2 * v + (T(1) - b2) * g * g;
-    p -= step * m / (eps + sqrt(v * inv_c2));   // step = lr / c1
+NNOPT_DEVICE void adam_rule(T& p, T g, T& m, T& v, T step, T b1, T one_minus_b1, T b2,
+                            T one_minus_b2, T inv_correction2, T eps) {
+    m = b1 * m + one_minus_b1 * g;
+    v = b2 * v + one_minus_b2 * g * g;
+    p -= step * m / (eps + sqrt(v * inv_correction2));
+}
+
+// Adam's kernel scalars at step t, in adam_rule's order: the translation of
+// nnopt.optim.adaptive.adam_kernel_scalars, for kernels whose t lives in device memory
+// (captured CUDA graphs). Computed in double, like the Python float arithmetic.
+struct AdamScalars {
+    double step, b1, one_minus_b1, b2, one_minus_b2, inv_correction2, eps;
+};
+
+NNOPT_DEVICE AdamScalars adam_kernel_scalars(double lr, double b1, double b2, double eps, int t) {
+    return AdamScalars{lr / (1.0 - pow(b1, (double)t)), b1, 1.0 - b1, b2, 1.0 - b2,
+                       1.0 / (1.0 - pow(b2, (double)t)), eps};
 }
 
 // BN: from per-feature sums about a shift (the first row), the mean and 1/sqrt(var+eps),
