@@ -1,7 +1,7 @@
 """Numba kernels: one loop per optimizer step and per BN pass, no temporaries.
 
-Each mirrors a reference formula (``nnopt.optim.*.update``, ``nnopt.batchnorm``); the
-tests hold them to it. Scalars are cast to the buffers' dtype before the loop, so float32
+Each mirrors a reference formula (``nnopt.optim.*.update``, ``nnopt.batchnorm``'s factored
+form); the tests hold them to it. Scalars are cast to the buffers' dtype before the loop, so float32
 buffers are updated in float32 arithmetic (as PyTorch and the float32 reference do) and
 the loop vectorizes. The optimizer loops are ``prange`` loops (numba vectorizes those,
 not its plain serial loops); below ``PARALLEL_MIN`` elements they run on the calling
@@ -163,136 +163,107 @@ OPTIMIZER_STEPS = {cls.__name__: optimizer_step(cls) for cls in OPTIMIZERS.value
 
 
 # --- Batch Normalization ---------------------------------------------------------------
-# Per-feature sums are taken about the first row (one read of x, without the cancellation
-# of E[x^2] - E[x]^2). Small batches: one thread, whole arrays. Large ones: threads take
-# chunks of rows (contiguous, streaming reads) with per-feature partial sums, combined once.
+# Translations of nnopt.batchnorm's factored form (its docstring has the derivation): the
+# same steps under the same names, per feature, in float64. Per-feature sums are taken
+# about the first row (one read of x, without the cancellation of E[x^2] - E[x]^2). Rows
+# are split into ``chunks`` contiguous runs (streaming reads), each with its own partial
+# sums, combined once: CHUNKS runs on numba's threads for large batches, one run on the
+# calling thread for small ones (the same kernel).
 CHUNKS = 16
 BN_PARALLEL_MIN = 1 << 18
 
 
-@numba.njit(cache=True)
-def _bn_finalize(acc, acc2, shift, m, gamma, beta, eps, momentum, unbiased, running_mean,
-                 running_var, mean_out, inv_std_out):
-    """Mean, 1/sqrt(var + eps) and running statistics per feature; returns the (scale,
-    offset) of z = gamma (x - mean) inv_std + beta = x scale + offset."""
-    n = acc.shape[0]
+@rule
+def batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps):
+    mu_shifted = sum_dev / m
+    var = max(sum_sq_dev / m - mu_shifted * mu_shifted, 0.0)
+    mean = shift + mu_shifted
+    inv_std = 1.0 / math.sqrt(var + eps)
+    return mean, var, inv_std
+
+
+@rule
+def batchnorm_scale_offset(gamma, beta, mean, inv_std):
+    scale = gamma * inv_std
+    return scale, beta - mean * scale
+
+
+@rule
+def batchnorm_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std):
+    dgamma = sum_dc * inv_std
+    dbeta = sum_d
+    a = gamma * inv_std
+    b = a * dgamma * inv_std / m
+    c = a * dbeta / m
+    return a, b, c, dgamma, dbeta
+
+
+@numba.njit(cache=True, parallel=True)
+def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, z,
+                mean_out, inv_std_out, chunks):
+    m, n = x.shape
+    shift = x[0].astype(np.float64)
+    # batchnorm_shifted_sums, per run of rows
+    sum_dev = np.zeros((chunks, n))
+    sum_sq_dev = np.zeros((chunks, n))
+    rows = (m + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        for i in range(chunk * rows, min(m, (chunk + 1) * rows)):
+            for k in range(n):
+                dev = x[i, k] - shift[k]
+                sum_dev[chunk, k] += dev
+                sum_sq_dev[chunk, k] += dev * dev
+    sum_dev_total, sum_sq_dev_total = sum_dev.sum(axis=0), sum_sq_dev.sum(axis=0)
     scale = np.empty(n, dtype=gamma.dtype)
     offset = np.empty(n, dtype=gamma.dtype)
     for k in range(n):
-        mu_shifted = acc[k] / m
-        var = max(acc2[k] / m - mu_shifted * mu_shifted, 0.0)
-        mean = shift[k] + mu_shifted
-        inv_std = 1.0 / math.sqrt(var + eps)
+        mean, var, inv_std = batchnorm_statistics(sum_dev_total[k], sum_sq_dev_total[k],
+                                                  shift[k], m, eps)
         mean_out[k] = mean
         inv_std_out[k] = inv_std
+        # BatchNorm._update_running
         stored_var = var * m / (m - 1) if unbiased else var
         running_mean[k] = momentum * running_mean[k] + (1.0 - momentum) * mean
         running_var[k] = momentum * running_var[k] + (1.0 - momentum) * stored_var
-        scale[k] = gamma[k] * inv_std
-        offset[k] = beta[k] - mean * gamma[k] * inv_std
-    return scale, offset
+        scale[k], offset[k] = batchnorm_scale_offset(gamma[k], beta[k], mean, inv_std)
+    for i in prange(m):
+        for k in range(n):
+            z[i, k] = x[i, k] * scale[k] + offset[k]
 
 
-@numba.njit(cache=True)
-def _bn_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std, dgamma, dbeta):
-    """dx = gamma inv_std (d - mean(d) - n mean(d n)) = a d - b (x - mean) - c, with
-    n = (x - mean) inv_std: the textbook's backward simplified with sum(x - mean) = 0.
-    Also adds dgamma = sum(d n) and dbeta = sum(d)."""
-    n = sum_d.shape[0]
+@numba.njit(cache=True, parallel=True)
+def _bn_backward(d, x, gamma, mean, inv_std, dx, dgamma, dbeta, chunks):
+    m, n = d.shape
+    # batchnorm_backward_sums, per run of rows
+    sum_d = np.zeros((chunks, n))
+    sum_dc = np.zeros((chunks, n))
+    rows = (m + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        for i in range(chunk * rows, min(m, (chunk + 1) * rows)):
+            for k in range(n):
+                dik = d[i, k]
+                sum_d[chunk, k] += dik
+                sum_dc[chunk, k] += dik * (x[i, k] - mean[k])
+    sum_d_total, sum_dc_total = sum_d.sum(axis=0), sum_dc.sum(axis=0)
     a = np.empty(n, dtype=gamma.dtype)
     b = np.empty(n, dtype=gamma.dtype)
     c = np.empty(n, dtype=gamma.dtype)
     for k in range(n):
-        sum_dn = sum_dc[k] * inv_std[k]
-        dgamma[k] += sum_dn
-        dbeta[k] += sum_d[k]
-        a[k] = gamma[k] * inv_std[k]
-        b[k] = a[k] * sum_dn * inv_std[k] / m
-        c[k] = a[k] * sum_d[k] / m
-    return a, b, c
-
-
-@numba.njit(cache=True)
-def _bn_forward_serial(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
-                       z, mean_out, inv_std_out):
-    m, n = x.shape
-    shift = x[0].astype(np.float64)
-    acc = np.zeros(n)
-    acc2 = np.zeros(n)
-    for i in range(m):
-        for k in range(n):
-            dev = x[i, k] - shift[k]
-            acc[k] += dev
-            acc2[k] += dev * dev
-    scale, offset = _bn_finalize(acc, acc2, shift, m, gamma, beta, eps, momentum, unbiased,
-                                 running_mean, running_var, mean_out, inv_std_out)
-    for i in range(m):
-        for k in range(n):
-            z[i, k] = x[i, k] * scale[k] + offset[k]
-
-
-@numba.njit(cache=True, parallel=True)
-def _bn_forward_parallel(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
-                         z, mean_out, inv_std_out):
-    m, n = x.shape
-    shift = x[0].astype(np.float64)
-    acc = np.zeros((CHUNKS, n))
-    acc2 = np.zeros((CHUNKS, n))
-    rows = (m + CHUNKS - 1) // CHUNKS
-    for c in prange(CHUNKS):
-        for i in range(c * rows, min(m, (c + 1) * rows)):
-            for k in range(n):
-                dev = x[i, k] - shift[k]
-                acc[c, k] += dev
-                acc2[c, k] += dev * dev
-    scale, offset = _bn_finalize(acc.sum(axis=0), acc2.sum(axis=0), shift, m, gamma, beta,
-                                 eps, momentum, unbiased, running_mean, running_var, mean_out,
-                                 inv_std_out)
+        a[k], b[k], c[k], dgamma_k, dbeta_k = batchnorm_backward_coefficients(
+            sum_d_total[k], sum_dc_total[k], m, gamma[k], inv_std[k])
+        dgamma[k] += dgamma_k
+        dbeta[k] += dbeta_k
     for i in prange(m):
-        for k in range(n):
-            z[i, k] = x[i, k] * scale[k] + offset[k]
-
-
-@numba.njit(cache=True)
-def _bn_backward_serial(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
-    m, n = d.shape
-    sum_d = np.zeros(n)
-    sum_dc = np.zeros(n)
-    for i in range(m):
-        for k in range(n):
-            dik = d[i, k]
-            sum_d[k] += dik
-            sum_dc[k] += dik * (x[i, k] - mean[k])
-    a, b, c = _bn_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std, dgamma, dbeta)
-    for i in range(m):
         for k in range(n):
             dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c[k]
 
 
-@numba.njit(cache=True, parallel=True)
-def _bn_backward_parallel(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
-    m, n = d.shape
-    acc_d = np.zeros((CHUNKS, n))
-    acc_dc = np.zeros((CHUNKS, n))
-    rows = (m + CHUNKS - 1) // CHUNKS
-    for c in prange(CHUNKS):
-        for i in range(c * rows, min(m, (c + 1) * rows)):
-            for k in range(n):
-                dik = d[i, k]
-                acc_d[c, k] += dik
-                acc_dc[c, k] += dik * (x[i, k] - mean[k])
-    a, b, c0 = _bn_backward_coefficients(acc_d.sum(axis=0), acc_dc.sum(axis=0), m, gamma,
-                                         inv_std, dgamma, dbeta)
-    for i in prange(m):
-        for k in range(n):
-            dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c0[k]
-
-
-def _parallel(a):
-    # Threads only for big arrays: in a training step BLAS's threads run between these
-    # kernels. With numba's pool waiting passively (nnopt.fast sets OMP_WAIT_POLICY) the
-    # two pools coexist; if another library made OpenMP spin first, they fight (README).
-    return a.size >= BN_PARALLEL_MIN and a.shape[0] >= 2 * CHUNKS
+def bn_chunks(a):
+    """CHUNKS for big arrays, else 1 (one thread): in a training step BLAS's threads run
+    between these kernels. With numba's pool waiting passively (nnopt.fast sets
+    OMP_WAIT_POLICY) the two pools coexist; if another library made OpenMP spin first,
+    they fight (README)."""
+    return CHUNKS if a.size >= BN_PARALLEL_MIN and a.shape[0] >= 2 * CHUNKS else 1
 
 
 class Scratch:
@@ -319,18 +290,18 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     n = x.shape[1]
     z = np.empty_like(x) if out is None else out
     mean, inv_std = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
-    kernel = _bn_forward_parallel if _parallel(x) else _bn_forward_serial
-    kernel(np.ascontiguousarray(x), gamma, beta, eps, momentum, unbiased, running_mean,
-           running_var, z, mean, inv_std)
+    chunks = bn_chunks(x)
+    launch(_bn_forward, chunks > 1, np.ascontiguousarray(x), gamma, beta, eps, momentum,
+           unbiased, running_mean, running_var, z, mean, inv_std, chunks)
     return z, mean, inv_std
 
 
 def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None):
     """Fused backward; adds into ``dgamma``/``dbeta`` and returns ``dx`` (in ``out`` if given)."""
     dx = np.empty_like(d) if out is None else out
-    kernel = _bn_backward_parallel if _parallel(d) else _bn_backward_serial
-    kernel(np.ascontiguousarray(d), np.ascontiguousarray(x), gamma, mean, inv_std, dx,
-           dgamma, dbeta)
+    chunks = bn_chunks(d)
+    launch(_bn_backward, chunks > 1, np.ascontiguousarray(d), np.ascontiguousarray(x), gamma,
+           mean, inv_std, dx, dgamma, dbeta, chunks)
     return dx
 
 
