@@ -2,8 +2,9 @@
 // Each block owns TILE consecutive features: its threads stride over the rows (coalesced
 // along features), accumulate the per-feature sums in registers (double), reduce them in
 // shared memory, then the same block writes its features' outputs. Forward: statistics
-// about the first row, running statistics, z. Backward: sum(d), sum(d*n), dx, and
-// dgamma/dbeta accumulated.
+// about the first row, running statistics, z. Backward: sum(d), sum(d*(x - mean)), dx, and
+// dgamma/dbeta accumulated. The per-feature steps are rules.cuh's batchnorm_* functions,
+// translations of nnopt.batchnorm's factored form.
 #include "rules.cuh"
 
 #define TILE 32
@@ -35,9 +36,15 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
             s += sum[r][threadIdx.x];                                                        \
             s2 += sum_sq[r][threadIdx.x];                                                    \
         }                                                                                    \
-        bn_finalize<T>(s, s2, shift, m, eps, momentum, unbiased, gamma[j], beta[j],          \
-                       running_mean[j], running_var[j], mean_out[j], inv_std_out[j],         \
-                       scale[threadIdx.x], offset[threadIdx.x]);                             \
+        double mean, var, inv_std, scale_k, offset_k;                                         \
+        batchnorm_statistics(s, s2, shift, m, eps, mean, var, inv_std);                      \
+        mean_out[j] = (T)mean;                                                               \
+        inv_std_out[j] = (T)inv_std;                                                         \
+        batchnorm_update_running<T>(mean, var, m, momentum, unbiased, running_mean[j],       \
+                                    running_var[j]);                                         \
+        batchnorm_scale_offset(gamma[j], beta[j], mean, inv_std, scale_k, offset_k);         \
+        scale[threadIdx.x] = (T)scale_k;                                                     \
+        offset[threadIdx.x] = (T)offset_k;                                                   \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \
@@ -72,11 +79,14 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
             s += sum_d[r][threadIdx.x];                                                      \
             sc += sum_dc[r][threadIdx.x];                                                    \
         }                                                                                    \
-        double sum_dn = sc * inv_std[j];                                                     \
-        dgamma[j] += (T)sum_dn;                                                              \
-        dbeta[j] += (T)s;                                                                    \
-        bn_backward_coefficients<T>(s, sum_dn, m, gamma[j], inv_std[j],             \
-                                    a[threadIdx.x], b[threadIdx.x], c[threadIdx.x]);         \
+        double a_k, b_k, c_k, dgamma_k, dbeta_k;                                              \
+        batchnorm_backward_coefficients(s, sc, m, gamma[j], inv_std[j], a_k, b_k, c_k,       \
+                                        dgamma_k, dbeta_k);                                  \
+        a[threadIdx.x] = (T)a_k;                                                             \
+        b[threadIdx.x] = (T)b_k;                                                             \
+        c[threadIdx.x] = (T)c_k;                                                             \
+        dgamma[j] += (T)dgamma_k;                                                            \
+        dbeta[j] += (T)dbeta_k;                                                              \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \

@@ -95,35 +95,46 @@ NNOPT_DEVICE AdamScalars adam_kernel_scalars(double lr, double b1, double b2, do
                        1.0 / (1.0 - pow(b2, (double)t)), eps};
 }
 
-// BN: from per-feature sums about a shift (the first row), the mean and 1/sqrt(var+eps),
-// the running statistics, and z = x * scale + offset.
-template <typename T>
-NNOPT_DEVICE void bn_finalize(double sum, double sum_sq, double shift, int m, T eps,
-                              T momentum, int unbiased, T gamma, T beta, T& running_mean,
-                              T& running_var, T& mean_out, T& inv_std_out, T& scale, T& offset) {
-    double mu_shifted = sum / m;
-    double var = sum_sq / m - mu_shifted * mu_shifted;
+// BN: translations of nnopt.batchnorm's factored form (its docstring has the derivation),
+// the same steps under the same names, per feature, in double.
+// batchnorm_statistics: mean, biased variance and 1/sqrt(var + eps) from the sums of
+// x - shift and (x - shift)^2 (shift: the first row).
+NNOPT_DEVICE void batchnorm_statistics(double sum_dev, double sum_sq_dev, double shift, int m,
+                                       double eps, double& mean, double& var, double& inv_std) {
+    double mu_shifted = sum_dev / m;
+    var = sum_sq_dev / m - mu_shifted * mu_shifted;
     var = var > 0.0 ? var : 0.0;
-    double mean = shift + mu_shifted;
-    double inv_std = 1.0 / sqrt(var + (double)eps);
-    double stored_var = unbiased ? var * m / (m - 1) : var;
-    mean_out = (T)mean;
-    inv_std_out = (T)inv_std;
-    running_mean = momentum * running_mean + (T(1) - momentum) * (T)mean;
-    running_var = momentum * running_var + (T(1) - momentum) * (T)stored_var;
-    scale = (T)(gamma * inv_std);
-    offset = (T)(beta - mean * gamma * inv_std);
+    mean = shift + mu_shifted;
+    inv_std = 1.0 / sqrt(var + eps);
 }
 
-// BN backward: with sum_d = sum(d), sum_dn = sum(d * n), n = (x - mean) inv_std,
-// dx = gamma inv_std (d - sum_d/m - n sum_dn/m) = a d - b (x - mean) - c.
+// batchnorm_scale_offset: z = x * scale + offset
+NNOPT_DEVICE void batchnorm_scale_offset(double gamma, double beta, double mean, double inv_std,
+                                         double& scale, double& offset) {
+    scale = gamma * inv_std;
+    offset = beta - mean * scale;
+}
+
+// BatchNorm._update_running: running = momentum running + (1 - momentum) batch value
 template <typename T>
-NNOPT_DEVICE void bn_backward_coefficients(double sum_d, double sum_dn, int m, T gamma,
-                                           T inv_std, T& a, T& b, T& c) {
-    double ad = (double)gamma * inv_std;
-    a = (T)ad;
-    b = (T)(ad * sum_dn * inv_std / m);
-    c = (T)(ad * sum_d / m);
+NNOPT_DEVICE void batchnorm_update_running(double mean, double var, int m, T momentum,
+                                           int unbiased, T& running_mean, T& running_var) {
+    double stored_var = unbiased ? var * m / (m - 1) : var;
+    running_mean = momentum * running_mean + (T(1) - momentum) * (T)mean;
+    running_var = momentum * running_var + (T(1) - momentum) * (T)stored_var;
+}
+
+// batchnorm_backward_coefficients: from sum_d = sum(d) and sum_dc = sum(d (x - mean)),
+// dx = a d - b (x - mean) - c, and dgamma = sum(d n), dbeta = sum(d).
+NNOPT_DEVICE void batchnorm_backward_coefficients(double sum_d, double sum_dc, int m,
+                                                  double gamma, double inv_std, double& a,
+                                                  double& b, double& c, double& dgamma,
+                                                  double& dbeta) {
+    dgamma = sum_dc * inv_std;
+    dbeta = sum_d;
+    a = gamma * inv_std;
+    b = a * dgamma * inv_std / m;
+    c = a * dbeta / m;
 }
 
 #endif
