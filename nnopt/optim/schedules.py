@@ -36,17 +36,23 @@ def cosine_decay(t_max: int, eta_min_ratio: float = 0.0):
 
 
 class LRScheduler:
-    """Sets ``group["lr"] = base_lr * schedule(epoch)`` for every group of ``optimizer``."""
+    """Sets ``group["lr"] = base_lr * schedule(epoch)`` for every group of ``optimizer``.
+    ``schedule``: one function for every group, or a list of one per group."""
 
     def __init__(self, optimizer, schedule):
-        self.optimizer, self.schedule = optimizer, schedule
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        groups = optimizer.param_groups
+        schedules = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule] * len(groups)
+        if len(schedules) != len(groups):
+            raise ValueError(f"got {len(schedules)} schedules for {len(groups)} parameter groups")
+        self.optimizer, self.schedules = optimizer, schedules
+        self.base_lrs = [g["lr"] for g in groups]
         self.epoch = 0
 
     def step(self):
         self.epoch += 1
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * self.schedule(self.epoch)
+        for group, base, schedule in zip(self.optimizer.param_groups, self.base_lrs,
+                                         self.schedules):
+            group["lr"] = base * schedule(self.epoch)
 
     def get_last_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
@@ -69,7 +75,10 @@ class ExponentialLR(LRScheduler):
 
 
 class CosineAnnealingLR(LRScheduler):
+    """``eta_min`` is the same absolute floor for every group (as in PyTorch): each group's
+    schedule has its own ratio eta_min / base_lr."""
+
     def __init__(self, optimizer, T_max: int, eta_min: float = 0.0):
-        base = optimizer.param_groups[0]["lr"]
-        ratio = eta_min / base if base > 0 else 0.0
-        super().__init__(optimizer, cosine_decay(T_max, min(ratio, 1.0)))
+        ratios = [min(eta_min / g["lr"], 1.0) if g["lr"] > 0 else 0.0
+                  for g in optimizer.param_groups]
+        super().__init__(optimizer, [cosine_decay(T_max, r) for r in ratios])
