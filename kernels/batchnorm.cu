@@ -36,15 +36,9 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
             s += sum[r][threadIdx.x];                                                        \
             s2 += sum_sq[r][threadIdx.x];                                                    \
         }                                                                                    \
-        double mean, var, inv_std, scale_k, offset_k;                                         \
-        batchnorm_statistics(s, s2, shift, m, eps, mean, var, inv_std);                      \
-        mean_out[j] = (T)mean;                                                               \
-        inv_std_out[j] = (T)inv_std;                                                         \
-        batchnorm_update_running<T>(mean, var, m, momentum, unbiased, running_mean[j],       \
-                                    running_var[j]);                                         \
-        batchnorm_scale_offset(gamma[j], beta[j], mean, inv_std, scale_k, offset_k);         \
-        scale[threadIdx.x] = (T)scale_k;                                                     \
-        offset[threadIdx.x] = (T)offset_k;                                                   \
+        batchnorm_forward_feature<T>(s, s2, shift, m, eps, momentum, unbiased, gamma[j],      \
+                                     beta[j], running_mean[j], running_var[j], mean_out[j],  \
+                                     inv_std_out[j], scale[threadIdx.x], offset[threadIdx.x]); \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \
@@ -79,14 +73,8 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
             s += sum_d[r][threadIdx.x];                                                      \
             sc += sum_dc[r][threadIdx.x];                                                    \
         }                                                                                    \
-        double a_k, b_k, c_k, dgamma_k, dbeta_k;                                              \
-        batchnorm_backward_coefficients(s, sc, m, gamma[j], inv_std[j], a_k, b_k, c_k,       \
-                                        dgamma_k, dbeta_k);                                  \
-        a[threadIdx.x] = (T)a_k;                                                             \
-        b[threadIdx.x] = (T)b_k;                                                             \
-        c[threadIdx.x] = (T)c_k;                                                             \
-        dgamma[j] += (T)dgamma_k;                                                            \
-        dbeta[j] += (T)dbeta_k;                                                              \
+        batchnorm_backward_feature<T>(s, sc, m, gamma[j], inv_std[j], a[threadIdx.x],         \
+                                      b[threadIdx.x], c[threadIdx.x], dgamma[j], dbeta[j]);  \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \

@@ -137,4 +137,35 @@ NNOPT_DEVICE void batchnorm_backward_coefficients(double sum_d, double sum_dc, i
     c = a * dbeta / m;
 }
 
+// One feature's forward statistics, from its shifted sums: mean and inv_std stored, the
+// running statistics updated, and z's (scale, offset), in T (every forward kernel's step).
+template <typename T>
+NNOPT_DEVICE void batchnorm_forward_feature(double sum_dev, double sum_sq_dev, double shift,
+                                            int m, T eps, T momentum, int unbiased, T gamma,
+                                            T beta, T& running_mean, T& running_var,
+                                            T& mean_out, T& inv_std_out, T& scale, T& offset) {
+    double mean, var, inv_std, scale_d, offset_d;
+    batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps, mean, var, inv_std);
+    mean_out = (T)mean;
+    inv_std_out = (T)inv_std;
+    batchnorm_update_running<T>(mean, var, m, momentum, unbiased, running_mean, running_var);
+    batchnorm_scale_offset(gamma, beta, mean, inv_std, scale_d, offset_d);
+    scale = (T)scale_d;
+    offset = (T)offset_d;
+}
+
+// One feature's backward coefficients in T, dgamma and dbeta accumulated.
+template <typename T>
+NNOPT_DEVICE void batchnorm_backward_feature(double sum_d, double sum_dc, int m, T gamma,
+                                             T inv_std, T& a, T& b, T& c, T& dgamma, T& dbeta) {
+    double a_d, b_d, c_d, dgamma_d, dbeta_d;
+    batchnorm_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std, a_d, b_d, c_d, dgamma_d,
+                                    dbeta_d);
+    a = (T)a_d;
+    b = (T)b_d;
+    c = (T)c_d;
+    dgamma += (T)dgamma_d;
+    dbeta += (T)dbeta_d;
+}
+
 #endif

@@ -32,15 +32,12 @@ extern "C" void bn_forward_##S(const T* x, const T* gamma, const T* beta, T eps,
             s += d;                                                                          \
             s2 += d * d;                                                                     \
         }                                                                                    \
-        double mean_j, var, inv_std_j, scale, offset;                                        \
-        batchnorm_statistics(s, s2, shift, m, eps, mean_j, var, inv_std_j);                  \
-        mean[j] = (T)mean_j;                                                                 \
-        inv_std[j] = (T)inv_std_j;                                                           \
-        batchnorm_update_running<T>(mean_j, var, m, momentum, unbiased, running_mean[j],     \
-                                    running_var[j]);                                         \
-        batchnorm_scale_offset(gamma[j], beta[j], mean_j, inv_std_j, scale, offset);         \
+        T scale, offset;                                                                     \
+        batchnorm_forward_feature<T>(s, s2, shift, m, eps, momentum, unbiased, gamma[j],     \
+                                     beta[j], running_mean[j], running_var[j], mean[j],      \
+                                     inv_std[j], scale, offset);                             \
         for (int i = 0; i < m; ++i)                                                          \
-            z[(long long)i * n + j] = x[(long long)i * n + j] * (T)scale + (T)offset;        \
+            z[(long long)i * n + j] = x[(long long)i * n + j] * scale + offset;                \
     }                                                                                        \
 }                                                                                            \
 extern "C" void bn_backward_##S(const T* d, const T* x, const T* gamma, const T* mean,      \
@@ -52,12 +49,9 @@ extern "C" void bn_backward_##S(const T* d, const T* x, const T* gamma, const T*
             s += d[k];                                                                       \
             sc += (double)d[k] * ((double)x[k] - (double)mean[j]);                           \
         }                                                                                    \
-        double a_j, b_j, c_j, dgamma_j, dbeta_j;                                              \
-        batchnorm_backward_coefficients(s, sc, m, gamma[j], inv_std[j], a_j, b_j, c_j,       \
-                                        dgamma_j, dbeta_j);                                  \
-        dgamma[j] += (T)dgamma_j;                                                            \
-        dbeta[j] += (T)dbeta_j;                                                              \
-        const T a = (T)a_j, b = (T)b_j, c = (T)c_j;                                          \
+        T a, b, c;                                                                           \
+        batchnorm_backward_feature<T>(s, sc, m, gamma[j], inv_std[j], a, b, c, dgamma[j],     \
+                                      dbeta[j]);                                             \
         for (int i = 0; i < m; ++i) {                                                        \
             long long k = (long long)i * n + j;                                              \
             dx[k] = a * d[k] - b * (x[k] - mean[j]) - c;                                                 \

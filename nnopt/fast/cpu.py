@@ -18,6 +18,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from .. import batchnorm as reference_batchnorm
 from ..optim import OPTIMIZERS
 from ..optim.adaptive import adam_kernel_scalars as adam_kernel_scalars_py
 
@@ -182,20 +183,27 @@ def batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps):
     return mean, var, inv_std
 
 
-@rule
-def batchnorm_scale_offset(gamma, beta, mean, inv_std):
-    scale = gamma * inv_std
-    return scale, beta - mean * scale
+# Plain arithmetic in nnopt.batchnorm: numba compiles the reference functions themselves.
+batchnorm_scale_offset = rule(reference_batchnorm.batchnorm_scale_offset)
+batchnorm_backward_coefficients = rule(reference_batchnorm.batchnorm_backward_coefficients)
 
 
-@rule
-def batchnorm_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std):
-    dgamma = sum_dc * inv_std
-    dbeta = sum_d
-    a = gamma * inv_std
-    b = a * dgamma * inv_std / m
-    c = a * dbeta / m
-    return a, b, c, dgamma, dbeta
+@numba.njit(cache=True, parallel=True)
+def _paired_sums(u, u_shift, x, x_center, chunks):
+    """Per feature, sum(u - u_shift) and sum((u - u_shift) (x - x_center)) in float64, each
+    of ``chunks`` runs of rows on its own thread: batchnorm_shifted_sums (u = x, both
+    shifts the first row) and batchnorm_backward_sums (u = d unshifted, x_center = mean)."""
+    m, n = u.shape
+    sums = np.zeros((chunks, n))
+    products = np.zeros((chunks, n))
+    rows = (m + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        for i in range(chunk * rows, min(m, (chunk + 1) * rows)):
+            for k in range(n):
+                dev = u[i, k] - u_shift[k]
+                sums[chunk, k] += dev
+                products[chunk, k] += dev * (x[i, k] - x_center[k])
+    return sums.sum(axis=0), products.sum(axis=0)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -203,17 +211,7 @@ def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_v
                 mean_out, inv_std_out, chunks):
     m, n = x.shape
     shift = x[0].astype(np.float64)
-    # batchnorm_shifted_sums, per run of rows
-    sum_dev = np.zeros((chunks, n))
-    sum_sq_dev = np.zeros((chunks, n))
-    rows = (m + chunks - 1) // chunks
-    for chunk in prange(chunks):
-        for i in range(chunk * rows, min(m, (chunk + 1) * rows)):
-            for k in range(n):
-                dev = x[i, k] - shift[k]
-                sum_dev[chunk, k] += dev
-                sum_sq_dev[chunk, k] += dev * dev
-    sum_dev_total, sum_sq_dev_total = sum_dev.sum(axis=0), sum_sq_dev.sum(axis=0)
+    sum_dev_total, sum_sq_dev_total = _paired_sums(x, shift, x, shift, chunks)
     scale = np.empty(n, dtype=gamma.dtype)
     offset = np.empty(n, dtype=gamma.dtype)
     for k in range(n):
@@ -234,17 +232,7 @@ def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_v
 @numba.njit(cache=True, parallel=True)
 def _bn_backward(d, x, gamma, mean, inv_std, dx, dgamma, dbeta, chunks):
     m, n = d.shape
-    # batchnorm_backward_sums, per run of rows
-    sum_d = np.zeros((chunks, n))
-    sum_dc = np.zeros((chunks, n))
-    rows = (m + chunks - 1) // chunks
-    for chunk in prange(chunks):
-        for i in range(chunk * rows, min(m, (chunk + 1) * rows)):
-            for k in range(n):
-                dik = d[i, k]
-                sum_d[chunk, k] += dik
-                sum_dc[chunk, k] += dik * (x[i, k] - mean[k])
-    sum_d_total, sum_dc_total = sum_d.sum(axis=0), sum_dc.sum(axis=0)
+    sum_d_total, sum_dc_total = _paired_sums(d, np.zeros(n), x, mean, chunks)
     a = np.empty(n, dtype=gamma.dtype)
     b = np.empty(n, dtype=gamma.dtype)
     c = np.empty(n, dtype=gamma.dtype)
