@@ -2,8 +2,9 @@
 // Each block owns TILE consecutive features: its threads stride over the rows (coalesced
 // along features), accumulate the per-feature sums in registers (double), reduce them in
 // shared memory, then the same block writes its features' outputs. Forward: statistics
-// about the first row, running statistics, z. Backward: sum(d), sum(d*n), dx, and
-// dgamma/dbeta accumulated.
+// about the first row, running statistics, z. Backward: sum(d), sum(d*(x - mean)), dx, and
+// dgamma/dbeta accumulated. The per-feature steps are rules.cuh's batchnorm_* functions,
+// translations of nnopt.batchnorm's factored form.
 #include "rules.cuh"
 
 #define TILE 32
@@ -35,9 +36,9 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
             s += sum[r][threadIdx.x];                                                        \
             s2 += sum_sq[r][threadIdx.x];                                                    \
         }                                                                                    \
-        bn_finalize<T>(s, s2, shift, m, eps, momentum, unbiased, gamma[j], beta[j],          \
-                       running_mean[j], running_var[j], mean_out[j], inv_std_out[j],         \
-                       scale[threadIdx.x], offset[threadIdx.x]);                             \
+        batchnorm_forward_feature<T>(s, s2, shift, m, eps, momentum, unbiased, gamma[j],      \
+                                     beta[j], running_mean[j], running_var[j], mean_out[j],  \
+                                     inv_std_out[j], scale[threadIdx.x], offset[threadIdx.x]); \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \
@@ -72,11 +73,8 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
             s += sum_d[r][threadIdx.x];                                                      \
             sc += sum_dc[r][threadIdx.x];                                                    \
         }                                                                                    \
-        double sum_dn = sc * inv_std[j];                                                     \
-        dgamma[j] += (T)sum_dn;                                                              \
-        dbeta[j] += (T)s;                                                                    \
-        bn_backward_coefficients<T>(s, sum_dn, m, gamma[j], inv_std[j],             \
-                                    a[threadIdx.x], b[threadIdx.x], c[threadIdx.x]);         \
+        batchnorm_backward_feature<T>(s, sc, m, gamma[j], inv_std[j], a[threadIdx.x],         \
+                                      b[threadIdx.x], c[threadIdx.x], dgamma[j], dbeta[j]);  \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \

@@ -51,65 +51,121 @@ NNOPT_DEVICE void adagrad_rule(T& p, T g, T& r, T lr, T eps) {
 // AdaDelta: s = rho s + (1-rho) g^2; d = sqrt((r+eps)/(s+eps)) g; p -= scale d;
 // r = rho r + (1-rho) d^2   (scale = 1 in the textbook, lr in PyTorch's variant)
 template <typename T>
-NNOPT_DEVICE void adadelta_rule(T& p, T g, T& s, T& r, T rho, T eps, T scale) {
-    s = rho * s + (T(1) - rho) * g * g;
+NNOPT_DEVICE void adadelta_rule(T& p, T g, T& s, T& r, T rho, T one_minus_rho, T eps, T scale) {
+    s = rho * s + one_minus_rho * g * g;
     T d = sqrt((r + eps) / (s + eps)) * g;
     p -= scale * d;
-    r = rho * r + (T(1) - rho) * d * d;
+    r = rho * r + one_minus_rho * d * d;
 }
 
 // RMSProp: r = alpha r + (1-alpha) g^2; p -= lr g / sqrt(r + eps)  (eps inside, textbook)
 template <typename T>
-NNOPT_DEVICE void rmsprop_rule(T& p, T g, T& r, T lr, T alpha, T eps) {
-    r = alpha * r + (T(1) - alpha) * g * g;
+NNOPT_DEVICE void rmsprop_rule(T& p, T g, T& r, T lr, T alpha, T one_minus_alpha, T eps) {
+    r = alpha * r + one_minus_alpha * g * g;
     p -= lr * g / sqrt(r + eps);
 }
 
 // RMSProp, PyTorch: p -= lr g / (sqrt(r) + eps)
 template <typename T>
-NNOPT_DEVICE void rmsprop_torch_rule(T& p, T g, T& r, T lr, T alpha, T eps) {
-    r = alpha * r + (T(1) - alpha) * g * g;
+NNOPT_DEVICE void rmsprop_torch_rule(T& p, T g, T& r, T lr, T alpha, T one_minus_alpha, T eps) {
+    r = alpha * r + one_minus_alpha * g * g;
     p -= lr * g / (sqrt(r) + eps);
 }
 
 // Adam: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
-// p -= lr (m / c1) / (eps + sqrt(v / c2)), c1 = 1 - b1^t, c2 = 1 - b2^t
+// p -= lr (m / c1) / (eps + sqrt(v / c2)), c1 = 1 - b1^t, c2 = 1 - b2^t,
+// with step = lr / c1 and inv_correction2 = 1 / c2 (Adam.kernel_scalars)
 template <typename T>
-NNOPT_DEVICE void adam_rule(T& p, T g, T& m, T& v, T step, T b1, T b2, T inv_c2, T eps) {
-    m = b1 * m + (T(1) - b1) * g;
-    v = b2 * v + (T(1) - b2) * g * g;
-    p -= step * m / (eps + sqrt(v * inv_c2));   // step = lr / c1
+NNOPT_DEVICE void adam_rule(T& p, T g, T& m, T& v, T step, T b1, T one_minus_b1, T b2,
+                            T one_minus_b2, T inv_correction2, T eps) {
+    m = b1 * m + one_minus_b1 * g;
+    v = b2 * v + one_minus_b2 * g * g;
+    p -= step * m / (eps + sqrt(v * inv_correction2));
 }
 
-// BN: from per-feature sums about a shift (the first row), the mean and 1/sqrt(var+eps),
-// the running statistics, and z = x * scale + offset.
-template <typename T>
-NNOPT_DEVICE void bn_finalize(double sum, double sum_sq, double shift, int m, T eps,
-                              T momentum, int unbiased, T gamma, T beta, T& running_mean,
-                              T& running_var, T& mean_out, T& inv_std_out, T& scale, T& offset) {
-    double mu_shifted = sum / m;
-    double var = sum_sq / m - mu_shifted * mu_shifted;
+// Adam's kernel scalars at step t, in adam_rule's order: the translation of
+// nnopt.optim.adaptive.adam_kernel_scalars, for kernels whose t lives in device memory
+// (captured CUDA graphs). Computed in double, like the Python float arithmetic.
+struct AdamScalars {
+    double step, b1, one_minus_b1, b2, one_minus_b2, inv_correction2, eps;
+};
+
+NNOPT_DEVICE AdamScalars adam_kernel_scalars(double lr, double b1, double b2, double eps, int t) {
+    return AdamScalars{lr / (1.0 - pow(b1, (double)t)), b1, 1.0 - b1, b2, 1.0 - b2,
+                       1.0 / (1.0 - pow(b2, (double)t)), eps};
+}
+
+// BN: translations of nnopt.batchnorm's factored form (its docstring has the derivation),
+// the same steps under the same names, per feature, in double.
+// batchnorm_statistics: mean, biased variance and 1/sqrt(var + eps) from the sums of
+// x - shift and (x - shift)^2 (shift: the first row).
+NNOPT_DEVICE void batchnorm_statistics(double sum_dev, double sum_sq_dev, double shift, int m,
+                                       double eps, double& mean, double& var, double& inv_std) {
+    double mu_shifted = sum_dev / m;
+    var = sum_sq_dev / m - mu_shifted * mu_shifted;
     var = var > 0.0 ? var : 0.0;
-    double mean = shift + mu_shifted;
-    double inv_std = 1.0 / sqrt(var + (double)eps);
+    mean = shift + mu_shifted;
+    inv_std = 1.0 / sqrt(var + eps);
+}
+
+// batchnorm_scale_offset: z = x * scale + offset
+NNOPT_DEVICE void batchnorm_scale_offset(double gamma, double beta, double mean, double inv_std,
+                                         double& scale, double& offset) {
+    scale = gamma * inv_std;
+    offset = beta - mean * scale;
+}
+
+// BatchNorm._update_running: running = momentum running + (1 - momentum) batch value
+template <typename T>
+NNOPT_DEVICE void batchnorm_update_running(double mean, double var, int m, T momentum,
+                                           int unbiased, T& running_mean, T& running_var) {
     double stored_var = unbiased ? var * m / (m - 1) : var;
-    mean_out = (T)mean;
-    inv_std_out = (T)inv_std;
     running_mean = momentum * running_mean + (T(1) - momentum) * (T)mean;
     running_var = momentum * running_var + (T(1) - momentum) * (T)stored_var;
-    scale = (T)(gamma * inv_std);
-    offset = (T)(beta - mean * gamma * inv_std);
 }
 
-// BN backward: with sum_d = sum(d), sum_dn = sum(d * n), n = (x - mean) inv_std,
-// dx = gamma inv_std (d - sum_d/m - n sum_dn/m) = a d - b (x - mean) - c.
+// batchnorm_backward_coefficients: from sum_d = sum(d) and sum_dc = sum(d (x - mean)),
+// dx = a d - b (x - mean) - c, and dgamma = sum(d n), dbeta = sum(d).
+NNOPT_DEVICE void batchnorm_backward_coefficients(double sum_d, double sum_dc, int m,
+                                                  double gamma, double inv_std, double& a,
+                                                  double& b, double& c, double& dgamma,
+                                                  double& dbeta) {
+    dgamma = sum_dc * inv_std;
+    dbeta = sum_d;
+    a = gamma * inv_std;
+    b = a * dgamma * inv_std / m;
+    c = a * dbeta / m;
+}
+
+// One feature's forward statistics, from its shifted sums: mean and inv_std stored, the
+// running statistics updated, and z's (scale, offset), in T (every forward kernel's step).
 template <typename T>
-NNOPT_DEVICE void bn_backward_coefficients(double sum_d, double sum_dn, int m, T gamma,
-                                           T inv_std, T& a, T& b, T& c) {
-    double ad = (double)gamma * inv_std;
-    a = (T)ad;
-    b = (T)(ad * sum_dn * inv_std / m);
-    c = (T)(ad * sum_d / m);
+NNOPT_DEVICE void batchnorm_forward_feature(double sum_dev, double sum_sq_dev, double shift,
+                                            int m, T eps, T momentum, int unbiased, T gamma,
+                                            T beta, T& running_mean, T& running_var,
+                                            T& mean_out, T& inv_std_out, T& scale, T& offset) {
+    double mean, var, inv_std, scale_d, offset_d;
+    batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps, mean, var, inv_std);
+    mean_out = (T)mean;
+    inv_std_out = (T)inv_std;
+    batchnorm_update_running<T>(mean, var, m, momentum, unbiased, running_mean, running_var);
+    batchnorm_scale_offset(gamma, beta, mean, inv_std, scale_d, offset_d);
+    scale = (T)scale_d;
+    offset = (T)offset_d;
+}
+
+// One feature's backward coefficients in T, dgamma and dbeta accumulated.
+template <typename T>
+NNOPT_DEVICE void batchnorm_backward_feature(double sum_d, double sum_dc, int m, T gamma,
+                                             T inv_std, T& a, T& b, T& c, T& dgamma, T& dbeta) {
+    double a_d, b_d, c_d, dgamma_d, dbeta_d;
+    batchnorm_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std, a_d, b_d, c_d, dgamma_d,
+                                    dbeta_d);
+    a = (T)a_d;
+    b = (T)b_d;
+    c = (T)c_d;
+    dgamma += (T)dgamma_d;
+    dbeta += (T)dbeta_d;
 }
 
 #endif

@@ -16,6 +16,34 @@ Backward, with :math:`d = \partial J/\partial z`:
 
 These two functions are the reference every fast path (numba, CUDA) is tested against;
 on NumPy float arrays the layer uses the fused numba kernels of ``nnopt.fast.cpu``.
+
+The fast paths compute the same thing in a factored form that reads x once per pass
+(below: :func:`batchnorm_forward_factored`, :func:`batchnorm_backward_factored` and their
+steps, in the names and order the numba and CUDA code use).
+
+Forward. With a per-feature shift :math:`s` (the first row: near the mean, so the sums
+do not cancel as :math:`E[x^2] - E[x]^2` does),
+
+.. math::
+    S_1 = \sum (x - s),\quad S_2 = \sum (x - s)^2,\quad
+    \mu = s + S_1/m,\quad \sigma^2 = \max(S_2/m - (S_1/m)^2, 0),\quad
+    r = 1/\sqrt{\sigma^2+\epsilon}
+
+(variance is shift-invariant), and :math:`z = \gamma (x-\mu) r + \beta = x\,\mathrm{scale}
++ \mathrm{offset}` with :math:`\mathrm{scale} = \gamma r`, :math:`\mathrm{offset} = \beta
+- \mu\gamma r`.
+
+Backward. Substituting :math:`dn = \gamma d`, :math:`\sum(x-\mu) = 0` (so the second term
+of :math:`d\mu` vanishes) and :math:`(\sigma^2+\epsilon)^{-3/2} = r^3` into the textbook's dx:
+
+.. math::
+    dx = \gamma r\, d - \gamma r^3 \frac{\sum d (x-\mu)}{m} (x - \mu)
+         - \gamma r \frac{\sum d}{m}
+       = a\, d - b\,(x - \mu) - c,
+
+with :math:`a = \gamma r`, :math:`b = a\, r\, d\gamma / m`, :math:`c = a\, d\beta / m`,
+where :math:`d\gamma = r \sum d (x-\mu)` (:math:`= \sum d\,n`) and :math:`d\beta = \sum d`:
+two per-feature sums in one pass, then one pass for dx.
 """
 from __future__ import annotations
 
@@ -54,6 +82,63 @@ def batchnorm_backward(d, cache):
     return dx, dgamma, dbeta
 
 
+def batchnorm_shifted_sums(x, shift):
+    r"""Per-feature :math:`S_1 = \sum(x - s)` and :math:`S_2 = \sum(x - s)^2`."""
+    xp = namespace_of(x)
+    dev = x - shift
+    return xp.sum(dev, axis=0), xp.sum(dev * dev, axis=0)
+
+
+def batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps):
+    """Mean, biased variance and inverse standard deviation from the shifted sums."""
+    xp = namespace_of(sum_dev)
+    mu_shifted = sum_dev / m
+    var = xp.maximum(sum_sq_dev / m - mu_shifted * mu_shifted, 0.0)
+    mean = shift + mu_shifted
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    return mean, var, inv_std
+
+
+def batchnorm_scale_offset(gamma, beta, mean, inv_std):
+    """``(scale, offset)`` with z = x scale + offset."""
+    scale = gamma * inv_std
+    return scale, beta - mean * scale
+
+
+def batchnorm_forward_factored(x, gamma, beta, eps):
+    """:func:`batchnorm_forward` the fast paths' way. Returns ``(z, mean, var, inv_std)``."""
+    m = x.shape[0]
+    shift = x[0, :]
+    sum_dev, sum_sq_dev = batchnorm_shifted_sums(x, shift)
+    mean, var, inv_std = batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps)
+    scale, offset = batchnorm_scale_offset(gamma, beta, mean, inv_std)
+    return x * scale + offset, mean, var, inv_std
+
+
+def batchnorm_backward_sums(d, x, mean):
+    r"""Per-feature :math:`\sum d` and :math:`\sum d (x - \mu)`."""
+    xp = namespace_of(d)
+    return xp.sum(d, axis=0), xp.sum(d * (x - mean), axis=0)
+
+
+def batchnorm_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std):
+    """``(a, b, c, dgamma, dbeta)`` with dx = a d - b (x - mean) - c."""
+    dgamma = sum_dc * inv_std
+    dbeta = sum_d
+    a = gamma * inv_std
+    b = a * dgamma * inv_std / m
+    c = a * dbeta / m
+    return a, b, c, dgamma, dbeta
+
+
+def batchnorm_backward_factored(d, x, gamma, mean, inv_std):
+    """:func:`batchnorm_backward` the fast paths' way. Returns ``(dx, dgamma, dbeta)``."""
+    m = d.shape[0]
+    sum_d, sum_dc = batchnorm_backward_sums(d, x, mean)
+    a, b, c, dgamma, dbeta = batchnorm_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std)
+    return a * d - b * (x - mean) - c, dgamma, dbeta
+
+
 class BatchNorm(Layer):
     r"""Batch Normalization over the features of a (batch, features) input.
 
@@ -76,6 +161,12 @@ class BatchNorm(Layer):
         self.buffers = {"running_mean": np.zeros(self.n), "running_var": np.ones(self.n)}
         self.name = name
         self.use_fast_path = use_fast_path
+        # What forward leaves for backward; None until the first forward.
+        self.train_mode = None   # the mode of the last forward
+        self.fused = None        # (kernels, x, mean, inv_std) of a fused training forward
+        self.cache = None        # batchnorm_forward's cache of a reference training forward
+        self.std = self.normed = None  # of an inference forward
+        self.scratch = None      # the fused kernels' reusable output buffers, made on first use
 
     def forward(self, x, train=True):
         check_input(self, x, self.n)
@@ -94,7 +185,7 @@ class BatchNorm(Layer):
         fast = fast_for(x, self.gamma.data) if self.use_fast_path else None
         if fast is not None:
             scratch = getattr(fast, "Scratch", None)
-            if scratch is not None and not hasattr(self, "scratch"):
+            if scratch is not None and self.scratch is None:
                 self.scratch = scratch()
             out = self.scratch.get("z", x) if scratch is not None else None
             z, mean, inv_std = fast.bn_forward(x, self.gamma.data, self.beta.data, self.eps,
@@ -117,6 +208,8 @@ class BatchNorm(Layer):
         running_var[...] = a * running_var + (1 - a) * var
 
     def backward(self, d):
+        if self.train_mode is None:
+            raise RuntimeError(f"{self!r}: call forward(x) before backward")
         xp = namespace_of(d)
         if not self.train_mode:
             # Inference mode is an affine map per feature.
@@ -125,7 +218,7 @@ class BatchNorm(Layer):
             return d * self.gamma.data / self.std
         if self.fused is not None:
             fast, x, mean, inv_std = self.fused
-            out = self.scratch.get("dx", d) if hasattr(self, "scratch") else None
+            out = self.scratch.get("dx", d) if self.scratch is not None else None
             return fast.bn_backward(d, x, self.gamma.data, mean, inv_std,
                                     self.gamma.grad, self.beta.grad, out=out)
         dx, dgamma, dbeta = batchnorm_backward(d, self.cache)

@@ -11,7 +11,8 @@ from nnopt.params import FlatParameters
 fast = cpu_kernels()
 pytestmark = pytest.mark.skipif(fast is None, reason="numba is not installed")
 
-SIZES = [1, 7, 1013, 70001]  # 70001 > PARALLEL_MIN: the threaded variant
+# fast.PARALLEL_MIN + 1: the threaded loops (test_large_inputs_take_the_threaded_paths)
+SIZES = [1, 7, 1013, 70001, fast.PARALLEL_MIN + 1] if fast is not None else []
 TOL = {"float32": 2e-5, "float64": 1e-12}
 VARIANTS = {
     "sgd": {}, "momentum": {}, "momentum-torch": {"buffer": "torch"}, "nag": {},
@@ -51,7 +52,7 @@ def test_fused_step_matches_reference(rng, name, n, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", [(2, 3), (7, 33), (64, 128), (300, 301)])
+@pytest.mark.parametrize("shape", [(2, 3), (7, 33), (64, 128), (300, 301), (600, 512)])
 def test_fused_batchnorm_matches_reference(rng, shape, dtype):
     x = rng.normal(size=shape) * rng.uniform(0.1, 5, shape[1]) + rng.normal(size=shape[1]) * 3
     gamma, beta = rng.uniform(0.5, 2, shape[1]), rng.normal(size=shape[1])
@@ -70,6 +71,24 @@ def test_fused_batchnorm_matches_reference(rng, shape, dtype):
                       (dbeta, dbeta_ref), (run_mean, 0.1 * mean_ref),
                       (run_var, 0.9 + 0.1 * var_ref * m / (m - 1))):
         assert np.max(np.abs(got - want)) <= tol * max(np.max(np.abs(want)), 1.0)
+
+
+def test_large_inputs_take_the_threaded_paths(monkeypatch, rng):
+    """The sizes above use numba's threads: the parallel flag reaches ``launch``."""
+    calls = []
+    original = fast.launch
+    monkeypatch.setattr(fast, "launch", lambda kernel, parallel, *a: (
+        calls.append(parallel), original(kernel, parallel, *a))[1])
+    n = fast.PARALLEL_MIN + 1
+    storage, opt = make("adam", n, "float32", True, rng.normal(size=n))
+    storage.grad[...] = 1.0
+    opt.step()
+    x = rng.normal(size=(600, 512))
+    assert x.size >= fast.BN_PARALLEL_MIN and fast.bn_chunks(x) == fast.CHUNKS
+    z, mean, inv_std = fast.bn_forward(x, np.ones(512), np.zeros(512), 1e-5, 0.9, False,
+                                       np.zeros(512), np.ones(512))
+    fast.bn_backward(x, x, np.ones(512), mean, inv_std, np.zeros(512), np.zeros(512))
+    assert calls == [True, True, True]  # Adam's step, BN forward, BN backward
 
 
 def test_fast_paths_are_used_by_default_on_numpy(monkeypatch):

@@ -1,6 +1,8 @@
 """The CUDA kernels without a GPU: every source compiles with nvcc, and the per-element
 math of kernels/rules.cuh, compiled for the host, matches nnopt's reference formulas."""
 import ctypes
+import inspect
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 import nnopt
 from nnopt import kernels, optim
 from nnopt.batchnorm import batchnorm_backward, batchnorm_forward
+from nnopt.fast import cpu_kernels
 from nnopt.params import FlatParameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,32 +57,15 @@ def scalar(dtype):
     return ctypes.c_float if dtype == np.float32 else ctypes.c_double
 
 
-def host_step(lib, name, options, p, g, state, t):
-    """One step of the host-compiled rule ``name`` on float arrays p, g, state (in place)."""
+def host_step(lib, opt, p, g, state, t):
+    """One step of ``opt``'s host-compiled CUDA kernel on float arrays p, g, state (in place),
+    with the scalars of ``opt.kernel_scalars`` (the path the GPU launchers take)."""
+    group = opt.param_groups[0]
     dtype = p.dtype.type
-    suffix, s, n = ("f32" if dtype == np.float32 else "f64"), scalar(dtype), ctypes.c_longlong(p.size)
-    lr = s(options.get("lr", 0.0))
-    if name == "sgd":
-        getattr(lib, f"sgd_{suffix}")(ptr(p), ptr(g), lr, n)
-    elif name in ("momentum", "nag"):
-        kind = (0 if name == "momentum" else 2) + (options.get("buffer") == "torch")
-        getattr(lib, f"velocity_{suffix}")(kind, ptr(p), ptr(g), ptr(state[0]), lr,
-                                           s(options.get("momentum", 0.9)), n)
-    elif name == "adagrad":
-        getattr(lib, f"adagrad_{suffix}")(ptr(p), ptr(g), ptr(state[0]), lr, s(options.get("eps", 1e-6)), n)
-    elif name == "adadelta":
-        scale = options["lr"] if options.get("lr_scales_step") else 1.0
-        getattr(lib, f"adadelta_{suffix}")(ptr(p), ptr(g), ptr(state[0]), ptr(state[1]),
-                                           s(options.get("rho", 0.9)), s(options.get("eps", 1e-5)),
-                                           s(scale), n)
-    elif name == "rmsprop":
-        getattr(lib, f"rmsprop_{suffix}")(int(not options.get("eps_inside_root", True)), ptr(p), ptr(g),
-                                          ptr(state[0]), lr, s(options.get("alpha", 0.9)),
-                                          s(options.get("eps", 1e-6)), n)
-    else:
-        b1, b2 = options.get("betas", (0.9, 0.999))
-        getattr(lib, f"adam_{suffix}")(ptr(p), ptr(g), ptr(state[0]), ptr(state[1]), t, lr,
-                                       s(b1), s(b2), s(options.get("eps", 1e-8)), n)
+    suffix, s = ("f32" if dtype == np.float32 else "f64"), scalar(dtype)
+    kernel = getattr(lib, f"{opt.rule_name(group)}_{suffix}")
+    kernel(ptr(p), ptr(g), *(ptr(a) for a in state[:len(opt.state_names)]),
+           *(s(v) for v in opt.kernel_scalars(group, t)), ctypes.c_longlong(p.size))
 
 
 CASES = [("sgd", {"lr": 0.1}), ("momentum", {"lr": 0.05}), ("momentum", {"lr": 0.05, "buffer": "torch"}),
@@ -102,9 +88,41 @@ def test_host_compiled_rules_match_reference(host, rng, name, options, dtype):
         g = rng.normal(size=n) * rng.uniform(0.1, 5)
         storage.grad[...] = g
         reference.step()
-        host_step(host, name, options, p, g.astype(dtype), state, t)
+        host_step(host, reference, p, g.astype(dtype), state, t)
     tol = 2e-5 if dtype == np.float32 else 1e-12
     assert np.max(np.abs(p - storage.data)) <= tol * np.max(np.abs(storage.data))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_compiled_adam_device_step_matches_reference(host, rng, dtype):
+    """The captured-graph kernel: Adam's scalars computed from a step count in memory."""
+    n, options = 513, {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-7}
+    start = rng.normal(size=n)
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), "float64", w=start)
+    reference = optim.Adam(storage, use_fast_path=False, **options)
+    suffix, s = ("f32" if dtype == np.float32 else "f64"), scalar(dtype)
+    p, m, v = start.astype(dtype), np.zeros(n, dtype), np.zeros(n, dtype)
+    step = ctypes.c_int(0)
+    inputs = optim.Adam.step_scalar_inputs(reference.param_groups[0])
+    for _ in range(4):
+        g = rng.normal(size=n)
+        storage.grad[...] = g
+        reference.step()
+        step.value += 1
+        getattr(host, f"adam_device_step_{suffix}")(ptr(p), ptr(g.astype(dtype)), ptr(m), ptr(v),
+                                                    ctypes.byref(step), *map(s, inputs),
+                                                    ctypes.c_longlong(n))
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    assert np.max(np.abs(p - storage.data)) <= tol * np.max(np.abs(storage.data))
+
+
+@pytest.mark.parametrize("t", [1, 2, 17, 5000])
+def test_cuda_adam_kernel_scalars_are_the_python_ones(host, t):
+    group = {"lr": 0.003, "betas": (0.85, 0.995), "eps": 1e-8}
+    out = np.empty(7)
+    host.adam_kernel_scalars_host(*map(ctypes.c_double, optim.Adam.step_scalar_inputs(group)),
+                                  t, ptr(out))
+    np.testing.assert_allclose(out, optim.Adam.kernel_scalars(group, t), rtol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -131,3 +149,49 @@ def test_host_compiled_batchnorm_matches_reference(host, rng, shape, dtype):
     for got, want in ((z, z_ref), (mean, mean_ref), (dx, dx_ref), (dgamma, dgamma_ref),
                       (dbeta, dbeta_ref), (run_mean, 0.1 * mean_ref), (run_var, 0.9 + 0.1 * var_ref)):
         assert np.max(np.abs(got - want)) <= tol * max(np.max(np.abs(want)), 1.0)
+
+
+def cuda_rule_arguments():
+    """``{rule name: [argument names]}`` of the ``*_rule`` functions of kernels/rules.cuh."""
+    text = (KERNELS / "rules.cuh").read_text()
+    rules = {}
+    for name, args in re.findall(r"NNOPT_DEVICE void (\w+)_rule\(([^)]*)\)", text):
+        rules[name] = [arg.split()[-1].lstrip("&*") for arg in args.split(",")]
+    return rules
+
+
+def make_optimizer(name, options):
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), "float64", w=np.zeros(3))
+    return optim.create(name, storage, use_fast_path=False, **options)
+
+
+def rule_of(opt):
+    return opt.rule_name(opt.param_groups[0])
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_every_optimizer_has_every_path(name):
+    """Reference update, numba rule, CUDA rule and kernels, host-rule test: each rule variant
+    of each optimizer has all of them, and the numba and CUDA rules take the same
+    arguments in the same order (the element arrays, then kernel_scalars)."""
+    cls = optim.OPTIMIZERS[name]
+    assert cls.update is not optim.Optimizer.update, f"{cls.__name__} has no reference update"
+    assert cls.rule_names, f"{cls.__name__} names no rule"
+    cpu = cpu_kernels()
+    cuda_rules = cuda_rule_arguments()
+    kernels_source = (KERNELS / "optimizers.cu").read_text()
+    host_tested = {rule_of(make_optimizer(case, options)) for case, options in CASES}
+    for rule in cls.rule_names:
+        assert rule in cuda_rules, f"kernels/rules.cuh has no {rule}_rule"
+        if cpu is not None:
+            assert rule in cpu.RULES, f"nnopt.fast.cpu has no {rule}_rule"
+            numba_args = list(inspect.signature(cpu.RULES[rule].py_func).parameters)
+            assert numba_args == cuda_rules[rule], rule
+        assert re.search(rf"__global__ void {rule}_##S\(", kernels_source), rule
+        assert rule in host_tested, f"no host-rule test case runs {rule}"
+    if cls.step_scalars is not None:
+        assert re.search(rf"__global__ void {cls.rule_names[0]}_device_step_##S\(",
+                         kernels_source)
+    opt = make_optimizer(name, {})
+    n_args = len(cuda_rules[rule_of(opt)])
+    assert len(opt.kernel_scalars(opt.param_groups[0], 1)) == n_args - 2 - len(cls.state_names)

@@ -4,6 +4,8 @@ import pytest
 
 import nnopt
 from nnopt import BatchNorm, Linear, ReLU, Sequential, Sigmoid, Tanh
+from nnopt.batchnorm import (batchnorm_backward, batchnorm_backward_factored, batchnorm_forward,
+                             batchnorm_forward_factored)
 from nnopt.losses import MSELoss, SoftmaxCrossEntropy
 from tests.helpers import dev, host, numeric_grad, numeric_param_grad, rel_err
 
@@ -204,3 +206,27 @@ def test_linear_takes_a_seed_or_a_generator():
     gen = Linear(4, 3, rng=np.random.default_rng(7)).W.data
     np.testing.assert_array_equal(same[0], gen)
     assert not np.array_equal(Linear(4, 3).W.data, Linear(4, 3).W.data)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (37, 29), (256, 5)])
+def test_batchnorm_factored_form_is_the_textbook_one(xp, rng, shape):
+    """The shifted-sum forward and the dx = a d - b (x - mean) - c backward of the fast
+    paths, in array-API code, against the textbook formulas (float64, fresh inputs)."""
+    m, n = shape
+    x = rng.normal(size=shape) * rng.uniform(0.1, 5, n) + rng.normal(size=n) * 100
+    gamma, beta, d = rng.uniform(0.5, 2, n), rng.normal(size=n), rng.normal(size=shape)
+    x_, gamma_, beta_, d_ = (dev(xp, a, xp.float64) for a in (x, gamma, beta, d))
+    z_ref, mean_ref, var_ref, cache = batchnorm_forward(x_, gamma_, beta_, 1e-5)
+    dx_ref, dgamma_ref, dbeta_ref = batchnorm_backward(d_, cache)
+    z, mean, var, inv_std = batchnorm_forward_factored(x_, gamma_, beta_, 1e-5)
+    dx, dgamma, dbeta = batchnorm_backward_factored(d_, x_, gamma_, mean, inv_std)
+    for got, want in ((z, z_ref), (mean, mean_ref), (var, var_ref),
+                      (inv_std, 1 / np.sqrt(host(var_ref) + 1e-5)), (dx, dx_ref),
+                      (dgamma, dgamma_ref), (dbeta, dbeta_ref)):
+        assert rel_err(host(got), host(want)) < 1e-10
+
+
+def test_batchnorm_backward_before_forward_is_a_clear_error(xp):
+    bn = nnopt.Sequential([BatchNorm(3)], device=xp, dtype="float64").layers[0]
+    with pytest.raises(RuntimeError, match=r"call forward\(x\) before backward"):
+        bn.backward(dev(xp, np.ones((2, 3)), xp.float64))

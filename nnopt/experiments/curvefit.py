@@ -15,15 +15,15 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..fast.cpu import (adadelta_rule, adagrad_rule, adam_rule, momentum_rule, nag_rule,
-                        rmsprop_rule, sgd_rule)
+from ..fast.cpu import (adadelta_rule, adagrad_rule, adam_kernel_scalars, adam_rule,
+                        momentum_rule, momentum_torch_rule, nag_rule, nag_torch_rule,
+                        rmsprop_rule, rmsprop_torch_rule, sgd_rule)
 
-CODES = {"sgd": 0, "momentum": 1, "nag": 2, "adagrad": 3, "adadelta": 4, "rmsprop": 5, "adam": 6}
-DEFAULTS = {  # the library's textbook defaults, in the engine's 4-slot layout (lr, a, b, eps)
-    "sgd": (0.1, 0.0, 0.0, 0.0), "momentum": (0.1, 0.9, 0.0, 0.0), "nag": (0.1, 0.9, 0.0, 0.0),
-    "adagrad": (0.01, 0.0, 0.0, 1e-6), "adadelta": (1.0, 0.9, 0.0, 1e-5),
-    "rmsprop": (0.01, 0.9, 0.0, 1e-6), "adam": (0.001, 0.9, 0.999, 1e-8),
-}
+#: the rule variants the engine runs; a configuration's code is its rule's index here
+RULE_CODES = ("sgd", "momentum", "momentum_torch", "nag", "nag_torch", "adagrad", "adadelta",
+              "rmsprop", "rmsprop_torch", "adam")
+ADAM = RULE_CODES.index("adam")  # the one rule whose scalars depend on the step count
+SCALAR_SLOTS = 8  # room for the longest kernel_scalars tuple (Adam's 7)
 N_PARAMS = 10  # fc1.W (1x3), fc1.b (3), fc2.W (3x1), fc2.b (1): nnopt.mlp([1, 3, 1])'s flat order
 
 
@@ -83,23 +83,31 @@ def test_loss(p, x, y):
 
 @numba.njit(cache=True)
 def _update(code, p, g, s1, s2, hp, t):
-    lr, a, b, eps = hp[0], hp[1], hp[2], hp[3]
+    """One step of rule ``RULE_CODES[code]``; ``hp`` holds the optimizer's kernel_scalars
+    (Adam: its step_scalar_inputs, turned into the scalars of step t here)."""
     for k in range(p.shape[0]):
         if code == 0:
-            p[k] = sgd_rule(p[k], g[k], lr)
+            p[k] = sgd_rule(p[k], g[k], hp[0])
         elif code == 1:
-            p[k], s1[k] = momentum_rule(p[k], g[k], s1[k], lr, a)
+            p[k], s1[k] = momentum_rule(p[k], g[k], s1[k], hp[0], hp[1])
         elif code == 2:
-            p[k], s1[k] = nag_rule(p[k], g[k], s1[k], lr, a)
+            p[k], s1[k] = momentum_torch_rule(p[k], g[k], s1[k], hp[0], hp[1])
         elif code == 3:
-            p[k], s1[k] = adagrad_rule(p[k], g[k], s1[k], lr, eps)
+            p[k], s1[k] = nag_rule(p[k], g[k], s1[k], hp[0], hp[1])
         elif code == 4:
-            p[k], s1[k], s2[k] = adadelta_rule(p[k], g[k], s1[k], s2[k], a, 1.0 - a, eps, 1.0)
+            p[k], s1[k] = nag_torch_rule(p[k], g[k], s1[k], hp[0], hp[1])
         elif code == 5:
-            p[k], s1[k] = rmsprop_rule(p[k], g[k], s1[k], lr, a, 1.0 - a, eps)
+            p[k], s1[k] = adagrad_rule(p[k], g[k], s1[k], hp[0], hp[1])
+        elif code == 6:
+            p[k], s1[k], s2[k] = adadelta_rule(p[k], g[k], s1[k], s2[k], hp[0], hp[1], hp[2],
+                                               hp[3])
+        elif code == 7:
+            p[k], s1[k] = rmsprop_rule(p[k], g[k], s1[k], hp[0], hp[1], hp[2], hp[3])
+        elif code == 8:
+            p[k], s1[k] = rmsprop_torch_rule(p[k], g[k], s1[k], hp[0], hp[1], hp[2], hp[3])
         else:
-            p[k], s1[k], s2[k] = adam_rule(p[k], g[k], s1[k], s2[k], lr / (1.0 - a ** t), a,
-                                           1.0 - a, b, 1.0 - b, 1.0 / (1.0 - b ** t), eps)
+            p[k], s1[k], s2[k] = adam_rule(p[k], g[k], s1[k], s2[k],
+                                           *adam_kernel_scalars(hp[0], hp[1], hp[2], hp[3], t))
 
 
 @numba.njit(cache=True, parallel=True)
@@ -136,20 +144,29 @@ def train_all(configs, data, start, max_epochs=10000, record_every=10, check_eve
     """Train every ``(optimizer, {hyper})`` in ``configs`` from the flat parameters
     ``start`` (10 values). Returns (test-loss curves, epochs to target or -1, final params)."""
     x, y, x_test, y_test = (np.ascontiguousarray(a[:, 0], dtype=np.float64) for a in data)
-    codes = np.array([CODES[name] for name, _ in configs], dtype=np.int64)
-    hyper = np.array([_slots(name, options) for name, options in configs], dtype=np.float64)
+    codes, hyper = zip(*(_encode(name, options) for name, options in configs))
+    codes, hyper = np.array(codes, dtype=np.int64), np.array(hyper, dtype=np.float64)
     starts = np.repeat(np.asarray(start, dtype=np.float64)[None, :], len(configs), axis=0)
     return _train_all(x, y, x_test, y_test, starts, codes, hyper, int(max_epochs),
                       int(record_every), int(check_every), float(target), int(seed), int(batch))
 
 
-def _slots(name, options):
-    lr, a, b, eps = DEFAULTS[name]
-    lr = options.get("lr", lr)
-    a = options.get("momentum", options.get("rho", options.get("alpha", a)))
-    if "betas" in options:
-        a, b = options["betas"]
-    return lr, a, b, options.get("eps", eps)
+def _encode(name, options):
+    """``(rule code, scalar slots)`` of one configuration, from the optimizer class itself:
+    its defaults and validation (through a throw-away instance) and its kernel scalars."""
+    from .. import optim
+    from ..backend import get_namespace
+    from ..params import FlatParameters
+    storage = FlatParameters.from_arrays(get_namespace("cpu"), "float64", w=np.zeros(N_PARAMS))
+    opt = optim.create(name, storage, **options)
+    group = opt.param_groups[0]
+    rule_name = opt.rule_name(group)
+    if rule_name not in RULE_CODES:
+        raise ValueError(f"the curve-fitting engine has no rule {rule_name!r}; it runs "
+                         f"{', '.join(RULE_CODES)}")
+    code = RULE_CODES.index(rule_name)
+    scalars = opt.step_scalar_inputs(group) if code == ADAM else opt.kernel_scalars(group, 1)
+    return code, tuple(scalars) + (0.0,) * (SCALAR_SLOTS - len(scalars))
 
 
 def initial_params(seed=0, init="xavier"):

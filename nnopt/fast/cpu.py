@@ -1,7 +1,7 @@
 """Numba kernels: one loop per optimizer step and per BN pass, no temporaries.
 
-Each mirrors a reference formula (``nnopt.optim.*.update``, ``nnopt.batchnorm``); the
-tests hold them to it. Scalars are cast to the buffers' dtype before the loop, so float32
+Each mirrors a reference formula (``nnopt.optim.*.update``, ``nnopt.batchnorm``'s factored
+form); the tests hold them to it. Scalars are cast to the buffers' dtype before the loop, so float32
 buffers are updated in float32 arithmetic (as PyTorch and the float32 reference do) and
 the loop vectorizes. The optimizer loops are ``prange`` loops (numba vectorizes those,
 not its plain serial loops); below ``PARALLEL_MIN`` elements they run on the calling
@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import lru_cache
 
 import numba
 import numpy as np
 from numba import prange
 
+from .. import batchnorm as reference_batchnorm
+from ..optim import OPTIMIZERS
+from ..optim.adaptive import adam_kernel_scalars as adam_kernel_scalars_py
+
 PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
 jit = numba.njit(cache=True, parallel=True)
 
 
-def launch(kernel, n, *args):
-    """Run a prange kernel, on one thread when ``n`` is small."""
-    if n >= PARALLEL_MIN:
+def launch(kernel, parallel, *args):
+    """Run a prange kernel: on numba's threads when ``parallel``, else on this thread alone."""
+    if parallel:
         return kernel(*args)
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
@@ -34,10 +39,14 @@ def launch(kernel, n, *args):
 
 
 # --- update rules, one element at a time ---------------------------------------------------
-# Each ``*_rule`` is the reference formula of nnopt.optim for one element, returning the new
-# parameter and state. The flat-buffer kernels below and the batched experiments
-# (nnopt.experiments.curvefit) both inline them, so each formula exists once in numba.
-rule = numba.njit(inline="always", cache=True)
+# Each ``<name>_rule`` is the reference formula of nnopt.optim for one element, returning the
+# new parameter and state. Its arguments: the element of p and g, the elements of the state
+# (the optimizer's ``state_names`` order), then ``Optimizer.kernel_scalars(group, t)``, in
+# order; kernels/rules.cuh has the same rules with the same arguments. The flat-buffer
+# kernels below and the batched experiments (nnopt.experiments.curvefit) both call them, so
+# each formula exists once in numba. (Not numba's ``inline="always"``: that refuses the
+# ``*scalars`` call below; LLVM inlines these small functions anyway.)
+rule = numba.njit(cache=True)
 
 
 @rule
@@ -108,235 +117,141 @@ def adam_rule(p, g, m, v, step, b1, one_minus_b1, b2, one_minus_b2, inv_correcti
     return p - step * m / (eps + np.sqrt(v * inv_correction2)), m, v
 
 
+#: Adam.kernel_scalars's arithmetic, compiled (the batched experiments call it per step)
+adam_kernel_scalars = rule(adam_kernel_scalars_py)
+
+RULES = {name[:-len("_rule")]: f for name, f in list(globals().items())
+         if name.endswith("_rule") and isinstance(f, numba.core.registry.CPUDispatcher)}
+
+
 # --- optimizer steps over flat buffers -------------------------------------------------
-@jit
-def sgd_kernel(p, g, lr):
-    for i in prange(p.shape[0]):
-        p[i] = sgd_rule(p[i], g[i], lr)
-
-
-def _velocity_kernel(update):
-    @jit
-    def kernel(p, g, v, lr, alpha):
-        for i in prange(p.shape[0]):
-            p[i], v[i] = update(p[i], g[i], v[i], lr, alpha)
+@lru_cache(maxsize=None)
+def flat_kernel(rule_name, n_state):
+    """The prange loop of rule ``rule_name`` (with ``n_state`` state arrays) over flat buffers."""
+    update = RULES[rule_name]
+    if n_state == 0:
+        @jit
+        def kernel(p, g, scalars):
+            for i in prange(p.shape[0]):
+                p[i] = update(p[i], g[i], *scalars)
+    elif n_state == 1:
+        @jit
+        def kernel(p, g, s, scalars):
+            for i in prange(p.shape[0]):
+                p[i], s[i] = update(p[i], g[i], s[i], *scalars)
+    else:
+        @jit
+        def kernel(p, g, s1, s2, scalars):
+            for i in prange(p.shape[0]):
+                p[i], s1[i], s2[i] = update(p[i], g[i], s1[i], s2[i], *scalars)
     return kernel
 
 
-momentum_kernel = _velocity_kernel(momentum_rule)
-momentum_torch_kernel = _velocity_kernel(momentum_torch_rule)
-nag_kernel = _velocity_kernel(nag_rule)
-nag_torch_kernel = _velocity_kernel(nag_torch_rule)
+def optimizer_step(cls):
+    """The fused ``step(p, g, state, hp, t)`` of optimizer class ``cls``: its rule over the
+    flat buffers, with its kernel scalars cast to the buffers' dtype."""
+    def step(p, g, state, hp, t):
+        kernel = flat_kernel(cls.rule_name(hp), len(cls.state_names))
+        cast = p.dtype.type
+        scalars = tuple(cast(v) for v in cls.kernel_scalars(hp, t))
+        launch(kernel, p.shape[0] >= PARALLEL_MIN, p, g,
+               *(state[name] for name in cls.state_names), scalars)
+    step.__name__ = step.__qualname__ = f"{cls.__name__.lower()}_step"
+    return step
 
 
-@jit
-def adagrad_kernel(p, g, r, lr, eps):
-    for i in prange(p.shape[0]):
-        p[i], r[i] = adagrad_rule(p[i], g[i], r[i], lr, eps)
-
-
-@jit
-def adadelta_kernel(p, g, s, r, rho, one_minus_rho, eps, scale):
-    for i in prange(p.shape[0]):
-        p[i], s[i], r[i] = adadelta_rule(p[i], g[i], s[i], r[i], rho, one_minus_rho, eps, scale)
-
-
-def _rmsprop_kernel(update):
-    @jit
-    def kernel(p, g, r, lr, alpha, one_minus_alpha, eps):
-        for i in prange(p.shape[0]):
-            p[i], r[i] = update(p[i], g[i], r[i], lr, alpha, one_minus_alpha, eps)
-    return kernel
-
-
-rmsprop_kernel = _rmsprop_kernel(rmsprop_rule)
-rmsprop_torch_kernel = _rmsprop_kernel(rmsprop_torch_rule)
-
-
-@jit
-def adam_kernel(p, g, m, v, step, b1, one_minus_b1, b2, one_minus_b2, inv_correction2, eps):
-    for i in prange(p.shape[0]):
-        p[i], m[i], v[i] = adam_rule(p[i], g[i], m[i], v[i], step, b1, one_minus_b1, b2,
-                                     one_minus_b2, inv_correction2, eps)
-
-
-def _scalars(p, *values):
-    cast = p.dtype.type
-    return tuple(cast(v) for v in values)
-
-
-def sgd(p, g, state, hp, t):
-    launch(sgd_kernel, p.shape[0], p, g, *_scalars(p, hp["lr"]))
-
-
-def momentum(p, g, state, hp, t):
-    kernel = momentum_torch_kernel if hp["buffer"] == "torch" else momentum_kernel
-    launch(kernel, p.shape[0], p, g, state["velocity"], *_scalars(p, hp["lr"], hp["momentum"]))
-
-
-def nag(p, g, state, hp, t):
-    kernel = nag_torch_kernel if hp["buffer"] == "torch" else nag_kernel
-    launch(kernel, p.shape[0], p, g, state["velocity"], *_scalars(p, hp["lr"], hp["momentum"]))
-
-
-def adagrad(p, g, state, hp, t):
-    launch(adagrad_kernel, p.shape[0], p, g, state["sum_sq"], *_scalars(p, hp["lr"], hp["eps"]))
-
-
-def adadelta(p, g, state, hp, t):
-    scale = hp["lr"] if hp["lr_scales_step"] else 1.0
-    launch(adadelta_kernel, p.shape[0], p, g, state["sq_avg"], state["delta_sq_avg"],
-           *_scalars(p, hp["rho"], 1.0 - hp["rho"], hp["eps"], scale))
-
-
-def rmsprop(p, g, state, hp, t):
-    kernel = rmsprop_kernel if hp["eps_inside_root"] else rmsprop_torch_kernel
-    launch(kernel, p.shape[0], p, g, state["sq_avg"],
-           *_scalars(p, hp["lr"], hp["alpha"], 1.0 - hp["alpha"], hp["eps"]))
-
-
-def adam(p, g, state, hp, t):
-    b1, b2 = hp["betas"]
-    launch(adam_kernel, p.shape[0], p, g, state["exp_avg"], state["exp_avg_sq"],
-           *_scalars(p, hp["lr"] / (1.0 - b1 ** t), b1, 1.0 - b1, b2, 1.0 - b2,
-                     1.0 / (1.0 - b2 ** t), hp["eps"]))
-
-
-OPTIMIZER_STEPS = {"SGD": sgd, "Momentum": momentum, "NAG": nag, "AdaGrad": adagrad,
-                   "AdaDelta": adadelta, "RMSProp": rmsprop, "Adam": adam}
+OPTIMIZER_STEPS = {cls.__name__: optimizer_step(cls) for cls in OPTIMIZERS.values()}
 
 
 # --- Batch Normalization ---------------------------------------------------------------
-# Per-feature sums are taken about the first row (one read of x, without the cancellation
-# of E[x^2] - E[x]^2). Small batches: one thread, whole arrays. Large ones: threads take
-# chunks of rows (contiguous, streaming reads) with per-feature partial sums, combined once.
+# Translations of nnopt.batchnorm's factored form (its docstring has the derivation): the
+# same steps under the same names, per feature, in float64. Per-feature sums are taken
+# about the first row (one read of x, without the cancellation of E[x^2] - E[x]^2). Rows
+# are split into ``chunks`` contiguous runs (streaming reads), each with its own partial
+# sums, combined once: CHUNKS runs on numba's threads for large batches, one run on the
+# calling thread for small ones (the same kernel).
 CHUNKS = 16
 BN_PARALLEL_MIN = 1 << 18
 
 
-@numba.njit(cache=True)
-def _bn_finalize(acc, acc2, shift, m, gamma, beta, eps, momentum, unbiased, running_mean,
-                 running_var, mean_out, inv_std_out):
-    """Mean, 1/sqrt(var + eps) and running statistics per feature; returns the (scale,
-    offset) of z = gamma (x - mean) inv_std + beta = x scale + offset."""
-    n = acc.shape[0]
+@rule
+def batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps):
+    mu_shifted = sum_dev / m
+    var = max(sum_sq_dev / m - mu_shifted * mu_shifted, 0.0)
+    mean = shift + mu_shifted
+    inv_std = 1.0 / math.sqrt(var + eps)
+    return mean, var, inv_std
+
+
+# Plain arithmetic in nnopt.batchnorm: numba compiles the reference functions themselves.
+batchnorm_scale_offset = rule(reference_batchnorm.batchnorm_scale_offset)
+batchnorm_backward_coefficients = rule(reference_batchnorm.batchnorm_backward_coefficients)
+
+
+@numba.njit(cache=True, parallel=True)
+def _paired_sums(u, u_shift, x, x_center, chunks):
+    """Per feature, sum(u - u_shift) and sum((u - u_shift) (x - x_center)) in float64, each
+    of ``chunks`` runs of rows on its own thread: batchnorm_shifted_sums (u = x, both
+    shifts the first row) and batchnorm_backward_sums (u = d unshifted, x_center = mean)."""
+    m, n = u.shape
+    sums = np.zeros((chunks, n))
+    products = np.zeros((chunks, n))
+    rows = (m + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        for i in range(chunk * rows, min(m, (chunk + 1) * rows)):
+            for k in range(n):
+                dev = u[i, k] - u_shift[k]
+                sums[chunk, k] += dev
+                products[chunk, k] += dev * (x[i, k] - x_center[k])
+    return sums.sum(axis=0), products.sum(axis=0)
+
+
+@numba.njit(cache=True, parallel=True)
+def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, z,
+                mean_out, inv_std_out, chunks):
+    m, n = x.shape
+    shift = x[0].astype(np.float64)
+    sum_dev_total, sum_sq_dev_total = _paired_sums(x, shift, x, shift, chunks)
     scale = np.empty(n, dtype=gamma.dtype)
     offset = np.empty(n, dtype=gamma.dtype)
     for k in range(n):
-        mu_shifted = acc[k] / m
-        var = max(acc2[k] / m - mu_shifted * mu_shifted, 0.0)
-        mean = shift[k] + mu_shifted
-        inv_std = 1.0 / math.sqrt(var + eps)
+        mean, var, inv_std = batchnorm_statistics(sum_dev_total[k], sum_sq_dev_total[k],
+                                                  shift[k], m, eps)
         mean_out[k] = mean
         inv_std_out[k] = inv_std
+        # BatchNorm._update_running
         stored_var = var * m / (m - 1) if unbiased else var
         running_mean[k] = momentum * running_mean[k] + (1.0 - momentum) * mean
         running_var[k] = momentum * running_var[k] + (1.0 - momentum) * stored_var
-        scale[k] = gamma[k] * inv_std
-        offset[k] = beta[k] - mean * gamma[k] * inv_std
-    return scale, offset
+        scale[k], offset[k] = batchnorm_scale_offset(gamma[k], beta[k], mean, inv_std)
+    for i in prange(m):
+        for k in range(n):
+            z[i, k] = x[i, k] * scale[k] + offset[k]
 
 
-@numba.njit(cache=True)
-def _bn_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std, dgamma, dbeta):
-    """dx = gamma inv_std (d - mean(d) - n mean(d n)) = a d - b (x - mean) - c, with
-    n = (x - mean) inv_std: the textbook's backward simplified with sum(x - mean) = 0.
-    Also adds dgamma = sum(d n) and dbeta = sum(d)."""
-    n = sum_d.shape[0]
+@numba.njit(cache=True, parallel=True)
+def _bn_backward(d, x, gamma, mean, inv_std, dx, dgamma, dbeta, chunks):
+    m, n = d.shape
+    sum_d_total, sum_dc_total = _paired_sums(d, np.zeros(n), x, mean, chunks)
     a = np.empty(n, dtype=gamma.dtype)
     b = np.empty(n, dtype=gamma.dtype)
     c = np.empty(n, dtype=gamma.dtype)
     for k in range(n):
-        sum_dn = sum_dc[k] * inv_std[k]
-        dgamma[k] += sum_dn
-        dbeta[k] += sum_d[k]
-        a[k] = gamma[k] * inv_std[k]
-        b[k] = a[k] * sum_dn * inv_std[k] / m
-        c[k] = a[k] * sum_d[k] / m
-    return a, b, c
-
-
-@numba.njit(cache=True)
-def _bn_forward_serial(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
-                       z, mean_out, inv_std_out):
-    m, n = x.shape
-    shift = x[0].astype(np.float64)
-    acc = np.zeros(n)
-    acc2 = np.zeros(n)
-    for i in range(m):
-        for k in range(n):
-            dev = x[i, k] - shift[k]
-            acc[k] += dev
-            acc2[k] += dev * dev
-    scale, offset = _bn_finalize(acc, acc2, shift, m, gamma, beta, eps, momentum, unbiased,
-                                 running_mean, running_var, mean_out, inv_std_out)
-    for i in range(m):
-        for k in range(n):
-            z[i, k] = x[i, k] * scale[k] + offset[k]
-
-
-@numba.njit(cache=True, parallel=True)
-def _bn_forward_parallel(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
-                         z, mean_out, inv_std_out):
-    m, n = x.shape
-    shift = x[0].astype(np.float64)
-    acc = np.zeros((CHUNKS, n))
-    acc2 = np.zeros((CHUNKS, n))
-    rows = (m + CHUNKS - 1) // CHUNKS
-    for c in prange(CHUNKS):
-        for i in range(c * rows, min(m, (c + 1) * rows)):
-            for k in range(n):
-                dev = x[i, k] - shift[k]
-                acc[c, k] += dev
-                acc2[c, k] += dev * dev
-    scale, offset = _bn_finalize(acc.sum(axis=0), acc2.sum(axis=0), shift, m, gamma, beta,
-                                 eps, momentum, unbiased, running_mean, running_var, mean_out,
-                                 inv_std_out)
+        a[k], b[k], c[k], dgamma_k, dbeta_k = batchnorm_backward_coefficients(
+            sum_d_total[k], sum_dc_total[k], m, gamma[k], inv_std[k])
+        dgamma[k] += dgamma_k
+        dbeta[k] += dbeta_k
     for i in prange(m):
-        for k in range(n):
-            z[i, k] = x[i, k] * scale[k] + offset[k]
-
-
-@numba.njit(cache=True)
-def _bn_backward_serial(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
-    m, n = d.shape
-    sum_d = np.zeros(n)
-    sum_dc = np.zeros(n)
-    for i in range(m):
-        for k in range(n):
-            dik = d[i, k]
-            sum_d[k] += dik
-            sum_dc[k] += dik * (x[i, k] - mean[k])
-    a, b, c = _bn_backward_coefficients(sum_d, sum_dc, m, gamma, inv_std, dgamma, dbeta)
-    for i in range(m):
         for k in range(n):
             dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c[k]
 
 
-@numba.njit(cache=True, parallel=True)
-def _bn_backward_parallel(d, x, gamma, mean, inv_std, dx, dgamma, dbeta):
-    m, n = d.shape
-    acc_d = np.zeros((CHUNKS, n))
-    acc_dc = np.zeros((CHUNKS, n))
-    rows = (m + CHUNKS - 1) // CHUNKS
-    for c in prange(CHUNKS):
-        for i in range(c * rows, min(m, (c + 1) * rows)):
-            for k in range(n):
-                dik = d[i, k]
-                acc_d[c, k] += dik
-                acc_dc[c, k] += dik * (x[i, k] - mean[k])
-    a, b, c0 = _bn_backward_coefficients(acc_d.sum(axis=0), acc_dc.sum(axis=0), m, gamma,
-                                         inv_std, dgamma, dbeta)
-    for i in prange(m):
-        for k in range(n):
-            dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c0[k]
-
-
-def _parallel(a):
-    # Threads only for big arrays: in a training step BLAS's threads run between these
-    # kernels. With numba's pool waiting passively (nnopt.fast sets OMP_WAIT_POLICY) the
-    # two pools coexist; if another library made OpenMP spin first, they fight (README).
-    return a.size >= BN_PARALLEL_MIN and a.shape[0] >= 2 * CHUNKS
+def bn_chunks(a):
+    """CHUNKS for big arrays, else 1 (one thread): in a training step BLAS's threads run
+    between these kernels. With numba's pool waiting passively (nnopt.fast sets
+    OMP_WAIT_POLICY) the two pools coexist; if another library made OpenMP spin first,
+    they fight (README)."""
+    return CHUNKS if a.size >= BN_PARALLEL_MIN and a.shape[0] >= 2 * CHUNKS else 1
 
 
 class Scratch:
@@ -363,18 +278,18 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     n = x.shape[1]
     z = np.empty_like(x) if out is None else out
     mean, inv_std = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
-    kernel = _bn_forward_parallel if _parallel(x) else _bn_forward_serial
-    kernel(np.ascontiguousarray(x), gamma, beta, eps, momentum, unbiased, running_mean,
-           running_var, z, mean, inv_std)
+    chunks = bn_chunks(x)
+    launch(_bn_forward, chunks > 1, np.ascontiguousarray(x), gamma, beta, eps, momentum,
+           unbiased, running_mean, running_var, z, mean, inv_std, chunks)
     return z, mean, inv_std
 
 
 def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None):
     """Fused backward; adds into ``dgamma``/``dbeta`` and returns ``dx`` (in ``out`` if given)."""
     dx = np.empty_like(d) if out is None else out
-    kernel = _bn_backward_parallel if _parallel(d) else _bn_backward_serial
-    kernel(np.ascontiguousarray(d), np.ascontiguousarray(x), gamma, mean, inv_std, dx,
-           dgamma, dbeta)
+    chunks = bn_chunks(d)
+    launch(_bn_backward, chunks > 1, np.ascontiguousarray(d), np.ascontiguousarray(x), gamma,
+           mean, inv_std, dx, dgamma, dbeta, chunks)
     return dx
 
 

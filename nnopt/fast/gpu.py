@@ -13,6 +13,7 @@ import cupy
 import numpy as np
 
 from .. import kernels
+from ..optim import OPTIMIZERS
 
 THREADS = 256
 
@@ -63,53 +64,25 @@ def gemm(a, b, trans_a=False, trans_b=False):
 
 
 # --- optimizer steps --------------------------------------------------------------------------
-def sgd(p, g, state, hp, t):
-    _launch(f"sgd_{_suffix(p)}", p.size, p, g, *_s(p, hp["lr"]))
+def optimizer_step(cls):
+    """The fused ``step(p, g, state, hp, t)`` of optimizer class ``cls``: kernel
+    ``<rule>_<f32|f64>`` of optimizers.cu over the flat buffers, with ``cls.kernel_scalars``.
+    ``t`` is the step count: an int, or (inside a captured CUDA graph) a device int32
+    array, which kernel ``<rule>_device_step_*`` reads for the optimizers whose scalars
+    depend on it (Adam), from ``cls.step_scalar_inputs``."""
+    def step(p, g, state, hp, t):
+        rule = cls.rule_name(hp)
+        arrays = (p, g, *(state[name] for name in cls.state_names))
+        if cls.step_scalars is not None and isinstance(t, cupy.ndarray):
+            _launch(f"{rule}_device_step_{_suffix(p)}", p.size, *arrays, t,
+                    *_s(p, *cls.step_scalar_inputs(hp)))
+        else:
+            _launch(f"{rule}_{_suffix(p)}", p.size, *arrays, *_s(p, *cls.kernel_scalars(hp, t)))
+    step.__name__ = step.__qualname__ = f"{cls.__name__.lower()}_step"
+    return step
 
 
-def momentum(p, g, state, hp, t):
-    kind = "momentum_torch" if hp["buffer"] == "torch" else "momentum"
-    _launch(f"{kind}_{_suffix(p)}", p.size, p, g, state["velocity"], *_s(p, hp["lr"], hp["momentum"]))
-
-
-def nag(p, g, state, hp, t):
-    kind = "nag_torch" if hp["buffer"] == "torch" else "nag"
-    _launch(f"{kind}_{_suffix(p)}", p.size, p, g, state["velocity"], *_s(p, hp["lr"], hp["momentum"]))
-
-
-def adagrad(p, g, state, hp, t):
-    _launch(f"adagrad_{_suffix(p)}", p.size, p, g, state["sum_sq"], *_s(p, hp["lr"], hp["eps"]))
-
-
-def adadelta(p, g, state, hp, t):
-    scale = hp["lr"] if hp["lr_scales_step"] else 1.0
-    _launch(f"adadelta_{_suffix(p)}", p.size, p, g, state["sq_avg"], state["delta_sq_avg"],
-            *_s(p, hp["rho"], hp["eps"], scale))
-
-
-def rmsprop(p, g, state, hp, t):
-    kind = "rmsprop" if hp["eps_inside_root"] else "rmsprop_torch"
-    _launch(f"{kind}_{_suffix(p)}", p.size, p, g, state["sq_avg"],
-            *_s(p, hp["lr"], hp["alpha"], hp["eps"]))
-
-
-def adam(p, g, state, hp, t):
-    """``t`` is the step count: an int, or a device int32 array (inside captured graphs)."""
-    b1, b2 = hp["betas"]
-    if isinstance(t, cupy.ndarray):
-        _launch(f"adam_device_step_{_suffix(p)}", p.size, p, g, state["exp_avg"],
-                state["exp_avg_sq"], t, *_s(p, hp["lr"], b1, b2, hp["eps"]))
-    else:
-        _launch(f"adam_{_suffix(p)}", p.size, p, g, state["exp_avg"], state["exp_avg_sq"],
-                np.int32(t), *_s(p, hp["lr"], b1, b2, hp["eps"]))
-
-
-def increment_step(counter):
-    function("optimizers.cu", "increment_step")((1,), (1,), (counter,))
-
-
-OPTIMIZER_STEPS = {"SGD": sgd, "Momentum": momentum, "NAG": nag, "AdaGrad": adagrad,
-                   "AdaDelta": adadelta, "RMSProp": rmsprop, "Adam": adam}
+OPTIMIZER_STEPS = {cls.__name__: optimizer_step(cls) for cls in OPTIMIZERS.values()}
 
 
 # --- Batch Normalization and ReLU -------------------------------------------------------------

@@ -18,10 +18,15 @@ class AdaGrad(Optimizer):
 
     defaults = {"lr": 0.01, "eps": 1e-6}
     state_names = ("sum_sq",)
+    rule_names = ("adagrad",)
 
     def validate(self, group):
         super().validate(group)
         self.check_eps(group, "eps", "AdaGrad")
+
+    @classmethod
+    def kernel_scalars(cls, group, t):
+        return (group["lr"], group["eps"])
 
     def update(self, p, g, state, hp, t):
         r = state["sum_sq"]
@@ -46,12 +51,19 @@ class AdaDelta(Optimizer):
 
     defaults = {"lr": 1.0, "rho": 0.9, "eps": 1e-5, "lr_scales_step": False}
     state_names = ("sq_avg", "delta_sq_avg")
+    rule_names = ("adadelta",)
 
     def validate(self, group):
         super().validate(group)
         self.check_rate(group, "rho", "AdaDelta")
         self.check_eps(group, "eps", "AdaDelta")
         group["lr_scales_step"] = bool(group["lr_scales_step"])
+
+    @classmethod
+    def kernel_scalars(cls, group, t):
+        """``(rho, 1 - rho, eps, scale)``; scale multiplies the step: 1, or lr in PyTorch's form."""
+        scale = group["lr"] if group["lr_scales_step"] else 1.0
+        return (group["rho"], 1.0 - group["rho"], group["eps"], scale)
 
     def update(self, p, g, state, hp, t):
         xp = namespace(p)
@@ -72,6 +84,7 @@ class RMSProp(Optimizer):
 
     defaults = {"lr": 0.01, "alpha": 0.9, "eps": 1e-6, "eps_inside_root": True}
     state_names = ("sq_avg",)
+    rule_names = ("rmsprop", "rmsprop_torch")
 
     def validate(self, group):
         super().validate(group)
@@ -79,12 +92,34 @@ class RMSProp(Optimizer):
         self.check_eps(group, "eps", "RMSProp")
         group["eps_inside_root"] = bool(group["eps_inside_root"])
 
+    @classmethod
+    def rule_name(cls, group):
+        return cls.rule_names[not group["eps_inside_root"]]
+
+    @classmethod
+    def kernel_scalars(cls, group, t):
+        return (group["lr"], group["alpha"], 1.0 - group["alpha"], group["eps"])
+
     def update(self, p, g, state, hp, t):
         xp = namespace(p)
         r, alpha, eps = state["sq_avg"], hp["alpha"], hp["eps"]
         r[...] = alpha * r + (1 - alpha) * g * g
         denom = xp.sqrt(r + eps) if hp["eps_inside_root"] else xp.sqrt(r) + eps
         p -= hp["lr"] * g / denom
+
+
+def adam_kernel_scalars(lr, b1, b2, eps, t):
+    r"""Adam's kernel scalars at step t: ``(step, b1, 1 - b1, b2, 1 - b2, inv_correction2,
+    eps)`` with :math:`step = \eta / (1-\beta_1^t)` and :math:`inv\_correction2 =
+    1 / (1-\beta_2^t)`, so that the rule is
+    :math:`\theta \leftarrow \theta - step\, m / (\epsilon + \sqrt{v\, inv\_correction2})`,
+    the update below with the bias corrections folded into two scalars.
+
+    Plain arithmetic on purpose: numba compiles this very function (``nnopt.fast.cpu``,
+    the curve-fitting engine) and ``adam_kernel_scalars`` in kernels/rules.cuh is its
+    line-by-line translation, for a step count that lives on the GPU.
+    """
+    return (lr / (1.0 - b1 ** t), b1, 1.0 - b1, b2, 1.0 - b2, 1.0 / (1.0 - b2 ** t), eps)
 
 
 class Adam(Optimizer):
@@ -100,6 +135,8 @@ class Adam(Optimizer):
 
     defaults = {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8}
     state_names = ("exp_avg", "exp_avg_sq")
+    rule_names = ("adam",)
+    step_scalars = staticmethod(adam_kernel_scalars)
 
     def validate(self, group):
         super().validate(group)
@@ -109,6 +146,15 @@ class Adam(Optimizer):
         group["betas"] = tuple(check_finite_number(f"Adam beta{i + 1}", b, low=0, high=1,
                                                    high_open=True) for i, b in enumerate(betas))
         self.check_eps(group, "eps", "Adam")
+
+    @classmethod
+    def step_scalar_inputs(cls, group):
+        b1, b2 = group["betas"]
+        return (group["lr"], b1, b2, group["eps"])
+
+    @classmethod
+    def kernel_scalars(cls, group, t):
+        return adam_kernel_scalars(*cls.step_scalar_inputs(group), t)
 
     def update(self, p, g, state, hp, t):
         xp = namespace(p)

@@ -7,8 +7,16 @@ case: a whole model) the step is one call of the rule over three flat views.
 
 A subclass is one algorithm: ``defaults``, ``state_names``, ``validate`` for its
 hyper-parameters and ``update(p, g, state, hp, t)``, the readable reference formula in
-the array API. A fused kernel of the same name (``nnopt.fast``: numba on NumPy arrays)
-replaces it where it applies; the reference stays the fallback and the tests' oracle.
+the array API. The fused kernels (``nnopt.fast``: numba on NumPy arrays, CUDA on CuPy
+arrays; the batched curve-fitting engine) replace it where they apply; the reference
+stays the fallback and the tests' oracle. What they run is named by the class too:
+
+* ``rule_names``: the per-element rule variants of the algorithm; ``rule_name(group)``
+  picks one (``sgd_rule`` in ``nnopt.fast.cpu``, ``sgd_rule`` in ``kernels/rules.cuh``,
+  the ``sgd_f32``/``sgd_f64`` CUDA kernels);
+* ``kernel_scalars(group, t)``: the scalars every one of those rules takes, in order,
+  after the element ``p, g`` and the state named by ``state_names``. It is the only place
+  where hyper-parameters become kernel arguments (Adam's bias corrections included).
 """
 from __future__ import annotations
 
@@ -65,6 +73,14 @@ class Optimizer:
 
     defaults: dict = {}
     state_names: tuple = ()
+    #: the rule variants of this algorithm, as named in nnopt.fast.cpu and kernels/rules.cuh
+    rule_names: tuple = ()
+    #: for an algorithm whose kernel scalars depend on the step count t: a function of
+    #: ``(*step_scalar_inputs(group), t)`` returning ``kernel_scalars(group, t)``, plain
+    #: arithmetic that numba compiles and kernels/rules.cuh translates (the step count can
+    #: live on the device, in captured CUDA graphs). None when the scalars ignore t.
+    step_scalars = None
+
     def __init__(self, params, nonfinite: str = "ignore", use_fast_path: bool = True, **hyper):
         if nonfinite not in NONFINITE_POLICIES:
             raise unknown_name("nonfinite policy", nonfinite, NONFINITE_POLICIES)
@@ -143,6 +159,23 @@ class Optimizer:
     # --- stepping -----------------------------------------------------------------
     def update(self, p, g, state, hp, t):
         raise NotImplementedError
+
+    @classmethod
+    def rule_name(cls, group: dict) -> str:
+        """The rule variant the kernels run for ``group`` (one of ``rule_names``)."""
+        return cls.rule_names[0]
+
+    @classmethod
+    def kernel_scalars(cls, group: dict, t) -> tuple:
+        """The scalars, in order, that the rule ``rule_name(group)`` takes after its element
+        arrays (``p, g``, then the state in ``state_names`` order) at step ``t`` (1-based):
+        the same tuple for the numba rule, the CUDA rule and the curve-fitting engine."""
+        raise NotImplementedError
+
+    @classmethod
+    def step_scalar_inputs(cls, group: dict) -> tuple:
+        """The hyper-parameters ``step_scalars`` takes before ``t``."""
+        raise NotImplementedError(f"{cls.__name__}'s kernel scalars do not depend on t")
 
     def fast_path(self, p):
         """The fused step for array ``p`` (numba for NumPy, CUDA for CuPy), or None."""

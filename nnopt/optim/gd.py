@@ -14,6 +14,11 @@ class SGD(Optimizer):
     r"""Plain stochastic gradient descent: :math:`\theta \leftarrow \theta - \eta g`."""
 
     defaults = {"lr": 0.1}
+    rule_names = ("sgd",)
+
+    @classmethod
+    def kernel_scalars(cls, group, t):
+        return (group["lr"],)
 
     def update(self, p, g, state, hp, t):
         p -= hp["lr"] * g
@@ -33,12 +38,21 @@ class Momentum(Optimizer):
 
     defaults = {"lr": 0.1, "momentum": 0.9, "buffer": "textbook"}
     state_names = ("velocity",)
+    rule_names = ("momentum", "momentum_torch")
 
     def validate(self, group):
         super().validate(group)
         self.check_rate(group, "momentum", type(self).__name__)
         if group["buffer"] not in BUFFER_FORMS:
             raise unknown_name("momentum buffer form", group["buffer"], BUFFER_FORMS)
+
+    @classmethod
+    def rule_name(cls, group):
+        return cls.rule_names[group["buffer"] == "torch"]
+
+    @classmethod
+    def kernel_scalars(cls, group, t):
+        return (group["lr"], group["momentum"])
 
     def update(self, p, g, state, hp, t):
         v, alpha, lr = state["velocity"], hp["momentum"], hp["lr"]
@@ -64,6 +78,8 @@ class NAG(Momentum):
     (``buffer="torch"``, ``SGD(nesterov=True)``):
     :math:`b \leftarrow \alpha b + g,\ \theta \leftarrow \theta - \eta (g + \alpha b)`.
     """
+
+    rule_names = ("nag", "nag_torch")
 
     def update(self, p, g, state, hp, t):
         v, alpha, lr = state["velocity"], hp["momentum"], hp["lr"]

@@ -45,18 +45,24 @@ def cosine_decay(t_max: int, eta_min: float = 0.0):
 
 
 class LRScheduler:
-    """Sets ``group["lr"] = schedule(epoch, base_lr)`` for every group of ``optimizer``."""
+    """Sets ``group["lr"] = schedule(epoch, base_lr)`` for every group of ``optimizer``.
+    ``schedule``: one function for every group, or a list of one per group."""
 
     def __init__(self, optimizer, schedule):
-        self.optimizer, self.schedule = optimizer, schedule
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        groups = optimizer.param_groups
+        per_group = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule] * len(groups)
+        if len(per_group) != len(groups):
+            raise InputError(f"got {len(per_group)} schedules for {len(groups)} parameter groups")
+        self.optimizer, self.schedules = optimizer, per_group
+        self.base_lrs = [g["lr"] for g in groups]
         self.epoch = 0
 
     def step(self, metric=None):
         """One epoch done (``metric`` is for :class:`ReduceLROnPlateau`; ignored here)."""
         self.epoch += 1
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self.schedule(self.epoch, base)
+        for group, base, schedule in zip(self.optimizer.param_groups, self.base_lrs,
+                                         self.schedules):
+            group["lr"] = schedule(self.epoch, base)
 
     def get_last_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]

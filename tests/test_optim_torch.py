@@ -1,0 +1,91 @@
+"""Each optimizer and schedule against torch.optim (the oracle) for 100 steps on random
+problems; skipped where torch is not installed (tests/test_optim.py needs no torch)."""
+import numpy as np
+import pytest
+
+import nnopt
+from nnopt import optim
+from nnopt.params import FlatParameters
+from tests.helpers import rel_err
+from tests.test_optim import (gradient, problem, run_nnopt, step_schedule,
+                              textbook_momentum_under_step_schedule)
+
+torch = pytest.importorskip("torch", reason="torch is the oracle for these optimizer tests")
+
+
+def run_torch(rng_problem, make, steps=100, scheduler=None):
+    params = [torch.tensor(start.copy(), dtype=torch.float64, requires_grad=True)
+              for start, _, _ in rng_problem]
+    opt = make(params)
+    sched = scheduler(opt) if scheduler else None
+    for _ in range(steps):
+        for p, (_, target, scale) in zip(params, rng_problem):
+            p.grad = torch.from_numpy(gradient(p.detach().numpy(), target, scale))
+        opt.step()
+        if sched:
+            sched.step()
+    return np.concatenate([p.detach().numpy() for p in params])
+
+
+TORCH_MATCHES = {
+    "sgd": (lambda ps: optim.SGD(ps, lr=0.05), lambda ps: torch.optim.SGD(ps, lr=0.05)),
+    "momentum-textbook": (lambda ps: optim.Momentum(ps, lr=0.02, momentum=0.9),
+                          lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9)),
+    "momentum-torch": (lambda ps: optim.Momentum(ps, lr=0.02, momentum=0.8, buffer="torch"),
+                       lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.8)),
+    "nag-textbook": (lambda ps: optim.NAG(ps, lr=0.02, momentum=0.9),
+                     lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9, nesterov=True)),
+    "nag-torch": (lambda ps: optim.NAG(ps, lr=0.03, momentum=0.7, buffer="torch"),
+                  lambda ps: torch.optim.SGD(ps, lr=0.03, momentum=0.7, nesterov=True)),
+    "adagrad": (lambda ps: optim.AdaGrad(ps, lr=0.3),
+                lambda ps: torch.optim.Adagrad(ps, lr=0.3, eps=1e-6)),
+    "adadelta-textbook": (lambda ps: optim.AdaDelta(ps, lr=0.01),  # lr ignored
+                          lambda ps: torch.optim.Adadelta(ps, lr=1.0, rho=0.9, eps=1e-5)),
+    "adadelta-torch": (lambda ps: optim.AdaDelta(ps, lr=0.5, rho=0.95, eps=1e-6,
+                                                 lr_scales_step=True),
+                       lambda ps: torch.optim.Adadelta(ps, lr=0.5, rho=0.95, eps=1e-6)),
+    "rmsprop-torch": (lambda ps: optim.RMSProp(ps, lr=0.01, alpha=0.99, eps=1e-8,
+                                               eps_inside_root=False),
+                      lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.99, eps=1e-8)),
+    "adam": (lambda ps: optim.Adam(ps, lr=0.05, betas=(0.8, 0.99), eps=1e-7),
+             lambda ps: torch.optim.Adam(ps, lr=0.05, betas=(0.8, 0.99), eps=1e-7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_MATCHES))
+def test_matches_torch_optim(xp, rng, name):
+    ours, theirs = TORCH_MATCHES[name]
+    prob = problem(rng)
+    got, _, _ = run_nnopt(xp, prob, ours)
+    want = run_torch(prob, theirs)
+    assert rel_err(got, want) < 1e-10
+    assert rel_err(got, np.concatenate([s for s, _, _ in prob])) > 1e-3  # it moved
+
+
+def test_momentum_torch_form_matches_torch_under_a_schedule(xp, rng):
+    prob = problem(rng)
+    torch_form, _, _ = run_nnopt(xp, prob, lambda ps: optim.Momentum(ps, lr=0.05, buffer="torch"),
+                                 scheduler=step_schedule)
+    want = run_torch(prob, lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+                     scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 10, 0.5))
+    assert rel_err(torch_form, want) < 1e-10
+    assert rel_err(torch_form, textbook_momentum_under_step_schedule(prob)) > 1e-6
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda o: optim.StepLR(o, 3, 0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5)),
+    (lambda o: optim.ExponentialLR(o, 0.9),
+     lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9)),
+    (lambda o: optim.CosineAnnealingLR(o, 10, 0.01),
+     lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 10, 0.01)),
+])
+def test_schedules_match_torch(ours, theirs):
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), w=[1.0])
+    mine = ours(optim.SGD(storage, lr=0.1))
+    t_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    reference = theirs(t_opt)
+    for _ in range(15):
+        t_opt.step()
+        reference.step()
+        mine.step()
+        assert mine.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0], rel=1e-9, abs=1e-15)
