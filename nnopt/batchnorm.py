@@ -50,7 +50,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import namespace_of
-from .errors import check_finite_number
+from .errors import InputError, check_bool, check_finite_number, check_int
 from .fast import fast_for
 from .layers import Layer, check_dtype, check_input
 from .params import Parameter
@@ -151,10 +151,11 @@ class BatchNorm(Layer):
 
     def __init__(self, n_features: int, momentum: float = 0.9, eps: float = 1e-5,
                  unbiased_running_var: bool = False, name: str = "bn", use_fast_path: bool = True):
-        self.n = int(n_features)
+        super().__init__()
+        self.n = check_int("BatchNorm n_features", n_features, low=1)
         self.momentum = check_finite_number("BatchNorm momentum", momentum, low=0, high=1)
         self.eps = check_finite_number("BatchNorm eps", eps, low=0, low_open=True)
-        self.unbiased = bool(unbiased_running_var)
+        self.unbiased = check_bool("BatchNorm unbiased_running_var", unbiased_running_var)
         self.gamma = Parameter(np.ones(self.n), f"{name}.gamma")
         self.beta = Parameter(np.zeros(self.n), f"{name}.beta")
         self.params = (self.gamma, self.beta)
@@ -179,7 +180,7 @@ class BatchNorm(Layer):
             return self.gamma.data * self.normed + self.beta.data
         m = x.shape[0]
         if m < 2:
-            raise ValueError(f"{self!r} in training mode needs a batch of at least 2 samples, got "
+            raise InputError(f"{self!r} in training mode needs a batch of at least 2 samples, got "
                              f"{m}: one sample has zero variance. Use a larger batch or train=False")
         self.train_mode = True
         fast = fast_for(x, self.gamma.data) if self.use_fast_path else None

@@ -89,3 +89,74 @@ def test_schedules_match_torch(ours, theirs):
         reference.step()
         mine.step()
         assert mine.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0], rel=1e-9, abs=1e-15)
+
+
+WD = 0.05
+DECAY_MATCHES = {  # weight_decay (coupled L2) on every optimizer, AdamW decoupled
+    "sgd": (lambda ps: optim.SGD(ps, lr=0.05, weight_decay=WD),
+            lambda ps: torch.optim.SGD(ps, lr=0.05, weight_decay=WD)),
+    "sgd-torch-spelled-momentum": (lambda ps: optim.SGD(ps, 0.02, momentum=0.9, weight_decay=WD),
+                                   lambda ps: torch.optim.SGD(ps, 0.02, momentum=0.9, weight_decay=WD)),
+    "sgd-torch-spelled-nesterov": (lambda ps: optim.SGD(ps, 0.02, momentum=0.8, nesterov=True),
+                                   lambda ps: torch.optim.SGD(ps, 0.02, momentum=0.8, nesterov=True)),
+    "momentum": (lambda ps: optim.Momentum(ps, lr=0.02, weight_decay=WD),
+                 lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9, weight_decay=WD)),
+    "nag": (lambda ps: optim.NAG(ps, lr=0.02, buffer="torch", weight_decay=WD),
+            lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9, nesterov=True, weight_decay=WD)),
+    "adagrad": (lambda ps: optim.AdaGrad(ps, lr=0.3, weight_decay=WD),
+                lambda ps: torch.optim.Adagrad(ps, lr=0.3, eps=1e-6, weight_decay=WD)),
+    "adadelta": (lambda ps: optim.AdaDelta(ps, lr=0.5, eps=1e-6, lr_scales_step=True, weight_decay=WD),
+                 lambda ps: torch.optim.Adadelta(ps, lr=0.5, rho=0.9, eps=1e-6, weight_decay=WD)),
+    "rmsprop": (lambda ps: optim.RMSProp(ps, lr=0.01, alpha=0.99, eps=1e-8, eps_inside_root=False,
+                                         weight_decay=WD),
+                lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.99, eps=1e-8, weight_decay=WD)),
+    "adam": (lambda ps: optim.Adam(ps, lr=0.05, weight_decay=WD),
+             lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=WD)),
+    "adamw": (lambda ps: optim.AdamW(ps, lr=0.05, weight_decay=0.1),
+              lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1)),
+    "adamw-defaults": (lambda ps: optim.AdamW(ps), lambda ps: torch.optim.AdamW(ps)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECAY_MATCHES))
+def test_weight_decay_matches_torch(xp, rng, name):
+    ours, theirs = DECAY_MATCHES[name]
+    prob = problem(rng)
+    got, _, _ = run_nnopt(xp, prob, ours)
+    assert rel_err(got, run_torch(prob, theirs)) < 1e-10
+
+
+def test_weight_decay_changes_the_path_and_leaves_the_gradient(xp, rng):
+    prob = problem(rng)
+    plain, _, _ = run_nnopt(xp, prob, lambda ps: optim.Adam(ps, lr=0.05))
+    decayed, _, _ = run_nnopt(xp, prob, lambda ps: optim.Adam(ps, lr=0.05, weight_decay=0.1))
+    assert rel_err(plain, decayed) > 1e-4
+    storage = FlatParameters.from_arrays(xp, "float64", w=[1.0, -2.0])
+    storage.grad[...] = 0.5
+    optim.SGD(storage, lr=0.1, weight_decay=0.1).step()
+    np.testing.assert_allclose(np.asarray(storage.grad), [0.5, 0.5])  # the user's gradient stays
+
+
+def lr_trace(make_ours, make_theirs, groups=(0.05, 0.01), epochs=15, metrics=None):
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), a=[1.0], b=[1.0])
+    mine = make_ours(optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(storage.params, groups)]))
+    t_opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in groups])
+    theirs = make_theirs(t_opt)
+    for epoch in range(epochs):
+        t_opt.step()
+        metric = None if metrics is None else metrics[epoch]
+        theirs.step(*([] if metric is None else [metric]))
+        mine.step(metric)
+        assert mine.get_last_lr() == pytest.approx(theirs.get_last_lr(), rel=1e-9, abs=1e-15)
+
+
+def test_schedules_with_several_groups_match_torch():
+    lr_trace(lambda o: optim.CosineAnnealingLR(o, 10, 1e-3),
+             lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 10, 1e-3))
+    lr_trace(lambda o: optim.MultiStepLR(o, [3, 7, 8], 0.3),
+             lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [3, 7, 8], 0.3))
+    losses = [1.0, 0.9, 0.9, 0.95, 0.91, 0.9, 0.85, 0.86, 0.86, 0.87, 0.9, 0.7, 0.7, 0.71, 0.72]
+    lr_trace(lambda o: optim.ReduceLROnPlateau(o, factor=0.5, patience=2, min_lr=0.004),
+             lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=2,
+                                                                  min_lr=0.004),
+             metrics=losses)

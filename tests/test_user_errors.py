@@ -190,6 +190,8 @@ def test_data_dir_with_the_embedded_sample_is_noted(tmp_path, capsys):
     (lambda: nnopt.SoftmaxCrossEntropy()(np.zeros((2, 10)), np.array([1, 12])), "class label 12"),
     (lambda: nnopt.SoftmaxCrossEntropy()(np.zeros((2, 10)), np.array([-1, 2])), "class label -1"),
     (lambda: optim.StepLR(optim.SGD(nnopt.mlp([3, 2])), 0), "step_size must be an integer >= 1"),
+    (lambda: nnopt.BatchNorm(-3), "BatchNorm n_features must be an integer >= 1"),
+    (lambda: nnopt.BatchNorm(3.5), "BatchNorm n_features must be an integer"),
 ])
 def test_library_bad_input(call, message):
     with pytest.raises(NnoptError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -230,3 +232,44 @@ def test_named_parameters_and_callable_losses():
     assert names == ["fc1.W", "fc1.b", "fc2.W", "fc2.b"]
     y = np.array([[0.5, 1.0]])
     assert float(nnopt.MSELoss()(np.array([[1.0, 1.0]]), y)) == pytest.approx(0.125)
+
+
+def test_optimizer_bad_input():
+    model = nnopt.mlp([3, 2], seed=0)
+    p = model.parameters()[0]
+    with pytest.raises(NnoptError, match="appears twice"):
+        optim.SGD([p, p])
+    assert optim.RMSProp(model, eps_inside_root="no").param_groups[0]["eps_inside_root"] is False
+    assert optim.AdaDelta(model, lr_scales_step="false").param_groups[0]["lr_scales_step"] is False
+    assert optim.AdaDelta(model, lr_scales_step=1).param_groups[0]["lr_scales_step"] is True
+    with pytest.raises(NnoptError, match="must be true or false"):
+        optim.RMSProp(model, eps_inside_root="maybe")
+    with pytest.raises(NnoptError, match="not supported"):
+        optim.SGD(model, 0.1, momentum=0.9, dampening=0.1)
+    with pytest.raises(NnoptError, match="has no hyper-parameter 'gamma'"):
+        optim.SGD(model, gamma=2)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda sd: sd["state"][0].pop("exp_avg_sq"), "state 'exp_avg_sq' is missing"),
+    (lambda sd: sd["state"][0].update(exp_avg=np.array(["x"] * 8)), "'exp_avg' is not numeric"),
+    (lambda sd: sd["state"][0].update(step=-1), "step must be an integer >= 0"),
+    (lambda sd: sd["param_groups"][0].update(lr="fast"), "lr must be a number"),
+])
+def test_optimizer_load_state_dict_is_all_or_nothing(corrupt, message):
+    model = nnopt.mlp([3, 2], seed=0)
+    opt = optim.Adam(model, lr=0.01)
+    model.flat.grad[...] = 1.0
+    opt.step()
+    before = opt.state_dict()
+    other = optim.Adam(nnopt.mlp([3, 2], seed=1), lr=0.5)
+    bad = other.state_dict()
+    corrupt(bad)
+    with pytest.raises(NnoptError, match=message):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"][0]["step"] == before["state"][0]["step"] == 1
+    np.testing.assert_array_equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+    with pytest.raises(NnoptError, match="expects the dict"):
+        opt.load_state_dict(None)

@@ -1,6 +1,6 @@
-"""The seven optimizers of the chapter, one class each, and their schedules."""
+"""The chapter's seven optimizers (and AdamW), one class each, and their schedules."""
 from ..errors import unknown_name
-from .adaptive import AdaDelta, AdaGrad, Adam, RMSProp
+from .adaptive import AdaDelta, AdaGrad, Adam, AdamW, RMSProp
 from .base import Optimizer
 from .gd import NAG, SGD, Momentum
 from .schedules import (CosineAnnealingLR, ExponentialLR, LRScheduler, MultiStepLR,
@@ -8,7 +8,7 @@ from .schedules import (CosineAnnealingLR, ExponentialLR, LRScheduler, MultiStep
                         multistep_decay, step_decay)
 
 OPTIMIZERS = {cls.__name__.lower(): cls
-              for cls in (SGD, Momentum, NAG, AdaGrad, AdaDelta, RMSProp, Adam)}
+              for cls in (SGD, Momentum, NAG, AdaGrad, AdaDelta, RMSProp, Adam, AdamW)}
 
 
 def create(name: str, params, **hyper) -> Optimizer:
@@ -19,7 +19,7 @@ def create(name: str, params, **hyper) -> Optimizer:
     return OPTIMIZERS[key](params, **hyper)
 
 
-__all__ = ["Optimizer", "SGD", "Momentum", "NAG", "AdaGrad", "AdaDelta", "RMSProp", "Adam",
+__all__ = ["Optimizer", "SGD", "Momentum", "NAG", "AdaGrad", "AdaDelta", "RMSProp", "Adam", "AdamW",
            "OPTIMIZERS", "create", "LRScheduler", "StepLR", "ExponentialLR", "CosineAnnealingLR",
            "MultiStepLR", "ReduceLROnPlateau", "step_decay", "multistep_decay",
            "exponential_decay", "cosine_decay"]

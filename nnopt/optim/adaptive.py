@@ -6,7 +6,7 @@ element-wise.
 from __future__ import annotations
 
 from ..backend import namespace_of as namespace
-from ..errors import check_finite_number
+from ..errors import InputError, check_bool, check_finite_number
 from .base import Optimizer
 
 
@@ -57,7 +57,7 @@ class AdaDelta(Optimizer):
         super().validate(group)
         self.check_rate(group, "rho", "AdaDelta")
         self.check_eps(group, "eps", "AdaDelta")
-        group["lr_scales_step"] = bool(group["lr_scales_step"])
+        group["lr_scales_step"] = check_bool("AdaDelta lr_scales_step", group["lr_scales_step"])
 
     @classmethod
     def kernel_scalars(cls, group, t):
@@ -90,7 +90,7 @@ class RMSProp(Optimizer):
         super().validate(group)
         self.check_rate(group, "alpha", "RMSProp")
         self.check_eps(group, "eps", "RMSProp")
-        group["eps_inside_root"] = bool(group["eps_inside_root"])
+        group["eps_inside_root"] = check_bool("RMSProp eps_inside_root", group["eps_inside_root"])
 
     @classmethod
     def rule_name(cls, group):
@@ -142,7 +142,7 @@ class Adam(Optimizer):
         super().validate(group)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Adam betas must be a pair (beta1, beta2), got {betas!r}")
+            raise InputError(f"Adam betas must be a pair (beta1, beta2), got {betas!r}")
         group["betas"] = tuple(check_finite_number(f"Adam beta{i + 1}", b, low=0, high=1,
                                                    high_open=True) for i, b in enumerate(betas))
         self.check_eps(group, "eps", "Adam")
@@ -165,3 +165,18 @@ class Adam(Optimizer):
         v_hat = v / (1 - b2 ** t)
         p -= hp["lr"] * m_hat / (hp["eps"] + xp.sqrt(v_hat))
 
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter), identical to ``torch.optim.AdamW``: weight decay
+    decoupled from the gradient,
+
+    .. math::
+        \theta \leftarrow \theta (1 - \eta\lambda),\ \text{then Adam's step on } g
+
+    (Adam's ``weight_decay`` adds :math:`\lambda\theta` to :math:`g` instead, which the
+    adaptive denominator then rescales). Defaults as torch: lr 0.001, weight_decay 0.01.
+    """
+
+    defaults = {**Adam.defaults, "weight_decay": 0.01}
+    decoupled_weight_decay = True

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import asarray, namespace_of, to_numpy
-from ..errors import check_finite_number, unknown_name
+from ..errors import InputError, InputTypeError, check_finite_number, check_int, unknown_name
 from ..fast import fast_for
 from ..params import Parameter
 
@@ -62,15 +62,24 @@ def _segments(params):
 
 
 class Optimizer:
-    """Base class: param groups, ``step``, ``zero_grad``, ``state_dict``.
+    r"""Base class: param groups, ``step``, ``zero_grad``, ``state_dict``.
 
     ``params`` is a model, a list of :class:`Parameter`, or a list of dicts
     ``{"params": [...], "lr": ...}`` (param groups with their own hyper-parameters).
     ``nonfinite`` decides what a NaN/inf gradient does: ``"ignore"`` (fastest),
     ``"raise"`` (FloatingPointError naming the group) or ``"skip"`` (the step is not
     taken; ``skipped_steps`` counts them).
+
+    Every optimizer takes ``weight_decay`` :math:`\lambda` (default 0), L2 regularization
+    coupled into the gradient as in ``torch.optim``: the rule sees
+    :math:`g + \lambda\theta`. :class:`~nnopt.optim.AdamW` decouples it instead.
     """
 
+    #: hyper-parameters every optimizer takes, beside its own ``defaults``
+    common_defaults = {"weight_decay": 0.0}
+    #: True: weight decay shrinks the parameters, theta *= 1 - lr lambda, before the rule
+    #: sees the plain gradient (AdamW); False: the rule sees g + lambda theta
+    decoupled_weight_decay = False
     defaults: dict = {}
     state_names: tuple = ()
     #: the rule variants of this algorithm, as named in nnopt.fast.cpu and kernels/rules.cuh
@@ -81,20 +90,25 @@ class Optimizer:
     #: live on the device, in captured CUDA graphs). None when the scalars ignore t.
     step_scalars = None
 
-    def __init__(self, params, nonfinite: str = "ignore", use_fast_path: bool = True, **hyper):
+    def __init__(self, params, lr=None, *, nonfinite: str = "ignore",
+                 use_fast_path: bool = True, **hyper):
+        if lr is not None:  # positional, as in torch.optim: Adam(model, 0.01)
+            hyper["lr"] = lr
         if nonfinite not in NONFINITE_POLICIES:
             raise unknown_name("nonfinite policy", nonfinite, NONFINITE_POLICIES)
+        self.defaults = {**self.common_defaults, **type(self).defaults}
         unknown = sorted(set(hyper) - set(self.defaults))
         if unknown:
-            raise TypeError(f"{type(self).__name__} has no hyper-parameter {unknown[0]!r}; "
-                            f"it takes: {', '.join(self.defaults)}")
+            raise InputTypeError(f"{type(self).__name__} has no hyper-parameter {unknown[0]!r}; "
+                                 f"it takes: {', '.join(self.defaults)}")
         self.nonfinite = nonfinite
         self.use_fast_path = use_fast_path
         #: per-group device step counters, set while a CUDA graph of the step is captured
         self.device_steps = None
         self.skipped_steps = 0
-        self.defaults = {**type(self).defaults, **hyper}
+        self.defaults = {**self.defaults, **hyper}
         self.param_groups, self.state, self._segments = [], [], []
+        self._decayed_grads = []  # per group: a buffer for g + lambda theta, made when needed
         for group in self._as_groups(params):
             self.add_param_group(group)
 
@@ -107,7 +121,7 @@ class Optimizer:
             params = [params]
         params = list(params)
         if not params:
-            raise ValueError("optimizer got an empty parameter list")
+            raise InputError("optimizer got an empty parameter list")
         if all(isinstance(g, dict) for g in params):
             return params
         return [{"params": params}]
@@ -119,17 +133,21 @@ class Optimizer:
             params = params.parameters()
         params = [params] if isinstance(params, Parameter) else list(params or [])
         if not params:
-            raise ValueError("a parameter group needs a non-empty 'params' list")
+            raise InputError("a parameter group needs a non-empty 'params' list")
         for p in params:
             if not isinstance(p, Parameter) or p.storage is None:
-                raise TypeError(f"{p!r} is not a parameter bound to flat storage; build it "
+                raise InputTypeError(f"{p!r} is not a parameter bound to flat storage; build it "
                                 "with nnopt.Sequential, nnopt.mlp or FlatParameters.from_arrays")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in seen for p in params):
-            raise ValueError("a parameter appears in more than one parameter group")
+            raise InputError("a parameter appears in more than one parameter group")
+        if len({id(p) for p in params}) != len(params):
+            twice = next(p.name for i, p in enumerate(params) if any(q is p for q in params[:i]))
+            raise InputError(f"parameter {twice!r} appears twice in one parameter group; it "
+                             "would be updated twice per step")
         unknown = sorted(set(group) - set(self.defaults) - set(HYPER_SKIP))
         if unknown:
-            raise TypeError(f"{type(self).__name__} has no hyper-parameter {unknown[0]!r}; "
+            raise InputTypeError(f"{type(self).__name__} has no hyper-parameter {unknown[0]!r}; "
                             f"it takes: {', '.join(self.defaults)}")
         group = {**self.defaults, **group, "params": params}
         self.validate(group)
@@ -139,13 +157,17 @@ class Optimizer:
         self.state.append({"step": 0, **{name: self.init_state(name, xp, size, dtype)
                                          for name in self.state_names}})
         self._segments.append(_segments(params))
+        self._decayed_grads.append(None)
 
     def init_state(self, name, xp, size, dtype):
         return xp.zeros((size,), dtype=dtype)
 
     def validate(self, group: dict) -> None:
         """Check a group's hyper-parameters; subclasses extend this."""
-        group["lr"] = check_finite_number(f"{type(self).__name__} lr", group["lr"], low=0)
+        owner = type(self).__name__
+        group["lr"] = check_finite_number(f"{owner} lr", group["lr"], low=0)
+        group["weight_decay"] = check_finite_number(f"{owner} weight_decay",
+                                                    group["weight_decay"], low=0)
 
     @staticmethod
     def check_rate(group, key, owner):
@@ -209,12 +231,31 @@ class Optimizer:
                 t = self.device_steps[i]
             for seg in segments:
                 seg_state = {k: v[seg.start:seg.stop] for k, v in state.items() if k != "step"}
+                grad = self._apply_weight_decay(i, group, seg)
                 fast = self.fast_path(seg.data)
                 if fast is not None:
-                    fast(seg.data, seg.grad, seg_state, group, t)
+                    fast(seg.data, grad, seg_state, group, t)
                 else:
-                    self.update(seg.data, seg.grad, seg_state, group, t)
+                    self.update(seg.data, grad, seg_state, group, t)
         return True
+
+    def _apply_weight_decay(self, i, group, seg):
+        """The gradient the rule sees: ``g`` itself, or ``g + lambda theta`` in a buffer of
+        the group's (the user's gradient stays as backward left it); decoupled decay
+        shrinks the parameters here instead."""
+        decay = group["weight_decay"]
+        if not decay:
+            return seg.grad
+        if self.decoupled_weight_decay:
+            seg.data *= 1 - group["lr"] * decay
+            return seg.grad
+        if self._decayed_grads[i] is None:
+            storage = group["params"][0].storage
+            total = sum(p.size for p in group["params"])
+            self._decayed_grads[i] = storage.xp.zeros((total,), dtype=storage.dtype)
+        decayed = self._decayed_grads[i][seg.start:seg.stop]
+        decayed[...] = seg.grad + decay * seg.data
+        return decayed
 
     def zero_grad(self) -> None:
         storages = {id(p.storage): p.storage for g in self.param_groups for p in g["params"]}
@@ -237,31 +278,56 @@ class Optimizer:
                 "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        kind = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
+        """Load a :meth:`state_dict`. Every entry is checked before any is assigned, so a
+        bad one (wrong optimizer, sizes, a missing or non-numeric state array, a negative
+        step) leaves the optimizer as it was."""
+        if not isinstance(state_dict, dict):
+            raise InputTypeError(f"load_state_dict expects the dict of optimizer.state_dict(), "
+                                 f"got {type(state_dict).__name__}")
+        kind = state_dict.get("optimizer")
         if kind != type(self).__name__:
-            raise ValueError(f"this state_dict belongs to optimizer {kind!r}, not "
+            raise InputError(f"this state_dict belongs to optimizer {kind!r}, not "
                              f"{type(self).__name__}; create a {kind} to load it")
-        groups = state_dict["param_groups"]
+        groups, states = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(states, list) or len(states) != len(groups):
+            raise InputError("state_dict lacks matching 'param_groups' and 'state' lists: it "
+                             "is not an optimizer's state_dict()")
         if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} parameter groups, this optimizer "
+            raise InputError(f"state_dict has {len(groups)} parameter groups, this optimizer "
                              f"has {len(self.param_groups)}")
-        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+        loaded = []
+        for i, (saved_group, saved, group) in enumerate(zip(groups, states, self.param_groups)):
             sizes = [p.size for p in group["params"]]
-            if list(saved["sizes"]) != sizes:
-                raise ValueError(f"parameter group {i}: saved parameter sizes {saved['sizes']} "
-                                 f"do not match this model's {sizes}: another model's optimizer")
-        for saved_group, group, saved, state in zip(groups, self.param_groups,
-                                                    state_dict["state"], self.state):
+            if list(saved_group.get("sizes", [])) != sizes:
+                raise InputError(f"parameter group {i}: saved parameter sizes "
+                                 f"{saved_group.get('sizes')} do not match this model's {sizes}: "
+                                 "another model's optimizer")
             hyper = {k: v for k, v in saved_group.items() if k not in ("params", "sizes")}
             candidate = {**group, **hyper}
             self.validate(candidate)
-            group.update(candidate)
-            state["step"] = int(saved["step"])
+            step = check_int(f"parameter group {i} step", saved.get("step"), low=0)
+            arrays = {}
             for name in self.state_names:
+                if name not in saved:
+                    raise InputError(f"parameter group {i}: state {name!r} is missing")
+                try:
+                    value = np.asarray(saved[name], dtype=np.float64)
+                except (TypeError, ValueError):
+                    raise InputError(f"parameter group {i}: state {name!r} is not "
+                                     "numeric") from None
+                if value.shape != (sum(sizes),):
+                    raise InputError(f"parameter group {i}: state {name!r} has shape "
+                                     f"{value.shape}, expected ({sum(sizes)},)")
+                arrays[name] = value
+            loaded.append((group, candidate, step, arrays))
+        skipped = check_int("skipped_steps", state_dict.get("skipped_steps", 0), low=0)
+        for (group, candidate, step, arrays), state in zip(loaded, self.state):
+            group.update(candidate)
+            state["step"] = step
+            for name, value in arrays.items():
                 target = state[name]
-                target[...] = asarray(np.asarray(saved[name]), namespace_of(target),
-                                      dtype=target.dtype)
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+                target[...] = asarray(value, namespace_of(target), dtype=target.dtype)
+        self.skipped_steps = skipped
 
     def __repr__(self):
         hp = {k: v for k, v in self.param_groups[0].items() if k != "params"}

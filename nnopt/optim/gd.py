@@ -4,17 +4,39 @@ r"""Gradient descent with and without momentum.
 """
 from __future__ import annotations
 
-from ..errors import unknown_name
+from ..errors import InputError, unknown_name
 from .base import Optimizer
 
 BUFFER_FORMS = ("textbook", "torch")
 
 
 class SGD(Optimizer):
-    r"""Plain stochastic gradient descent: :math:`\theta \leftarrow \theta - \eta g`."""
+    r"""Plain stochastic gradient descent: :math:`\theta \leftarrow \theta - \eta g`.
+
+    Spelled as PyTorch spells it, ``SGD(params, lr, momentum=0.9, nesterov=False,
+    weight_decay=0)`` gives what ``torch.optim.SGD`` runs: a :class:`Momentum` (or, with
+    ``nesterov=True``, a :class:`NAG`) in PyTorch's buffer form. ``dampening`` is not
+    supported (0 only).
+    """
 
     defaults = {"lr": 0.1}
     rule_names = ("sgd",)
+
+    def __new__(cls, params=None, lr=None, *, momentum=0.0, dampening=0.0, nesterov=False,
+                **hyper):
+        if dampening:
+            raise InputError("SGD dampening is not supported (0 only); use momentum without "
+                             "dampening, or Momentum(buffer='torch')")
+        if nesterov and not momentum:
+            raise InputError("SGD nesterov=True needs a momentum > 0, as in torch.optim.SGD")
+        if cls is SGD and momentum:
+            variant = NAG if nesterov else Momentum
+            return variant(params, lr, momentum=momentum, buffer="torch", **hyper)
+        return super().__new__(cls)
+
+    def __init__(self, params, lr=None, *, momentum=0.0, dampening=0.0, nesterov=False,
+                 **hyper):
+        super().__init__(params, lr, **hyper)
 
     @classmethod
     def kernel_scalars(cls, group, t):
