@@ -16,8 +16,8 @@ import numpy as np
 from .. import checkpoint, datasets, train
 from ..backend import asarray, get_namespace, synchronize, to_numpy
 from ..batchnorm import BatchNorm
-from .report import (Section, blas_threads, describe, fast_path_state, figure_module, sooner,
-                     spread)
+from .report import (Section, blas_threads, describe, fast_path_state, figure_module,
+                     save_figure, sooner, spread)
 
 GPU_RESULTS = Path(__file__).resolve().parents[2] / "bench/results/gpu.json"
 GPU_NEGLIGIBLE = 10.0  # % overhead below which BN's GPU cost counts as negligible (bench_gpu's)
@@ -252,11 +252,9 @@ def _plot_distribution(plt, ctx, before, after):
                           va="top", transform=axes[row, 0].transAxes, fontsize=10)
     for ax in axes[-1]:
         ax.set_xlabel("value")
-    fig.suptitle(f"Layer 2 of a trained BN network on 1,000 validation images ({ctx.dataset}); "
-                 "black line: mean")
-    fig.tight_layout()
-    fig.savefig(ctx.out / "bn_distribution.png", dpi=150)
-    plt.close(fig)
+    save_figure(fig, ctx.out / "bn_distribution.png",
+                f"Layer 2 of a trained BN network on 1,000 validation images ({ctx.dataset}); "
+                "black line: mean")
 
 
 def _plot_training(plt, ctx, results, target):
@@ -278,7 +276,5 @@ def _plot_training(plt, ctx, results, target):
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"BN vs no BN on {ctx.dataset}, until the first seed of each stops at the target")
-    fig.tight_layout()
-    fig.savefig(ctx.out / "bn_training.png", dpi=150)
-    plt.close(fig)
+    save_figure(fig, ctx.out / "bn_training.png",
+                f"BN vs no BN on {ctx.dataset}, until the first seed of each stops at the target")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from . import curvefit, regression
-from .report import Section, describe, figure_module, sooner, spread
+from .report import Section, describe, figure_module, save_figure, sooner, spread
 
 NOT_REACHED = None
 # (label, optimizer, options, textbook epochs or NOT_REACHED, textbook remark)
@@ -168,11 +168,9 @@ def _plot_losses(plt, ctx, curves):
             ax.legend(fontsize=10)
             ax.grid(alpha=0.3)
     axes[0].set_ylabel("test loss (MSE/2)")
-    fig.suptitle(f"Test loss during training: median over {curves.shape[0]} seeds, band min to max "
-                 "(a run that reached the target keeps its last value)")
-    fig.tight_layout()
-    fig.savefig(ctx.out / "optimizers_loss.png", dpi=150)
-    plt.close(fig)
+    save_figure(fig, ctx.out / "optimizers_loss.png",
+                f"Test loss during training: median over {curves.shape[0]} seeds, band min to max "
+                "(a run that reached the target keeps its last value)")
 
 
 def _plot_fits(plt, ctx, data, final):
@@ -186,7 +184,4 @@ def _plot_fits(plt, ctx, data, final):
         ax.set_title(label, fontsize=11)
         ax.set(xlabel="x", ylabel="y")
         ax.legend(fontsize=10) if ax is axes[0, 0] else None
-    fig.suptitle("Fitted curves at the end of each run")
-    fig.tight_layout()
-    fig.savefig(ctx.out / "optimizers_fit.png", dpi=150)
-    plt.close(fig)
+    save_figure(fig, ctx.out / "optimizers_fit.png", "Fitted curves at the end of each run")

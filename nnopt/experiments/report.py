@@ -86,7 +86,7 @@ class Claim:
     @property
     def held_text(self) -> str:
         tested = [h for h in self.held_per_seed if h is not None]
-        return f"{sum(map(bool, tested))} of {len(tested)}" if tested else "untested"
+        return f"{sum(map(bool, tested))} of {len(tested)}" if tested else "no run"
 
     def to_json(self) -> dict:
         return {"id": self.id, "experiment": self.experiment, "claim": self.claim,
@@ -198,3 +198,13 @@ def figure_module():
                          "xtick.labelsize": 10, "ytick.labelsize": 10, "legend.fontsize": 10,
                          "figure.titlesize": 13, "savefig.dpi": 150})
     return plt
+
+
+def save_figure(fig, path, title=None, rect=(0, 0, 1, 1)):
+    """Title, lay out, write at slide resolution (150 dpi) and free ``fig``."""
+    import matplotlib.pyplot as plt
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
