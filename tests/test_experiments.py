@@ -4,15 +4,18 @@ curve-fitting engine against nnopt's reference layers and optimizers."""
 import numpy as np
 import pytest
 
-from nnopt.experiments import EXPERIMENTS, __main__ as cli, curvefit, regression
-from nnopt.experiments.initialization import activations, zero_init_demo
-from nnopt.experiments.report import Context, write
+import json
+import math
+
+from nnopt.experiments import EXPERIMENTS, __main__ as cli, batchnorm, curvefit, regression
+from nnopt.experiments.initialization import activations, per_sample_spread, zero_init_demo
+from nnopt.experiments.report import Context, Section, sooner, spread, verdict_of, write
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiments")
-    ctx = Context(out=out, quick=True)
+    ctx = Context(out=out, quick=True, seeds=2)
     sections = [run(ctx) for run in EXPERIMENTS.values()]
     report = write(ctx, sections, 0.0)
     claims = {c.claim: c for s in sections for c in s.claims}
@@ -22,22 +25,78 @@ def quick_run(tmp_path_factory):
 def held(claims, start):
     matches = [c for text, c in claims.items() if text.startswith(start)]
     assert matches, f"no claim starting with {start!r}"
-    return matches[0].held
+    return matches[0].verdict
 
 
 def test_report_and_figures_written(quick_run):
     out, report, claims = quick_run
     text = report.read_text()
-    assert "Seed 0" in text and "Versions: nnopt" in text and "| held |" in text
+    assert "Seeds 0-1 (2)" in text and "Versions: nnopt" in text and "| verdict |" in text
+    assert "Rule: a claim's verdict is **yes** when" in text
     for name in ("init_textbook.png", "optimizers_loss.png", "contours_bowl_overlay.png",
                  "contours_line_overlay.png", "bn_distribution.png"):
         assert (out / name).stat().st_size > 10_000, name
         assert f"({name})" in text
     assert len(claims) >= 15
+    saved = json.loads((out / "claims.json").read_text())
+    assert [c["id"] for c in saved["claims"]] == [c.id for c in claims.values()]
+    for c in saved["claims"]:
+        assert c["verdict"] in ("yes", "no", "partly", "n/a")
+        assert {"median", "min", "max", "n_seeds"} <= set(c["measured"]) and c["reason"]
+
+
+@pytest.mark.parametrize("held, want", [
+    ([True] * 8, ("yes", 1.0)), ([True] * 6 + [False] * 2, ("yes", 0.75)),
+    ([True] * 5 + [False] * 3, ("partly", 0.625)), ([True] * 2 + [False] * 6, ("no", 0.25)),
+    ([False] * 8, ("no", 0.0)), ([None, None], ("n/a", None)), ([True, None, False, None], ("partly", 0.5)),
+])
+def test_verdict_from_held_fraction(held, want):
+    assert verdict_of(held) == want
+
+
+def test_not_reached_is_never_sooner():
+    inf = math.inf
+    assert sooner(100, 200) and sooner(100, inf)
+    assert not sooner(inf, inf) and not sooner(inf, 100) and not sooner(200, 100)
+    # The old AdaGrad check (a < b <= c) held for 5,650 / never / never; ours does not.
+    assert not (sooner(5650, inf) and sooner(inf, inf))
+
+
+def test_spread_keeps_not_reached_in_the_order():
+    m = spread([300, math.inf, 100, math.inf, math.inf], "epochs")
+    assert m == {"quantity": "epochs", "median": None, "min": 100.0, "max": None, "n_seeds": 5,
+                 "not_reached": 3}
+    assert spread([3, 1, 2])["median"] == 2
+
+
+def test_claim_verdict_computed_from_seeds():
+    section = Section("t")
+    assert section.claim("a", "c", "tb", spread([1]), [True, False, False, False], "r").verdict == "no"
+    assert section.claim("b", "c", "tb", spread([1]), [True, True, True, False], "r").verdict == "yes"
+
+
+def test_gpu_claim_reads_results_when_present(tmp_path):
+    text, held, measured = batchnorm.gpu_evidence(tmp_path / "gpu.json")
+    assert "not measured on a GPU yet" in text and held == [] and verdict_of(held)[0] == "n/a"
+    (tmp_path / "gpu.json").write_text(json.dumps({
+        "machine": {"date": "2026-12-01T10:00:00"}, "device": "NVIDIA H100 80GB HBM3",
+        "train": [{"batch": 64, "gpu_bn_overhead_%": 3.0}, {"batch": 1024, "gpu_bn_overhead_%": 4.0},
+                  {"batch": 8192, "gpu_bn_overhead_%": 25.0}]}))
+    text, held, measured = batchnorm.gpu_evidence(tmp_path / "gpu.json")
+    assert "NVIDIA H100 80GB HBM3" in text and "2026-12-01" in text
+    assert held == [True, True, False] and verdict_of(held) == ("partly", 2 / 3)
+    assert measured["median"] == 4.0 and measured["n_seeds"] == 3
+
+
+def test_per_sample_spread_sees_a_collapse():
+    rng = np.random.default_rng(0)
+    collapsed = np.tile(rng.random(128), (1000, 1))  # every input -> the same output vector
+    assert np.std(collapsed) > 0.2 and per_sample_spread(collapsed) < 1e-12
+    assert per_sample_spread(rng.random((1000, 128))) > 0.25
 
 
 def test_zero_init_keeps_units_identical(quick_run):
-    assert held(quick_run[2], "Zero init") is True
+    assert held(quick_run[2], "Zero init") == "yes"
     w1, b1, w2 = zero_init_demo(seed=3, epochs=2)
     assert np.all(w1 == w1[:, :1]) and np.all(b1 == b1[0]) and np.all(w2 == w2[0])
     assert np.any(w1 != 0)  # it did train
@@ -45,9 +104,9 @@ def test_zero_init_keeps_units_identical(quick_run):
 
 def test_initialization_claims(quick_run):
     claims = quick_run[2]
-    assert held(claims, "Normal N(0,1) init saturates sigmoid") is True
-    assert held(claims, "Xavier + ReLU") is True
-    assert held(claims, "MSRA + ReLU") is True
+    assert held(claims, "Normal N(0,1) init saturates sigmoid") == "yes"
+    assert held(claims, "Xavier + ReLU") == "yes"
+    assert held(claims, "MSRA + ReLU") == "yes"
     xavier = [np.std(a) for a in activations("Xavier", "relu", seed=5)]
     msra = [np.std(a) for a in activations("MSRA", "relu", seed=5)]
     assert xavier[-1] < 0.3 * xavier[0] and 0.5 < msra[-1] / msra[0] < 2
@@ -55,18 +114,43 @@ def test_initialization_claims(quick_run):
 
 def test_optimizer_claims(quick_run):
     claims = quick_run[2]
-    assert held(claims, "Momentum needs fewer epochs than SGD") is True
-    assert held(claims, "AdaDelta ignores the learning rate") is True
+    assert held(claims, "Momentum needs fewer epochs than SGD") == "yes"
+    assert held(claims, "AdaDelta ignores the learning rate") == "yes"
 
 
 def test_contour_claims(quick_run):
     claims = quick_run[2]
-    assert held(claims, "SGD (lr 0.95) zig-zags") is True
-    assert held(claims, "AdaDelta converges with lr 0") is True
+    assert held(claims, "SGD (lr 0.95) zig-zags") == "yes"
+    assert held(claims, "AdaDelta converges with lr 0") == "yes"
 
 
-def test_bn_needs_fewer_iterations(quick_run):
-    assert held(quick_run[2], "BN reaches the validation target in fewer iterations") is True
+def test_bn_claims_carry_their_measurements(quick_run):
+    claims = {c.id: c for c in quick_run[2].values()}
+    fewer = claims["bn_fewer_iterations"]
+    assert fewer.measured["n_seeds"] == 2 and len(fewer.held_per_seed) == 2
+    assert claims["bn_cpu_time_cost"].measured["n_seeds"] == 5  # interleaved rounds
+    assert "fast paths" in claims["bn_cpu_time_cost"].reason
+
+
+def test_adadelta_check_can_fail():
+    from nnopt.experiments.optimizers import adadelta_lr_difference
+    assert adadelta_lr_difference(0, epochs=1) == 0.0
+    assert adadelta_lr_difference(0, epochs=1, lr_scales_step=True) > 0
+
+
+def test_train_seeds_matches_single_runs():
+    seeds = [0, 1]
+    data = [regression.curve(s, n_train=100) for s in seeds]
+    starts = [curvefit.initial_params(s) for s in seeds]
+    configs = [("sgd", {"lr": 0.3}), ("adam", {"lr": 0.01})]
+    curves, reached, final = curvefit.train_seeds(configs, data, starts, seeds, max_epochs=20,
+                                                  record_every=5, check_every=5, target=-1.0)
+    assert final.shape == (2, 2, 10)
+    for k, s in enumerate(seeds):
+        _, _, alone = curvefit.train_all(configs, data[k], starts[k], max_epochs=20,
+                                         record_every=5, check_every=5, target=-1.0, seed=s)
+        assert np.array_equal(final[k], alone)
+    assert not np.array_equal(final[0], final[1])
 
 
 @pytest.mark.parametrize("name, options", [
@@ -99,5 +183,19 @@ def test_cli_writes_report(tmp_path, capsys):
     assert cli.main(["contours", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text().count("![") >= 2
     assert "report:" in capsys.readouterr().out
+    assert (tmp_path / "claims.json").is_file()
     assert cli.main(["init", "--device", "tpu", "--out", str(tmp_path)]) == 2
     assert "unknown device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    (["--out", "FILE"], "is a file; give a folder"),
+])
+def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    assert cli.main(["contours", "--quick", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

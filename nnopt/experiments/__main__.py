@@ -9,7 +9,9 @@ from pathlib import Path
 from .. import datasets
 from ..backend import BackendUnavailable, get_namespace
 from . import EXPERIMENTS
-from .report import Context, verdict, write
+from .report import Context, write
+
+SEEDS, QUICK_SEEDS = 8, 3
 
 
 def main(argv=None) -> int:
@@ -19,20 +21,32 @@ def main(argv=None) -> int:
     p.add_argument("name", choices=[*EXPERIMENTS, "all"])
     p.add_argument("--out", default=None, help="output folder (default experiments/NAME)")
     p.add_argument("--device", default="cpu", help="cpu or gpu")
-    p.add_argument("--quick", action="store_true", help="short settings (seconds, for tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help=f"short settings and {QUICK_SEEDS} seeds unless --seeds says otherwise")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"how many seeds every stochastic claim runs over (default {SEEDS})")
     p.add_argument("--dataset", default="mnist-sample", choices=datasets.DATASETS,
                    help="data for the BN comparison (default: the embedded sample)")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
+    problem = check_arguments(args)
+    if problem:
+        print(f"nnopt.experiments: error: {problem}", file=sys.stderr)
+        return 2
     try:
         get_namespace(args.device)
     except (BackendUnavailable, ValueError) as exc:
         print(f"nnopt.experiments: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or f"experiments/{args.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(out=out, quick=args.quick, device=args.device, seed=args.seed,
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"nnopt.experiments: error: cannot write to --out {out}: {exc.strerror}", file=sys.stderr)
+        return 2
+    seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
+    ctx = Context(out=out, quick=args.quick, device=args.device, seed=args.seed, seeds=seeds,
                   dataset=args.dataset, data_dir=args.data_dir)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     started, sections = time.perf_counter(), []
@@ -47,9 +61,20 @@ def main(argv=None) -> int:
     path = write(ctx, sections, time.perf_counter() - started)
     for section in sections:
         for c in section.claims:
-            print(f"  [{verdict(c.held):>6}] {c.claim}: {c.ours}")
+            print(f"  [{c.verdict:>6}] {c.claim} (held in {c.held_text}): {c.reason}")
     print(f"report: {path} ({time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def check_arguments(args) -> str | None:
+    """The one-line problem with the arguments, or None."""
+    if args.seeds is not None and args.seeds < 1:
+        return f"--seeds must be at least 1, got {args.seeds}"
+    if args.seed < 0:
+        return f"--seed must be 0 or more, got {args.seed}"
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out} is a file; give a folder"
+    return None
 
 
 if __name__ == "__main__":

@@ -50,24 +50,31 @@ def epoch_order(n, seed, epoch):
 
 @numba.njit(cache=True)
 def _gradient(p, x, y, idx, g):
-    """MSE/2 gradient of the 1-3-1 sigmoid net over the samples idx, into g."""
+    """MSE/2 gradient of the 1-3-1 sigmoid net over the samples idx, into g. The three
+    hidden units are unrolled into scalars: an array per sample was a heap allocation in
+    the innermost loop, which cost more than the arithmetic."""
     m = idx.shape[0]
     for k in range(N_PARAMS):
         g[k] = 0.0
     for s in range(m):
         xi, yi = x[idx[s]], y[idx[s]]
-        a = np.empty(3)
-        out = p[9]
-        for h in range(3):
-            a[h] = 1.0 / (1.0 + math.exp(-(xi * p[h] + p[3 + h])))
-            out += a[h] * p[6 + h]
-        d2 = (out - yi) / m
+        a0 = 1.0 / (1.0 + math.exp(-(xi * p[0] + p[3])))
+        a1 = 1.0 / (1.0 + math.exp(-(xi * p[1] + p[4])))
+        a2 = 1.0 / (1.0 + math.exp(-(xi * p[2] + p[5])))
+        d2 = (p[9] + a0 * p[6] + a1 * p[7] + a2 * p[8] - yi) / m
+        dz0 = d2 * p[6] * a0 * (1.0 - a0)
+        dz1 = d2 * p[7] * a1 * (1.0 - a1)
+        dz2 = d2 * p[8] * a2 * (1.0 - a2)
+        g[0] += xi * dz0
+        g[1] += xi * dz1
+        g[2] += xi * dz2
+        g[3] += dz0
+        g[4] += dz1
+        g[5] += dz2
+        g[6] += a0 * d2
+        g[7] += a1 * d2
+        g[8] += a2 * d2
         g[9] += d2
-        for h in range(3):
-            g[6 + h] += a[h] * d2
-            dz = d2 * p[6 + h] * a[h] * (1.0 - a[h])
-            g[h] += xi * dz
-            g[3 + h] += dz
 
 
 @numba.njit(cache=True)
@@ -111,18 +118,19 @@ def _update(code, p, g, s1, s2, hp, t):
 
 
 @numba.njit(cache=True, parallel=True)
-def _train_all(x, y, x_test, y_test, start, codes, hyper, max_epochs, record_every,
-               check_every, target, seed, batch):
-    n_configs, n = codes.shape[0], x.shape[0]
+def _train_all(xs, ys, x_test, y_test, data_of, start, codes, hyper, max_epochs, record_every,
+               check_every, target, seeds, batch):
+    n_configs, n = codes.shape[0], xs.shape[1]
     curves = np.full((n_configs, max_epochs // record_every), np.nan)
     reached = np.full(n_configs, -1)
     final = start.copy()
     for c in prange(n_configs):
+        x, y = xs[data_of[c]], ys[data_of[c]]
         p = start[c].copy()
         g, s1, s2 = np.zeros(N_PARAMS), np.zeros(N_PARAMS), np.zeros(N_PARAMS)
         t = 0
         for epoch in range(max_epochs):
-            order = epoch_order(n, seed, epoch)
+            order = epoch_order(n, seeds[c], epoch)
             for it in range(n // batch):
                 _gradient(p, x, y, order[it * batch:(it + 1) * batch], g)
                 t += 1
@@ -143,12 +151,33 @@ def train_all(configs, data, start, max_epochs=10000, record_every=10, check_eve
               target=1e-3, seed=0, batch=10):
     """Train every ``(optimizer, {hyper})`` in ``configs`` from the flat parameters
     ``start`` (10 values). Returns (test-loss curves, epochs to target or -1, final params)."""
-    x, y, x_test, y_test = (np.ascontiguousarray(a[:, 0], dtype=np.float64) for a in data)
+    curves, reached, final = train_seeds(configs, [data], [start], [seed], max_epochs,
+                                         record_every, check_every, target, batch)
+    return curves[0], reached[0], final[0]
+
+
+def train_seeds(configs, data, starts, seeds, max_epochs=10000, record_every=10,
+                check_every=50, target=1e-3, batch=10):
+    """Every configuration once per seed, all in one batch: seed ``k`` trains on ``data[k]``
+    (x, y, x_test, y_test; the test set must be the same for all) from ``starts[k]`` with
+    the shuffle of ``seeds[k]``. Returns arrays indexed [seed, configuration, ...]."""
+    n_seeds, n_configs = len(seeds), len(configs)
+    if not (len(data) == len(starts) == n_seeds):
+        raise ValueError(f"{n_seeds} seeds need as many data sets and starts, got "
+                         f"{len(data)} and {len(starts)}")
+    xs, ys = (np.stack([np.asarray(d[i][:, 0], dtype=np.float64) for d in data]) for i in (0, 1))
+    x_test, y_test = (np.ascontiguousarray(data[0][i][:, 0], dtype=np.float64) for i in (2, 3))
     codes, hyper = zip(*(_encode(name, options) for name, options in configs))
-    codes, hyper = np.array(codes, dtype=np.int64), np.array(hyper, dtype=np.float64)
-    starts = np.repeat(np.asarray(start, dtype=np.float64)[None, :], len(configs), axis=0)
-    return _train_all(x, y, x_test, y_test, starts, codes, hyper, int(max_epochs),
-                      int(record_every), int(check_every), float(target), int(seed), int(batch))
+    codes = np.tile(np.array(codes, dtype=np.int64), n_seeds)
+    hyper = np.tile(np.array(hyper, dtype=np.float64), (n_seeds, 1))
+    rows = np.repeat(np.arange(n_seeds), n_configs)  # the seed of each flat configuration
+    flat_starts = np.asarray(starts, dtype=np.float64)[rows]
+    flat_seeds = np.asarray(seeds, dtype=np.int64)[rows]
+    curves, reached, final = _train_all(
+        xs, ys, x_test, y_test, rows.astype(np.int64), flat_starts, codes, hyper,
+        int(max_epochs), int(record_every), int(check_every), float(target), flat_seeds, int(batch))
+    return (curves.reshape(n_seeds, n_configs, -1), reached.reshape(n_seeds, n_configs),
+            final.reshape(n_seeds, n_configs, -1))
 
 
 def _encode(name, options):

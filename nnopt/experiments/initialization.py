@@ -3,6 +3,7 @@ zero-initialization symmetry demo."""
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .. import optim
 from ..backend import get_namespace, to_numpy
@@ -10,7 +11,7 @@ from ..init import get_initializer
 from ..losses import MSELoss
 from ..model import mlp
 from . import regression
-from .report import Section, figure_module
+from .report import Section, describe, figure_module, save_figure, spread
 
 INITS = {"Normal": ("normal", {}), "Xavier": ("xavier", {}), "MSRA": ("msra", {})}
 ACTIVATIONS = {"sigmoid": lambda xp, z: 1 / (1 + xp.exp(-z)), "tanh": lambda xp, z: xp.tanh(z),
@@ -39,11 +40,11 @@ def saturation(values):
     return float(np.mean((values < 0.01) | (values > 0.99)))
 
 
-def zero_init_demo(seed=0, epochs=50, device="cpu"):
-    """1 -> 3 (sigmoid) -> 1 from all-zero weights, SGD lr 0.1, batch 10: returns the hidden
-    layer's weights and biases after training (columns stay identical)."""
+def zero_init_demo(seed=0, epochs=50, device="cpu", init="zeros"):
+    """1 -> 3 (sigmoid) -> 1 from all-zero weights (or ``init``), SGD lr 0.1, batch 10:
+    returns the hidden weights, hidden biases and output weights after training."""
     x, y, _, _ = regression.curve(seed)
-    model = mlp([1, 3, 1], "sigmoid", init="zeros", seed=seed, device=device, dtype="float64")
+    model = mlp([1, 3, 1], "sigmoid", init=init, seed=seed, device=device, dtype="float64")
     steps = regression.minibatch_steps(model, optim.SGD(model, lr=0.1), MSELoss(), x, y, 10, seed)
     for _ in range(epochs * -(-x.shape[0] // 10)):
         next(steps)
@@ -51,81 +52,148 @@ def zero_init_demo(seed=0, epochs=50, device="cpu"):
     return to_numpy(first.W.data), to_numpy(first.b.data), to_numpy(second.W.data)
 
 
+def per_sample_spread(values):
+    """Mean over units of each unit's standard deviation across the samples. The pooled
+    histogram hides a collapse: if every input maps onto the same output vector, the
+    pooled values can still look spread while this is 0."""
+    return float(np.mean(np.std(values, axis=0)))
+
+
+def zero_init_identical(w1, b1, w2) -> bool:
+    return bool(np.all(w1 == w1[:, :1]) and np.all(b1 == b1[0]) and np.all(w2 == w2[0]))
+
+
+def _histogram_row(axes, layers, init, activation, relu_range):
+    for col, values in enumerate(layers):
+        ax = axes[col]
+        values = values.ravel()
+        if activation == "relu":
+            # log10 of the positive values on one axis for the whole row: Normal's growth
+            # (x8 per layer) and Xavier's shrinking both show as a shift, panel to panel.
+            positive = values[values > 0]
+            counts, edges = np.histogram(np.log10(positive), bins=25, range=relu_range)
+            ax.set_xlabel("log10(activation > 0)")
+        else:
+            span = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}[activation]
+            counts, edges = np.histogram(values, bins=25, range=span)
+            ax.set_xlabel("activation")
+        ax.stairs(counts / values.size, edges, fill=True, color="C0")
+        ax.set_title(f"layer {col + 1}")
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.yaxis.set_major_locator(MaxNLocator(3))
+    axes[0].set_ylabel(f"{init} + {activation}\nshare of values")
+
+
+def _plot_histograms(plt, stats, runs, path, title):
+    relu = [np.log10(v[v > 0]) for (i, a) in runs if a == "relu" for v in stats[i, a]]
+    relu_range = (float(np.floor(min(np.percentile(r, 0.5) for r in relu))),
+                  float(np.ceil(max(np.percentile(r, 99.5) for r in relu)))) if relu else (0, 1)
+    fig, axes = plt.subplots(len(runs), 6, figsize=(17, 2.6 * len(runs) + 0.8), squeeze=False,
+                             sharey="row")
+    for row, (init, activation) in enumerate(runs):
+        _histogram_row(axes[row], stats[init, activation], init, activation, relu_range)
+        for ax in axes[row]:
+            ax.set_xlim(*(relu_range if activation == "relu" else
+                          {"sigmoid": (0, 1), "tanh": (-1, 1)}[activation]))
+    # The title takes a fixed 0.5 inch at the top, so it never lands on the first row.
+    save_figure(fig, path, title, rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+
+
+def _plot_zero_init(plt, path, zero, xavier):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, (title, (w1, b1, w2)) in zip(axes, (("zero init", zero), ("Xavier init", xavier))):
+        values = {"hidden weight": w1[0], "hidden bias": b1, "output weight": w2[:, 0]}
+        width = 0.25
+        for k, (name, v) in enumerate(values.items()):
+            ax.bar(np.arange(3) + (k - 1) * width, v, width, label=name, color=f"C{k}")
+        ax.set_xticks(range(3), [f"unit {u + 1}" for u in range(3)])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(f"{title}: the 3 hidden units after training")
+    axes[0].set_ylabel("value")
+    axes[0].legend()
+    save_figure(fig, path)
+
+
 def run(ctx) -> Section:
     plt = figure_module()
     section = Section("15.1 Weight initialization")
+    seeds = ctx.seed_list
     grid = [(i, a) for a in ACTIVATIONS for i in INITS]
-    stats = {}
-    for init, activation in grid:
-        layers = activations(init, activation, ctx.seed, device=ctx.device)
-        stats[init, activation] = layers
-    figures = [("textbook", TEXTBOOK_RUNS, "init_textbook.png")]
+    stats = {(i, a): activations(i, a, seeds[0], device=ctx.device) for i, a in grid}
+    per_seed = {run: [stats[run] if seed == seeds[0] else
+                      activations(*run, seed, device=ctx.device) for seed in seeds]
+                for run in TEXTBOOK_RUNS}
+    _plot_histograms(plt, stats, TEXTBOOK_RUNS, ctx.out / "init_textbook.png",
+                     "The textbook's runs: share of the 128,000 activations per bin, per layer")
     if not ctx.quick:
-        figures.append(("grid", grid, "init_grid.png"))
-    for group, runs, name in figures:
-        fig, axes = plt.subplots(len(runs), 6, figsize=(15, 2.1 * len(runs)), squeeze=False)
-        for row, (init, activation) in enumerate(runs):
-            for col, values in enumerate(stats[init, activation]):
-                ax = axes[row, col]
-                values = values.ravel()
-                span = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}.get(activation)
-                if activation == "relu":
-                    values = values[values > 0]  # the exact zeros (about half) would hide the rest
-                    top = float(np.percentile(values, 99.5)) if values.size else 1.0
-                    span = (0.0, max(2.0, top))  # Normal init makes them grow layer by layer
-                counts, edges = np.histogram(values, bins=25, range=span)
-                ax.stairs(counts, edges, fill=True, color="C0")
-                ax.set_title(f"{init}+{activation}: layer {col + 1}", fontsize=8)
-                ax.tick_params(labelsize=6)
-                if col == 0:
-                    ax.set_ylabel("count", fontsize=7)
-                ax.set_xlabel("activation", fontsize=7)
-        fig.suptitle(f"Activation histograms per layer ({group} runs; 1000x128 inputs, 25 bins)")
-        fig.tight_layout(rect=(0, 0, 1, 0.97))
-        fig.savefig(ctx.out / name, dpi=80)
-        plt.close(fig)
+        _plot_histograms(plt, stats, grid, ctx.out / "init_grid.png",
+                         "All initializers x activations (ReLU rows: one log axis for the row)")
     section.text("Input randn(1000, 128) through 6 layers of FC 128->128 (bias 0) + activation, "
                  "each layer's weights drawn independently (the course code reused one matrix). "
-                 "Histograms of the 128,000 values per layer, 25 bins over [0, 1] as in the textbook "
-                 "([-1, 1] for tanh; for ReLU the positive values over [0, 2] or wider where "
-                 "they grow past it, since the exact zeros, about half, would flatten the rest "
-                 "and MSRA's values reach past 1).")
+                 "Histograms of the 128,000 values per layer, 25 bins over [0, 1] as in the "
+                 "textbook ([-1, 1] for tanh). For ReLU, the positive values on a log10 axis "
+                 "shared by the row: about half are exact zeros, which would flatten the rest, "
+                 "and Normal init multiplies them by about 8 per layer, which a linear axis per "
+                 f"panel hides. Figures: seed {seeds[0]}; claims: {len(seeds)} seeds.")
     section.figure(ctx.out / "init_textbook.png", "The textbook's four runs")
     if not ctx.quick:
         section.figure(ctx.out / "init_grid.png", "The whole grid: Normal/Xavier/MSRA x sigmoid/tanh/ReLU")
     rows = []
     for init, activation in grid:
-        stds = [float(np.std(v)) for v in stats[init, activation]]
-        sat = saturation(np.concatenate([v.ravel() for v in stats[init, activation]])) \
-            if activation == "sigmoid" else None
-        rows.append([f"{init} + {activation}", *[f"{s:.3f}" for s in stds],
+        layers = stats[init, activation]
+        sat = saturation(np.concatenate([v.ravel() for v in layers])) if activation == "sigmoid" else None
+        rows.append([f"{init} + {activation}",
+                     *[f"{np.std(v):.3g} / {per_sample_spread(v):.3g}" for v in layers],
                      "" if sat is None else f"{100 * sat:.0f}%"])
-    section.text("Standard deviation of each layer's activations (and, for sigmoid, the share "
-                 "of values within 0.01 of 0 or 1):")
+    section.text(f"Per layer (seed {seeds[0]}): pooled standard deviation of the 128,000 values / "
+                 "per-sample spread (each unit's standard deviation across the 1,000 inputs, "
+                 "averaged over units), and for sigmoid the share of values within 0.01 of 0 or 1. "
+                 "A per-sample spread near 0 means every input leaves the layer as the same "
+                 "vector, however spread the pooled histogram looks:")
     section.table(["run", *[f"layer {i}" for i in range(1, 7)], "saturated"], rows)
 
-    normal_sig = saturation(np.concatenate([v.ravel() for v in stats["Normal", "sigmoid"]]))
-    xavier_sig = saturation(np.concatenate([v.ravel() for v in stats["Xavier", "sigmoid"]]))
-    section.claim("Normal N(0,1) init saturates sigmoid", "activations pile up at 0 and 1",
-                  f"{100 * normal_sig:.0f}% of values within 0.01 of 0 or 1 (Xavier: "
-                  f"{100 * xavier_sig:.0f}%)", normal_sig > 0.5 and xavier_sig < 0.05)
-    xr = [float(np.std(v)) for v in stats["Xavier", "relu"]]
-    mr = [float(np.std(v)) for v in stats["MSRA", "relu"]]
-    section.claim("Xavier + ReLU: activations shrink layer by layer", "mass moves toward 0",
-                  f"std {xr[0]:.3f} -> {xr[-1]:.3f} over 6 layers",
-                  all(b < a for a, b in zip(xr, xr[1:])) and xr[-1] < 0.3 * xr[0])
-    section.claim("MSRA + ReLU: spread kept in every layer", "evenly spread",
-                  f"std {mr[0]:.3f} -> {mr[-1]:.3f}", 0.5 < mr[-1] / mr[0] < 2)
+    def ratio_last_first(run, measure):
+        return [measure(layers[-1]) / measure(layers[0]) for layers in per_seed[run]]
+    sat_normal = [saturation(np.concatenate([v.ravel() for v in layers]))
+                  for layers in per_seed["Normal", "sigmoid"]]
+    section.claim("normal_sigmoid_saturates", "Normal N(0,1) init saturates sigmoid",
+                  "activations pile up at 0 and 1", spread(sat_normal, "share saturated"),
+                  [v > 0.5 for v in sat_normal],
+                  f"share of values within 0.01 of 0 or 1: {describe(spread(sat_normal), digits=2)}")
+    xs = ratio_last_first(("Xavier", "sigmoid"), per_sample_spread)
+    section.claim("xavier_sigmoid_even", "Xavier + sigmoid: spread evenly in every layer",
+                  "spread evenly in every layer", spread(xs, "per-sample spread, layer 6 / layer 1"),
+                  [v >= 0.5 for v in xs],
+                  "per-sample spread at layer 6 / layer 1: "
+                  f"{describe(spread(xs), digits=3)} (held: at least half kept)")
+    xr = ratio_last_first(("Xavier", "relu"), np.std)
+    section.claim("xavier_relu_vanishes", "Xavier + ReLU: activations shrink layer by layer",
+                  "mass moves toward 0", spread(xr, "std, layer 6 / layer 1"), [v < 0.3 for v in xr],
+                  f"std at layer 6 / layer 1: {describe(spread(xr), digits=3)} (held: below 0.3)")
+    mr = ratio_last_first(("MSRA", "relu"), np.std)
+    mr_sample = ratio_last_first(("MSRA", "relu"), per_sample_spread)
+    section.claim("msra_relu_kept", "MSRA + ReLU: spread kept in every layer", "evenly spread",
+                  spread(mr, "std, layer 6 / layer 1"), [0.5 < v < 2 for v in mr],
+                  f"pooled std at layer 6 / layer 1: {describe(spread(mr), digits=3)} (held: "
+                  f"within 0.5-2); per-sample spread: {describe(spread(mr_sample), digits=3)}")
 
-    w1, b1, w2 = zero_init_demo(ctx.seed, epochs=5 if ctx.quick else 50, device=ctx.device)
-    identical = bool(np.all(w1 == w1[:, :1]) and np.all(b1 == b1[0]) and np.all(w2 == w2[0]))
-    if not identical:
-        raise AssertionError("zero init: hidden units diverged, which symmetry forbids")
+    epochs = 5 if ctx.quick else 50
+    zero_runs = [zero_init_demo(seed, epochs=epochs, device=ctx.device) for seed in seeds[:3]]
+    identical = [zero_init_identical(*r) for r in zero_runs]
+    trained = [bool(np.any(r[0] != 0)) for r in zero_runs]
+    _plot_zero_init(plt, ctx.out / "init_zero.png", zero_runs[0],
+                    zero_init_demo(seeds[0], epochs, ctx.device, init="xavier"))
     section.text("**Zero initialization** (1 -> 3 sigmoid -> 1 on the curve data, SGD lr 0.1, "
-                 f"batch 10, {5 if ctx.quick else 50} epochs): after training, hidden weights "
-                 f"{np.round(w1[0], 6).tolist()}, biases {np.round(b1, 6).tolist()}, output "
-                 f"weights {np.round(w2[:, 0], 6).tolist()}: the three units are identical, "
-                 "and stay so (checked exactly).")
-    section.claim("Zero init: hidden units stay identical", "symmetry never broken",
-                  "all three units bit-identical after training", identical)
+                 f"batch 10, {epochs} epochs), checked exactly on seeds {seeds[:3]}: after "
+                 f"training (seed {seeds[0]}), hidden weights {np.round(zero_runs[0][0][0], 6).tolist()}, "
+                 f"biases {np.round(zero_runs[0][1], 6).tolist()}, output weights "
+                 f"{np.round(zero_runs[0][2][:, 0], 6).tolist()}.")
+    section.figure(ctx.out / "init_zero.png", "Zero init: the three units stay identical; "
+                   "Xavier init (same data and training) breaks the symmetry")
+    section.claim("zero_init_symmetry", "Zero init: hidden units stay identical",
+                  "symmetry never broken", spread([float(i) for i in identical], "identical (1) or not (0)"),
+                  [i and t for i, t in zip(identical, trained)],
+                  f"hidden units bit-identical after training in {sum(identical)} of "
+                  f"{len(identical)} seeds (weights moved from 0 in {sum(trained)})")
     return section
+
