@@ -26,6 +26,7 @@ from .errors import check_finite_number
 from .fast import fast_for
 from .layers import Layer, check_dtype, check_input
 from .params import Parameter
+from . import sync_batchnorm
 
 
 def batchnorm_forward(x, gamma, beta, eps):
@@ -62,10 +63,13 @@ class BatchNorm(Layer):
     ``unbiased_running_var=True`` stores :math:`\frac{m}{m-1}\sigma^2` in the running
     variance, as PyTorch does; the textbook stores the biased one. ``train=False`` uses
     the running statistics. ``use_fast_path=False`` keeps the fused kernels out.
+    ``sync=True`` (or a communicator): training-mode statistics over all ranks of a
+    distributed run (:mod:`nnopt.sync_batchnorm`).
     """
 
     def __init__(self, n_features: int, momentum: float = 0.9, eps: float = 1e-5,
-                 unbiased_running_var: bool = False, name: str = "bn", use_fast_path: bool = True):
+                 unbiased_running_var: bool = False, name: str = "bn", use_fast_path: bool = True,
+                 sync=False):
         self.n = int(n_features)
         self.momentum = check_finite_number("BatchNorm momentum", momentum, low=0, high=1)
         self.eps = check_finite_number("BatchNorm eps", eps, low=0, low_open=True)
@@ -76,8 +80,13 @@ class BatchNorm(Layer):
         self.buffers = {"running_mean": np.zeros(self.n), "running_var": np.ones(self.n)}
         self.name = name
         self.use_fast_path = use_fast_path
+        self.sync, self.sync_cache = sync, None  # synchronized BN: nnopt/sync_batchnorm.py
 
     def forward(self, x, train=True):
+        if self.sync:  # synchronized BN: global batch statistics (nnopt/sync_batchnorm.py)
+            self.sync_cache = None
+            if train:
+                return sync_batchnorm.layer_forward(self, x)
         check_input(self, x, self.n)
         check_dtype(self, x, self.gamma)
         xp = namespace_of(x)
@@ -117,6 +126,8 @@ class BatchNorm(Layer):
         running_var[...] = a * running_var + (1 - a) * var
 
     def backward(self, d):
+        if self.sync_cache is not None:  # after a synchronized training-mode forward
+            return sync_batchnorm.layer_backward(self, d)
         xp = namespace_of(d)
         if not self.train_mode:
             # Inference mode is an affine map per feature.
