@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, datasets, optim
+from . import checkpoint, datasets, distributed, optim
 from .backend import BackendUnavailable, asarray, backend_name, get_namespace, synchronize
 from .losses import SoftmaxCrossEntropy
 from .model import mlp
@@ -36,10 +36,12 @@ DEFAULTS = {"device": "cpu", "dataset": "mnist-sample", "data_dir": None, "val_s
             "sizes": TEXTBOOK_SIZES, "activation": "relu", "bn": True, "init": "msra",
             "optimizer": "sgd", "hyper": {"lr": 0.1}, "epochs": 30, "batch_size": 64,
             "target_loss": 0.12, "check_every": 44, "seed": 0, "dtype": "float32",
-            "out": "runs/train", "graph": True, "quiet": False}
+            "out": "runs/train", "graph": True, "quiet": False,
+            "distributed": False, "sync_bn": False, "world_size": 1}  # see nnopt.distributed
 #: Config keys a resumed run must share with its checkpoint.
 RESUME_KEYS = ("dataset", "sizes", "activation", "bn", "init", "optimizer", "hyper",
-               "batch_size", "seed", "dtype", "check_every", "target_loss", "val_size")
+               "batch_size", "seed", "dtype", "check_every", "target_loss", "val_size",
+               "distributed", "sync_bn", "world_size")
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -50,6 +52,8 @@ def make_config(**overrides) -> dict:
         raise ValueError(f"unknown training setting {unknown[0]!r}; known: {', '.join(DEFAULTS)}")
     config = json.loads(json.dumps({**DEFAULTS, **overrides}))  # a deep, JSON-clean copy
     config["optimizer"] = str(config["optimizer"]).lower()
+    if config["distributed"] and "world_size" not in overrides:
+        config["world_size"] = distributed.size()  # the job of distributed.init()
     validate_config(config)
     return config
 
@@ -61,6 +65,11 @@ def validate_config(config: dict) -> None:
     sizes = config["sizes"]
     if sizes[0] != 784 or sizes[-1] != 10:
         raise ValueError(f"--sizes must start with 784 (28x28 pixels) and end with 10 classes, got {sizes}")
+    if config["sync_bn"] and not config["distributed"]:  # data parallelism: nnopt.distributed
+        raise ValueError("--sync-bn synchronizes BN statistics across ranks: it needs --distributed "
+                         "(mpiexec -n N python -m nnopt.train --distributed --sync-bn ...)")
+    if config["distributed"]:
+        distributed.check_batch(config["batch_size"], config["world_size"])
 
 
 def parse_value(text):
@@ -113,6 +122,11 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no per-check log lines")
     p.add_argument("--no-graph", dest="graph", action="store_false",
                    help="on the GPU, do not capture the training step as a CUDA graph")
+    p.add_argument("--distributed", action="store_true",  # data parallelism: nnopt.distributed
+                   help="data-parallel over the ranks of mpiexec -n N (MPI; NCCL on the GPU); "
+                        "--batch-size is the global batch, split evenly between ranks")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="with --distributed: BN statistics over the global batch, not each rank's shard")
     return p
 
 
@@ -133,7 +147,8 @@ def config_from_args(args) -> dict:
                        optimizer=args.optimizer, hyper=hyper, epochs=args.epochs,
                        batch_size=args.batch_size, target_loss=args.target_loss,
                        check_every=args.check_every, seed=args.seed, dtype=args.dtype,
-                       out=args.out, graph=args.graph, quiet=args.quiet)
+                       out=args.out, graph=args.graph, quiet=args.quiet,
+                       distributed=args.distributed, sync_bn=args.sync_bn)
 
 
 # --- the pieces of a run ------------------------------------------------------------------------
@@ -141,7 +156,8 @@ def build_model(config: dict, xp=None):
     """The network ``config`` describes, on ``xp`` (default: the config's device)."""
     xp = get_namespace(config["device"]) if xp is None else xp
     return mlp(config["sizes"], config["activation"], config["bn"], config["init"],
-               config["seed"], xp, config["dtype"])
+               config["seed"], xp, config["dtype"],
+               bn_options={"sync": True} if config.get("sync_bn") else None)
 
 
 def build_optimizer(config: dict, model):
@@ -189,11 +205,13 @@ class Run:
     log: object
     state: TrainState
     started: float = 0.0  # perf_counter() at the run's (virtual) start, resumed time included
+    comm: object = distributed.LOCAL  # the ranks of a distributed run
 
     def save_checkpoint(self):
-        checkpoint.save(self.out / "checkpoint.npz", self.model.state_dict(),
-                        self.optimizer.state_dict(),
-                        {"config": self.config, "progress": self.state.to_dict()})
+        if self.comm.is_root:  # distributed: rank 0 alone writes
+            checkpoint.save(self.out / "checkpoint.npz", self.model.state_dict(),
+                            self.optimizer.state_dict(),
+                            {"config": self.config, "progress": self.state.to_dict()})
 
 
 def prepare(config: dict, log=print) -> Run:
@@ -205,15 +223,18 @@ def prepare(config: dict, log=print) -> Run:
     arrays = {split: (asarray(getattr(data, f"x_{split}"), xp, dtype),
                       xp.asarray(getattr(data, f"y_{split}")))
               for split in ("train", "val", "test")}
+    comm = distributed.current() if config.get("distributed") else distributed.LOCAL
+    distributed.sync_parameters(model, comm)  # rank 0's initial parameters on every rank
     return Run(config, xp, data, arrays, model, build_optimizer(config, model),
-               SoftmaxCrossEntropy(), Path(config["out"]), log, TrainState())
+               SoftmaxCrossEntropy(), Path(config["out"]), log, TrainState(), comm=comm)
 
 
 def resume_into(run: Run, path) -> None:
     """Load a checkpoint's parameters, optimizer state and progress into ``run``."""
     model_state, opt_state, meta = checkpoint.load(path)
     saved, config = meta["config"], run.config
-    diff = [k for k in RESUME_KEYS if saved.get(k) != json.loads(json.dumps(config.get(k)))]
+    diff = [k for k in RESUME_KEYS  # keys older checkpoints lack had their default value
+            if saved.get(k, DEFAULTS.get(k)) != json.loads(json.dumps(config.get(k)))]
     if diff:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
                             for k in diff)
@@ -242,20 +263,23 @@ def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
     x_train, y_train = run.arrays["train"]
     n, batch = x_train.shape[0], config["batch_size"]
     per_epoch = batches_per_epoch(n, batch)
+    if config.get("distributed"):  # every rank needs an equal, full shard: drop the last partial batch
+        per_epoch = n // batch
     order = xp.asarray(np.random.default_rng([config["seed"], epoch]).permutation(n))
     for it in range(state.pos, per_epoch):
         if stop.requested:
             window.flush_into(state)
             return True
-        idx = order[it * batch:(it + 1) * batch]
+        idx = distributed.shard(order[it * batch:(it + 1) * batch], run.comm)  # this rank's part
         xb, yb = xp.take(x_train, idx, axis=0), xp.take(y_train, idx, axis=0)
         window.add(*step(xb, yb), yb)
         state.iteration += 1
         state.pos = it + 1
         if state.iteration % config["check_every"] == 0:
             window.flush_into(state)
-            record = check(run, epoch)
-            append_metric(run.out, record)
+            record = run.comm.bcast_object(check(run, epoch))  # rank 0's decides for all
+            if run.comm.is_root:
+                append_metric(run.out, record)
             if not config.get("quiet"):
                 bar.end()
                 run.log(format_record(record))
@@ -277,8 +301,9 @@ def finish(run: Run) -> dict:
                "epochs": state.epoch, "iterations": state.iteration,
                "time_s": round(state.elapsed, 3), "reached_target": state.reached,
                "test_loss": test_loss, "test_accuracy": test_acc, "data": run.data.description}
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curves(run.out / "curves.png", state.history, config)
+    if run.comm.is_root:  # distributed: rank 0 alone writes
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(run.out / "curves.png", state.history, config)
     run.log(f"{'reached' if state.reached else 'did not reach'} validation loss "
             f"{config['target_loss']} after {summary['epochs']} epochs, {summary['iterations']} "
             f"iterations, {summary['time_s']:.1f} s; test accuracy {100 * test_acc:.2f}% "
@@ -288,22 +313,26 @@ def finish(run: Run) -> dict:
 
 def fit(config: dict, resume=None, log=print) -> dict:
     """Train as ``config`` says; returns the summary (also written to summary.json)."""
+    if config.get("distributed") and distributed.rank() != 0:
+        log = lambda *_: None  # distributed: rank 0 alone logs and writes
     run = prepare(config, log)
     if resume:
         resume_into(run, resume)
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_metrics(run.out, run.state.history)
+    if run.comm.is_root:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_metrics(run.out, run.state.history)
     log(f"data: {run.data.description}")
     log(f"model: {run.model}; optimizer: {run.optimizer}; device: {config['device']}")
     state = run.state
-    bar = ProgressBar(sys.stderr.isatty() and not os.environ.get("CI"))
+    bar = ProgressBar(sys.stderr.isatty() and not os.environ.get("CI") and run.comm.is_root)
     step = Stepper(run.model, run.optimizer, run.loss_fn, config["batch_size"],
-                   config.get("graph", True), log)
-    window = Window(run.xp)
+                   config.get("graph", True) and run.comm.size == 1, log, run.comm)
+    window = Window(run.xp, run.comm)
     run.started = time.perf_counter() - state.elapsed
     interrupted = False
-    with StopRequest() as stop, step.stream():
+    with StopRequest() as local_stop, step.stream():
+        stop = distributed.AgreedStop(local_stop, run.comm)  # all ranks stop at the same step
         for epoch in range(state.epoch, config["epochs"]):
             if state.reached:
                 break
@@ -383,8 +412,8 @@ class Window:
     """Training loss and correct predictions since the last check, summed where the arrays
     live (no host synchronisation per step); flushed into the state at checks."""
 
-    def __init__(self, xp):
-        self.xp = xp
+    def __init__(self, xp, comm=distributed.LOCAL):
+        self.xp, self.comm = xp, comm
         self.reset()
 
     def reset(self):
@@ -399,9 +428,11 @@ class Window:
         self.samples += labels.shape[0]
 
     def flush_into(self, state: TrainState):
-        state.window_loss += float(self.loss)
-        state.window_correct += int(self.correct)
-        state.window_samples += self.samples
+        sums = np.array([float(self.loss), int(self.correct), self.samples], dtype=np.float64)
+        self.comm.allreduce_sum(sums)  # distributed: the global batch's sums, on every rank
+        state.window_loss += float(sums[0])
+        state.window_correct += int(sums[1])
+        state.window_samples += int(sums[2])
         self.reset()
 
 
@@ -409,8 +440,8 @@ class Stepper:
     """One optimization step on a batch: replayed from a captured CUDA graph on the GPU
     (full batches, when capture works), else run eagerly. Returns (loss, softmax output)."""
 
-    def __init__(self, model, optimizer, loss_fn, batch, use_graph, log):
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+    def __init__(self, model, optimizer, loss_fn, batch, use_graph, log, comm=distributed.LOCAL):
+        self.model, self.optimizer, self.loss_fn, self.comm = model, optimizer, loss_fn, comm
         self.captured = None
         if use_graph and backend_name(model.xp) == "cupy":
             from .graph import CapturedStep
@@ -426,6 +457,7 @@ class Stepper:
             return self.captured.step(xb, yb), self.captured.prob
         self.model.zero_grad()
         loss = self.model.loss_and_backward(xb, yb, self.loss_fn)
+        self.comm.allreduce_mean(self.model.flat.grad)  # distributed: one collective per step
         self.optimizer.step()
         return loss, self.loss_fn.prob
 
@@ -517,7 +549,9 @@ def main(argv=None) -> int:
     try:
         if args.evaluate:
             return run_evaluate(args)
-        fit(config_from_args(args), resume=args.resume, log=lambda s: print(s, flush=True))
+        comm = distributed.init(args.device, print) if args.distributed else distributed.LOCAL
+        with distributed.fail_together(comm):  # one failing rank must not hang the others
+            fit(config_from_args(args), resume=args.resume, log=lambda s: print(s, flush=True))
         return 0
     except KeyboardInterrupt:
         return 130

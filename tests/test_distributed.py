@@ -149,3 +149,158 @@ def test_sync_batchnorm_layer_running_stats_agree(xp, rng):
         np.testing.assert_array_equal(r[4], ranks[0][4])
     np.testing.assert_allclose(ranks[0][4], host(whole.forward(dev(xp, x), train=False)),
                                atol=1e-12)
+
+
+# --- the CLI's checks, in this process -------------------------------------------------------
+def test_distributed_without_mpi4py_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    assert train.main(["--distributed", "--quiet"]) == 2
+    assert "pip install 'nnopt[distributed]'" in capsys.readouterr().err
+
+
+def test_sync_bn_needs_distributed(capsys):
+    assert train.main(["--sync-bn", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--sync-bn" in err and "needs --distributed" in err
+
+
+def test_global_batch_must_split_evenly():
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        train.make_config(distributed=True, world_size=3, batch_size=64)
+    assert train.make_config(distributed=True, world_size=4, batch_size=64)["world_size"] == 4
+
+
+# --- real MPI jobs -----------------------------------------------------------------------------
+def mpi_missing():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (pip install 'nnopt[distributed]')"
+    if shutil.which("mpiexec") is None:
+        return "mpiexec is not on PATH (pip install mpich)"
+    return None
+
+
+needs_mpi = pytest.mark.skipif(mpi_missing() is not None, reason=str(mpi_missing()))
+# Short runs: 50 steps of 64 (3,200 training samples, one epoch), a small network.
+SMALL = ["--sizes", "784,24,16,10", "--batch-size", "64", "--val-size", "4800", "--epochs", "1",
+         "--check-every", "25", "--target-loss", "0", "--quiet"]
+
+
+def mpiexec(args, timeout=120, env=None):
+    """Run ``mpiexec args`` from the repository; the whole process group is killed on
+    timeout, so a hung job fails the test instead of hanging CI."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", **(env or {})}
+    proc = subprocess.Popen(["mpiexec", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        pytest.fail(f"mpiexec {' '.join(args)} hung for {timeout} s\n{out}\n{err}")
+    return proc.returncode, out, err
+
+
+def train_ranks(n, out, *flags):
+    rc, stdout, err = mpiexec(["-n", str(n), sys.executable, "-m", "nnopt.train", *SMALL,
+                               "--distributed", "--out", str(out), *flags])
+    assert rc == 0, f"{stdout}\n{err}"
+    return out
+
+
+def params(folder):
+    return checkpoint.load(folder / "checkpoint.npz")[0]
+
+
+def max_difference(a, b):
+    """Largest parameter difference, relative to the largest parameter."""
+    scale = max(float(np.max(np.abs(v))) for v in a.values())
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a) / scale
+
+
+def without_biases_before_bn(state):
+    return {k: v for k, v in state.items() if not k.endswith("running_mean") and
+            not (k.startswith("fc") and k.endswith(".b") and f"bn{k[2:-2]}.gamma" in state)}
+
+
+@needs_mpi
+def test_communicator_api_on_two_ranks():
+    code = ("import numpy as np; from nnopt import distributed as d; c = d.init('cpu');"
+            "g = np.full(3, c.rank + 1.0); d.allreduce_mean(g); assert (g == 1.5).all(), g;"
+            "p = np.full(2, 7.0 if c.rank == 0 else -1.0); d.broadcast(p); assert (p == 7).all();"
+            "assert c.bcast_object({'r': c.rank}) == {'r': 0}; assert c.any(c.rank == 1);"
+            "assert (d.rank(), d.size()) == (c.rank, 2); print('ok', c.rank)")
+    rc, out, err = mpiexec(["-n", "2", sys.executable, "-c", code], timeout=60)
+    assert rc == 0 and out.count("ok") == 2, f"{out}\n{err}"
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """1 process x batch 64, per optimizer (in this process: no MPI involved)."""
+    runs = {}
+    for name, flags in (("sgd", []), ("adam", ["--optimizer", "adam", "--lr", "0.01"])):
+        out = tmp_path_factory.mktemp(f"single-{name}")
+        assert train.main(SMALL + flags + ["--out", str(out)]) == 0
+        runs[name] = (out, flags)
+    return runs
+
+
+@needs_mpi
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_two_ranks_with_sync_bn_train_like_one_process(tmp_path, one_process_runs, optimizer):
+    single, flags = one_process_runs[optimizer]
+    ranks = train_ranks(2, tmp_path / "ranks", "--sync-bn", *flags)
+    a, b = params(single), params(ranks)
+    if optimizer == "adam":
+        # A bias just before BN has gradient 0 in exact arithmetic (BN subtracts the mean);
+        # Adam divides that rounding noise (~1e-9) by its own root mean square, so these
+        # biases, and the running means that contain them, take lr-sized random steps that
+        # differ between any two summation orders. BN cancels them: compare the rest.
+        a, b = without_biases_before_bn(a), without_biases_before_bn(b)
+    difference = max_difference(a, b)
+    # float32 rounding (sums in another order), not a different model: 50 steps agree
+    # to ~1e-6 of the largest parameter (measured 5e-7 for SGD, 1e-6 for Adam).
+    assert difference < 2e-5, f"2 ranks x 32 with sync BN vs 1 x 64: {difference:.2e}"
+    a = [json.loads(r) for r in (single / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(r) for r in (ranks / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b] == [25, 50]
+    for ra, rb in zip(a, b):  # the training window is the global batch's, not rank 0's
+        assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
+        assert ra["train_accuracy"] == rb["train_accuracy"]
+
+
+@needs_mpi
+def test_without_sync_bn_two_ranks_are_another_model(tmp_path, one_process_runs):
+    single, _ = one_process_runs["sgd"]
+    difference = max_difference(params(single), params(train_ranks(2, tmp_path / "r")))
+    # Each rank normalizes over its 32 samples: another gradient, a visibly different
+    # network after 50 steps (measured ~0.3 of the largest parameter, running means most).
+    print(f"without sync BN, 2 x 32 vs 1 x 64 after 50 SGD steps: {difference:.3f} of the "
+          "largest parameter")
+    assert difference > 1e-3, difference
+
+
+@needs_mpi
+def test_resume_with_the_same_ranks(tmp_path):
+    straight = train_ranks(2, tmp_path / "straight", "--sync-bn", "--epochs", "2")
+    split = train_ranks(2, tmp_path / "split", "--sync-bn")
+    train_ranks(2, split, "--sync-bn", "--epochs", "2", "--resume", str(split))
+    a, b = params(straight), params(split)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    # Another number of ranks is another run: refused with the reason.
+    assert train.main(SMALL + ["--epochs", "2", "--out", str(tmp_path / "x"),
+                               "--resume", str(split)]) == 2
+
+
+@needs_mpi
+def test_a_failing_rank_aborts_the_job_instead_of_hanging(tmp_path):
+    # Rank 1 alone fails (its checkpoint is missing) while rank 0 waits in the initial
+    # broadcast: without the abort, rank 0 would wait forever.
+    cmd = [sys.executable, "-m", "nnopt.train", *SMALL, "--distributed", "--out", str(tmp_path)]
+    rc, out, err = mpiexec(["-n", "1", *cmd, ":", "-n", "1", *cmd, "--resume",
+                            str(tmp_path / "missing")], timeout=90,
+                           env={"NNOPT_ABORT_TIMEOUT": "2"})
+    assert rc != 0
+    assert "does not exist" in err and "MPI_Abort" in err, err
