@@ -54,6 +54,7 @@ from .errors import InputError, check_bool, check_finite_number, check_int
 from .fast import fast_for
 from .layers import Layer, check_dtype, check_input
 from .params import Parameter
+from . import sync_batchnorm
 
 
 def batchnorm_forward(x, gamma, beta, eps):
@@ -147,10 +148,13 @@ class BatchNorm(Layer):
     ``unbiased_running_var=True`` stores :math:`\frac{m}{m-1}\sigma^2` in the running
     variance, as PyTorch does; the textbook stores the biased one. ``train=False`` uses
     the running statistics. ``use_fast_path=False`` keeps the fused kernels out.
+    ``sync=True`` (or a communicator): training-mode statistics over all ranks of a
+    distributed run (:mod:`nnopt.sync_batchnorm`).
     """
 
     def __init__(self, n_features: int, momentum: float = 0.9, eps: float = 1e-5,
-                 unbiased_running_var: bool = False, name: str = "bn", use_fast_path: bool = True):
+                 unbiased_running_var: bool = False, name: str = "bn", use_fast_path: bool = True,
+                 sync=False):
         super().__init__()
         self.n = check_int("BatchNorm n_features", n_features, low=1)
         self.momentum = check_finite_number("BatchNorm momentum", momentum, low=0, high=1)
@@ -168,8 +172,14 @@ class BatchNorm(Layer):
         self.cache = None        # batchnorm_forward's cache of a reference training forward
         self.std = self.normed = None  # of an inference forward
         self.scratch = None      # the fused kernels' reusable output buffers, made on first use
+        self.sync = sync
+        self.sync_cache = None  # synchronized BN: nnopt/sync_batchnorm.py
 
     def forward(self, x, train=True):
+        if self.sync:  # synchronized BN: global batch statistics (nnopt/sync_batchnorm.py)
+            self.sync_cache = None
+            if train:
+                return sync_batchnorm.layer_forward(self, x)
         check_input(self, x, self.n)
         check_dtype(self, x, self.gamma)
         xp = namespace_of(x)
@@ -209,6 +219,8 @@ class BatchNorm(Layer):
         running_var[...] = a * running_var + (1 - a) * var
 
     def backward(self, d):
+        if self.sync_cache is not None:  # after a synchronized training-mode forward
+            return sync_batchnorm.layer_backward(self, d)
         if self.train_mode is None:
             raise RuntimeError(f"{self!r}: call forward(x) before backward")
         xp = namespace_of(d)

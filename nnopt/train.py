@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, datasets, optim, runs
+from . import checkpoint, datasets, distributed, optim, runs
 from .backend import asarray, backend_name, get_namespace, is_numpy, synchronize
 from .errors import NnoptError, InputError, check_finite_number, check_int, unknown_name
 from .losses import SoftmaxCrossEntropy
@@ -40,10 +40,12 @@ DEFAULTS = {"device": "cpu", "dataset": "mnist-sample", "data_dir": None, "val_s
             "sizes": TEXTBOOK_SIZES, "activation": "relu", "bn": True, "init": "msra",
             "optimizer": "sgd", "hyper": {"lr": 0.1}, "schedule": None, "epochs": 30,
             "batch_size": 64, "target_loss": 0.12, "check_every": 44, "seed": 0,
-            "dtype": "float32", "out": "runs/train", "graph": True, "quiet": False}
+            "dtype": "float32", "out": "runs/train", "graph": True, "quiet": False,
+            "distributed": False, "sync_bn": False, "world_size": 1}  # see nnopt.distributed
 #: Config keys a resumed run must share with its checkpoint.
 RESUME_KEYS = ("dataset", "sizes", "activation", "bn", "init", "optimizer", "hyper",
-               "schedule", "batch_size", "seed", "dtype", "check_every", "val_size")
+               "schedule", "batch_size", "seed", "dtype", "check_every", "val_size",
+               "distributed", "sync_bn", "world_size")
 
 
 class TrainingDiverged(NnoptError, FloatingPointError):
@@ -59,6 +61,8 @@ def make_config(**overrides) -> dict:
         raise unknown_name("training setting", unknown[0], DEFAULTS)
     config = json.loads(json.dumps({**DEFAULTS, **overrides}))  # a deep, JSON-clean copy
     config["optimizer"] = str(config["optimizer"]).lower()
+    if config["distributed"] and "world_size" not in overrides:
+        config["world_size"] = distributed.size()  # the job of distributed.init()
     validate_config(config)
     if config["val_size"] is None:
         config["val_size"] = datasets.default_val_size(config["dataset"])
@@ -92,6 +96,11 @@ def validate_config(config: dict) -> None:
         raise InputError(f"--sizes must start with 784 (28x28 pixels) and end with 10 classes, got {sizes}")
     if config["schedule"] is not None:
         schedules.check_spec(config["schedule"])
+    if config["sync_bn"] and not config["distributed"]:  # data parallelism: nnopt.distributed
+        raise InputError("--sync-bn synchronizes BN statistics across ranks: it needs --distributed "
+                         "(mpiexec -n N python -m nnopt.train --distributed --sync-bn ...)")
+    if config["distributed"]:
+        distributed.check_batch(config["batch_size"], config["world_size"])
     if config["bn"] and config["batch_size"] < 2:
         raise InputError(f"--batch-size {config['batch_size']}: Batch Normalization needs at "
                          "least 2 samples per batch (one sample has no variance); use a "
@@ -103,7 +112,8 @@ def build_model(config: dict, xp=None):
     """The network ``config`` describes, on ``xp`` (default: the config's device)."""
     xp = get_namespace(config["device"]) if xp is None else xp
     return mlp(config["sizes"], config["activation"], config["bn"], config["init"],
-               config["seed"], xp, config["dtype"])
+               config["seed"], xp, config["dtype"],
+               bn_options={"sync": True} if config.get("sync_bn") else None)
 
 
 def build_optimizer(config: dict, model):
@@ -161,8 +171,11 @@ class Run:
     log: object
     state: TrainState
     started: float = 0.0  # perf_counter() at the run's (virtual) start, resumed time included
+    comm: object = distributed.LOCAL  # the ranks of a distributed run
 
     def save_checkpoint(self):
+        if not self.comm.is_root:  # distributed: rank 0 alone writes
+            return
         scheduler = self.scheduler.state_dict() if self.scheduler is not None else None
         with runs.writing(self.out / "checkpoint.npz"):
             checkpoint.save(self.out / "checkpoint.npz", self.model.state_dict(),
@@ -194,8 +207,10 @@ def prepare(config: dict, log=print) -> Run:
     arrays = {split: (asarray(getattr(data, f"x_{split}"), xp, dtype),
                       xp.asarray(getattr(data, f"y_{split}")))
               for split in ("train", "val", "test")}
+    comm = distributed.current() if config.get("distributed") else distributed.LOCAL
+    distributed.sync_parameters(model, comm)  # rank 0's initial parameters on every rank
     run = Run(config, xp, data, arrays, model, optimizer, scheduler, SoftmaxCrossEntropy(),
-              Path(config["out"]), log, TrainState())
+              Path(config["out"]), log, TrainState(), comm=comm)
     probe(run)
     return run
 
@@ -255,13 +270,15 @@ def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
     x_train, y_train = run.arrays["train"]
     n, batch = x_train.shape[0], config["batch_size"]
     per_epoch = batches_per_epoch(n, batch)
+    if config.get("distributed"):  # every rank needs an equal, full shard: drop the last partial batch
+        per_epoch = n // batch
     order = xp.asarray(np.random.default_rng([config["seed"], epoch]).permutation(n))
     bar.start(epoch + 1, config["epochs"], state.pos, per_epoch)
     for it in range(state.pos, per_epoch):
         if stop.requested:
             window.flush_into(state)
             return True
-        idx = order[it * batch:(it + 1) * batch]
+        idx = distributed.shard(order[it * batch:(it + 1) * batch], run.comm)  # this rank's part
         xb, yb = xp.take(x_train, idx, axis=0), xp.take(y_train, idx, axis=0)
         loss, prob = step(xb, yb)
         state.iteration += 1
@@ -274,8 +291,9 @@ def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
         bar.update()
         if state.iteration % config["check_every"] == 0:
             window.flush_into(state)
-            record = check(run, epoch)
-            runs.write_lines(run.out / "metrics.jsonl", [record], mode="a")
+            record = run.comm.bcast_object(check(run, epoch))  # rank 0's decides for all
+            if run.comm.is_root:
+                runs.write_lines(run.out / "metrics.jsonl", [record], mode="a")
             bar.postfix(record)
             if record["val_loss"] <= config["target_loss"]:
                 state.reached = True
@@ -301,9 +319,10 @@ def finish(run: Run) -> dict:
                "time_s": round(state.elapsed, 3), "reached_target": state.reached,
                "test_loss": test_loss, "test_accuracy": test_acc,
                "skipped_steps": run.optimizer.skipped_steps, "data": run.data.description}
-    runs.write_json(run.out / "summary.json", summary)
-    with runs.writing(run.out / "curves.png"):
-        plot_curves(run.out / "curves.png", state.history, config)
+    if run.comm.is_root:  # distributed: rank 0 alone writes
+        runs.write_json(run.out / "summary.json", summary)
+        with runs.writing(run.out / "curves.png"):
+            plot_curves(run.out / "curves.png", state.history, config)
     if run.optimizer.skipped_steps:
         run.log(f"{run.optimizer.skipped_steps} step(s) were skipped for non-finite gradients "
                 "(nonfinite='skip')")
@@ -320,28 +339,32 @@ def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None
     Nothing is written before the configuration has been checked (:func:`prepare`). A
     fresh run refuses a folder that holds another run unless ``overwrite``; ``resume``
     (a checkpoint or run folder) continues that run."""
+    if config.get("distributed") and distributed.rank() != 0:
+        log = lambda *_: None  # noqa: E731  distributed: rank 0 alone logs and writes
     run = prepare(config, log)
     if resume:
         resume_into(run, resume)
-    else:
+    elif run.comm.is_root:
         runs.fresh_folder(run.out, overwrite=overwrite)
-    runs.prepare_folder(run.out, overwrite=overwrite and not resume)
     config["hyper"] = resolved_hyper(config, run.optimizer)
-    runs.write_json(run.out / "config.json", config)
-    runs.write_lines(run.out / "metrics.jsonl", run.state.history)
+    if run.comm.is_root:
+        runs.prepare_folder(run.out, overwrite=overwrite and not resume)
+        runs.write_json(run.out / "config.json", config)
+        runs.write_lines(run.out / "metrics.jsonl", run.state.history)
     log(f"data: {run.data.description}")
     log(f"model: {run.model}; optimizer: {run.optimizer}; device: {config['device']}; "
         f"output: {run.out}")
     announce_compilation(run, log)
     state = run.state
     bar = progress_bar or ProgressBar(enabled=sys.stderr.isatty() and not os.environ.get("CI")
-                                      and not config.get("quiet"))
+                                      and not config.get("quiet") and run.comm.is_root)
     step = Stepper(run.model, run.optimizer, run.loss_fn, config["batch_size"],
-                   config.get("graph", True), log)
-    window = Window(run.xp, skip_nonfinite=run.optimizer.nonfinite == "skip")
+                   config.get("graph", True) and run.comm.size == 1, log, run.comm)
+    window = Window(run.xp, skip_nonfinite=run.optimizer.nonfinite == "skip", comm=run.comm)
     run.started = time.perf_counter() - state.elapsed
     interrupted = False
-    with StopRequest() as stop, step.stream():
+    with StopRequest() as local_stop, step.stream():
+        stop = distributed.AgreedStop(local_stop, run.comm)  # all ranks stop at the same step
         for epoch in range(state.epoch, config["epochs"]):
             if state.reached:
                 break
@@ -462,8 +485,8 @@ class Window:
     """Training loss and correct predictions since the last flush, summed where the arrays
     live (no host synchronisation per step on a GPU); flushed into the state at checks."""
 
-    def __init__(self, xp, skip_nonfinite=False):
-        self.xp = xp
+    def __init__(self, xp, skip_nonfinite=False, comm=distributed.LOCAL):
+        self.xp, self.comm = xp, comm
         # On the host a float() of the loss costs nothing: stop at the first NaN step.
         self.check_each_step = backend_name(xp) == "numpy" or skip_nonfinite
         self.reset()
@@ -480,13 +503,15 @@ class Window:
         self.samples += labels.shape[0]
 
     def flush_into(self, state: TrainState):
-        loss, correct = float(self.loss), int(self.correct)
+        sums = np.array([float(self.loss), int(self.correct), self.samples], dtype=np.float64)
+        self.comm.allreduce_sum(sums)  # distributed: the global batch's sums, on every rank
+        loss, correct, samples = float(sums[0]), int(sums[1]), int(sums[2])
         state.window_loss += loss
         state.window_correct += correct
-        state.window_samples += self.samples
+        state.window_samples += samples
         state.epoch_loss += loss
         state.epoch_correct += correct
-        state.epoch_samples += self.samples
+        state.epoch_samples += samples
         self.reset()
 
 
@@ -494,8 +519,8 @@ class Stepper:
     """One optimization step on a batch: replayed from a captured CUDA graph on the GPU
     (full batches, when capture works), else run eagerly. Returns (loss, softmax output)."""
 
-    def __init__(self, model, optimizer, loss_fn, batch, use_graph, log):
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+    def __init__(self, model, optimizer, loss_fn, batch, use_graph, log, comm=distributed.LOCAL):
+        self.model, self.optimizer, self.loss_fn, self.comm = model, optimizer, loss_fn, comm
         self.captured = None
         if use_graph and backend_name(model.xp) == "cupy":
             from .graph import CapturedStep
@@ -511,6 +536,7 @@ class Stepper:
             return self.captured.step(xb, yb), self.captured.prob
         self.model.zero_grad()
         loss = self.model.loss_and_backward(xb, yb, self.loss_fn)
+        self.comm.allreduce_mean(self.model.flat.grad)  # distributed: one collective per step
         self.optimizer.step()
         return loss, self.loss_fn.prob
 

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__, checkpoint, datasets, optim, runs
+from . import __version__, checkpoint, datasets, distributed, optim, runs
 from .backend import asarray, get_namespace
 from .errors import InputError, NnoptError, check_bool
 from .losses import SoftmaxCrossEntropy
@@ -103,6 +103,11 @@ def build_parser(defaults=True) -> argparse.ArgumentParser:
         help="no progress bar: one line per epoch")
     add("--no-graph", dest="graph", action="store_false", default=default(True),
         help="on the GPU, do not capture the training step as a CUDA graph")
+    add("--distributed", action="store_true", default=default(False),
+        help="data-parallel over the ranks of mpiexec -n N (MPI; NCCL on the GPU); "
+             "--batch-size is the global batch, split evenly between ranks")
+    add("--sync-bn", action="store_true", default=default(False),
+        help="with --distributed: BN statistics over the global batch, not each rank's shard")
     return p
 
 
@@ -121,7 +126,7 @@ def overrides_from(args, given) -> dict:
     out = {}
     simple = ("device", "dataset", "data_dir", "val_size", "optimizer", "init", "activation",
               "bn", "epochs", "batch_size", "target_loss", "check_every", "seed", "dtype",
-              "out", "quiet", "graph")
+              "out", "quiet", "graph", "distributed", "sync_bn")
     for key in simple:
         if key in given:
             out[key] = getattr(args, key)
@@ -232,16 +237,9 @@ def main(argv=None) -> int:
     try:
         if args.evaluate:
             return run_evaluate(args, given)
-        config, resume, overwrite = resolve(args, given)
-        if args.dry_run:
-            run = prepare(config, log)
-            print(runs.dumps({**config, "hyper": {k: v for k, v in run.optimizer.param_groups[0].items()
-                                                  if k != "params"}}, indent=2))
-            print(f"dry run: configuration, data and one forward pass are fine; nothing written "
-                  f"(a real run would write to {config['out']})")
-            return 0
-        fit(config, resume=resume, log=log, overwrite=overwrite)
-        return 0
+        comm = distributed.init(args.device, log) if args.distributed else distributed.LOCAL
+        with distributed.fail_together(comm):  # one failing rank must not hang the others
+            return run_training(args, given, log)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except TrainingDiverged as exc:
@@ -250,6 +248,19 @@ def main(argv=None) -> int:
     except NnoptError as exc:
         print(f"{prog_name()}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def run_training(args, given, log) -> int:
+    config, resume, overwrite = resolve(args, given)
+    if args.dry_run:
+        run = prepare(config, log)
+        hyper = {k: v for k, v in run.optimizer.param_groups[0].items() if k != "params"}
+        print(runs.dumps({**config, "hyper": hyper}, indent=2))
+        print(f"dry run: configuration, data and one forward pass are fine; nothing written "
+              f"(a real run would write to {config['out']})")
+        return 0
+    fit(config, resume=resume, log=log, overwrite=overwrite)
+    return 0
 
 
 if __name__ == "__main__":
