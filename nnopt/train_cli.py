@@ -56,6 +56,11 @@ def build_parser(defaults=True) -> argparse.ArgumentParser:
                     "Normalization and report epochs, iterations, time and test accuracy.")
     add = p.add_argument
     default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+
+    def switch(flag, help, dest=None, on=True):
+        """A flag without a value: sets ``dest`` to ``on`` (off by default)."""
+        add(flag, dest=dest, action="store_true" if on else "store_false",
+            default=default(not on), help=help)
     add("--version", action="version", version=f"nnopt {__version__}")
     add("--device", default=default(d["device"]), help="cpu (NumPy) or gpu (CuPy)")
     add("--dataset", default=default(d["dataset"]), choices=datasets.DATASETS,
@@ -77,8 +82,7 @@ def build_parser(defaults=True) -> argparse.ArgumentParser:
     add("--init", default=default(d["init"]), help="weight initializer (msra, xavier, normal, ...)")
     add("--activation", default=default(d["activation"]), choices=["relu", "sigmoid", "tanh"])
     add("--sizes", default=default(",".join(map(str, d["sizes"]))), help="layer sizes, comma separated")
-    add("--no-bn", dest="bn", action="store_false", default=default(True),
-        help="train the baseline without Batch Normalization")
+    switch("--no-bn", "train the baseline without Batch Normalization", dest="bn", on=False)
     add("--epochs", type=int, default=default(d["epochs"]), help="at most this many epochs")
     add("--batch-size", type=int, default=default(d["batch_size"]))
     add("--target-loss", type=float, default=default(d["target_loss"]),
@@ -89,25 +93,22 @@ def build_parser(defaults=True) -> argparse.ArgumentParser:
     add("--dtype", default=default(d["dtype"]), choices=["float32", "float64"])
     add("--out", default=default(None), help="output folder (default runs/train, or the next "
         "free runs/train-N when that holds a run)")
-    add("--overwrite", action="store_true", default=default(False),
-        help="replace the run in an existing --out folder")
+    switch("--overwrite", "replace the run in an existing --out folder")
     add("--config", metavar="FILE", default=default(None),
         help="start from a run's config.json; flags given here override it")
     add("--resume", metavar="DIR", default=default(None),
         help="continue the run in DIR (or of a checkpoint file) with its saved settings")
     add("--evaluate", metavar="CKPT", default=default(None),
         help="only report the test accuracy of a checkpoint")
-    add("--dry-run", action="store_true", default=default(False),
-        help="check the configuration (data, model, one forward pass), print it, write nothing")
-    add("--quiet", action="store_true", default=default(False),
-        help="no progress bar: one line per epoch")
-    add("--no-graph", dest="graph", action="store_false", default=default(True),
-        help="on the GPU, do not capture the training step as a CUDA graph")
-    add("--distributed", action="store_true", default=default(False),
-        help="data-parallel over the ranks of mpiexec -n N (MPI; NCCL on the GPU); "
-             "--batch-size is the global batch, split evenly between ranks")
-    add("--sync-bn", action="store_true", default=default(False),
-        help="with --distributed: BN statistics over the global batch, not each rank's shard")
+    switch("--dry-run", "check the configuration (data, model, one forward pass), print it, "
+           "write nothing")
+    switch("--quiet", "no progress bar: one line per epoch")
+    switch("--no-graph", "on the GPU, do not capture the training step as a CUDA graph",
+           dest="graph", on=False)
+    switch("--distributed", "data-parallel over the ranks of mpiexec -n N (MPI; NCCL on the "
+           "GPU); --batch-size is the global batch, split evenly between ranks")
+    switch("--sync-bn", "with --distributed: BN statistics over the global batch, not each "
+           "rank's shard")
     return p
 
 

@@ -25,6 +25,14 @@ def a_file(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be an integer >= 1"),
+    (["--optimizer", "adamax"], "unknown optimizer 'adamax'"),
+    (["--opt", "betas"], "--opt expects KEY=VALUE"),
+    (["--opt", "gamma=2"], "has no hyper-parameter 'gamma'"),
+    (["--opt", "eps_inside_root=maybe", "--optimizer", "rmsprop"], "must be true or false"),
+    (["--lr", "-1"], "lr must be in"),
+    (["--sizes", "100,10"], "must start with 784"),
+    (["--init", "kaiming_he"], "unknown initializer"),
     (["--batch-size", "1"], "Batch Normalization needs at least 2 samples"),
     (["--val-size", "7999"], "leaves 1 training image"),
     (["--val-size", "8000"], "--val-size must be an integer between 1 and 7999"),

@@ -6,7 +6,7 @@ element-wise.
 from __future__ import annotations
 
 from ..backend import namespace_of as namespace
-from ..errors import InputError, check_bool, check_finite_number
+from ..errors import InputError, check_finite_number
 from .base import Optimizer
 
 
@@ -17,12 +17,9 @@ class AdaGrad(Optimizer):
     """
 
     defaults = {"lr": 0.01, "eps": 1e-6}
+    epsilons = ("eps",)
     state_names = ("sum_sq",)
     rule_names = ("adagrad",)
-
-    def validate(self, group):
-        super().validate(group)
-        self.check_eps(group, "eps", "AdaGrad")
 
     @classmethod
     def kernel_scalars(cls, group, t):
@@ -50,14 +47,9 @@ class AdaDelta(Optimizer):
     """
 
     defaults = {"lr": 1.0, "rho": 0.9, "eps": 1e-5, "lr_scales_step": False}
+    rates, epsilons, switches = ("rho",), ("eps",), ("lr_scales_step",)
     state_names = ("sq_avg", "delta_sq_avg")
     rule_names = ("adadelta",)
-
-    def validate(self, group):
-        super().validate(group)
-        self.check_rate(group, "rho", "AdaDelta")
-        self.check_eps(group, "eps", "AdaDelta")
-        group["lr_scales_step"] = check_bool("AdaDelta lr_scales_step", group["lr_scales_step"])
 
     @classmethod
     def kernel_scalars(cls, group, t):
@@ -83,14 +75,9 @@ class RMSProp(Optimizer):
     """
 
     defaults = {"lr": 0.01, "alpha": 0.9, "eps": 1e-6, "eps_inside_root": True}
+    rates, epsilons, switches = ("alpha",), ("eps",), ("eps_inside_root",)
     state_names = ("sq_avg",)
     rule_names = ("rmsprop", "rmsprop_torch")
-
-    def validate(self, group):
-        super().validate(group)
-        self.check_rate(group, "alpha", "RMSProp")
-        self.check_eps(group, "eps", "RMSProp")
-        group["eps_inside_root"] = check_bool("RMSProp eps_inside_root", group["eps_inside_root"])
 
     @classmethod
     def rule_name(cls, group):
@@ -134,6 +121,7 @@ class Adam(Optimizer):
     """
 
     defaults = {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8}
+    epsilons = ("eps",)
     state_names = ("exp_avg", "exp_avg_sq")
     rule_names = ("adam",)
     step_scalars = staticmethod(adam_kernel_scalars)
@@ -145,7 +133,6 @@ class Adam(Optimizer):
             raise InputError(f"Adam betas must be a pair (beta1, beta2), got {betas!r}")
         group["betas"] = tuple(check_finite_number(f"Adam beta{i + 1}", b, low=0, high=1,
                                                    high_open=True) for i, b in enumerate(betas))
-        self.check_eps(group, "eps", "Adam")
 
     @classmethod
     def step_scalar_inputs(cls, group):

@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import asarray, namespace_of, to_numpy
-from ..errors import InputError, InputTypeError, check_finite_number, check_int, unknown_name
+from ..errors import (InputError, InputTypeError, check_bool, check_finite_number, check_int,
+                      unknown_name)
 from ..fast import fast_for
 from ..params import Parameter
 
@@ -81,6 +82,11 @@ class Optimizer:
     #: sees the plain gradient (AdamW); False: the rule sees g + lambda theta
     decoupled_weight_decay = False
     defaults: dict = {}
+    #: hyper-parameters checked by :meth:`validate`: rates in [0, 1), epsilons > 0, and
+    #: true/false switches
+    rates: tuple = ()
+    epsilons: tuple = ()
+    switches: tuple = ()
     state_names: tuple = ()
     #: the rule variants of this algorithm, as named in nnopt.fast.cpu and kernels/rules.cuh
     rule_names: tuple = ()
@@ -163,20 +169,18 @@ class Optimizer:
         return xp.zeros((size,), dtype=dtype)
 
     def validate(self, group: dict) -> None:
-        """Check a group's hyper-parameters; subclasses extend this."""
+        """Check a group's hyper-parameters (those named in ``rates``, ``epsilons`` and
+        ``switches`` too); subclasses extend this for the rest."""
         owner = type(self).__name__
-        group["lr"] = check_finite_number(f"{owner} lr", group["lr"], low=0)
-        group["weight_decay"] = check_finite_number(f"{owner} weight_decay",
-                                                    group["weight_decay"], low=0)
-
-    @staticmethod
-    def check_rate(group, key, owner):
-        group[key] = check_finite_number(f"{owner} {key}", group[key], low=0, high=1,
-                                         high_open=True)
-
-    @staticmethod
-    def check_eps(group, key, owner):
-        group[key] = check_finite_number(f"{owner} {key}", group[key], low=0, low_open=True)
+        for key in ("lr", "weight_decay"):
+            group[key] = check_finite_number(f"{owner} {key}", group[key], low=0)
+        for key in self.rates:
+            group[key] = check_finite_number(f"{owner} {key}", group[key], low=0, high=1,
+                                             high_open=True)
+        for key in self.epsilons:
+            group[key] = check_finite_number(f"{owner} {key}", group[key], low=0, low_open=True)
+        for key in self.switches:
+            group[key] = check_bool(f"{owner} {key}", group[key])
 
     # --- stepping -----------------------------------------------------------------
     def update(self, p, g, state, hp, t):

@@ -62,9 +62,10 @@ class Momentum(Optimizer):
     state_names = ("velocity",)
     rule_names = ("momentum", "momentum_torch")
 
+    rates = ("momentum",)
+
     def validate(self, group):
         super().validate(group)
-        self.check_rate(group, "momentum", type(self).__name__)
         if group["buffer"] not in BUFFER_FORMS:
             raise unknown_name("momentum buffer form", group["buffer"], BUFFER_FORMS)
 
