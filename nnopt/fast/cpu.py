@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import types
 from functools import lru_cache
 
 import numba
@@ -125,26 +126,41 @@ RULES = {name[:-len("_rule")]: f for name, f in list(globals().items())
 
 
 # --- optimizer steps over flat buffers -------------------------------------------------
+# One loop per number of state arrays; ``update`` is the rule, bound as a global of each
+# rule's own copy (flat_kernel). Not a closure: numba keys a closure's disk cache on its
+# pickled cells, and a pickled dispatcher differs per process, so every process would
+# compile every optimizer kernel again.
+update = None
+
+
+def _loop_0(p, g, scalars):
+    for i in prange(p.shape[0]):
+        p[i] = update(p[i], g[i], *scalars)
+
+
+def _loop_1(p, g, s, scalars):
+    for i in prange(p.shape[0]):
+        p[i], s[i] = update(p[i], g[i], s[i], *scalars)
+
+
+def _loop_2(p, g, s1, s2, scalars):
+    for i in prange(p.shape[0]):
+        p[i], s1[i], s2[i] = update(p[i], g[i], s1[i], s2[i], *scalars)
+
+
+LOOPS = (_loop_0, _loop_1, _loop_2)
+
+
 @lru_cache(maxsize=None)
 def flat_kernel(rule_name, n_state):
-    """The prange loop of rule ``rule_name`` (with ``n_state`` state arrays) over flat buffers."""
-    update = RULES[rule_name]
-    if n_state == 0:
-        @jit
-        def kernel(p, g, scalars):
-            for i in prange(p.shape[0]):
-                p[i] = update(p[i], g[i], *scalars)
-    elif n_state == 1:
-        @jit
-        def kernel(p, g, s, scalars):
-            for i in prange(p.shape[0]):
-                p[i], s[i] = update(p[i], g[i], s[i], *scalars)
-    else:
-        @jit
-        def kernel(p, g, s1, s2, scalars):
-            for i in prange(p.shape[0]):
-                p[i], s1[i], s2[i] = update(p[i], g[i], s1[i], s2[i], *scalars)
-    return kernel
+    """The prange loop of rule ``rule_name`` (with ``n_state`` state arrays) over flat
+    buffers, compiled (and cached on disk) under the name ``<rule>_kernel``."""
+    loop = LOOPS[n_state]
+    name = f"{rule_name}_kernel"
+    kernel = types.FunctionType(loop.__code__, {**loop.__globals__, "update": RULES[rule_name]},
+                                name)
+    kernel.__qualname__ = name  # numba names the cache index after it: one per rule
+    return jit(kernel)
 
 
 def optimizer_step(cls):
