@@ -7,12 +7,13 @@ Same interface as :mod:`nnopt.fast.cpu`: ``OPTIMIZER_STEPS[name](p, g, state, hp
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import cupy
 import numpy as np
 
-from .. import kernels
+from .. import cublas, kernels
 from ..optim import OPTIMIZERS
 
 THREADS = 256
@@ -49,13 +50,72 @@ def _s(p, *values):
 
 
 # --- graph capture ----------------------------------------------------------------------------
-def gemm(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b) with nnopt's own tiled kernel (capturable; cuBLAS is not, in CuPy)."""
+def _gemm_operands(a, b, trans_a, trans_b):
     a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != k2:
         raise ValueError(f"gemm: inner sizes differ ({k} vs {k2})")
+    if a.dtype != b.dtype:
+        raise TypeError(f"gemm: dtypes differ ({a.dtype} vs {b.dtype})")
+    return a, b, m, n, k
+
+
+def _warn(message):
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+HANDLES = cublas.HandleCache(_warn)
+
+
+def _make_handle():
+    try:  # CuPy's cuBLAS bindings load its libcublas: nnopt then finds that one first
+        import cupy_backends.cuda.libs.cublas  # noqa: F401
+    except ImportError:
+        pass
+    lib, path = cublas.load()
+
+    def allocate(nbytes):  # straight cudaMalloc: no memory pool may ever reuse it
+        memory = cupy.cuda.memory.Memory(nbytes)
+        return memory, memory.ptr
+    return cublas.Handle(lib, allocate, path=path)
+
+
+def cublas_handle():
+    """This device's nnopt cuBLAS handle, or None (warned once) where cuBLAS is unusable."""
+    return HANDLES.get(cupy.cuda.Device().id, _make_handle)
+
+
+def prepare_capture(stream):
+    """Before ``stream.begin_capture()``: the handle made, its workspace set and bound to
+    ``stream`` (cuBLAS must neither allocate nor change streams while capturing).
+    Returns the GEMM route the capture will take."""
+    handle = cublas_handle()
+    if handle is not None:
+        handle.set_stream(stream.ptr)
+    return HANDLES.route(cupy.cuda.Device().id)
+
+
+def graph_gemm(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b), capturable: cuBLAS through nnopt's own handle, or (where it cannot
+    load) nnopt's tiled kernel."""
+    handle = cublas_handle()
+    if handle is None:
+        return gemm(a, b, trans_a, trans_b)
+    a, b, m, n, k = _gemm_operands(a, b, trans_a, trans_b)
+    if k == 0:
+        return cupy.zeros((m, n), dtype=a.dtype)
+    c = cupy.empty((m, n), dtype=a.dtype)
+    if m and n:
+        handle.set_stream(cupy.cuda.get_current_stream().ptr)
+        handle.gemm(a.dtype == cupy.float64, a.data.ptr, b.data.ptr, c.data.ptr, m, n, k,
+                    trans_a, trans_b)
+    return c
+
+
+def gemm(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) with nnopt's own tiled kernel: the fallback where cuBLAS cannot load."""
+    a, b, m, n, k = _gemm_operands(a, b, trans_a, trans_b)
     c = cupy.empty((m, n), dtype=a.dtype)
     function("gemm.cu", f"gemm_{_suffix(a)}")(((n + 15) // 16, (m + 15) // 16), (16, 16),
                                              (a, b, c, np.int32(m), np.int32(n), np.int32(k),
