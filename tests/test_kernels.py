@@ -37,16 +37,21 @@ def test_kernel_source_compiles_with_nvcc(tmp_path, name):
     assert (tmp_path / "k.cubin").stat().st_size > 1000
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
+def build_host_library(tmp_path_factory, source):
+    """tests/<source> compiled for the host (kernels/ on the include path), loaded."""
     compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
-        pytest.skip("no C++ compiler to build the host version of the kernels' math")
-    lib = tmp_path_factory.mktemp("host") / "libnnopt_rules.so"
-    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-I", str(KERNELS),
-                    str(ROOT / "tests" / "host_rules.cpp"), "-o", str(lib)], check=True,
+        pytest.skip("no C++ compiler to build the host version of the kernels")
+    lib = tmp_path_factory.mktemp("host") / f"lib{Path(source).stem}.so"
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-I",
+                    str(KERNELS), str(ROOT / "tests" / source), "-o", str(lib)], check=True,
                    timeout=300)
     return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    return build_host_library(tmp_path_factory, "host_rules.cpp")
 
 
 def ptr(a):
@@ -200,13 +205,7 @@ def test_every_optimizer_has_every_path(name):
 # --- the grid-shaped kernels, run on the CPU thread by thread (tests/host_grid.cpp) ---------
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
-        pytest.skip("no C++ compiler to build the host version of the kernels")
-    lib = tmp_path_factory.mktemp("grid") / "libnnopt_grid.so"
-    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-I", str(KERNELS),
-                    str(ROOT / "tests" / "host_grid.cpp"), "-o", str(lib)], check=True, timeout=300)
-    return ctypes.CDLL(str(lib))
+    return build_host_library(tmp_path_factory, "host_grid.cpp")
 
 
 def run_grid(lib, kernel, grid_shape, block, *args):
