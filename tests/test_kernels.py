@@ -259,7 +259,7 @@ def test_split_batchnorm_kernels_match_reference(grid, rng, shape, rows, dtype):
     k = lambda name: getattr(grid, f"bn_{name}_{suffix}")  # noqa: E731
     xs, gs, bs, ds = c(x), c(gamma), c(beta), c(d)
     run_mean, run_var = c(np.zeros(n)), c(np.ones(n))
-    z, mean, inv_std, scale, offset = c(np.empty(shape)), *(c(np.empty(n)) for _ in range(4))
+    z, mean, inv_std, scale, offset = c(np.zeros(shape)), *(c(np.zeros(n)) for _ in range(4))
     partial = np.full((chunks, 2, n), np.nan)
     (gx, gy), (block,) = bn_split_grid(n, chunks)
     run_grid(grid, k("partial_forward"), (gx, gy), block, ptr(xs), ptr(partial), m, n, rows)
@@ -268,7 +268,7 @@ def test_split_batchnorm_kernels_match_reference(grid, rng, shape, rows, dtype):
              ptr(scale), ptr(offset), m, n)
     run_grid(grid, k("apply_forward"), (gx, gy), block, ptr(xs), ptr(scale), ptr(offset), ptr(z),
              m, n, rows)
-    dx, coef, dgamma, dbeta = c(np.empty(shape)), c(np.empty((3, n))), c(np.zeros(n)), c(np.zeros(n))
+    dx, coef, dgamma, dbeta = c(np.zeros(shape)), c(np.zeros((3, n))), c(np.zeros(n)), c(np.zeros(n))
     partial[...] = np.nan
     run_grid(grid, k("partial_backward"), (gx, gy), block, ptr(ds), ptr(xs), ptr(mean),
              ptr(partial), m, n, rows)
