@@ -2,8 +2,12 @@
 training step on CPU vs GPU with and without BN and CUDA-graph capture, to test the
 textbook's claim that BN's time overhead becomes negligible on a GPU.
 
-    python bench/bench_gpu.py [--quick] [--out FILE.json]
-    python bench/bench_gpu.py --dry-run      # CPU stand-ins, to check the script itself
+    python bench/bench_gpu.py [--quick | --check] [--out FILE.json]
+    python bench/bench_gpu.py --dry-run      # CPU stand-ins, tiny sizes: checks the script
+
+--check is bench/gpu_check.sh's subset (about two minutes on an H200): optimizer steps at
+1e7 and 1e8, BN at every shape, and the captured step of the textbook network at batch 64,
+1024 and 8192 with and without BN against torch eager and torch's own CUDA graph.
 
 Ratios only, measured in one process against references measured in the same run.
 """
@@ -40,6 +44,43 @@ class GraphRunner(NnoptRunner):
         self.captured.synchronize()
 
 
+class TorchGraphRunner(TorchRunner):
+    """TorchRunner whose step is one replay of a torch.cuda.graph around forward,
+    cross-entropy, backward and SGD.step (PyTorch's whole-network capture recipe: a few
+    warm-up steps on a side stream, grads set to None before capture so the graph owns
+    them, then static inputs copied in before each replay)."""
+
+    def __init__(self, torch, bn, batch, device="cuda", sizes=SIZES):
+        super().__init__(torch, bn, batch, device, sizes)
+        self.static_x = self.x[:batch].clone()
+        self.static_y = self.y[:batch].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.step_on(self.static_x, self.static_y)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self.loss(self.model(self.static_x), self.static_y)
+            self.static_loss.backward()
+            self.opt.step()
+
+    def step(self):
+        start = self.next_start()
+        self.static_x.copy_(self.x[start:start + self.batch])
+        self.static_y.copy_(self.y[start:start + self.batch])
+        self.graph.replay()
+        return self.static_loss
+
+
+def step_bytes(cls, itemsize):
+    """Bytes an optimizer step moves per element: one read of each input (p, g, state) and
+    one write of each output (p, state)."""
+    return itemsize * (3 + 2 * len(cls.state_names))
+
+
 def bench_optim(xp, torch, tdev, sync, sizes):
     rows = []
     for n in sizes:
@@ -66,10 +107,9 @@ def bench_optim(xp, torch, tdev, sync, sizes):
                     pass
         measured = common.timeit_many(times, repeat=5, sync=sync)
         copy_bw = 8 * n / measured["copy"]
-        for name in optim.OPTIMIZERS:
-            from bench_optim import BYTES
+        for name, cls in optim.OPTIMIZERS.items():
             row = {"n": n, "optimizer": name, "seconds": measured[f"nnopt_{name}"],
-                   "GBps": BYTES[name] * n / measured[f"nnopt_{name}"] / 1e9,
+                   "GBps": step_bytes(cls, 4) * n / measured[f"nnopt_{name}"] / 1e9,
                    "copy_GBps": copy_bw / 1e9}
             row["fraction_of_copy_bw"] = row["GBps"] * 1e9 / copy_bw
             if f"torch_fused_{name}" in measured:
@@ -138,9 +178,25 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
                 row["graph_error"] = f"{type(exc).__name__}: {exc}"
         if torch is not None:
             runners[f"torch_gpu_{tag}"] = TorchRunner(torch, bn, batch, tdev, sizes)
-    for key, runner in runners.items():
-        row[f"{key}_s"] = common.timeit(runner.step, repeat=3, min_time=0.05, sync=runner.sync)
-    for prefix in ("cpu", "gpu", "gpu_graph", "torch_gpu"):
+            if not dry_run:
+                try:
+                    runners[f"torch_graph_{tag}"] = TorchGraphRunner(torch, bn, batch, tdev, sizes)
+                except Exception as exc:  # report, do not hide
+                    row["torch_graph_error"] = f"{type(exc).__name__}: {exc}"
+    if "gpu_graph_plain" in runners:
+        row["gemm_route"] = runners["gpu_graph_plain"].captured.gemm_route
+
+    def sync_all():
+        for runner in runners.values():
+            runner.sync()
+    # interleaved rounds: a slow spell of the machine hits every contender alike
+    measured = common.timeit_many({k: r.step for k, r in runners.items()}, repeat=3,
+                                  min_time=0.05, sync=sync_all)
+    row.update({f"{key}_s": value for key, value in measured.items()})
+    for tag in ("plain", "bn"):
+        if f"gpu_graph_{tag}_s" in row and f"torch_graph_{tag}_s" in row:
+            row[f"graph_vs_torch_graph_{tag}"] = row[f"gpu_graph_{tag}_s"] / row[f"torch_graph_{tag}_s"]
+    for prefix in ("cpu", "gpu", "gpu_graph", "torch_gpu", "torch_graph"):
         if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
             row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
     if "gpu_graph_bn_s" in row:
@@ -152,11 +208,30 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     return row
 
 
+def graph_table(rows):
+    """The captured-step table of the issue: per-step microseconds, textbook network, SGD."""
+    lines = ["| batch | BN | torch eager | torch graph | nnopt graph | nnopt / torch graph |",
+             "|---:|:---:|---:|---:|---:|---:|"]
+    us = lambda r, k: f"{r[k] * 1e6:.0f}" if k in r else "-"  # noqa: E731
+    for r in rows:
+        if r.get("width") != "textbook":
+            continue
+        for tag, label in (("plain", "no"), ("bn", "yes")):
+            ratio = r.get(f"graph_vs_torch_graph_{tag}")
+            lines.append(f"| {r['batch']} | {label} | {us(r, f'torch_gpu_{tag}_s')} | "
+                         f"{us(r, f'torch_graph_{tag}_s')} | {us(r, f'gpu_graph_{tag}_s')} | "
+                         f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
 def verdict(rows, threshold=10.0):
     holds, fails = [], []
     for r in rows:
         key = "gpu_graph_bn_overhead_%" if "gpu_graph_bn_overhead_%" in r else "gpu_bn_overhead_%"
-        label = f"batch {r['batch']}, width {r['width']} ({r[key]:+.1f}%)"
+        label = f"batch {r['batch']}, width {r['width']} ({r[key]:+.1f}%"
+        if "torch_graph_bn_overhead_%" in r:
+            label += f"; PyTorch's graph {r['torch_graph_bn_overhead_%']:+.1f}%"
+        label += ")"
         (holds if r[key] < threshold else fails).append(label)
     text = (f"BN's time overhead on the GPU is below {threshold:.0f}% (negligible) for: "
             f"{'; '.join(holds) or 'no configuration'}. It is not for: {'; '.join(fails) or 'none'}.")
@@ -170,6 +245,7 @@ def verdict(rows, threshold=10.0):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--check", action="store_true", help="bench/gpu_check.sh's subset")
     ap.add_argument("--dry-run", action="store_true", help="CPU stand-ins for the GPU")
     ap.add_argument("--out", default=str(common.RESULTS / "gpu.json"))
     args = ap.parse_args(argv)
@@ -184,10 +260,18 @@ def main(argv=None):
         synchronize(xp)
         if torch is not None and tdev == "cuda":
             torch.cuda.synchronize()
-    small = args.quick or args.dry_run
-    sizes = [10**5, 10**6] if small else [10**6, 10**7, 10**8]
-    shapes = [(64, 128), (1024, 1024)] if small else [(64, 16), (64, 128), (256, 256), (1024, 1024), (4096, 4096)]
-    configs = [(64, None, True), (1024, None, True)] if small else [
+    all_shapes = [(64, 16), (64, 128), (256, 256), (1024, 1024), (4096, 4096)]
+    if args.dry_run:  # the script's own check: every section, tiny sizes
+        sizes, shapes, configs = [10**4], [(64, 16), (64, 128)], [(64, None, True)]
+    elif args.check:
+        sizes, shapes = [10**7, 10**8], all_shapes
+        configs = [(64, None, False), (1024, None, False), (8192, None, False)]
+    elif args.quick:
+        sizes, shapes = [10**5, 10**6], [(64, 128), (1024, 1024)]
+        configs = [(64, None, True), (1024, None, True)]
+    else:
+        sizes, shapes = [10**6, 10**7, 10**8], all_shapes
+        configs = [
         (64, None, True), (1024, None, True), (8192, None, True), (64, 1024, True),
         (1024, 1024, True), (8192, 1024, False), (64, 4096, False), (1024, 4096, False),
         (8192, 4096, False)]
@@ -209,7 +293,10 @@ def main(argv=None):
     results["train"] = bench_train(torch, configs, args.dry_run)
     print(common.table(results["train"], ["batch", "width", "cpu_bn_overhead_%", "gpu_bn_overhead_%",
                                           "gpu_graph_bn_overhead_%", "torch_gpu_bn_overhead_%",
-                                          "graph_speedup_bn", "gpu_speedup_bn"]))
+                                          "torch_graph_bn_overhead_%", "graph_speedup_bn",
+                                          "gpu_speedup_bn"]))
+    results["graph_table"] = graph_table(results["train"])
+    print(results["graph_table"])
     results["verdict"] = verdict(results["train"])
     print(results["verdict"])
     write()

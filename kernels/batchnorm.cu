@@ -5,6 +5,17 @@
 // about the first row, running statistics, z. Backward: sum(d), sum(d*(x - mean)), dx, and
 // dgamma/dbeta accumulated. The per-feature steps are rules.cuh's batchnorm_* functions,
 // translations of nnopt.batchnorm's factored form.
+//
+// Large batches (bn_*_split_*): one block per 32 features walking every row leaves most of
+// the GPU idle (4096 x 4096: 128 blocks). There the rows are cut into `chunks` chunks of
+// `rows` rows, and the work takes three launches each way, each thread owning one
+// (feature, chunk) pair and walking its rows (coalesced along features):
+//   partial:  the chunk's sums, in double, into partial[chunk][2][n];
+//   finalize: one thread per feature adds its chunks' sums in chunk order (deterministic:
+//             the same result every run) and applies the per-feature rule of rules.cuh;
+//   apply:    z (forward) or dx (backward) from the per-feature coefficients.
+// nnopt.fast.plan.bn_plan picks the path and the chunks. No shared memory and no
+// synchronization: tests/host_grid.cpp runs these kernels on the CPU, thread by thread.
 #include "rules.cuh"
 
 #define TILE 32
@@ -85,5 +96,99 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
     }                                                                                        \
 }
 
+#ifndef NNOPT_HOST_BUILD
 NNOPT_BN(float, f32)
 NNOPT_BN(double, f64)
+#endif
+
+#define NNOPT_BN_SPLIT(T, S)                                                                  \
+extern "C" __global__ void bn_partial_forward_##S(const T* __restrict__ x,                    \
+        double* __restrict__ partial, int m, int n, int rows) {                               \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
+    if (j >= n) return;                                                                      \
+    const double shift = (double)x[j];                                                       \
+    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
+    double s = 0.0, s2 = 0.0;                                                                \
+    _Pragma("unroll 4")                                                                      \
+    for (int i = chunk * rows; i < end; ++i) {                                               \
+        const double d = (double)x[(long long)i * n + j] - shift;                            \
+        s += d;                                                                              \
+        s2 += d * d;                                                                         \
+    }                                                                                        \
+    partial[(2LL * chunk) * n + j] = s;                                                      \
+    partial[(2LL * chunk + 1) * n + j] = s2;                                                 \
+}                                                                                            \
+extern "C" __global__ void bn_finalize_forward_##S(const double* __restrict__ partial,        \
+        int chunks, const T* x, const T* gamma, const T* beta, T eps, T momentum,             \
+        int unbiased, T* running_mean, T* running_var, T* mean_out, T* inv_std_out,           \
+        T* scale, T* offset, int m, int n) {                                                 \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;                                     \
+    if (j >= n) return;                                                                      \
+    double s = 0.0, s2 = 0.0;                                                                \
+    for (int c = 0; c < chunks; ++c) {                                                       \
+        s += partial[(2LL * c) * n + j];                                                     \
+        s2 += partial[(2LL * c + 1) * n + j];                                                \
+    }                                                                                        \
+    batchnorm_forward_feature<T>(s, s2, (double)x[j], m, eps, momentum, unbiased, gamma[j],  \
+                                 beta[j], running_mean[j], running_var[j], mean_out[j],      \
+                                 inv_std_out[j], scale[j], offset[j]);                       \
+}                                                                                            \
+extern "C" __global__ void bn_apply_forward_##S(const T* __restrict__ x,                      \
+        const T* __restrict__ scale, const T* __restrict__ offset, T* __restrict__ z, int m, \
+        int n, int rows) {                                                                   \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
+    if (j >= n) return;                                                                      \
+    const T a = scale[j], b = offset[j];                                                     \
+    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
+    _Pragma("unroll 4")                                                                      \
+    for (int i = chunk * rows; i < end; ++i) {                                               \
+        const long long k = (long long)i * n + j;                                            \
+        z[k] = x[k] * a + b;                                                                 \
+    }                                                                                        \
+}                                                                                            \
+extern "C" __global__ void bn_partial_backward_##S(const T* __restrict__ d,                   \
+        const T* __restrict__ x, const T* __restrict__ mean, double* __restrict__ partial,    \
+        int m, int n, int rows) {                                                            \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
+    if (j >= n) return;                                                                      \
+    const double mu = (double)mean[j];                                                       \
+    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
+    double s = 0.0, sc = 0.0;                                                                \
+    _Pragma("unroll 4")                                                                      \
+    for (int i = chunk * rows; i < end; ++i) {                                               \
+        const long long k = (long long)i * n + j;                                            \
+        s += (double)d[k];                                                                   \
+        sc += (double)d[k] * ((double)x[k] - mu);                                            \
+    }                                                                                        \
+    partial[(2LL * chunk) * n + j] = s;                                                      \
+    partial[(2LL * chunk + 1) * n + j] = sc;                                                 \
+}                                                                                            \
+extern "C" __global__ void bn_finalize_backward_##S(const double* __restrict__ partial,       \
+        int chunks, const T* gamma, const T* inv_std, T* coef, T* dgamma, T* dbeta, int m,    \
+        int n) {                                                                             \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;                                     \
+    if (j >= n) return;                                                                      \
+    double s = 0.0, sc = 0.0;                                                                \
+    for (int c = 0; c < chunks; ++c) {                                                       \
+        s += partial[(2LL * c) * n + j];                                                     \
+        sc += partial[(2LL * c + 1) * n + j];                                                \
+    }                                                                                        \
+    batchnorm_backward_feature<T>(s, sc, m, gamma[j], inv_std[j], coef[j], coef[n + j],       \
+                                  coef[2 * n + j], dgamma[j], dbeta[j]);                     \
+}                                                                                            \
+extern "C" __global__ void bn_apply_backward_##S(const T* __restrict__ d,                     \
+        const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ coef,      \
+        T* __restrict__ dx, int m, int n, int rows) {                                        \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
+    if (j >= n) return;                                                                      \
+    const T a = coef[j], b = coef[n + j], c = coef[2 * n + j], mu = mean[j];                  \
+    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
+    _Pragma("unroll 4")                                                                      \
+    for (int i = chunk * rows; i < end; ++i) {                                               \
+        const long long k = (long long)i * n + j;                                            \
+        dx[k] = a * d[k] - b * (x[k] - mu) - c;                                              \
+    }                                                                                        \
+}
+
+NNOPT_BN_SPLIT(float, f32)
+NNOPT_BN_SPLIT(double, f64)

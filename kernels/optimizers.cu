@@ -1,61 +1,111 @@
 // nnopt: one fused, in-place kernel per optimizer step over flat buffers (one read and one
-// write of each buffer). Grid-stride loops; float32 (_f32) and float64 (_f64) entry points.
+// write of each buffer). float32 (_f32) and float64 (_f64) entry points.
 // Kernel <rule>_S runs <rule>_rule of rules.cuh and takes what it takes, in its order: the
 // element arrays (p, g, the optimizer's state), then Optimizer.kernel_scalars(group, t)
 // computed on the host (Adam's bias corrections included). Inside a captured CUDA graph
 // Adam's step count lives in device memory (Optimizer.step advances it with
 // device_steps[i] += 1): adam_device_step_S computes the scalars there, with
 // adam_kernel_scalars, from Adam.step_scalar_inputs (lr, b1, b2, eps).
+//
+// Memory bandwidth: nnopt_each<K> walks the K arrays (p, g, then up to two state arrays)
+// with 16-byte loads and stores (float4 / double2) in a grid-stride loop when every array
+// is 16-byte aligned, then the scalar tail; a misaligned array (a view into a larger
+// buffer) takes the scalar loop. g is read only; the others are written back.
 #include "rules.cuh"
 
-#ifndef NNOPT_LOOP  // tests/host_rules.cpp compiles this file for the host with a plain loop
-#define NNOPT_LOOP for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; \
-                        i += (long long)gridDim.x * blockDim.x)
+#ifndef NNOPT_HOST_BUILD  // tests/host_rules.cpp defines nnopt_each as a plain loop
+template <typename T> struct NnoptVec;
+template <> struct NnoptVec<float> { typedef float4 type; };
+template <> struct NnoptVec<double> { typedef double2 type; };
+
+template <typename T> union NnoptLanes {
+    typename NnoptVec<T>::type v;
+    T e[sizeof(typename NnoptVec<T>::type) / sizeof(T)];
+};
+
+template <int K, typename T, typename F>
+__device__ __forceinline__ void nnopt_each(long long n, F f, T* __restrict__ a0,
+                                           const T* __restrict__ a1, T* __restrict__ a2 = nullptr,
+                                           T* __restrict__ a3 = nullptr) {
+    typedef typename NnoptVec<T>::type V;
+    const int W = sizeof(V) / sizeof(T);
+    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    unsigned long long bits = (unsigned long long)a0 | (unsigned long long)a1;
+    if (K > 2) bits |= (unsigned long long)a2;
+    if (K > 3) bits |= (unsigned long long)a3;
+    const long long vectors = (bits % sizeof(V)) == 0 ? n / W : 0;
+    for (long long v = first; v < vectors; v += stride) {
+        NnoptLanes<T> l0, l1, l2, l3;
+        l0.v = reinterpret_cast<const V*>(a0)[v];
+        l1.v = reinterpret_cast<const V*>(a1)[v];
+        if (K > 2) l2.v = reinterpret_cast<const V*>(a2)[v];
+        if (K > 3) l3.v = reinterpret_cast<const V*>(a3)[v];
+#pragma unroll
+        for (int w = 0; w < W; ++w) f(l0.e[w], l1.e[w], l2.e[w], l3.e[w]);
+        reinterpret_cast<V*>(a0)[v] = l0.v;
+        if (K > 2) reinterpret_cast<V*>(a2)[v] = l2.v;
+        if (K > 3) reinterpret_cast<V*>(a3)[v] = l3.v;
+    }
+    for (long long i = vectors * W + first; i < n; i += stride) {
+        T g = a1[i], unused2 = 0, unused3 = 0;
+        f(a0[i], g, K > 2 ? a2[i] : unused2, K > 3 ? a3[i] : unused3);
+    }
+}
 #endif
+
+// The per-element step of each kernel: a lambda over (p, g, state1, state2) references.
+#define NNOPT_ELEMENT(T, body) [=] (T& p_, T& g_, T& s1_, T& s2_) { (void)s1_; (void)s2_; body; }
 
 #define NNOPT_OPTIMIZERS(T, S)                                                               \
 extern "C" __global__ void sgd_##S(T* p, const T* g, T lr, long long n) {                    \
-    NNOPT_LOOP { sgd_rule(p[i], g[i], lr); }                                                 \
+    nnopt_each<2, T>(n, NNOPT_ELEMENT(T, sgd_rule(p_, g_, lr)), p, g);                          \
 }                                                                                            \
 extern "C" __global__ void momentum_##S(T* p, const T* g, T* v, T lr, T alpha, long long n) { \
-    NNOPT_LOOP { momentum_rule(p[i], g[i], v[i], lr, alpha); }                               \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, momentum_rule(p_, g_, s1_, lr, alpha)), p, g, v);      \
 }                                                                                            \
 extern "C" __global__ void momentum_torch_##S(T* p, const T* g, T* v, T lr, T alpha,         \
                                               long long n) {                                 \
-    NNOPT_LOOP { momentum_torch_rule(p[i], g[i], v[i], lr, alpha); }                         \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, momentum_torch_rule(p_, g_, s1_, lr, alpha)), p, g, v); \
 }                                                                                            \
 extern "C" __global__ void nag_##S(T* p, const T* g, T* v, T lr, T alpha, long long n) {      \
-    NNOPT_LOOP { nag_rule(p[i], g[i], v[i], lr, alpha); }                                    \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, nag_rule(p_, g_, s1_, lr, alpha)), p, g, v);           \
 }                                                                                            \
 extern "C" __global__ void nag_torch_##S(T* p, const T* g, T* v, T lr, T alpha, long long n) { \
-    NNOPT_LOOP { nag_torch_rule(p[i], g[i], v[i], lr, alpha); }                              \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, nag_torch_rule(p_, g_, s1_, lr, alpha)), p, g, v);     \
 }                                                                                            \
 extern "C" __global__ void adagrad_##S(T* p, const T* g, T* r, T lr, T eps, long long n) {    \
-    NNOPT_LOOP { adagrad_rule(p[i], g[i], r[i], lr, eps); }                                  \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, adagrad_rule(p_, g_, s1_, lr, eps)), p, g, r);         \
 }                                                                                            \
 extern "C" __global__ void adadelta_##S(T* p, const T* g, T* s, T* r, T rho, T one_minus_rho, \
                                         T eps, T scale, long long n) {                       \
-    NNOPT_LOOP { adadelta_rule(p[i], g[i], s[i], r[i], rho, one_minus_rho, eps, scale); }     \
+    nnopt_each<4, T>(n, NNOPT_ELEMENT(T, adadelta_rule(p_, g_, s1_, s2_, rho, one_minus_rho, eps, \
+                                                    scale)), p, g, s, r);                    \
 }                                                                                            \
 extern "C" __global__ void rmsprop_##S(T* p, const T* g, T* r, T lr, T alpha,                \
                                        T one_minus_alpha, T eps, long long n) {              \
-    NNOPT_LOOP { rmsprop_rule(p[i], g[i], r[i], lr, alpha, one_minus_alpha, eps); }          \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, rmsprop_rule(p_, g_, s1_, lr, alpha, one_minus_alpha,  \
+                                                   eps)), p, g, r);                          \
 }                                                                                            \
 extern "C" __global__ void rmsprop_torch_##S(T* p, const T* g, T* r, T lr, T alpha,          \
                                              T one_minus_alpha, T eps, long long n) {        \
-    NNOPT_LOOP { rmsprop_torch_rule(p[i], g[i], r[i], lr, alpha, one_minus_alpha, eps); }    \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, rmsprop_torch_rule(p_, g_, s1_, lr, alpha,             \
+                                                         one_minus_alpha, eps)), p, g, r);   \
 }                                                                                            \
 extern "C" __global__ void adam_##S(T* p, const T* g, T* m, T* v, T step, T b1,              \
                                     T one_minus_b1, T b2, T one_minus_b2, T inv_correction2, \
                                     T eps, long long n) {                                    \
-    NNOPT_LOOP { adam_rule(p[i], g[i], m[i], v[i], step, b1, one_minus_b1, b2, one_minus_b2, \
-                           inv_correction2, eps); }                                          \
+    nnopt_each<4, T>(n, NNOPT_ELEMENT(T, adam_rule(p_, g_, s1_, s2_, step, b1, one_minus_b1, b2, \
+                                                one_minus_b2, inv_correction2, eps)),        \
+                     p, g, m, v);                                                            \
 }                                                                                            \
 extern "C" __global__ void adam_device_step_##S(T* p, const T* g, T* m, T* v, const int* t,  \
                                                 T lr, T b1, T b2, T eps, long long n) {      \
     const AdamScalars s = adam_kernel_scalars(lr, b1, b2, eps, *t);                          \
-    NNOPT_LOOP { adam_rule(p[i], g[i], m[i], v[i], (T)s.step, (T)s.b1, (T)s.one_minus_b1,    \
-                           (T)s.b2, (T)s.one_minus_b2, (T)s.inv_correction2, (T)s.eps); }    \
+    const T step = (T)s.step, c1 = (T)s.b1, d1 = (T)s.one_minus_b1, c2 = (T)s.b2,            \
+            d2 = (T)s.one_minus_b2, inv2 = (T)s.inv_correction2, e = (T)s.eps;               \
+    nnopt_each<4, T>(n, NNOPT_ELEMENT(T, adam_rule(p_, g_, s1_, s2_, step, c1, d1, c2, d2, inv2, \
+                                                e)), p, g, m, v);                            \
 }
 
 NNOPT_OPTIMIZERS(float, f32)

@@ -4,8 +4,9 @@ Replaying one graph costs one launch instead of the ~100 kernel launches (and Py
 work) of a step of the textbook network, which at batch 64 is what a GPU step costs.
 What makes it capturable: inputs are copied into static buffers; the loss stays on the
 device; the optimizer's step count lives on the device (Adam's bias corrections are
-computed there); matrix products use nnopt's own GEMM kernel (CuPy refuses cuBLAS calls
-during capture); every temporary comes from a private memory pool that only the graph
+computed there); matrix products run cuBLAS through a handle of nnopt's own (CuPy refuses
+cuBLAS calls during capture; nnopt.cublas), bound to the capture stream with its workspace
+before the capture begins, or nnopt's tiled GEMM where cuBLAS cannot load; every temporary comes from a private memory pool that only the graph
 uses, so its addresses stay valid between replays.
 """
 from __future__ import annotations
@@ -72,6 +73,7 @@ class CapturedStep:
         opt.device_steps = [cupy.asarray(np.array([s["step"]], dtype=np.int32)) for s in opt.state]
         host_steps = [s["step"] for s in opt.state]
         cupy.cuda.get_current_stream().synchronize()
+        self.gemm_route = self.gpu.prepare_capture(self.stream)
         try:
             with self.stream, capture_mode(), cupy.cuda.using_allocator(self.pool.malloc):
                 self.stream.begin_capture()

@@ -7,9 +7,16 @@ using std::sqrt;
 #define NNOPT_DEVICE inline
 #include "rules.cuh"
 
-// The optimizer kernels themselves, each grid-stride loop a plain loop over the elements.
+// The optimizer kernels themselves, nnopt_each's vector and tail loops one plain loop.
 #define __global__
-#define NNOPT_LOOP for (long long i = 0; i < n; ++i)
+#define NNOPT_HOST_BUILD
+template <int K, typename T, typename F>
+inline void nnopt_each(long long n, F f, T* a0, const T* a1, T* a2 = nullptr, T* a3 = nullptr) {
+    for (long long i = 0; i < n; ++i) {
+        T g = a1[i], unused2 = 0, unused3 = 0;
+        f(a0[i], g, K > 2 ? a2[i] : unused2, K > 3 ? a3[i] : unused3);
+    }
+}
 #include "optimizers.cu"
 
 // rules.cuh's adam_kernel_scalars, for the test that holds it to Adam.kernel_scalars.

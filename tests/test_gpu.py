@@ -50,7 +50,7 @@ def test_gpu_step_matches_reference(xp, gpu, rng, name, options, n, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", [(2, 3), (64, 128), (301, 77), (4096, 256)])
+@pytest.mark.parametrize("shape", [(2, 3), (64, 128), (301, 77), (1024, 30), (4096, 256)])
 def test_gpu_batchnorm_matches_reference(xp, gpu, rng, shape, dtype):
     x = rng.normal(size=shape) * rng.uniform(0.2, 4, shape[1]) + rng.normal(size=shape[1]) * 2
     gamma, beta, d = rng.uniform(0.5, 2, shape[1]), rng.normal(size=shape[1]), rng.normal(size=shape)
@@ -67,17 +67,58 @@ def test_gpu_batchnorm_matches_reference(xp, gpu, rng, shape, dtype):
         assert np.max(np.abs(host(got) - want)) <= tol * max(np.max(np.abs(want)), 1.0)
 
 
+@pytest.mark.parametrize("route", ["gemm", "graph_gemm"])
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
-def test_gemm_matches_matmul(xp, gpu, rng, trans_a, trans_b):
+def test_gemm_matches_matmul(xp, gpu, rng, trans_a, trans_b, route):
     a = rng.normal(size=(77, 45) if not trans_a else (45, 77))
     b = rng.normal(size=(45, 33) if not trans_b else (33, 45))
     want = (a.T if trans_a else a) @ (b.T if trans_b else b)
-    got = host(gpu.gemm(dev(xp, a), dev(xp, b), trans_a, trans_b))
+    got = host(getattr(gpu, route)(dev(xp, a), dev(xp, b), trans_a, trans_b))
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    got32 = host(getattr(gpu, route)(dev(xp, a, xp.float32), dev(xp, b, xp.float32), trans_a, trans_b))
+    np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cublas_loads_and_is_captured(xp, gpu, rng):
+    """nnopt's own cuBLAS handle: found, and its GEMM captured and replayed in a graph."""
+    import cupy
+    assert gpu.cublas_handle() is not None, gpu.HANDLES.route(cupy.cuda.Device().id)
+    a = dev(xp, rng.normal(size=(64, 784)), xp.float32)
+    b = dev(xp, rng.normal(size=(784, 128)), xp.float32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    assert gpu.prepare_capture(stream).startswith("cublas ")
+    with stream:
+        stream.begin_capture()
+        c = gpu.graph_gemm(a, b)
+        graph = stream.end_capture()
+        graph.launch(stream)
+    stream.synchronize()
+    np.testing.assert_allclose(host(c), host(a) @ host(b), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_gpu_step_on_misaligned_views(xp, gpu, rng, name):
+    """Buffers starting one element into their allocation take the scalar loop."""
+    import cupy
+    cls = optim.OPTIMIZERS[name]
+    hp = optim.create(name, FlatParameters.from_arrays(xp, "float32", w=np.zeros(3)), lr=0.05).param_groups[0]
+    n = 1001
+    base = {k: rng.normal(size=n + 1).astype(np.float32) for k in ("p", "g", *cls.state_names)}
+    for k in cls.state_names:
+        base[k] = np.abs(base[k])
+    results = []
+    for offset in (0, 1):
+        arrays = {k: cupy.asarray(v)[1:] if offset else cupy.asarray(v[1:])
+                  for k, v in base.items()}
+        assert arrays["p"].size == n
+        gpu.OPTIMIZER_STEPS[cls.__name__](arrays["p"], arrays["g"], arrays, hp, 3)
+        results.append(host(arrays["p"]))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_captured_step_matches_eager(xp, gpu, rng, name):
+    from nnopt.fast import capture_mode
     from nnopt.graph import CapturedStep
     make = lambda: nnopt.mlp([784, 128, 64, 32, 16, 10], batchnorm=True, seed=1, device=xp)  # noqa: E731
     eager_model, graph_model = make(), make()
@@ -85,11 +126,16 @@ def test_captured_step_matches_eager(xp, gpu, rng, name):
     graph_opt = optim.create(name, graph_model, lr=0.01)
     loss_fn = nnopt.SoftmaxCrossEntropy()
     captured = CapturedStep(graph_model, graph_opt, nnopt.SoftmaxCrossEntropy(), (64, 784), (64,))
+    assert captured.gemm_route.startswith("cublas "), captured.gemm_route
     for _ in range(5):
         x = dev(xp, rng.random((64, 784)), xp.float32)
         y = dev(xp, rng.integers(0, 10, 64))
         eager_model.zero_grad()
-        eager_loss = float(eager_model.loss_and_backward(x, y, loss_fn))
+        # The same GEMM on both sides (nnopt's cuBLAS handle, as in the graph): Adam's
+        # normalized step turns summation-order differences of near-zero gradients (one
+        # GEMM against another) into steps of size ~lr, which is not what this compares.
+        with capture_mode():
+            eager_loss = float(eager_model.loss_and_backward(x, y, loss_fn))
         eager_opt.step()
         graph_loss = captured.step(x, y)
         captured.synchronize()

@@ -37,16 +37,21 @@ def test_kernel_source_compiles_with_nvcc(tmp_path, name):
     assert (tmp_path / "k.cubin").stat().st_size > 1000
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
+def build_host_library(tmp_path_factory, source):
+    """tests/<source> compiled for the host (kernels/ on the include path), loaded."""
     compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
-        pytest.skip("no C++ compiler to build the host version of the kernels' math")
-    lib = tmp_path_factory.mktemp("host") / "libnnopt_rules.so"
-    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-I", str(KERNELS),
-                    str(ROOT / "tests" / "host_rules.cpp"), "-o", str(lib)], check=True,
+        pytest.skip("no C++ compiler to build the host version of the kernels")
+    lib = tmp_path_factory.mktemp("host") / f"lib{Path(source).stem}.so"
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-I",
+                    str(KERNELS), str(ROOT / "tests" / source), "-o", str(lib)], check=True,
                    timeout=300)
     return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    return build_host_library(tmp_path_factory, "host_rules.cpp")
 
 
 def ptr(a):
@@ -195,3 +200,109 @@ def test_every_optimizer_has_every_path(name):
     opt = make_optimizer(name, {})
     n_args = len(cuda_rules[rule_of(opt)])
     assert len(opt.kernel_scalars(opt.param_groups[0], 1)) == n_args - 2 - len(cls.state_names)
+
+
+# --- the grid-shaped kernels, run on the CPU thread by thread (tests/host_grid.cpp) ---------
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    return build_host_library(tmp_path_factory, "host_grid.cpp")
+
+
+def run_grid(lib, kernel, grid_shape, block, *args):
+    """Every thread of a (grid_x, grid_y) x block launch, one after the other."""
+    gx, gy = grid_shape
+    for by in range(gy):
+        for bx in range(gx):
+            for tx in range(block):
+                lib.set_thread(gx, gy, block, bx, by, tx)
+                kernel(*args)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("n", [1, 7, 1013])
+@pytest.mark.parametrize("name, options", [CASES[0], CASES[2], CASES[6], CASES[10]])
+def test_vectorized_optimizer_kernels_match_the_plain_loop(host, grid, rng, name, options, n,
+                                                           offset, dtype):
+    """16-byte vector loads, the scalar tail, and the scalar loop taken by a misaligned
+    view (offset 1: every buffer starts one element into its allocation)."""
+    opt = make_optimizer(name, options)
+    group = opt.param_groups[0]
+    suffix, s = ("f32" if dtype == np.float32 else "f64"), scalar(dtype)
+    arrays = [rng.normal(size=n + 1).astype(dtype) for _ in range(4)]
+    arrays[2] = np.abs(arrays[2])
+    arrays[3] = np.abs(arrays[3])
+    plain = [a[offset:].copy() for a in arrays]
+    views = [a[offset:] for a in arrays]
+    scalars = [s(v) for v in opt.kernel_scalars(group, 3)]
+    k = 2 + len(opt.state_names)
+    getattr(host, f"{rule_of(opt)}_{suffix}")(*(ptr(a) for a in plain[:k]), *scalars,
+                                             ctypes.c_longlong(n))
+    run_grid(grid, getattr(grid, f"{rule_of(opt)}_{suffix}"), (3, 1), 4,
+             *(ptr(a) for a in views[:k]), *scalars, ctypes.c_longlong(n))
+    for got, want in zip(views[:k], plain[:k]):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, rows", [((37, 29), 5), ((64, 3), 16), ((40, 40), 40)])
+def test_split_batchnorm_kernels_match_reference(grid, rng, shape, rows, dtype):
+    from nnopt.fast.plan import bn_split_grid
+    m, n = shape
+    chunks = -(-m // rows)
+    x = rng.normal(size=shape) * rng.uniform(0.2, 4, n) + rng.normal(size=n) * 2
+    gamma, beta, d = rng.uniform(0.5, 2, n), rng.normal(size=n), rng.normal(size=shape)
+    z_ref, mean_ref, var_ref, cache = batchnorm_forward(x, gamma, beta, 1e-5)
+    dx_ref, dgamma_ref, dbeta_ref = batchnorm_backward(d, cache)
+    c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+    s, suffix = scalar(dtype), ("f32" if dtype == np.float32 else "f64")
+    k = lambda name: getattr(grid, f"bn_{name}_{suffix}")  # noqa: E731
+    xs, gs, bs, ds = c(x), c(gamma), c(beta), c(d)
+    run_mean, run_var = c(np.zeros(n)), c(np.ones(n))
+    z, mean, inv_std, scale, offset = c(np.zeros(shape)), *(c(np.zeros(n)) for _ in range(4))
+    partial = np.full((chunks, 2, n), np.nan)
+    (gx, gy), (block,) = bn_split_grid(n, chunks)
+    run_grid(grid, k("partial_forward"), (gx, gy), block, ptr(xs), ptr(partial), m, n, rows)
+    run_grid(grid, k("finalize_forward"), (gx, 1), block, ptr(partial), chunks, ptr(xs), ptr(gs),
+             ptr(bs), s(1e-5), s(0.9), 0, ptr(run_mean), ptr(run_var), ptr(mean), ptr(inv_std),
+             ptr(scale), ptr(offset), m, n)
+    run_grid(grid, k("apply_forward"), (gx, gy), block, ptr(xs), ptr(scale), ptr(offset), ptr(z),
+             m, n, rows)
+    dx, coef, dgamma, dbeta = c(np.zeros(shape)), c(np.zeros((3, n))), c(np.zeros(n)), c(np.zeros(n))
+    partial[...] = np.nan
+    run_grid(grid, k("partial_backward"), (gx, gy), block, ptr(ds), ptr(xs), ptr(mean),
+             ptr(partial), m, n, rows)
+    run_grid(grid, k("finalize_backward"), (gx, 1), block, ptr(partial), chunks, ptr(gs),
+             ptr(inv_std), ptr(coef), ptr(dgamma), ptr(dbeta), m, n)
+    run_grid(grid, k("apply_backward"), (gx, gy), block, ptr(ds), ptr(xs), ptr(mean), ptr(coef),
+             ptr(dx), m, n, rows)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for got, want in ((z, z_ref), (mean, mean_ref), (dx, dx_ref), (dgamma, dgamma_ref),
+                      (dbeta, dbeta_ref), (run_mean, 0.1 * mean_ref), (run_var, 0.9 + 0.1 * var_ref)):
+        assert np.max(np.abs(got - want)) <= tol * max(np.max(np.abs(want)), 1.0)
+
+
+@pytest.mark.parametrize("sms", [1, 108, 132])
+@pytest.mark.parametrize("m, n", [(2, 3), (64, 16), (256, 256), (511, 4096), (512, 1), (1024, 16),
+                                  (1024, 1024), (4096, 4096), (8192, 128), (65536, 10), (300001, 7)])
+def test_bn_plan_covers_every_row_once(sms, m, n):
+    from nnopt.fast import plan
+    chunks, rows = plan.bn_plan(m, n, sms)
+    if m < plan.BN_SPLIT_MIN_ROWS or n >= sms * plan.THREADS_PER_SM:
+        assert (chunks, rows) == (1, m) or m >= plan.BN_SPLIT_MIN_ROWS
+    if chunks == 1:  # the one-launch kernel: small batch, or enough features to fill the GPU
+        assert rows == m and (m < plan.BN_SPLIT_MIN_ROWS or n >= sms * plan.THREADS_PER_SM // 2)
+        return
+    assert chunks >= 2 and (chunks - 1) * rows < m <= chunks * rows
+    assert rows >= plan.BN_MIN_ROWS and chunks <= plan.BN_MAX_CHUNKS
+    (gx, gy), (block,) = plan.bn_split_grid(n, chunks)
+    assert gy == chunks and gx * block >= n > (gx - 1) * block and block % 32 == 0
+    if m >= 4096 and n >= 4096:  # the shape that left the GPU idle: every SM busy now
+        assert n * chunks >= sms * plan.THREADS_PER_SM
+
+
+def test_elementwise_blocks():
+    from nnopt.fast.plan import THREADS, elementwise_blocks
+    assert elementwise_blocks(0, 4, 132) == elementwise_blocks(1, 4, 132) == 1
+    assert elementwise_blocks(4 * THREADS * 10, 4, 132) == 10
+    assert elementwise_blocks(10**8, 4, 132) == 132 * 8 * 4

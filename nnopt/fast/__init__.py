@@ -35,7 +35,8 @@ def capturing() -> bool:
 
 @contextlib.contextmanager
 def capture_mode():
-    """Route matrix products to nnopt's capturable GEMM while a CUDA graph is captured."""
+    """Route matrix products to nnopt's capturable GEMM (cuBLAS on nnopt's own handle, or
+    the tiled kernel) while a CUDA graph is captured."""
     _capture.active = True
     try:
         yield
@@ -88,9 +89,10 @@ def fast_for(*arrays):
 
 
 def matmul(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b). While a CUDA graph is captured, nnopt's own GEMM kernel: CuPy refuses
-    cuBLAS calls during capture."""
+    """op(a) @ op(b). While a CUDA graph is captured, ``gpu.graph_gemm``: CuPy refuses
+    cuBLAS calls during capture, so cuBLAS runs through nnopt's own handle (nnopt.cublas),
+    or, where it cannot load, nnopt's tiled GEMM kernel."""
     if capturing():
-        return gpu_kernels().gemm(a, b, trans_a, trans_b)
+        return gpu_kernels().graph_gemm(a, b, trans_a, trans_b)
     return (a.T if trans_a else a) @ (b.T if trans_b else b)
 

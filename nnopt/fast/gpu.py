@@ -1,21 +1,22 @@
 """CuPy launchers of the CUDA kernels in ``nnopt.kernels`` (compiled once by NVRTC, cached
 on disk by CuPy): every optimizer step, BN forward/backward, ReLU, and a small GEMM used
-inside captured CUDA graphs (where CuPy refuses cuBLAS calls).
+inside captured CUDA graphs where cuBLAS cannot load (``graph_gemm`` prefers cuBLAS on
+nnopt's own handle: nnopt.cublas). Launch shapes: nnopt.fast.plan.
 
 Same interface as :mod:`nnopt.fast.cpu`: ``OPTIMIZER_STEPS[name](p, g, state, hp, t)``,
 ``bn_forward``, ``bn_backward``, ``relu_forward``, ``relu_backward``.
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import cupy
 import numpy as np
 
-from .. import kernels
+from .. import cublas, kernels
 from ..optim import OPTIMIZERS
-
-THREADS = 256
+from .plan import THREADS, bn_plan, bn_split_grid, elementwise_blocks
 
 
 @lru_cache(maxsize=None)
@@ -29,18 +30,22 @@ def function(source: str, name: str):
 
 
 @lru_cache(maxsize=None)
-def _max_blocks():
-    device = cupy.cuda.Device()
-    return device.attributes["MultiProcessorCount"] * 32
+def _sms(device_id):
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def sms():
+    return _sms(cupy.cuda.Device().id)
 
 
 def _suffix(a):
     return "f32" if a.dtype == cupy.float32 else "f64"
 
 
-def _launch(name, n, *args, source="optimizers.cu"):
-    blocks = max(1, min((n + THREADS - 1) // THREADS, _max_blocks()))
-    function(source, name)((blocks,), (THREADS,), (*args, np.int64(n)))
+def _launch(name, n, p, *args, source="optimizers.cu"):
+    """An optimizers.cu kernel over n elements: 16-byte vectors (4 float32, 2 float64)."""
+    blocks = elementwise_blocks(n, 16 // p.itemsize, sms())
+    function(source, name)((blocks,), (THREADS,), (p, *args, np.int64(n)))
 
 
 def _s(p, *values):
@@ -49,13 +54,72 @@ def _s(p, *values):
 
 
 # --- graph capture ----------------------------------------------------------------------------
-def gemm(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b) with nnopt's own tiled kernel (capturable; cuBLAS is not, in CuPy)."""
+def _gemm_operands(a, b, trans_a, trans_b):
     a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != k2:
         raise ValueError(f"gemm: inner sizes differ ({k} vs {k2})")
+    if a.dtype != b.dtype:
+        raise TypeError(f"gemm: dtypes differ ({a.dtype} vs {b.dtype})")
+    return a, b, m, n, k
+
+
+def _warn(message):
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+HANDLES = cublas.HandleCache(_warn)
+
+
+def _make_handle():
+    try:  # CuPy's cuBLAS bindings load its libcublas: nnopt then finds that one first
+        import cupy_backends.cuda.libs.cublas  # noqa: F401
+    except ImportError:
+        pass
+    lib, path = cublas.load()
+
+    def allocate(nbytes):  # straight cudaMalloc: no memory pool may ever reuse it
+        memory = cupy.cuda.memory.Memory(nbytes)
+        return memory, memory.ptr
+    return cublas.Handle(lib, allocate, path=path)
+
+
+def cublas_handle():
+    """This device's nnopt cuBLAS handle, or None (warned once) where cuBLAS is unusable."""
+    return HANDLES.get(cupy.cuda.Device().id, _make_handle)
+
+
+def prepare_capture(stream):
+    """Before ``stream.begin_capture()``: the handle made, its workspace set and bound to
+    ``stream`` (cuBLAS must neither allocate nor change streams while capturing).
+    Returns the GEMM route the capture will take."""
+    handle = cublas_handle()
+    if handle is not None:
+        handle.set_stream(stream.ptr)
+    return HANDLES.route(cupy.cuda.Device().id)
+
+
+def graph_gemm(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b), capturable: cuBLAS through nnopt's own handle, or (where it cannot
+    load) nnopt's tiled kernel."""
+    handle = cublas_handle()
+    if handle is None:
+        return gemm(a, b, trans_a, trans_b)
+    a, b, m, n, k = _gemm_operands(a, b, trans_a, trans_b)
+    if k == 0:
+        return cupy.zeros((m, n), dtype=a.dtype)
+    c = cupy.empty((m, n), dtype=a.dtype)
+    if m and n:
+        handle.set_stream(cupy.cuda.get_current_stream().ptr)
+        handle.gemm(a.dtype == cupy.float64, a.data.ptr, b.data.ptr, c.data.ptr, m, n, k,
+                    trans_a, trans_b)
+    return c
+
+
+def gemm(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) with nnopt's own tiled kernel: the fallback where cuBLAS cannot load."""
+    a, b, m, n, k = _gemm_operands(a, b, trans_a, trans_b)
     c = cupy.empty((m, n), dtype=a.dtype)
     function("gemm.cu", f"gemm_{_suffix(a)}")(((n + 15) // 16, (m + 15) // 16), (16, 16),
                                              (a, b, c, np.int32(m), np.int32(n), np.int32(k),
@@ -92,6 +156,21 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     z = cupy.empty_like(x) if out is None else out
     mean, inv_std = cupy.empty(n, dtype=x.dtype), cupy.empty(n, dtype=x.dtype)
     s = _s(x, eps, momentum)
+    chunks, rows = bn_plan(m, n, sms())
+    if chunks > 1:  # large batch: rows split over chunks (batchnorm.cu, split path)
+        grid, block = bn_split_grid(n, chunks)
+        partial = cupy.empty((chunks, 2, n), dtype=cupy.float64)
+        scale, offset = cupy.empty(n, dtype=x.dtype), cupy.empty(n, dtype=x.dtype)
+        suffix, i32 = _suffix(x), np.int32
+        function("batchnorm.cu", f"bn_partial_forward_{suffix}")(
+            grid, block, (x, partial, i32(m), i32(n), i32(rows)))
+        function("batchnorm.cu", f"bn_finalize_forward_{suffix}")(
+            (grid[0],), block, (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased),
+                                running_mean, running_var, mean, inv_std, scale, offset, i32(m),
+                                i32(n)))
+        function("batchnorm.cu", f"bn_apply_forward_{suffix}")(
+            grid, block, (x, scale, offset, z, i32(m), i32(n), i32(rows)))
+        return z, mean, inv_std
     function("batchnorm.cu", f"bn_forward_{_suffix(x)}")(
         ((n + 31) // 32,), (32, 8),
         (x, gamma, beta, s[0], s[1], np.int32(unbiased), running_mean, running_var, z, mean,
@@ -100,12 +179,26 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
 
 
 def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None):
-    d = cupy.ascontiguousarray(d)
+    d, x = cupy.ascontiguousarray(d), cupy.ascontiguousarray(x)
     m, n = d.shape
     dx = cupy.empty_like(d) if out is None else out
+    chunks, rows = bn_plan(m, n, sms())
+    if chunks > 1:
+        grid, block = bn_split_grid(n, chunks)
+        partial = cupy.empty((chunks, 2, n), dtype=cupy.float64)
+        coef = cupy.empty((3, n), dtype=d.dtype)
+        suffix, i32 = _suffix(d), np.int32
+        function("batchnorm.cu", f"bn_partial_backward_{suffix}")(
+            grid, block, (d, x, mean, partial, i32(m), i32(n), i32(rows)))
+        function("batchnorm.cu", f"bn_finalize_backward_{suffix}")(
+            (grid[0],), block, (partial, i32(chunks), gamma, inv_std, coef, dgamma, dbeta, i32(m),
+                                i32(n)))
+        function("batchnorm.cu", f"bn_apply_backward_{suffix}")(
+            grid, block, (d, x, mean, coef, dx, i32(m), i32(n), i32(rows)))
+        return dx
     function("batchnorm.cu", f"bn_backward_{_suffix(d)}")(
         ((n + 31) // 32,), (32, 8),
-        (d, cupy.ascontiguousarray(x), gamma, mean, inv_std, dx, dgamma, dbeta, np.int32(m),
+        (d, x, gamma, mean, inv_std, dx, dgamma, dbeta, np.int32(m),
          np.int32(n)))
     return dx
 

@@ -1,0 +1,45 @@
+"""bench/bench_gpu.py without a GPU: its dry run (CPU stand-ins, tiny sizes) goes through
+every section and writes its JSON; the captured-step table and the verdict format rows."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture
+def bench_gpu(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    import bench_gpu
+    return bench_gpu
+
+
+def test_dry_run_writes_every_section(bench_gpu, tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    bench_gpu.main(["--dry-run", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu (dry run)" and "machine" in result
+    assert {r["optimizer"] for r in result["optim"]} >= {"sgd", "adam"}
+    assert [r["shape"] for r in result["bn"]] == ["64x16", "64x128"]
+    assert result["train"][0]["batch"] == 64 and "verdict" in result
+    assert result["graph_table"].startswith("| batch | BN | torch eager | torch graph")
+    assert "| batch | BN |" in capsys.readouterr().out
+
+
+def test_graph_table_and_verdict(bench_gpu):
+    row = {"batch": 1024, "width": "textbook", "torch_gpu_plain_s": 1432e-6,
+           "torch_graph_plain_s": 199e-6, "gpu_graph_plain_s": 394e-6,
+           "graph_vs_torch_graph_plain": 394 / 199, "gpu_graph_bn_overhead_%": 48.2,
+           "torch_graph_bn_overhead_%": 58.3}
+    table = bench_gpu.graph_table([row, {"batch": 64, "width": 1024}]).splitlines()
+    assert table[2] == "| 1024 | no | 1432 | 199 | 394 | 1.98x |"
+    assert table[3] == "| 1024 | yes | - | - | - | - |" and len(table) == 4
+    text = bench_gpu.verdict([row])
+    assert "It is not for: batch 1024, width textbook (+48.2%; PyTorch's graph +58.3%)" in text
+
+
+def test_module_stays_importable_without_cupy(bench_gpu):
+    assert "cupy" not in sys.modules or sys.modules["cupy"] is not None

@@ -1,0 +1,161 @@
+"""nnopt.cublas without a GPU: where the library is looked for, the failure messages, the
+handle's call order, and the row-major-through-column-major GEMM arguments (checked by a
+fake libcublas that does column-major BLAS on host memory)."""
+import ctypes
+
+import numpy as np
+import pytest
+
+from nnopt import cublas
+
+
+def touch(folder, name):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"")
+    return str(folder / name)
+
+
+def test_candidates_follow_the_documented_order(tmp_path):
+    chosen = touch(tmp_path / "mine", "libcublas.so.13")
+    wheel = touch(tmp_path / "site" / "nvidia" / "cu13" / "lib", "libcublas.so.13")
+    wheel12 = touch(tmp_path / "site" / "nvidia" / "cublas" / "lib", "libcublas.so.12")
+    toolkit = touch(tmp_path / "cuda" / "lib64", "libcublas.so.12")
+    env = {"NNOPT_CUBLAS": str(tmp_path / "mine"), "CUDA_PATH": str(tmp_path / "cuda")}
+    got = cublas.candidates(env, loaded=["/proc/loaded/libcublas.so.13"],
+                            site_dirs=[str(tmp_path / "site")])
+    assert got[:5] == [chosen, "/proc/loaded/libcublas.so.13", wheel, wheel12, toolkit]
+    assert got[-len(cublas.LIB_NAMES):] == list(cublas.LIB_NAMES)
+    # a file named directly is taken as is, and duplicates are dropped
+    got = cublas.candidates({"NNOPT_CUBLAS": wheel}, loaded=[wheel], site_dirs=[])
+    assert got[0] == wheel and got.count(wheel) == 1
+
+
+def test_loaded_library_is_found_in_the_process_maps(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /opt/x/nvidia/cu13/lib/libcublas.so.13\n"
+                    "7f01-7f02 r--p 0 08:01 1 /opt/x/nvidia/cu13/lib/libcublas.so.13\n"
+                    "7f02-7f03 r--p 0 08:01 2 /opt/x/nvidia/cu13/lib/libcublasLt.so.13\n"
+                    "7f03-7f04 rw-p 0 00:00 0\n")
+    assert cublas._loaded_in_process(str(maps)) == ["/opt/x/nvidia/cu13/lib/libcublas.so.13"]
+    assert cublas._loaded_in_process(str(tmp_path / "missing")) == []
+
+
+class FakeLib:
+    """Column-major BLAS semantics on host pointers, logging every call."""
+
+    def __init__(self, missing=()):
+        self.calls = []
+        for name in cublas.REQUIRED:
+            if name not in missing:
+                setattr(self, name, self._make(name))
+
+    def _make(self, name):
+        def call(*args):
+            self.calls.append(name)
+            if name.endswith("gemm_v2"):
+                self._gemm(np.float64 if name == "cublasDgemm_v2" else np.float32, *args)
+            return 0
+        return call
+
+    @staticmethod
+    def _gemm(dtype, handle, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        def matrix(ptr, rows, cols, ld, trans):  # stored column-major: (ld, cols) Fortran
+            stored = (cols, rows) if trans else (rows, cols)
+            ptr = ptr.value
+            flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))),
+                                         shape=(ld * stored[1],))
+            mat = flat.reshape(stored[1], ld).T[:stored[0], :]
+            return mat.T if trans else mat
+        A = matrix(a, m, k, lda, op_a == cublas.CUBLAS_OP_T)
+        B = matrix(b, k, n, ldb, op_b == cublas.CUBLAS_OP_T)
+        out = np.ctypeslib.as_array(ctypes.cast(c.value, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))),
+                                    shape=(ldc * n,)).reshape(n, ldc).T
+        product = alpha._obj.value * (A @ B)  # BLAS: beta = 0 never reads C
+        out[:m, :] = product if beta._obj.value == 0 else product + beta._obj.value * out[:m, :]
+
+
+def allocate(nbytes):
+    buf = np.empty(nbytes, np.uint8)
+    return buf, buf.ctypes.data
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True),
+                                              (True, True)])
+def test_row_major_gemm_through_column_major_cublas(rng, dtype, trans_a, trans_b):
+    m, n, k = 7, 5, 3
+    a = np.ascontiguousarray(rng.normal(size=(k, m) if trans_a else (m, k)), dtype)
+    b = np.ascontiguousarray(rng.normal(size=(n, k) if trans_b else (k, n)), dtype)
+    c = np.full((m, n), np.nan, dtype)
+    lib = FakeLib()
+    handle = cublas.Handle(lib, allocate, workspace_bytes=64)
+    handle.set_stream(0)
+    handle.gemm(dtype == np.float64, a.ctypes.data, b.ctypes.data, c.ctypes.data, m, n, k,
+                trans_a, trans_b)
+    want = (a.T if trans_a else a) @ (b.T if trans_b else b)
+    np.testing.assert_allclose(c, want, rtol=1e-5)
+
+
+def test_handle_sets_workspace_then_stream_once():
+    lib = FakeLib()
+    handle = cublas.Handle(lib, allocate, workspace_bytes=64)
+    handle.set_stream(1234)
+    handle.set_stream(1234)  # no second call: cuBLAS must not be touched while capturing
+    assert lib.calls == ["cublasCreate_v2", "cublasSetWorkspace_v2", "cublasSetStream_v2"]
+    assert handle.workspace is not None
+
+
+def test_status_errors_are_named():
+    lib = FakeLib()
+    lib.cublasSetWorkspace_v2 = lambda *args: 7
+    with pytest.raises(cublas.CublasError, match="cublasSetWorkspace_v2 failed: CUBLAS_STATUS_INVALID_VALUE"):
+        cublas.Handle(lib, allocate)
+
+
+def test_load_reports_every_failure():
+    def loader(path):
+        if path == "/a/libcublas.so.11":
+            return FakeLib(missing=("cublasSetWorkspace_v2",))
+        raise OSError(f"{path}: cannot open shared object file")
+    with pytest.raises(cublas.CublasUnavailable) as err:
+        cublas.load(["/a/libcublas.so.11", "/b/libcublas.so.13", "libcublas.so"], loader, env={})
+    message = str(err.value)
+    assert "/a/libcublas.so.11: lacks cublasSetWorkspace_v2" in message
+    assert "/b/libcublas.so.13: /b/libcublas.so.13: cannot open" in message
+    assert "libcublas.so: not found" in message
+    assert "set NNOPT_CUBLAS" in message and "\n" not in message
+    lib, path = cublas.load(["/x/nope", "/ok/libcublas.so.13"],
+                            lambda p: FakeLib() if p.startswith("/ok") else loader(p), env={})
+    assert path == "/ok/libcublas.so.13" and isinstance(lib, FakeLib)
+
+
+def test_load_can_be_turned_off():
+    with pytest.raises(cublas.CublasUnavailable, match="turned off by NNOPT_CUBLAS=off"):
+        cublas.load(env={"NNOPT_CUBLAS": "off"})
+
+
+def test_load_with_nothing_found_on_this_machine(tmp_path):
+    """The real search on a machine without CUDA: one line, naming the library names."""
+    try:
+        cublas.load(env={"CUDA_PATH": str(tmp_path)})
+    except cublas.CublasUnavailable as exc:
+        assert "libcublas.so.13" in str(exc) and "\n" not in str(exc)
+    # (where a libcublas does load, there is nothing to report)
+
+
+def test_handle_cache_warns_once_and_falls_back():
+    warnings = []
+    cache = cublas.HandleCache(warnings.append)
+    tries = []
+
+    def broken():
+        tries.append(1)
+        raise cublas.CublasUnavailable("no usable libcublas (libcublas.so: not found)")
+    assert cache.route(0) == "unknown"
+    assert cache.get(0, broken) is None and cache.get(0, broken) is None
+    assert len(tries) == 1 and len(warnings) == 1
+    assert "tiled GEMM" in warnings[0] and "libcublas.so: not found" in warnings[0]
+    assert cache.route(0).startswith("tiled (no usable libcublas")
+    good = cublas.Handle(FakeLib(), allocate, path="/lib/libcublas.so.13")
+    assert cache.get(1, lambda: good) is good and cache.get(1, broken) is good
+    assert cache.route(1) == "cublas /lib/libcublas.so.13"
