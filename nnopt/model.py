@@ -14,7 +14,7 @@ from .params import FlatParameters
 class Sequential:
     """Layers applied in order; all their parameters share one :class:`FlatParameters`.
 
-    ``layers`` may hold :class:`~nnopt.block.Block`\ s (Linear -> BN -> activation as one
+    ``layers`` may hold blocks (:class:`~nnopt.block.Block`: Linear -> BN -> activation as one
     layer with fused passes): the model runs them (``steps``), while ``model.layers`` is
     the textbook's view, every Linear, BatchNorm and activation in order, the blocks'
     own layers included (inspect or call them one by one as before).

@@ -103,7 +103,7 @@ def test_fast_paths_are_used_by_default_on_numpy(monkeypatch):
     model.loss_and_backward(x, y, nnopt.SoftmaxCrossEntropy())
     opt.step()
     assert calls == ["bn", "adam"]
-    assert isinstance(model.layers[1], BatchNorm) and model.layers[1].fused is not None
+    assert isinstance(model.layers[1], BatchNorm) and model.steps[0].saved is not None  # fused block
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -18,9 +18,13 @@ from functools import lru_cache
 
 import numpy as np
 
-#: Products of fewer flops (2 m k n) run on one thread: bench/bench_blas_threads.py, see
-#: bench/RESULTS.md ("BLAS threads"). Below it a second thread did not pay, quiet or busy.
-BLAS_PARALLEL_MIN_FLOPS = 64 * 1024 * 1024
+#: Products of fewer flops (2 m k n) run on one thread. bench/bench_blas_threads.py on this
+#: project's 2-core machine (bench/results/blas_threads*.json, bench/RESULTS.md "BLAS
+#: threads"): up to 2.1e8 flops (batch 1024's first layer) two threads were slower than one,
+#: 1.4x-7x, quiet or with a core busy, and far slower (tens of ms) for the small products
+#: of a step at batch 64 whenever the second core was taken; from 8.2e8 (batch 4096's)
+#: they were faster, 0.5x-0.8x, quiet and busy alike. The line sits between the two.
+BLAS_PARALLEL_MIN_FLOPS = 1 << 29
 ENABLED = os.environ.get("NNOPT_BLAS_POLICY", "1").lower() not in ("0", "false", "no")
 
 
