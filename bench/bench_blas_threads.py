@@ -18,7 +18,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
-from common_busy import busy_process  # noqa: E402
 
 SIZES = [784, 128, 64, 32, 16, 10]
 
@@ -40,7 +39,7 @@ def main(argv=None):
     blas = BlasThreads()
     cores = available_cores()
     rows = []
-    with busy_process(args.busy):
+    with common.busy_process(args.busy):
         for (m, k, n), what in sorted(set(shapes(int(b) for b in args.batches.split(","))),
                                       key=lambda s: s[0][0] * s[0][1] * s[0][2]):
             a = np.random.default_rng(0).random((m, k), dtype=np.float32)

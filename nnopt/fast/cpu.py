@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from functools import lru_cache
 
 import numba
@@ -26,16 +27,35 @@ PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
 jit = numba.njit(cache=True, parallel=True)
 
 
+class _NumbaThreads(threading.local):
+    """Per calling thread (numba's thread count is one): the count nnopt set, and the one
+    it replaced."""
+    chosen = None
+    replaced = None
+
+
+_numba_threads = _NumbaThreads()
+
+
 def launch(kernel, parallel, *args):
-    """Run a prange kernel: on numba's threads when ``parallel``, else on this thread alone."""
+    """Run a prange kernel: on numba's threads when ``parallel``, else on this thread alone.
+
+    Setting numba's thread count costs more than a small kernel (three calls into numba's
+    pool, about 5 us each; a training step launches a dozen kernels), so it is changed only
+    when the kind of kernel changes: after a small kernel numba stays at one thread on this
+    thread until nnopt's next large kernel restores the count it found. (Your own numba
+    code called in between on the same thread sees one thread; numba.set_num_threads
+    before it sets your count.)"""
+    state = _numba_threads
     if parallel:
-        return kernel(*args)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        return kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
+        if state.chosen == 1:
+            numba.set_num_threads(state.replaced)
+            state.chosen = None
+    elif state.chosen != 1:
+        state.replaced = numba.get_num_threads()
+        numba.set_num_threads(1)
+        state.chosen = 1
+    return kernel(*args)
 
 
 # --- update rules, one element at a time ---------------------------------------------------

@@ -28,8 +28,9 @@ BLAS_PARALLEL_MIN_FLOPS = 1 << 29
 ENABLED = os.environ.get("NNOPT_BLAS_POLICY", "1").lower() not in ("0", "false", "no")
 
 
+@lru_cache(maxsize=None)
 def available_cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may run on (at its first call)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
