@@ -186,3 +186,12 @@ def test_blas_thread_policy_by_size():
     assert blas_threads_for(4096, 784, 128, cores=16) == 16
     assert blas_threads_for(1, BLAS_PARALLEL_MIN_FLOPS // 2, 1, cores=4) == 4
     assert blas_threads_for(1, BLAS_PARALLEL_MIN_FLOPS // 2 - 1, 1, cores=4) == 1
+
+
+def test_training_runs_blocks_by_default_and_layers_on_request():
+    from nnopt import train
+    blocks = train.build_model(train.make_config())
+    layers = train.build_model(train.make_config(fused=False))
+    assert all(isinstance(step, Block) for step in blocks.steps)
+    assert not any(isinstance(step, Block) for step in layers.steps)
+    assert [repr(layer) for layer in blocks.layers] == [repr(layer) for layer in layers.steps]
