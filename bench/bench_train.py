@@ -1,7 +1,12 @@
 """Training step and epoch of the textbook network (784-128-64-32-16-10, ReLU, SGD lr 0.1),
 with and without BN: nnopt vs PyTorch on the CPU, and BN's overhead in each.
 
-    python bench/bench_train.py [--quick] [--batches 64,256,1024,4096]
+    python bench/bench_train.py [--quick] [--batches 64,256,1024,4096] [--busy] [--no-layers]
+
+nnopt runs its default model (fused blocks, ``nnopt.mlp(..., fused=True)``) and, as
+``nnopt_layers``, the textbook's layer-by-layer model (``fused=False``). ``--busy`` runs a
+``while True: pass`` process beside the whole bench (one core taken: the policy of small
+BLAS products on one thread must hold there too).
 
 An epoch is 57,000 samples (the textbook's MNIST training split) of synthetic data in
 [0, 1): the time does not depend on the pixel values. nnopt and PyTorch each run in a
@@ -39,14 +44,14 @@ class Batches:
 
 
 class NnoptRunner(Batches):
-    def __init__(self, bn, batch, device="cpu", sizes=SIZES):
+    def __init__(self, bn, batch, device="cpu", sizes=SIZES, fused=True):
         import nnopt
         from nnopt import optim
         from nnopt.backend import asarray, get_namespace
         self.xp = xp = get_namespace(device)
         x, y = data()
         self.x, self.y = asarray(x, xp), xp.asarray(y)
-        self.model = nnopt.mlp(sizes, "relu", batchnorm=bn, seed=0, device=xp)
+        self.model = nnopt.mlp(sizes, "relu", batchnorm=bn, seed=0, device=xp, fused=fused)
         self.opt = optim.SGD(self.model, lr=0.1)
         self.loss = nnopt.SoftmaxCrossEntropy()
         self.batch = batch
@@ -126,6 +131,10 @@ def make_nnopt(bn, batch, what):
     return getattr(NnoptRunner(bn, batch), what)
 
 
+def make_nnopt_layers(bn, batch, what):
+    return getattr(NnoptRunner(bn, batch, fused=False), what)
+
+
 def make_torch(bn, batch, what):
     import torch
     return getattr(TorchRunner(torch, bn, batch), what)
@@ -135,16 +144,28 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="batch 64 and 1024 only, one epoch")
     ap.add_argument("--batches", default="64,256,1024,4096")
+    ap.add_argument("--busy", action="store_true", help="a busy-looping process beside the bench")
+    ap.add_argument("--no-layers", action="store_true",
+                    help="leave out nnopt's layer-by-layer model (fused=False)")
     args = ap.parse_args(argv)
     batches = [64, 1024] if args.quick else [int(b) for b in args.batches.split(",")]
+    with common.busy_process(args.busy):
+        rows = measure(batches, args.quick, layers=not args.no_layers)
+    report(rows, "train_busy" if args.busy else "train")
+
+
+def measure(batches, quick, layers=True):
+    """One row of interleaved timings per batch size."""
     workers = {"nnopt": common.Worker("bench_train")}
+    if layers:  # its own process: the same worker would share nnopt's buffers and caches
+        workers["nnopt_layers"] = common.Worker("bench_train")
     if common.have_torch():
         workers["torch"] = common.Worker("bench_train")
     rows = []
     try:
         for batch in batches:
             row = {"batch": batch}
-            for what, repeat, min_time in (("step", 7, 0.05), ("epoch", 1 if args.quick else 3, 0.0)):
+            for what, repeat, min_time in (("step", 7, 0.05), ("epoch", 1 if quick else 3, 0.0)):
                 if what == "epoch" and batch != 64:
                     continue
                 contenders = {}
@@ -158,9 +179,11 @@ def main(argv=None):
                 for worker in workers.values():
                     for key in contenders:
                         worker.ask("drop", key)
-            row["nnopt_bn_overhead_%"] = 100 * (row["nnopt_bn_step_s"] / row["nnopt_plain_step_s"] - 1)
+            for lib in workers:
+                row[f"{lib}_bn_overhead_%"] = 100 * (row[f"{lib}_bn_step_s"] / row[f"{lib}_plain_step_s"] - 1)
+            if layers:
+                row["fused_vs_layers_bn"] = row["nnopt_bn_step_s"] / row["nnopt_layers_bn_step_s"]
             if "torch" in workers:
-                row["torch_bn_overhead_%"] = 100 * (row["torch_bn_step_s"] / row["torch_plain_step_s"] - 1)
                 row["step_ratio_bn"] = row["nnopt_bn_step_s"] / row["torch_bn_step_s"]
                 row["step_ratio_plain"] = row["nnopt_plain_step_s"] / row["torch_plain_step_s"]
                 if batch == 64:
@@ -177,16 +200,21 @@ def main(argv=None):
     finally:
         for worker in workers.values():
             worker.close()
+    return rows
+
+
+def report(rows, name):
     print(common.table(rows, ["batch", "nnopt_plain_step_s", "nnopt_bn_step_s", "torch_plain_step_s",
                               "torch_bn_step_s", "nnopt_bn_overhead_%", "torch_bn_overhead_%",
-                              "step_ratio_bn", "step_ratio_plain"]))
+                              "step_ratio_bn", "step_ratio_plain", "nnopt_layers_bn_step_s",
+                              "nnopt_layers_bn_overhead_%", "fused_vs_layers_bn"]))
     epoch_rows = [r for r in rows if r["batch"] == 64]
     if epoch_rows:
         print(common.table(epoch_rows, ["batch", "nnopt_plain_epoch_s", "nnopt_bn_epoch_s",
                                         "torch_plain_epoch_s", "torch_bn_epoch_s",
                                         "nnopt_bn_epoch_overhead_%", "epoch_ratio_plain",
                                         "epoch_ratio_bn"]))
-    path = common.save("train", {"rows": rows})
+    path = common.save(name, {"rows": rows})
     plt = common.figure()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for prefix, name in (("nnopt", "nnopt"), ("torch", "PyTorch")):

@@ -5,6 +5,7 @@ Speed is reported as ratios against references measured in the same process and 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -120,6 +121,28 @@ def compare(contenders: dict, *, repeat=7, min_time=0.05, pause=0.25) -> dict:
                 previous = worker
             rounds[name].append(worker.ask("time", key, calls[name]))
     return {name: statistics.median(times) for name, times in rounds.items()}
+
+
+# --- the machine with one core busy ------------------------------------------------------
+def _spin():  # a `while True: pass` process
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_process(enabled=True):
+    """Run a busy-looping process for the duration of the block (if ``enabled``)."""
+    if not enabled:
+        yield None
+        return
+    import multiprocessing as mp
+    process = mp.get_context("spawn").Process(target=_spin, daemon=True)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.join(timeout=10)
 
 
 def machine() -> dict:

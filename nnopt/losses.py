@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .backend import is_numpy, namespace_of
 from .errors import InputError, InputTypeError
+from .fast import fast_for
 
 
 def one_hot(labels, n_classes, dtype):
@@ -36,8 +37,41 @@ def check_labels(labels, n_classes):
                          "output size")
 
 
-class SoftmaxCrossEntropy:
-    """Softmax over the last axis and cross-entropy against one-hot or integer labels."""
+class Loss:
+    """``forward(prediction, target)`` returns the loss, ``backward()`` its gradient with
+    respect to the prediction; ``forward_backward`` both, in one call where it can."""
+
+    def forward_backward(self, prediction, target):
+        """``(loss, gradient)``; the gradient may be a buffer the next call reuses."""
+        value = self.forward(prediction, target)
+        return value, self.backward()
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Softmax over the last axis and cross-entropy against one-hot or integer labels.
+
+    ``prob``: the softmax of the last batch (training reads its accuracy from it)."""
+
+    def __init__(self):
+        self.prob = self.target = None
+        self.scratch = None  # the fused path's reusable prob and gradient buffers
+
+    def forward_backward(self, logits, target):
+        """With NumPy float logits and integer labels: softmax, loss and gradient in one
+        pass of numba (no one-hot matrix, no temporaries); else forward, then backward."""
+        fast = fast_for(logits) if len(logits.shape) == 2 else None
+        if (fast is None or not hasattr(fast, "softmax_cross_entropy") or not is_numpy(target)
+                or len(target.shape) != 1 or target.dtype.kind not in "iu"
+                or target.shape[0] != logits.shape[0]):
+            return super().forward_backward(logits, target)
+        if self.scratch is None:
+            self.scratch = fast.Scratch()
+        prob, grad = self.scratch.get("prob", logits), self.scratch.get("grad", logits)
+        value, n_bad = fast.softmax_cross_entropy(logits, target, prob, grad)
+        if n_bad:
+            check_labels(target, logits.shape[1])  # raises, with the offending label
+        self.prob, self.target = prob, None
+        return logits.dtype.type(value), grad
 
     def forward(self, logits, target):
         xp = namespace_of(logits)
@@ -63,10 +97,13 @@ class SoftmaxCrossEntropy:
     __call__ = forward
 
     def backward(self):
+        if self.target is None:
+            raise RuntimeError("SoftmaxCrossEntropy.backward needs a forward() first "
+                               "(forward_backward returned its gradient already)")
         return (self.prob - self.target) / self.prob.shape[0]
 
 
-class MSELoss:
+class MSELoss(Loss):
     """Half the mean squared error, the textbook's regression loss."""
 
     def forward(self, prediction, target):

@@ -5,13 +5,19 @@ import numpy as np
 
 from .backend import asarray, float_dtype, get_namespace, rng as make_rng, to_numpy
 from .batchnorm import BatchNorm
-from .errors import InputError, InputTypeError, check_int, unknown_name
+from .block import Block
+from .errors import InputError, InputTypeError, check_bool, check_int, unknown_name
 from .layers import ACTIVATIONS, Layer, Linear
 from .params import FlatParameters
 
 
 class Sequential:
     """Layers applied in order; all their parameters share one :class:`FlatParameters`.
+
+    ``layers`` may hold blocks (:class:`~nnopt.block.Block`: Linear -> BN -> activation as one
+    layer with fused passes): the model runs them (``steps``), while ``model.layers`` is
+    the textbook's view, every Linear, BatchNorm and activation in order, the blocks'
+    own layers included (inspect or call them one by one as before).
 
     ``device`` is a name (``"cpu"``, ``"gpu"``, ``"strict"``, ...) or a namespace.
     Like a PyTorch module, a model is in training mode until ``eval()`` (``train()``
@@ -20,8 +26,10 @@ class Sequential:
     """
 
     def __init__(self, layers, device="cpu", dtype="float32"):
-        self.layers = list(layers)
-        bad = [layer for layer in self.layers if not isinstance(layer, Layer)]
+        self.steps = list(layers)
+        self.layers = [inner for step in self.steps
+                       for inner in (step.layers if isinstance(step, Block) else (step,))]
+        bad = [layer for layer in self.steps + self.layers if not isinstance(layer, Layer)]
         if bad:
             raise InputTypeError(f"Sequential takes nnopt layers, got {bad[0]!r}")
         if device is None or not (isinstance(device, str) or hasattr(device, "asarray")):
@@ -36,15 +44,15 @@ class Sequential:
             for key, value in layer.buffers.items():
                 layer.buffers[key] = asarray(np.asarray(value, dtype=np.float64), self.xp,
                                              dtype=self.dtype)
-        if self.layers:
+        if self.steps:
             # Nobody needs dJ/dx of the input data: skip that matmul.
-            self.layers[0].needs_input_grad = False
+            self.steps[0].needs_input_grad = False
 
     def forward(self, x, train: bool | None = None):
         """The network's output; ``train`` defaults to the model's mode (``self.training``)."""
         train = self.training if train is None else bool(train)
-        for layer in self.layers:
-            x = layer.forward(x, train)
+        for step in self.steps:
+            x = step.forward(x, train)
         return x
 
     __call__ = forward
@@ -60,14 +68,14 @@ class Sequential:
         return self.train(False)
 
     def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+        for step in reversed(self.steps):
+            dy = step.backward(dy)
         return dy
 
     def loss_and_backward(self, x, target, loss):
         """Forward in training mode, the loss, backward; returns the loss (a 0-d array)."""
-        value = loss.forward(self.forward(x, train=True), target)
-        self.backward(loss.backward())
+        value, grad = loss.forward_backward(self.forward(x, train=True), target)
+        self.backward(grad)
         return value
 
     def parameters(self):
@@ -124,16 +132,20 @@ class Sequential:
             target[...] = asarray(values[name], self.xp, dtype=self.dtype)
 
     def __repr__(self):
-        inner = ", ".join(repr(layer) for layer in self.layers)
+        inner = ", ".join(repr(step) for step in self.steps)
         return f"Sequential({inner}; {self.n_params} parameters)"
 
 
 def mlp(sizes, activation="relu", batchnorm=False, init="msra", seed=0, device="cpu",
-        dtype="float32", init_options=None, bn_options=None) -> Sequential:
+        dtype="float32", init_options=None, bn_options=None, fused=True) -> Sequential:
     """Build ``sizes[0] -> ... -> sizes[-1]``: each hidden layer is FC [-> BN] -> activation,
     the last one a plain FC (its softmax lives in the loss).
 
     The textbook's MNIST network: ``mlp([784, 128, 64, 32, 16, 10], "relu", batchnorm=True)``.
+    ``fused=True``: each FC [-> BN] -> activation (and the last FC) is one
+    :class:`~nnopt.block.Block`, with fused passes on NumPy; ``fused=False``: the textbook's
+    layer-by-layer model. Both have the same ``model.layers``, parameters, initial values
+    and state dict. Synchronized BN (``bn_options={"sync": ...}``) runs layer by layer.
     """
     try:
         sizes = [check_int("layer size", s, low=1) for s in sizes]
@@ -145,12 +157,16 @@ def mlp(sizes, activation="relu", batchnorm=False, init="msra", seed=0, device="
     if activation not in ACTIVATIONS:
         raise unknown_name("activation", activation, ACTIVATIONS)
     float_dtype(np, dtype)
+    fused = check_bool("mlp fused", fused) and not (bn_options or {}).get("sync")
     draws = make_rng(seed)
-    layers = []
+    steps = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
-        layers.append(Linear(n_in, n_out, init, draws, name=f"fc{i}", init_options=init_options))
-        if i < len(sizes) - 1:
-            if batchnorm:
-                layers.append(BatchNorm(n_out, name=f"bn{i}", **(bn_options or {})))
-            layers.append(ACTIVATIONS[activation]())
-    return Sequential(layers, device=device, dtype=dtype)
+        hidden = i < len(sizes) - 1
+        linear = Linear(n_in, n_out, init, draws, name=f"fc{i}", init_options=init_options)
+        bn = BatchNorm(n_out, name=f"bn{i}", **(bn_options or {})) if hidden and batchnorm else None
+        act = ACTIVATIONS[activation]() if hidden else None
+        if fused:
+            steps.append(Block(linear, bn, act))
+        else:
+            steps.extend(layer for layer in (linear, bn, act) if layer is not None)
+    return Sequential(steps, device=device, dtype=dtype)

@@ -59,6 +59,10 @@ class FlatParameters:
         self.size = sum(p.size for p in self.params)
         self.data = xp.zeros((self.size,), dtype=self.dtype)
         self.grad = xp.zeros((self.size,), dtype=self.dtype)
+        # How many times zero_grad ran: a layer that finds it changed since it last wrote
+        # its gradients may write them instead of adding to zeros (nnopt.block). Gradients
+        # set by hand between zero_grad and backward are therefore not accumulated into.
+        self.zero_count = 0
         offset = 0
         for p in self.params:
             if p.storage is not None:
@@ -85,3 +89,4 @@ class FlatParameters:
 
     def zero_grad(self):
         self.grad[...] = 0
+        self.zero_count += 1

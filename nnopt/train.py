@@ -41,7 +41,8 @@ DEFAULTS = {"device": "cpu", "dataset": "mnist-sample", "data_dir": None, "val_s
             "optimizer": "sgd", "hyper": {"lr": 0.1}, "schedule": None, "epochs": 30,
             "batch_size": 64, "target_loss": 0.12, "check_every": 44, "seed": 0,
             "dtype": "float32", "out": "runs/train", "graph": True, "quiet": False,
-            "distributed": False, "sync_bn": False, "world_size": 1}  # see nnopt.distributed
+            "distributed": False, "sync_bn": False, "world_size": 1,  # see nnopt.distributed
+            "fused": True}  # FC -> BN -> ReLU as fused blocks (nnopt.block); False: layer by layer
 #: Config keys a resumed run must share with its checkpoint.
 RESUME_KEYS = ("dataset", "sizes", "activation", "bn", "init", "optimizer", "hyper",
                "schedule", "batch_size", "seed", "dtype", "check_every", "val_size",
@@ -113,7 +114,8 @@ def build_model(config: dict, xp=None):
     xp = get_namespace(config["device"]) if xp is None else xp
     return mlp(config["sizes"], config["activation"], config["bn"], config["init"],
                config["seed"], xp, config["dtype"],
-               bn_options={"sync": True} if config.get("sync_bn") else None)
+               bn_options={"sync": True} if config.get("sync_bn") else None,
+               fused=config.get("fused", True))
 
 
 def build_optimizer(config: dict, model):

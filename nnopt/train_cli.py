@@ -25,7 +25,7 @@ from .train import (DEFAULTS, TrainingDiverged, build_model, evaluate, fit, make
 
 #: Flags a resumed run may change: how long it runs and how it talks, where the data and
 #: the arrays live; everything else is the saved run's.
-RESUMABLE = ("epochs", "target_loss", "quiet", "device", "graph", "data_dir")
+RESUMABLE = ("epochs", "target_loss", "quiet", "device", "graph", "data_dir", "fused")
 EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -105,6 +105,8 @@ def build_parser(defaults=True) -> argparse.ArgumentParser:
     switch("--quiet", "no progress bar: one line per epoch")
     switch("--no-graph", "on the GPU, do not capture the training step as a CUDA graph",
            dest="graph", on=False)
+    switch("--layers", "run the textbook's layer-by-layer model instead of fused FC -> BN -> "
+           "ReLU blocks (the same model and parameters; slower on the CPU)", dest="fused", on=False)
     switch("--distributed", "data-parallel over the ranks of mpiexec -n N (MPI; NCCL on the "
            "GPU); --batch-size is the global batch, split evenly between ranks")
     switch("--sync-bn", "with --distributed: BN statistics over the global batch, not each "
@@ -127,7 +129,7 @@ def overrides_from(args, given) -> dict:
     out = {}
     simple = ("device", "dataset", "data_dir", "val_size", "optimizer", "init", "activation",
               "bn", "epochs", "batch_size", "target_loss", "check_every", "seed", "dtype",
-              "out", "quiet", "graph", "distributed", "sync_bn")
+              "out", "quiet", "graph", "distributed", "sync_bn", "fused")
     for key in simple:
         if key in given:
             out[key] = getattr(args, key)
@@ -199,8 +201,8 @@ def resolve_resume(args, given):
         key = changed[0]
         raise InputError(
             f"--resume continues the saved run, whose {key} is {saved.get(key)!r} (asked: "
-            f"{fixed[key]!r}); only --epochs, --target-loss, --quiet, --device, --no-graph "
-            "and --data-dir may change. Start a new run (with --config "
+            f"{fixed[key]!r}); only --epochs, --target-loss, --quiet, --device, --no-graph, "
+            "--layers and --data-dir may change. Start a new run (with --config "
             f"{folder / 'config.json'}) to change the rest")
     config = make_config(**{**saved, **{k: v for k, v in requested.items() if k in RESUMABLE}})
     config["out"] = str(folder)

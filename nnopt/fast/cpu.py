@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import types
 from functools import lru_cache
 
@@ -27,16 +28,35 @@ PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
 jit = numba.njit(cache=True, parallel=True)
 
 
+class _NumbaThreads(threading.local):
+    """Per calling thread (numba's thread count is one): the count nnopt set, and the one
+    it replaced."""
+    chosen = None
+    replaced = None
+
+
+_numba_threads = _NumbaThreads()
+
+
 def launch(kernel, parallel, *args):
-    """Run a prange kernel: on numba's threads when ``parallel``, else on this thread alone."""
+    """Run a prange kernel: on numba's threads when ``parallel``, else on this thread alone.
+
+    Setting numba's thread count costs more than a small kernel (three calls into numba's
+    pool, about 5 us each; a training step launches a dozen kernels), so it is changed only
+    when the kind of kernel changes: after a small kernel numba stays at one thread on this
+    thread until nnopt's next large kernel restores the count it found. (Your own numba
+    code called in between on the same thread sees one thread; numba.set_num_threads
+    before it sets your count.)"""
+    state = _numba_threads
     if parallel:
-        return kernel(*args)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        return kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
+        if state.chosen == 1:
+            numba.set_num_threads(state.replaced)
+            state.chosen = None
+    elif state.chosen != 1:
+        state.replaced = numba.get_num_threads()
+        numba.set_num_threads(1)
+        state.chosen = 1
+    return kernel(*args)
 
 
 # --- update rules, one element at a time ---------------------------------------------------
@@ -179,6 +199,40 @@ def optimizer_step(cls):
 OPTIMIZER_STEPS = {cls.__name__: optimizer_step(cls) for cls in OPTIMIZERS.values()}
 
 
+# --- element-wise activations, by code ------------------------------------------------------
+# The fused passes of BN and of nnopt.block apply the activation as they write their output,
+# and its derivative as they read the incoming gradient; both from the activation's output
+# y alone (ReLU: y > 0; sigmoid: y (1 - y); tanh: 1 - y^2), so a block keeps one array, not
+# two. A code, not a function argument: numba compiles one kernel for all of them, and the
+# branch on a loop-invariant code is hoisted out of the loop by LLVM.
+IDENTITY, RELU, SIGMOID, TANH = 0, 1, 2, 3
+ACTIVATION_CODES = {"identity": IDENTITY, "relu": RELU, "sigmoid": SIGMOID, "tanh": TANH}
+
+
+@rule
+def activate(v, code):
+    """nnopt.layers' ReLU/Sigmoid/Tanh forward of one element."""
+    if code == RELU:
+        return max(v, 0)
+    if code == SIGMOID:
+        return 1.0 / (1.0 + math.exp(-v))
+    if code == TANH:
+        return math.tanh(v)
+    return v
+
+
+@rule
+def activation_grad(d, y, code):
+    """The gradient through the activation, from its output ``y``: nnopt.layers' backward."""
+    if code == RELU:
+        return d if y > 0 else 0 * d
+    if code == SIGMOID:
+        return d * y * (1 - y)
+    if code == TANH:
+        return d * (1 - y * y)
+    return d
+
+
 # --- Batch Normalization ---------------------------------------------------------------
 # Translations of nnopt.batchnorm's factored form (its docstring has the derivation): the
 # same steps under the same names, per feature, in float64. Per-feature sums are taken
@@ -205,10 +259,11 @@ batchnorm_backward_coefficients = rule(reference_batchnorm.batchnorm_backward_co
 
 
 @numba.njit(cache=True, parallel=True)
-def _paired_sums(u, u_shift, x, x_center, chunks):
-    """Per feature, sum(u - u_shift) and sum((u - u_shift) (x - x_center)) in float64, each
-    of ``chunks`` runs of rows on its own thread: batchnorm_shifted_sums (u = x, both
-    shifts the first row) and batchnorm_backward_sums (u = d unshifted, x_center = mean)."""
+def _paired_sums(u, u_shift, x, x_center, chunks, y, activation):
+    """Per feature, sum(v - u_shift) and sum((v - u_shift) (x - x_center)) in float64, with
+    v = activation_grad(u, y, activation), each of ``chunks`` runs of rows on its own thread:
+    batchnorm_shifted_sums (u = x, both shifts the first row, IDENTITY) and
+    batchnorm_backward_sums (u = d unshifted, x_center = mean; y: the block's activated output)."""
     m, n = u.shape
     sums = np.zeros((chunks, n))
     products = np.zeros((chunks, n))
@@ -216,7 +271,7 @@ def _paired_sums(u, u_shift, x, x_center, chunks):
     for chunk in prange(chunks):
         for i in range(chunk * rows, min(m, (chunk + 1) * rows)):
             for k in range(n):
-                dev = u[i, k] - u_shift[k]
+                dev = activation_grad(u[i, k], y[i, k], activation) - u_shift[k]
                 sums[chunk, k] += dev
                 products[chunk, k] += dev * (x[i, k] - x_center[k])
     return sums.sum(axis=0), products.sum(axis=0)
@@ -224,10 +279,11 @@ def _paired_sums(u, u_shift, x, x_center, chunks):
 
 @numba.njit(cache=True, parallel=True)
 def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, z,
-                mean_out, inv_std_out, chunks):
+                mean_out, inv_std_out, chunks, bias, activation):
+    """z = activate(BN(x)); the running mean is that of x + bias (see bn_forward)."""
     m, n = x.shape
     shift = x[0].astype(np.float64)
-    sum_dev_total, sum_sq_dev_total = _paired_sums(x, shift, x, shift, chunks)
+    sum_dev_total, sum_sq_dev_total = _paired_sums(x, shift, x, shift, chunks, x, IDENTITY)
     scale = np.empty(n, dtype=gamma.dtype)
     offset = np.empty(n, dtype=gamma.dtype)
     for k in range(n):
@@ -237,18 +293,20 @@ def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_v
         inv_std_out[k] = inv_std
         # BatchNorm._update_running
         stored_var = var * m / (m - 1) if unbiased else var
-        running_mean[k] = momentum * running_mean[k] + (1.0 - momentum) * mean
+        running_mean[k] = momentum * running_mean[k] + (1.0 - momentum) * (mean + bias[k])
         running_var[k] = momentum * running_var[k] + (1.0 - momentum) * stored_var
         scale[k], offset[k] = batchnorm_scale_offset(gamma[k], beta[k], mean, inv_std)
     for i in prange(m):
         for k in range(n):
-            z[i, k] = x[i, k] * scale[k] + offset[k]
+            z[i, k] = activate(x[i, k] * scale[k] + offset[k], activation)
 
 
 @numba.njit(cache=True, parallel=True)
-def _bn_backward(d, x, gamma, mean, inv_std, dx, dgamma, dbeta, chunks):
+def _bn_backward(d, x, gamma, mean, inv_std, dx, dgamma, dbeta, chunks, y, activation):
+    """BN's backward of d' = activation_grad(d, y): the block's gradient through its
+    activation and BN in one pair of passes."""
     m, n = d.shape
-    sum_d_total, sum_dc_total = _paired_sums(d, np.zeros(n), x, mean, chunks)
+    sum_d_total, sum_dc_total = _paired_sums(d, np.zeros(n), x, mean, chunks, y, activation)
     a = np.empty(n, dtype=gamma.dtype)
     b = np.empty(n, dtype=gamma.dtype)
     c = np.empty(n, dtype=gamma.dtype)
@@ -259,7 +317,8 @@ def _bn_backward(d, x, gamma, mean, inv_std, dx, dgamma, dbeta, chunks):
         dbeta[k] += dbeta_k
     for i in prange(m):
         for k in range(n):
-            dx[i, k] = a[k] * d[i, k] - b[k] * (x[i, k] - mean[k]) - c[k]
+            dx[i, k] = (a[k] * activation_grad(d[i, k], y[i, k], activation)
+                        - b[k] * (x[i, k] - mean[k]) - c[k])
 
 
 def bn_chunks(a):
@@ -271,68 +330,167 @@ def bn_chunks(a):
 
 
 class Scratch:
-    """Output buffers handed out again on the next call, but only once nobody else holds
-    the previous one (CPython's reference count says so): a fresh multi-megabyte array per
-    step costs more in page faults than the kernel that fills it."""
+    """Output buffers handed out again, but only once nobody else holds them (CPython's
+    reference count says so): a fresh multi-megabyte array per step costs more in page
+    faults than the kernel that fills it. Up to ``KEEP`` buffers per name: in a training
+    step the next layer still holds this layer's previous output when this layer writes
+    its next one, so two alternate and nothing is allocated after the first steps."""
+
+    KEEP = 2
 
     def __init__(self):
         self.arrays = {}
 
-    def get(self, name, like):
-        array = self.arrays.get(name)
-        # References: the dict, the local name, getrefcount's argument; more = someone else.
-        if (array is not None and array.shape == like.shape and array.dtype == like.dtype
-                and sys.getrefcount(array) <= 3):
-            return array
-        array = self.arrays[name] = np.empty_like(like)
+    def get(self, name, like=None, shape=None, dtype=None):
+        """A free buffer of ``like``'s shape and dtype (or of ``shape`` and ``dtype``)."""
+        shape = tuple(like.shape) if like is not None else tuple(shape)
+        dtype = like.dtype if like is not None else np.dtype(dtype)
+        kept = self.arrays.setdefault(name, [])
+        for array in kept:
+            # References: the list, the loop variable, getrefcount's argument; more = in use.
+            if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) <= 3:
+                return array
+        array = np.empty(shape, dtype=dtype)
+        if len(kept) >= self.KEEP:  # sizes changed, or callers keep outputs: start afresh
+            kept.clear()
+        kept.append(array)
         return array
 
 
-def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, out=None):
+def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, out=None,
+               bias=None, activation=IDENTITY):
     """Fused training-mode forward; returns ``(z, mean, inv_std)`` and updates the running
-    statistics in place. ``out``: an array to write z into."""
+    statistics in place. ``out``: an array to write z into.
+
+    A block (nnopt.block) passes the product x W without its Linear bias, and the bias
+    here: BN subtracts the batch mean, so the bias changes nothing in z (nor in mean and
+    inv_std, returned for x as given), only the running mean, which is kept as the
+    unfused layers keep it (that of x + bias). ``activation``: a code of ACTIVATION_CODES
+    applied to z as it is written."""
     n = x.shape[1]
     z = np.empty_like(x) if out is None else out
     mean, inv_std = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
+    bias = np.zeros(n, dtype=x.dtype) if bias is None else bias
     chunks = bn_chunks(x)
     launch(_bn_forward, chunks > 1, np.ascontiguousarray(x), gamma, beta, eps, momentum,
-           unbiased, running_mean, running_var, z, mean, inv_std, chunks)
+           unbiased, running_mean, running_var, z, mean, inv_std, chunks, bias, activation)
     return z, mean, inv_std
 
 
-def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None):
-    """Fused backward; adds into ``dgamma``/``dbeta`` and returns ``dx`` (in ``out`` if given)."""
+def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
+                activation=IDENTITY):
+    """Fused backward; adds into ``dgamma``/``dbeta`` and returns ``dx`` (in ``out`` if given).
+    With an ``activation`` code, ``d`` is the gradient of the activated output ``y`` of
+    :func:`bn_forward`, and dx that of its input."""
     dx = np.empty_like(d) if out is None else out
     chunks = bn_chunks(d)
-    launch(_bn_backward, chunks > 1, np.ascontiguousarray(d), np.ascontiguousarray(x), gamma,
-           mean, inv_std, dx, dgamma, dbeta, chunks)
+    d = np.ascontiguousarray(d)
+    launch(_bn_backward, chunks > 1, d, np.ascontiguousarray(x), gamma,
+           mean, inv_std, dx, dgamma, dbeta, chunks, d if y is None else y, activation)
     return dx
 
 
-# --- ReLU ----------------------------------------------------------------------------------
-@numba.njit(cache=True)
-def _relu_forward(x, y):
-    for i in range(x.shape[0]):
-        for k in range(x.shape[1]):
-            y[i, k] = max(x[i, k], 0)
+# --- bias and activation (a block without BN; the ReLU layer) ------------------------------
+# Rows are split into ``chunks`` runs as in BN: the bias gradient's column sums are partial
+# sums per run, combined once.
+@numba.njit(cache=True, parallel=True)
+def _activation_forward(h, bias, activation, y, chunks):
+    """y = activate(h + bias); ``bias`` of length 0: none."""
+    m, n = h.shape
+    has_bias = bias.shape[0] > 0
+    rows = (m + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        for i in range(chunk * rows, min(m, (chunk + 1) * rows)):
+            for k in range(n):
+                v = h[i, k] + bias[k] if has_bias else h[i, k]
+                y[i, k] = activate(v, activation)
 
 
-@numba.njit(cache=True)
-def _relu_backward(dy, y, dx):
-    for i in range(dy.shape[0]):
-        for k in range(dy.shape[1]):
-            dx[i, k] = dy[i, k] if y[i, k] > 0 else 0
+@numba.njit(cache=True, parallel=True)
+def _activation_backward(dy, y, activation, dh, dbias, chunks):
+    """dh = activation_grad(dy, y); dbias += column sums of dh (``dbias`` of length 0: none)."""
+    m, n = dy.shape
+    has_bias = dbias.shape[0] > 0
+    sums = np.zeros((chunks, n if has_bias else 0))
+    rows = (m + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        for i in range(chunk * rows, min(m, (chunk + 1) * rows)):
+            for k in range(n):
+                g = activation_grad(dy[i, k], y[i, k], activation)
+                dh[i, k] = g
+                if has_bias:
+                    sums[chunk, k] += g
+    if has_bias:
+        total = sums.sum(axis=0)
+        for k in range(n):
+            dbias[k] += total[k]
+
+
+NO_BIAS = {np.dtype(np.float32): np.zeros(0, np.float32), np.dtype(np.float64): np.zeros(0)}
+
+
+def activation_forward(h, bias=None, activation=RELU, out=None):
+    """activate(h + bias) in one pass (``out`` may be ``h`` itself)."""
+    h = np.ascontiguousarray(h)
+    y = np.empty_like(h) if out is None else out
+    chunks = bn_chunks(h)
+    launch(_activation_forward, chunks > 1, h, NO_BIAS[h.dtype] if bias is None else bias,
+           activation, y, chunks)
+    return y
+
+
+def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
+    """The gradient of the activation's input from its output ``y``; adds the column sums
+    into ``dbias`` (the gradient of a bias added before the activation) if given."""
+    dh = np.empty_like(y) if out is None else out
+    chunks = bn_chunks(y)
+    launch(_activation_backward, chunks > 1, np.ascontiguousarray(dy), y, activation, dh,
+           NO_BIAS[y.dtype] if dbias is None else dbias, chunks)
+    return dh
 
 
 def relu_forward(x):
     """max(x, 0) in one pass; the output doubles as the backward's mask (y > 0 iff x > 0)."""
-    x = np.ascontiguousarray(x)
-    y = np.empty_like(x)
-    _relu_forward(x, y)
-    return y
+    return activation_forward(x, None, RELU)
 
 
 def relu_backward(dy, y):
-    dx = np.empty_like(y)
-    _relu_backward(np.ascontiguousarray(dy), y, dx)
-    return dx
+    return activation_backward(dy, y, RELU)
+
+
+# --- softmax cross-entropy -------------------------------------------------------------------
+@numba.njit(cache=True)
+def _softmax_cross_entropy(logits, labels, prob, grad):
+    """nnopt.losses.SoftmaxCrossEntropy's forward and backward for integer labels, one row
+    at a time: prob = softmax, grad = (prob - onehot) / m, returns (mean loss, number of
+    labels outside [0, classes)). Row sums and the loss in float64."""
+    m, c = logits.shape
+    total = 0.0
+    bad = 0
+    for i in range(m):
+        top = logits[i, 0]
+        for k in range(1, c):
+            top = max(top, logits[i, k])
+        sum_exp = 0.0
+        for k in range(c):
+            e = math.exp(logits[i, k] - top)
+            prob[i, k] = e
+            sum_exp += e
+        log_sum = math.log(sum_exp)
+        label = labels[i]
+        if label < 0 or label >= c:
+            bad += 1
+            label = -1
+        else:
+            total -= logits[i, label] - top - log_sum
+        inv_sum = 1.0 / sum_exp
+        for k in range(c):
+            p = prob[i, k] * inv_sum
+            prob[i, k] = p
+            grad[i, k] = (p - (1.0 if k == label else 0.0)) / m
+    return total / m, bad
+
+
+def softmax_cross_entropy(logits, labels, prob, grad):
+    """Fills ``prob`` and ``grad``; returns (loss, count of out-of-range labels)."""
+    return _softmax_cross_entropy(np.ascontiguousarray(logits), labels, prob, grad)

@@ -1,0 +1,144 @@
+r"""Linear -> [BatchNorm] -> [activation] as one layer, with fused passes on the CPU.
+
+The textbook's network is four FC -> BN -> ReLU blocks and an FC. Layer by layer, a
+block is three forward and three backward calls, each with its own Python dispatch and
+its own pass over memory; at a batch of 64 that dispatch, not the arithmetic, is what a
+step costs. A :class:`Block` owns the three layers and, on NumPy float32/float64 in
+training mode, runs
+
+* forward: the product :math:`h = xW` (BLAS), then one pass that takes BN's statistics
+  of h and writes :math:`y = \mathrm{act}(\mathrm{BN}(h))` (without BN: :math:`y =
+  \mathrm{act}(h + b)`);
+* backward: one pair of passes for the activation's gradient (from y alone), BN's
+  backward and :math:`d\gamma, d\beta` (without BN: the bias gradient), giving
+  :math:`dh`; then the two products :math:`dW = x^T dh` and :math:`dx = dh\,W^T`.
+
+The layers themselves stay as they are, the readable reference: everywhere else (CuPy,
+array-api-strict, torch, inference mode, synchronized BN, ``use_fast_path=False``) the
+block simply calls them in order, and the tests hold the fused passes to them.
+
+**The Linear bias before BN.** BN subtracts the batch mean of :math:`h + b`, which is
+the mean of h plus b: b cancels from BN's output, so in training mode it has no effect
+on the loss and its gradient is exactly zero. The block keeps the parameter (the
+textbook's layout, checkpoints and state dicts stay the same), skips adding it and
+leaves its gradient at zero instead of summing rounding noise (the unfused layers
+compute :math:`\sum_{batch} dx_{BN}`, zero up to rounding). The bias still shifts the
+running mean, as it does layer by layer, so inference mode gives the same output.
+"""
+from __future__ import annotations
+
+from .fast import fast_for
+from .fast.threads import product
+from .layers import ACTIVATIONS, Layer, Linear, check_dtype, check_input
+
+#: nnopt.layers' activation classes by the name the fused kernels know them by
+ACTIVATION_NAMES = {cls: name for name, cls in ACTIVATIONS.items()}
+
+
+class Block(Layer):
+    """``Linear`` followed by an optional ``BatchNorm`` and an optional activation layer
+    (``nnopt.layers``' ReLU, Sigmoid or Tanh), as one layer.
+
+    ``layers`` are the three (or fewer) layers; ``params`` theirs, in their order (fc.W,
+    fc.b, bn.gamma, bn.beta), so a model of blocks has the flat layout, parameter names
+    and state dict of the same model layer by layer.
+    """
+
+    def __init__(self, linear, batchnorm=None, activation=None):
+        if not isinstance(linear, Linear):
+            raise TypeError(f"a Block starts with a Linear layer, got {linear!r}")
+        self.linear = linear  # first: Layer.__init__ sets needs_input_grad, which is the Linear's
+        super().__init__()
+        self.batchnorm, self.activation = batchnorm, activation
+        self.layers = tuple(layer for layer in (linear, batchnorm, activation) if layer is not None)
+        self.params = tuple(p for layer in self.layers for p in layer.params)
+        # None: an activation the fused kernels do not know; the block then runs its layers.
+        self.activation_name = ("identity" if activation is None
+                                else ACTIVATION_NAMES.get(type(activation)))
+        self.scratch = None   # the fused passes' reusable buffers, made on first use
+        self.saved = None     # what a fused forward leaves for backward; None after a layered one
+        self.grads_written = None  # the storage's zero_count when this block last wrote its gradients
+
+    @property
+    def needs_input_grad(self):
+        return self.linear.needs_input_grad
+
+    @needs_input_grad.setter
+    def needs_input_grad(self, value):
+        self.linear.needs_input_grad = value
+
+    def fused_kernels(self, x, train):
+        """The numba kernels when this forward can be fused, else None."""
+        bn = self.batchnorm
+        if not train or self.activation_name is None:
+            return None
+        if bn is not None and (bn.sync or not bn.use_fast_path or len(x.shape) != 2
+                               or x.shape[0] < 2):
+            return None  # synchronized BN, the reference asked for, or BN's own error to raise
+        fast = fast_for(x, self.linear.W.data)
+        return fast if fast is not None and hasattr(fast, "activation_forward") else None
+
+    def forward(self, x, train=True):
+        self.saved = None
+        fast = self.fused_kernels(x, train)
+        if fast is None:
+            for layer in self.layers:
+                x = layer.forward(x, train)
+            return x
+        linear, bn = self.linear, self.batchnorm
+        check_input(linear, x, linear.n_in)
+        check_dtype(linear, x, linear.W)
+        if self.scratch is None:
+            self.scratch = fast.Scratch()
+        code = fast.ACTIVATION_CODES[self.activation_name]
+        h = self.scratch.get("h", shape=(x.shape[0], linear.n_out), dtype=x.dtype)
+        product(x, linear.W.data, out=h)
+        if bn is None:
+            # In place: the backward needs the activated output alone.
+            y = fast.activation_forward(h, linear.b.data, code, out=h)
+            self.saved = (fast, code, x, None, y, None, None)
+            return y
+        y, mean, inv_std = fast.bn_forward(
+            h, bn.gamma.data, bn.beta.data, bn.eps, bn.momentum, bn.unbiased,
+            bn.buffers["running_mean"], bn.buffers["running_var"],
+            out=self.scratch.get("y", h), bias=linear.b.data, activation=code)
+        self.saved = (fast, code, x, h, y, mean, inv_std)
+        return y
+
+    def backward(self, dy):
+        if self.saved is None:
+            for layer in reversed(self.layers):
+                dy = layer.backward(dy)
+            self._note_grads_written()
+            return dy
+        fast, code, x, h, y, mean, inv_std = self.saved
+        linear, bn = self.linear, self.batchnorm
+        dh = self.scratch.get("dh", y)
+        if bn is None:
+            fast.activation_backward(dy, y, code, dbias=linear.b.grad, out=dh)
+        else:
+            # linear.b.grad: zero by construction (module docstring), nothing to add
+            fast.bn_backward(dy, h, bn.gamma.data, mean, inv_std, bn.gamma.grad, bn.beta.grad,
+                             out=dh, y=y, activation=code)
+        self._add_weight_grad(x, dh)
+        if not linear.needs_input_grad:
+            return None
+        return product(dh, linear.W.data.T, out=self.scratch.get("dx", x))
+
+    def _add_weight_grad(self, x, dh):
+        """W.grad += x^T dh; written directly when the gradients were zeroed since this
+        block last wrote them (one pass over W.grad fewer, the common case of a step;
+        FlatParameters.zero_count)."""
+        grad, storage = self.linear.W.grad, self.linear.W.storage
+        if storage is not None and storage.zero_count != self.grads_written:
+            product(x.T, dh, out=grad)
+        else:
+            grad += product(x.T, dh, out=self.scratch.get("dW", grad))
+        self._note_grads_written()
+
+    def _note_grads_written(self):
+        storage = self.linear.W.storage
+        self.grads_written = None if storage is None else storage.zero_count
+
+    def __repr__(self):
+        return "Block(" + ", ".join(repr(layer) for layer in self.layers) + ")"
