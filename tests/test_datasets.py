@@ -155,3 +155,27 @@ def test_fashion_mnist_from_debian_package(monkeypatch, tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="did you mean 'mnist'"):
         datasets.load("mnsit")
+
+
+def test_offline_message_names_the_data_dir_it_looked_in(monkeypatch, tmp_path):
+    isolate(monkeypatch, tmp_path)
+    monkeypatch.setattr(datasets.urllib.request, "urlopen",
+                        lambda url, timeout=None: (_ for _ in ()).throw(urllib.error.URLError("no network")))
+    with pytest.raises(DataError) as err:
+        datasets.load("mnist", data_dir=tmp_path / "mine")
+    looked = str(err.value).split("Looked in:")[1]
+    assert str(tmp_path / "mine") in looked
+
+
+def test_damaged_sample_says_reinstall(monkeypatch, tmp_path):
+    broken = tmp_path / "sample"
+    broken.mkdir()
+    for stem in datasets.SAMPLE_SOURCE.counts:
+        (broken / f"{stem}.gz").write_bytes(gzip.compress(b"not idx"))
+    monkeypatch.setattr(datasets, "SAMPLE_DIR", broken)
+    datasets.load_sample.cache_clear()
+    try:
+        with pytest.raises(DataError, match="shipped inside nnopt.*reinstall nnopt"):
+            datasets.load_sample()
+    finally:
+        datasets.load_sample.cache_clear()

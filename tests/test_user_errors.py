@@ -281,3 +281,21 @@ def test_optimizer_load_state_dict_is_all_or_nothing(corrupt, message):
     np.testing.assert_array_equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
     with pytest.raises(NnoptError, match="expects the dict"):
         opt.load_state_dict(None)
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save", full)
+    assert cli("--epochs", "1", "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "No space left" in err and "Traceback" not in err
+
+
+def test_console_script_names_itself(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["/usr/bin/nnopt-train", "--help"])
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: nnopt-train")
