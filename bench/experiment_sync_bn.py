@@ -74,12 +74,12 @@ def plot(runs, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_loss, ax_acc, ax_test) = plt.subplots(1, 3, figsize=(16, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     ranks = sorted({r["ranks"] for r in runs})
     for r in runs:
         color = colors[ranks.index(r["ranks"]) % len(colors)]
-        style = "-" if r["sync_bn"] else "--"
+        style = "-o" if r["sync_bn"] else "--s"  # markers: large N has few checks per epoch
         label = f"{r['ranks']} x {r['per_rank']}, {'sync BN' if r['sync_bn'] else 'per-rank BN'}"
         it = [h["iteration"] * r["ranks"] * r["per_rank"] for h in r["history"]]
         ax_loss.plot(it, [h["val_loss"] for h in r["history"]], style, color=color, label=label)
@@ -89,11 +89,19 @@ def plot(runs, path):
                 title="Validation loss (solid: sync BN, dashed: per-rank BN)")
     ax_acc.set(xlabel="training samples seen", ylabel="validation accuracy (%)",
                title="Validation accuracy")
-    for ax in (ax_loss, ax_acc):
+    for sync, style in ((True, "-o"), (False, "--s")):
+        final = {r["ranks"]: 100 * r["summary"]["test_accuracy"] for r in runs if r["sync_bn"] == sync}
+        ax_test.plot(sorted(final), [final[n] for n in sorted(final)], style, color="k",
+                     label="sync BN" if sync else "per-rank BN")
+    ax_test.set(xlabel="ranks (8 samples each)", ylabel="test accuracy (%)", xscale="log",
+                title="Test accuracy after the run")
+    ax_test.set_xticks(ranks, [str(n) for n in ranks])
+    ax_test.minorticks_off()
+    for ax in (ax_loss, ax_acc, ax_test):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
