@@ -69,9 +69,14 @@ LINE_TABLE = {"SGD lr 0.2": ("sgd", {"lr": 0.2}, 148), "Momentum lr 0.02": ("mom
 
 
 def descend(surface, start, name, options, steps, device="cpu"):
-    """The path of optimizer ``name`` over ``surface`` (value, gradient) from ``start``."""
+    """The path of optimizer ``name`` over ``surface`` (value, gradient) from ``start``.
+
+    The optimizers of this section take their reference update (``use_fast_path=False``),
+    here and in :func:`line_paths`: on two parameters the fused numba step saves nothing,
+    and its kernels (built per rule at run time) were compiled afresh in every process,
+    about 1 s of CPU per optimizer, 5-6 s of the section's 7."""
     storage = FlatParameters.from_arrays(get_namespace(device), "float64", xy=list(start))
-    opt = optim.create(name, storage, **options)
+    opt = optim.create(name, storage, use_fast_path=False, **options)
     path = [np.array(start, dtype=float)]
     for _ in range(steps):
         _, grad = surface(to_numpy(storage.data))
@@ -90,8 +95,8 @@ def line_paths(name, options, seed=0, target=0.005, max_iterations=2000, device=
     x, y = regression.line(seed)
     model = mlp([1, 1], init="zeros", seed=seed, device=device, dtype="float64")
     loss = MSELoss()
-    steps = regression.minibatch_steps(model, optim.create(name, model, **options), loss, x, y,
-                                       5, seed)
+    steps = regression.minibatch_steps(
+        model, optim.create(name, model, use_fast_path=False, **options), loss, x, y, 5, seed)
     xd, yd = model.xp.asarray(x), model.xp.asarray(y)
     path, reached = [to_numpy(model.flat.data).copy()], None
     for iteration in range(1, max_iterations + 1):
