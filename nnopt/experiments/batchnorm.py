@@ -58,6 +58,14 @@ def train_one(task):
     return {"diverged": None, **summary, "seed": seed, "history": history, "out": str(out)}
 
 
+def benefit_outcomes(pairs):
+    """Test accuracies (without BN, with BN) of each pair of runs, and how many runs
+    diverged (without, with). A diverged run scores chance (10%): it has no usable network
+    left, and leaving it out would drop the very seeds where BN made the difference."""
+    acc = [tuple(CHANCE if r["diverged"] else r["test_accuracy"] for r in pair) for pair in pairs]
+    return acc, [sum(bool(pair[k]["diverged"]) for pair in pairs) for k in (0, 1)]
+
+
 def _one_thread():
     # Each worker gets one core's worth of threads: two workers on two cores, no
     # oversubscription, and the same per-run conditions whatever the machine's default.
@@ -220,10 +228,7 @@ def run(ctx) -> Section:
     for tag, (_, words) in benefits.items():
         pairs = [(a, b) for a, b in zip(done[len(table):], done[len(table) + 1:])
                  if not a["bn"] and b["bn"] and a["out"].split("/")[-1].startswith(tag)]
-        # A diverged run scores chance (10%): it has no usable network left.
-        acc = [tuple(CHANCE if r["diverged"] else r["test_accuracy"] for r in pair)
-               for pair in pairs]
-        diverged = [sum(bool(pair[k]["diverged"]) for pair in pairs) for k in (0, 1)]
+        acc, diverged = benefit_outcomes(pairs)
         section.claim(f"bn_{tag}", f"BN {words}", "BN benefit (15.5)",
                       spread([b - a for a, b in acc], "test accuracy gain of BN"),
                       [b > a + 0.01 for a, b in acc],
