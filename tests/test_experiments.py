@@ -7,7 +7,8 @@ import pytest
 import json
 import math
 
-from nnopt.experiments import EXPERIMENTS, __main__ as cli, batchnorm, curvefit, regression
+from nnopt.experiments import (EXPERIMENTS, __main__ as cli, batchnorm, curvefit, regression,
+                               run_sections)
 from nnopt.experiments.initialization import activations, per_sample_spread, zero_init_demo
 from nnopt.experiments.report import Context, Section, sooner, spread, verdict_of, write
 
@@ -16,7 +17,7 @@ from nnopt.experiments.report import Context, Section, sooner, spread, verdict_o
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiments")
     ctx = Context(out=out, quick=True, seeds=2)
-    sections = [run(ctx) for run in EXPERIMENTS.values()]
+    sections = run_sections(ctx, list(EXPERIMENTS))  # as `all` runs them: init, contours aside
     report = write(ctx, sections, 0.0)
     claims = {c.claim: c for s in sections for c in s.claims}
     return out, report, claims
@@ -86,6 +87,14 @@ def test_gpu_claim_reads_results_when_present(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in text and "2026-12-01" in text
     assert held == [True, True, False] and verdict_of(held) == ("partly", 2 / 3)
     assert measured["median"] == 4.0 and measured["n_seeds"] == 3
+
+
+def test_diverged_run_scores_chance_not_dropped():
+    plain_diverged = {"bn": False, "diverged": "loss became nan", "test_accuracy": None}
+    plain = {"bn": False, "diverged": None, "test_accuracy": 0.5}
+    with_bn = {"bn": True, "diverged": None, "test_accuracy": 0.8}
+    acc, diverged = batchnorm.benefit_outcomes([(plain_diverged, with_bn), (plain, with_bn)])
+    assert acc == [(batchnorm.CHANCE, 0.8), (0.5, 0.8)] and diverged == [1, 0]
 
 
 def test_per_sample_spread_sees_a_collapse():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import datasets
 from ..backend import BackendUnavailable, get_namespace
-from . import EXPERIMENTS
+from . import EXPERIMENTS, run_sections
 from .report import Context, write
 
 SEEDS, QUICK_SEEDS = 8, 3
@@ -49,12 +49,9 @@ def main(argv=None) -> int:
     ctx = Context(out=out, quick=args.quick, device=args.device, seed=args.seed, seeds=seeds,
                   dataset=args.dataset, data_dir=args.data_dir)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
-    started, sections = time.perf_counter(), []
+    started = time.perf_counter()
     try:
-        for name in names:
-            t0 = time.perf_counter()
-            sections.append(EXPERIMENTS[name](ctx))
-            print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        sections = run_sections(ctx, names)
     except datasets.DataError as exc:
         print(f"nnopt.experiments: error: {exc}", file=sys.stderr)
         return 2

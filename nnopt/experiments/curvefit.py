@@ -2,8 +2,8 @@
 
 Every run trains the same 1 -> 3 (sigmoid) -> 1 network (MSE/2, batch 10, 100 iterations
 per epoch) for up to 10,000 epochs: in Python, layer by layer, that is minutes per run.
-Here one numba loop trains each configuration (configurations spread over the cores) and
-records the test loss; the update rules are the shared ``nnopt.fast.cpu`` rules, and the
+Here one numba loop trains the configurations of each seed (seeds and groups of
+configurations spread over the cores) and records the test loss; the update rules are the shared ``nnopt.fast.cpu`` rules, and the
 tests hold the whole loop to nnopt's reference layers and optimizers
 (:func:`reference_run`).
 """
@@ -37,47 +37,64 @@ def _splitmix(state):
 
 
 @numba.njit(cache=True)
-def epoch_order(n, seed, epoch):
-    """The shuffle of one epoch: Fisher-Yates driven by splitmix64(seed, epoch)."""
-    order = np.arange(n)
+def fill_epoch_order(order, seed, epoch):
+    """The shuffle of one epoch, into ``order`` (n entries): Fisher-Yates driven by
+    splitmix64(seed, epoch)."""
+    n = order.shape[0]
+    for i in range(n):
+        order[i] = i
     state = np.uint64(seed) * np.uint64(1000003) + np.uint64(epoch)
     for i in range(n - 1, 0, -1):
         state, r = _splitmix(state)
         j = np.int64(r % np.uint64(i + 1))
         order[i], order[j] = order[j], order[i]
+
+
+@numba.njit(cache=True)
+def epoch_order(n, seed, epoch):
+    """The shuffle of one epoch as a new array (see :func:`fill_epoch_order`)."""
+    order = np.empty(n, dtype=np.int64)
+    fill_epoch_order(order, seed, epoch)
     return order
 
 
-@numba.njit(cache=True)
-def _gradient(p, x, y, idx, g):
-    """MSE/2 gradient of the 1-3-1 sigmoid net over the samples idx, into g. The three
-    hidden units are unrolled into scalars: an array per sample was a heap allocation in
-    the innermost loop, which cost more than the arithmetic."""
-    m = idx.shape[0]
-    for k in range(N_PARAMS):
-        g[k] = 0.0
+@numba.njit(cache=True, error_model="numpy")
+def _gradient(p, x, y, order, first, m, g):
+    """MSE/2 gradient of the 1-3-1 sigmoid net over the samples order[first:first + m],
+    into g. The three hidden units are unrolled into scalars: an array per sample was a
+    heap allocation in the innermost loop, which cost more than the arithmetic. NumPy's
+    error model (here, in test_loss and in _train_all): a division never checks for a zero
+    divisor (1 + exp(.) and the batch size are never 0), which took a branch per division
+    (about 5% of the engine's time). Parameters and sums live in scalars: written through
+    g, every sum made the next sample reload p (g and p may alias, for all LLVM knows),
+    about 10% of the time; the arithmetic and its order are unchanged."""
+    w0, w1, w2, b0, b1, b2, v0, v1, v2, c = (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
+                                             p[8], p[9])
+    g0 = g1 = g2 = g3 = g4 = g5 = g6 = g7 = g8 = g9 = 0.0
     for s in range(m):
-        xi, yi = x[idx[s]], y[idx[s]]
-        a0 = 1.0 / (1.0 + math.exp(-(xi * p[0] + p[3])))
-        a1 = 1.0 / (1.0 + math.exp(-(xi * p[1] + p[4])))
-        a2 = 1.0 / (1.0 + math.exp(-(xi * p[2] + p[5])))
-        d2 = (p[9] + a0 * p[6] + a1 * p[7] + a2 * p[8] - yi) / m
-        dz0 = d2 * p[6] * a0 * (1.0 - a0)
-        dz1 = d2 * p[7] * a1 * (1.0 - a1)
-        dz2 = d2 * p[8] * a2 * (1.0 - a2)
-        g[0] += xi * dz0
-        g[1] += xi * dz1
-        g[2] += xi * dz2
-        g[3] += dz0
-        g[4] += dz1
-        g[5] += dz2
-        g[6] += a0 * d2
-        g[7] += a1 * d2
-        g[8] += a2 * d2
-        g[9] += d2
+        xi, yi = x[order[first + s]], y[order[first + s]]
+        a0 = 1.0 / (1.0 + math.exp(-(xi * w0 + b0)))
+        a1 = 1.0 / (1.0 + math.exp(-(xi * w1 + b1)))
+        a2 = 1.0 / (1.0 + math.exp(-(xi * w2 + b2)))
+        d2 = (c + a0 * v0 + a1 * v1 + a2 * v2 - yi) / m
+        dz0 = d2 * v0 * a0 * (1.0 - a0)
+        dz1 = d2 * v1 * a1 * (1.0 - a1)
+        dz2 = d2 * v2 * a2 * (1.0 - a2)
+        g0 += xi * dz0
+        g1 += xi * dz1
+        g2 += xi * dz2
+        g3 += dz0
+        g4 += dz1
+        g5 += dz2
+        g6 += a0 * d2
+        g7 += a1 * d2
+        g8 += a2 * d2
+        g9 += d2
+    g[0], g[1], g[2], g[3], g[4] = g0, g1, g2, g3, g4
+    g[5], g[6], g[7], g[8], g[9] = g5, g6, g7, g8, g9
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def test_loss(p, x, y):
     total = 0.0
     for s in range(x.shape[0]):
@@ -91,59 +108,91 @@ def test_loss(p, x, y):
 @numba.njit(cache=True)
 def _update(code, p, g, s1, s2, hp, t):
     """One step of rule ``RULE_CODES[code]``; ``hp`` holds the optimizer's kernel_scalars
-    (Adam: its step_scalar_inputs, turned into the scalars of step t here)."""
-    for k in range(p.shape[0]):
-        if code == 0:
+    (Adam: its step_scalar_inputs, turned into the scalars of step t here). The rule is
+    chosen once per step, outside the loop over parameters, and Adam's scalars (two
+    powers) are computed once per step: inside the loop they were 20 ``pow`` calls per
+    step, twice the cost of the whole gradient."""
+    n = p.shape[0]
+    if code == 0:
+        for k in range(n):
             p[k] = sgd_rule(p[k], g[k], hp[0])
-        elif code == 1:
+    elif code == 1:
+        for k in range(n):
             p[k], s1[k] = momentum_rule(p[k], g[k], s1[k], hp[0], hp[1])
-        elif code == 2:
+    elif code == 2:
+        for k in range(n):
             p[k], s1[k] = momentum_torch_rule(p[k], g[k], s1[k], hp[0], hp[1])
-        elif code == 3:
+    elif code == 3:
+        for k in range(n):
             p[k], s1[k] = nag_rule(p[k], g[k], s1[k], hp[0], hp[1])
-        elif code == 4:
+    elif code == 4:
+        for k in range(n):
             p[k], s1[k] = nag_torch_rule(p[k], g[k], s1[k], hp[0], hp[1])
-        elif code == 5:
+    elif code == 5:
+        for k in range(n):
             p[k], s1[k] = adagrad_rule(p[k], g[k], s1[k], hp[0], hp[1])
-        elif code == 6:
+    elif code == 6:
+        for k in range(n):
             p[k], s1[k], s2[k] = adadelta_rule(p[k], g[k], s1[k], s2[k], hp[0], hp[1], hp[2],
                                                hp[3])
-        elif code == 7:
+    elif code == 7:
+        for k in range(n):
             p[k], s1[k] = rmsprop_rule(p[k], g[k], s1[k], hp[0], hp[1], hp[2], hp[3])
-        elif code == 8:
+    elif code == 8:
+        for k in range(n):
             p[k], s1[k] = rmsprop_torch_rule(p[k], g[k], s1[k], hp[0], hp[1], hp[2], hp[3])
-        else:
-            p[k], s1[k], s2[k] = adam_rule(p[k], g[k], s1[k], s2[k],
-                                           *adam_kernel_scalars(hp[0], hp[1], hp[2], hp[3], t))
+    else:
+        step, b1, one_minus_b1, b2, one_minus_b2, inv_correction2, eps = adam_kernel_scalars(
+            hp[0], hp[1], hp[2], hp[3], t)
+        for k in range(n):
+            p[k], s1[k], s2[k] = adam_rule(p[k], g[k], s1[k], s2[k], step, b1, one_minus_b1,
+                                           b2, one_minus_b2, inv_correction2, eps)
 
 
-@numba.njit(cache=True, parallel=True)
-def _train_all(xs, ys, x_test, y_test, data_of, start, codes, hyper, max_epochs, record_every,
-               check_every, target, seeds, batch):
-    n_configs, n = codes.shape[0], xs.shape[1]
-    curves = np.full((n_configs, max_epochs // record_every), np.nan)
-    reached = np.full(n_configs, -1)
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def _train_all(xs, ys, x_test, y_test, start, codes, hyper, max_epochs, record_every,
+               check_every, target, seeds, batch, n_groups):
+    """Arrays indexed [seed, configuration, ...]. One task per (seed, group of
+    configurations): the configurations of a group share their seed's data and shuffle, so
+    each epoch's order is drawn once for the group (a 1,000-element Fisher-Yates costs a
+    tenth of an epoch of training) and the data stay in L1. Group j holds configurations
+    j, j + n_groups, ...: the runs that never reach the target are spread over the groups
+    and the tasks cost about the same, which keeps both cores busy to the end."""
+    n_seeds, n_configs, n = codes.shape[0], codes.shape[1], xs.shape[1]
+    curves = np.full((n_seeds, n_configs, max_epochs // record_every), np.nan)
+    reached = np.full((n_seeds, n_configs), -1)
     final = start.copy()
-    for c in prange(n_configs):
-        x, y = xs[data_of[c]], ys[data_of[c]]
-        p = start[c].copy()
-        g, s1, s2 = np.zeros(N_PARAMS), np.zeros(N_PARAMS), np.zeros(N_PARAMS)
-        t = 0
+    for task in prange(n_seeds * n_groups):
+        seed, group = task // n_groups, task % n_groups
+        x, y = xs[seed], ys[seed]
+        members = np.arange(group, n_configs, n_groups)
+        p = final[seed]  # a view: trained in place
+        g = np.zeros(N_PARAMS)
+        s1, s2 = np.zeros((n_configs, N_PARAMS)), np.zeros((n_configs, N_PARAMS))
+        running = members.shape[0]
+        done = np.zeros(n_configs, dtype=np.bool_)
+        order = np.empty(n, dtype=np.int64)
         for epoch in range(max_epochs):
-            order = epoch_order(n, seeds[c], epoch)
-            for it in range(n // batch):
-                _gradient(p, x, y, order[it * batch:(it + 1) * batch], g)
-                t += 1
-                _update(codes[c], p, g, s1, s2, hyper[c], t)
-            done = epoch + 1
-            if done % record_every == 0 or done % check_every == 0:
-                loss = test_loss(p, x_test, y_test)
-                if done % record_every == 0:
-                    curves[c, done // record_every - 1] = loss
-                if done % check_every == 0 and loss <= target:
-                    reached[c] = done
-                    break
-        final[c] = p
+            fill_epoch_order(order, seeds[seed], epoch)
+            finished = epoch + 1
+            for c in members:
+                if done[c]:
+                    continue
+                t = epoch * (n // batch)
+                for it in range(n // batch):
+                    _gradient(p[c], x, y, order, it * batch, batch, g)
+                    t += 1
+                    _update(codes[seed, c], p[c], g, s1[c], s2[c], hyper[seed, c], t)
+                if finished % record_every == 0 or finished % check_every == 0:
+                    loss = test_loss(p[c], x_test, y_test)
+                    if finished % record_every == 0:
+                        curves[seed, c, finished // record_every - 1] = loss
+                    if finished % check_every == 0 and loss <= target:
+                        reached[seed, c] = finished
+                        done[c] = True
+                        running -= 1
+            if running == 0:
+                break
     return curves, reached, final
 
 
@@ -168,16 +217,21 @@ def train_seeds(configs, data, starts, seeds, max_epochs=10000, record_every=10,
     xs, ys = (np.stack([np.asarray(d[i][:, 0], dtype=np.float64) for d in data]) for i in (0, 1))
     x_test, y_test = (np.ascontiguousarray(data[0][i][:, 0], dtype=np.float64) for i in (2, 3))
     codes, hyper = zip(*(_encode(name, options) for name, options in configs))
-    codes = np.tile(np.array(codes, dtype=np.int64), n_seeds)
-    hyper = np.tile(np.array(hyper, dtype=np.float64), (n_seeds, 1))
-    rows = np.repeat(np.arange(n_seeds), n_configs)  # the seed of each flat configuration
-    flat_starts = np.asarray(starts, dtype=np.float64)[rows]
-    flat_seeds = np.asarray(seeds, dtype=np.int64)[rows]
-    curves, reached, final = _train_all(
-        xs, ys, x_test, y_test, rows.astype(np.int64), flat_starts, codes, hyper,
-        int(max_epochs), int(record_every), int(check_every), float(target), flat_seeds, int(batch))
-    return (curves.reshape(n_seeds, n_configs, -1), reached.reshape(n_seeds, n_configs),
-            final.reshape(n_seeds, n_configs, -1))
+    codes = np.tile(np.array(codes, dtype=np.int64), (n_seeds, 1))
+    hyper = np.tile(np.array(hyper, dtype=np.float64), (n_seeds, 1, 1))
+    start = np.ascontiguousarray(np.broadcast_to(
+        np.asarray(starts, dtype=np.float64)[:, None, :], (n_seeds, n_configs, N_PARAMS)))
+    return _train_all(xs, ys, x_test, y_test, start, codes, hyper, int(max_epochs),
+                      int(record_every), int(check_every), float(target),
+                      np.asarray(seeds, dtype=np.int64), int(batch),
+                      _groups(n_seeds, n_configs))
+
+
+def _groups(n_seeds, n_configs):
+    """Groups per seed: enough (seed, group) tasks for every thread to get several, so one
+    slow seed does not leave a core idle at the end (3 seeds on 2 cores: 6 tasks)."""
+    tasks_wanted = 2 * numba.get_num_threads()
+    return max(1, min(n_configs, -(-tasks_wanted // n_seeds)))
 
 
 def _encode(name, options):

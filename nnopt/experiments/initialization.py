@@ -42,10 +42,12 @@ def saturation(values):
 
 def zero_init_demo(seed=0, epochs=50, device="cpu", init="zeros"):
     """1 -> 3 (sigmoid) -> 1 from all-zero weights (or ``init``), SGD lr 0.1, batch 10:
-    returns the hidden weights, hidden biases and output weights after training."""
+    returns the hidden weights, hidden biases and output weights after training. SGD takes
+    its reference update: on 10 parameters the numba step saves nothing and would be
+    compiled in this process first (see ``contours.descend``)."""
     x, y, _, _ = regression.curve(seed)
     model = mlp([1, 3, 1], "sigmoid", init=init, seed=seed, device=device, dtype="float64")
-    steps = regression.minibatch_steps(model, optim.SGD(model, lr=0.1), MSELoss(), x, y, 10, seed)
+    steps = regression.minibatch_steps(model, optim.SGD(model, lr=0.1, use_fast_path=False), MSELoss(), x, y, 10, seed)
     for _ in range(epochs * -(-x.shape[0] // 10)):
         next(steps)
     first, second = model.layers[0], model.layers[2]

@@ -71,8 +71,9 @@ def run(ctx) -> Section:
                  f"checked every 50 epochs. Each of the 16 runs is trained once per seed "
                  f"({len(seeds)} seeds: {seeds[0]}-{seeds[-1]}); a seed draws the training data, "
                  "the Xavier start (shared by the 16 runs of that seed) and the shuffle. All "
-                 f"{16 * len(seeds)} trainings run at once (one numba loop each, spread over the "
-                 "cores) with nnopt's update rules; the tests check this loop against nnopt's "
+                 f"{16 * len(seeds)} trainings run at once (one numba loop; the runs of a seed share "
+                 "its data and per-epoch shuffle; seeds spread over the cores) with nnopt's "
+                 "update rules; the tests check this loop against nnopt's "
                  "layers and optimizers.")
     _plot_losses(plt, ctx, curves)
     section.figure(ctx.out / "optimizers_loss.png",
