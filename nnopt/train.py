@@ -311,8 +311,8 @@ def diverged(run: Run, iteration, value) -> TrainingDiverged:
         "Normalization; the last checkpoint (end of the last finished epoch) is kept")
 
 
-def finish(run: Run) -> dict:
-    """Test accuracy, summary.json and curves.png of a completed run."""
+def finish(run: Run, curves=True) -> dict:
+    """Test accuracy, summary.json and (``curves``) curves.png of a completed run."""
     config, state = run.config, run.state
     x_test, y_test = run.arrays["test"]
     test_loss, test_acc = evaluate(run.model, x_test, y_test, run.loss_fn)
@@ -323,6 +323,7 @@ def finish(run: Run) -> dict:
                "skipped_steps": run.optimizer.skipped_steps, "data": run.data.description}
     if run.comm.is_root:  # distributed: rank 0 alone writes
         runs.write_json(run.out / "summary.json", summary)
+    if run.comm.is_root and curves:
         with runs.writing(run.out / "curves.png"):
             plot_curves(run.out / "curves.png", state.history, config)
     if run.optimizer.skipped_steps:
@@ -335,8 +336,11 @@ def finish(run: Run) -> dict:
     return summary
 
 
-def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None) -> dict:
+def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None,
+        curves=True) -> dict:
     """Train as ``config`` says; returns the summary (also written to summary.json).
+    ``curves=False`` skips the curves.png figure (runs made by the dozen, as in the
+    experiments: drawing it costs more than a short run).
 
     Nothing is written before the configuration has been checked (:func:`prepare`). A
     fresh run refuses a folder that holds another run unless ``overwrite``; ``resume``
@@ -397,7 +401,7 @@ def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None
         log(f"interrupted at epoch {state.epoch + 1}, iteration {state.iteration}; "
             f"checkpoint saved: continue with --resume {run.out}")
         raise KeyboardInterrupt
-    return finish(run)
+    return finish(run, curves)
 
 
 def announce_compilation(run: Run, log) -> None:

@@ -15,7 +15,8 @@ SEEDS, QUICK_SEEDS = 8, 3
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nnopt.experiments",
+    named = Path(sys.argv[0]).name == "nnopt-experiments"  # the console script
+    p = argparse.ArgumentParser(prog="nnopt-experiments" if named else "python -m nnopt.experiments",
                                 description="Run the chapter's experiments; write PNG figures "
                                             "and a Markdown report beside the textbook's numbers.")
     p.add_argument("name", choices=[*EXPERIMENTS, "all"])
