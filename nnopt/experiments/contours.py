@@ -145,6 +145,8 @@ def _panels(plt, paths, contour, title, minimum, path_png, marks=None):
         ax.label_outer()
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
+    # Shared axes put the last tick of one panel beside the first of the next: fewer ticks.
+    axes.ravel()[0].xaxis.set_major_locator(plt.MaxNLocator(4, steps=[1, 2, 5], prune="both"))
     legend = [plt.Line2D([], [], marker="o", color="k", ls="", label="start"),
               plt.Line2D([], [], marker="s", color="gray", mec="k", ls="", label="end"),
               plt.Line2D([], [], marker="*", color="gold", mec="k", ms=12, ls="", label="minimum")]
