@@ -27,9 +27,10 @@ over ranks removes it, as for the parameters.
 """
 from __future__ import annotations
 
+from . import batchnorm as reference
 from .backend import namespace_of
-from .layers import check_dtype, check_input
 from .errors import InputError
+from .layers import check_dtype, check_input
 
 
 def _communicator(sync):
@@ -40,35 +41,37 @@ def _communicator(sync):
 
 
 def sync_batchnorm_forward(x, gamma, beta, eps, comm, shift=None):
-    """Training-mode forward over the union of every rank's ``x``.
-    Returns ``(z, mean, var, count, cache)``; ``count`` (M) is a 0-d array."""
+    """Training-mode forward over the union of every rank's ``x``: the reference's
+    factored steps (:mod:`nnopt.batchnorm`) with their sums added over ranks. ``shift``
+    must be the same on every rank (default 0). Returns ``(z, mean, var, count, cache)``;
+    ``count`` (M) is a 0-d array."""
     xp = namespace_of(x)
     n = x.shape[1]
-    xs = x - shift if shift is not None else x
+    shift = xp.zeros_like(gamma) if shift is None else shift
+    sum_dev, sum_sq_dev = reference.batchnorm_shifted_sums(x, shift)
     local = xp.full((1,), x.shape[0], dtype=x.dtype)
-    stats = xp.concat([xp.sum(xs, axis=0), xp.sum(xs * xs, axis=0), local])
+    stats = xp.concat([sum_dev, sum_sq_dev, local])
     comm.allreduce_sum(stats)
     count = stats[2 * n]
-    mean_s = stats[:n] / count
-    # Rounding can push the one-pass variance of a constant feature slightly below 0.
-    var = xp.clip(stats[n:2 * n] / count - mean_s * mean_s, min=0)
-    mean = mean_s + shift if shift is not None else mean_s
-    inv_std = 1.0 / xp.sqrt(var + eps)
-    x_hat = (x - mean) * inv_std
-    return gamma * x_hat + beta, mean, var, count, (x_hat, inv_std, gamma, count)
+    mean, var, inv_std = reference.batchnorm_statistics(stats[:n], stats[n:2 * n], shift,
+                                                        count, eps)
+    scale, offset = reference.batchnorm_scale_offset(gamma, beta, mean, inv_std)
+    return x * scale + offset, mean, var, count, (x, mean, inv_std, gamma, count)
 
 
 def sync_batchnorm_backward(d, cache, comm):
     """Returns ``(dx, dgamma, dbeta)``: dx for the global batch statistics, dgamma and
     dbeta this rank's share (to be summed, or averaged, over ranks with the others)."""
     xp = namespace_of(d)
-    x_hat, inv_std, gamma, count = cache
+    x, mean, inv_std, gamma, count = cache
     n = d.shape[1]
-    dbeta = xp.sum(d, axis=0)
-    dgamma = xp.sum(d * x_hat, axis=0)
-    sums = comm.allreduce_sum(xp.concat([dbeta, dgamma]))  # a new buffer: dbeta, dgamma stay local
-    dx = (gamma * inv_std) * (d - (sums[:n] + x_hat * sums[n:]) / count)
-    return dx, dgamma, dbeta
+    sum_d, sum_dc = reference.batchnorm_backward_sums(d, x, mean)
+    dgamma, dbeta = sum_dc * inv_std, sum_d
+    # a new buffer: this rank's sum_d, sum_dc stay local for dgamma, dbeta
+    total = comm.allreduce_sum(xp.concat([sum_d, sum_dc]))
+    a, b, c, _, _ = reference.batchnorm_backward_coefficients(total[:n], total[n:], count,
+                                                              gamma, inv_std)
+    return a * d - b * (x - mean) - c, dgamma, dbeta
 
 
 # --- the BatchNorm layer's training-mode hooks (BatchNorm(..., sync=True)) ----------------
@@ -78,17 +81,13 @@ def layer_forward(layer, x):
     check_input(layer, x, layer.n)
     check_dtype(layer, x, layer.gamma)
     comm = _communicator(layer.sync)
-    running_mean, running_var = layer.buffers["running_mean"], layer.buffers["running_var"]
     z, mean, var, count, layer.sync_cache = sync_batchnorm_forward(
-        x, layer.gamma.data, layer.beta.data, layer.eps, comm, shift=running_mean)
+        x, layer.gamma.data, layer.beta.data, layer.eps, comm,
+        shift=layer.buffers["running_mean"])
     if x.shape[0] < 2 and float(count) < 2:  # the host read only where it can matter
         raise InputError(f"{layer!r} in training mode needs a global batch of at least 2 "
                          f"samples, got {int(float(count))}")
-    if layer.unbiased:
-        var = var * (count / (count - 1))
-    a = layer.momentum
-    running_mean[...] = a * running_mean + (1 - a) * mean
-    running_var[...] = a * running_var + (1 - a) * var
+    layer._update_running(mean, var, count)
     return z
 
 
