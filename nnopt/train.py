@@ -65,9 +65,7 @@ def make_config(**overrides) -> dict:
     if config["distributed"] and "world_size" not in overrides:
         config["world_size"] = distributed.size()  # the job of distributed.init()
     validate_config(config)
-    if config["val_size"] is None:
-        config["val_size"] = datasets.default_val_size(config["dataset"])
-    return config
+    return resolve_saved(config)
 
 
 def validate_config(config: dict) -> None:
@@ -251,9 +249,10 @@ def resume_into(run: Run, path) -> None:
 
 
 def resolve_saved(config: dict) -> dict:
-    """A saved config as :func:`make_config` would resolve it today (older runs stored
-    ``val_size`` None and no ``schedule``)."""
-    config = {**DEFAULTS, **config}
+    """``config`` with what it leaves open filled in: keys it lacks (a config saved by an
+    older run) from DEFAULTS, ``val_size`` None as the data set's default. make_config and
+    resuming both end here."""
+    config = {**DEFAULTS, **config}  # keys added since the config was saved
     if config["val_size"] is None:
         config["val_size"] = datasets.default_val_size(config["dataset"])
     return config
