@@ -25,7 +25,10 @@ from ..optim import OPTIMIZERS
 from ..optim.adaptive import adam_kernel_scalars as adam_kernel_scalars_py
 
 PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
-jit = numba.njit(cache=True, parallel=True)
+# error_model="numpy": a division by zero gives inf/nan as NumPy (and the reference) does,
+# instead of a Python-style check before every division, which keeps LLVM from
+# vectorizing the loops (measured: Adam at 1e7 float32 elements 19.3 ms -> 10.2 ms).
+jit = numba.njit(cache=True, parallel=True, error_model="numpy")
 
 
 class _NumbaThreads(threading.local):
@@ -67,7 +70,7 @@ def launch(kernel, parallel, *args):
 # kernels below and the batched experiments (nnopt.experiments.curvefit) both call them, so
 # each formula exists once in numba. (Not numba's ``inline="always"``: that refuses the
 # ``*scalars`` call below; LLVM inlines these small functions anyway.)
-rule = numba.njit(cache=True)
+rule = numba.njit(cache=True, error_model="numpy")
 
 
 @rule
@@ -258,7 +261,7 @@ batchnorm_scale_offset = rule(reference_batchnorm.batchnorm_scale_offset)
 batchnorm_backward_coefficients = rule(reference_batchnorm.batchnorm_backward_coefficients)
 
 
-@numba.njit(cache=True, parallel=True)
+@jit
 def _paired_sums(u, u_shift, x, x_center, chunks, y, activation):
     """Per feature, sum(v - u_shift) and sum((v - u_shift) (x - x_center)) in float64, with
     v = activation_grad(u, y, activation), each of ``chunks`` runs of rows on its own thread:
@@ -277,7 +280,7 @@ def _paired_sums(u, u_shift, x, x_center, chunks, y, activation):
     return sums.sum(axis=0), products.sum(axis=0)
 
 
-@numba.njit(cache=True, parallel=True)
+@jit
 def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, z,
                 mean_out, inv_std_out, chunks, bias, activation):
     """z = activate(BN(x)); the running mean is that of x + bias (see bn_forward)."""
@@ -301,7 +304,7 @@ def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_v
             z[i, k] = activate(x[i, k] * scale[k] + offset[k], activation)
 
 
-@numba.njit(cache=True, parallel=True)
+@jit
 def _bn_backward(d, x, gamma, mean, inv_std, dx, dgamma, dbeta, chunks, y, activation):
     """BN's backward of d' = activation_grad(d, y): the block's gradient through its
     activation and BN in one pair of passes."""
@@ -393,7 +396,7 @@ def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
 # --- bias and activation (a block without BN; the ReLU layer) ------------------------------
 # Rows are split into ``chunks`` runs as in BN: the bias gradient's column sums are partial
 # sums per run, combined once.
-@numba.njit(cache=True, parallel=True)
+@jit
 def _activation_forward(h, bias, activation, y, chunks):
     """y = activate(h + bias); ``bias`` of length 0: none."""
     m, n = h.shape
@@ -406,7 +409,7 @@ def _activation_forward(h, bias, activation, y, chunks):
                 y[i, k] = activate(v, activation)
 
 
-@numba.njit(cache=True, parallel=True)
+@jit
 def _activation_backward(dy, y, activation, dh, dbias, chunks):
     """dh = activation_grad(dy, y); dbias += column sums of dh (``dbias`` of length 0: none)."""
     m, n = dy.shape
