@@ -162,6 +162,40 @@ def test_train_seeds_matches_single_runs():
     assert not np.array_equal(final[0], final[1])
 
 
+def test_packing_finished_runs_away_changes_no_run():
+    # 5 seeds: two blocks per configuration, one half empty; with target 0.02 runs stop at
+    # different checks, and the survivors are packed into new blocks and lanes each time.
+    seeds = [0, 1, 2, 3, 4]
+    data = [regression.curve(s, n_train=100) for s in seeds]
+    starts = [curvefit.initial_params(s) for s in seeds]
+    configs = [("adam", {"lr": 0.05}), ("sgd", {"lr": 0.5}), ("rmsprop", {"lr": 0.01})]
+    curves, reached, final = curvefit.train_seeds(configs, data, starts, seeds, max_epochs=60,
+                                                  record_every=5, check_every=5, target=0.02)
+    assert len(set(reached.ravel().tolist())) > 2  # stops at several different checks
+    for k, s in enumerate(seeds):
+        for c, config in enumerate(configs):
+            alone = curvefit.train_all([config], data[k], starts[k], max_epochs=60,
+                                       record_every=5, check_every=5, target=0.02, seed=s)
+            assert alone[1][0] == reached[k, c]
+            assert np.array_equal(alone[2][0], final[k, c])
+            assert np.array_equal(alone[0][0], curves[k, c], equal_nan=True)
+
+
+@pytest.mark.skipif("avx2" not in __import__("llvmlite.binding").binding.get_host_cpu_features().flatten(),
+                    reason="the 4-wide float64 code needs AVX2")
+def test_engine_gradient_is_simd_code():
+    import re
+
+    import numba
+    # A fresh compile of the engine's gradient (numba's disk cache keeps no assembly).
+    gradient = numba.njit(error_model="numpy", fastmath={"contract"})(
+        curvefit._gradient_block.py_func)
+    x = np.zeros(10 * curvefit.LANES)
+    gradient(np.zeros(curvefit.BLOCK), x, x, 0, 10)
+    asm = gradient.inspect_asm(gradient.signatures[0])
+    assert re.search(r"vfmadd\w*pd\s+%ymm", asm) and not re.search(r"vfmadd\w*sd", asm)
+
+
 @pytest.mark.parametrize("name, options", [
     ("sgd", {"lr": 0.3}), ("momentum", {"lr": 0.1}), ("nag", {"lr": 0.1}),
     ("adagrad", {"lr": 0.5}), ("adadelta", {"lr": 0.1}), ("rmsprop", {"lr": 0.01}),

@@ -76,9 +76,7 @@ def _one_thread():
 
 def run_tasks(ctx, tasks, workers=None):
     """Train every task, spread over separate processes (one per core)."""
-    settings = {"out": str(ctx.out), "dataset": ctx.dataset, "data_dir": ctx.data_dir,
-                "device": ctx.device}
-    jobs = [(settings, *task) for task in tasks]
+    jobs = [(settings(ctx), *task) for task in tasks]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if ctx.device != "cpu" or workers <= 1:
         return [train_one(job) for job in jobs]
@@ -155,25 +153,48 @@ def layer_inputs(run_dir: Path, data, layer_index=2, n=1000):
     raise ValueError(f"no layer bn{layer_index}")
 
 
-def run(ctx) -> Section:
+def plan(ctx):
+    """The section's training runs, ``(seed, bn, overrides)`` each (for :func:`train_one`):
+    Table 15-12's pairs, then one epoch per pair for each quick benefit check."""
+    target = (QUICK_TARGETS if ctx.quick else TARGETS)[ctx.dataset]
+    seeds = ctx.seed_list
+    table = [(seed, bn, {"epochs": 4 if ctx.quick else 30, "target_loss": target})
+             for seed in seeds for bn in (False, True)]
+    # One epoch of the full-size sets is 891 steps, 7.5 times the sample's 118: there the
+    # two benefit checks run on the first EXTRA_SEEDS_FULL seeds (their claims count them).
+    extra_seeds = seeds if ctx.dataset == "mnist-sample" else seeds[:EXTRA_SEEDS_FULL]
+    extra = [(seed, bn, {"epochs": 1, "target_loss": 0.0, "tag": tag, **overrides})
+             for tag, (overrides, _) in benefits(ctx).items() for seed in extra_seeds
+             for bn in (False, True)]
+    return table + extra
+
+
+def benefits(ctx):
+    """The chapter's two other quick BN benefits, one epoch each: a learning rate too large
+    for the plain network, and a bad initialization (N(0, 1) weights)."""
+    return {} if ctx.quick else {
+        "lr": ({"hyper": {"lr": 1.0}}, "tolerates a larger learning rate (SGD lr 1.0)"),
+        "init": ({"init": "normal"}, "is less sensitive to initialization (N(0, 1) weights)")}
+
+
+def settings(ctx):
+    """What a worker needs of ``ctx`` to train a run of :func:`plan`."""
+    return {"out": str(ctx.out), "dataset": ctx.dataset, "data_dir": ctx.data_dir,
+            "device": ctx.device}
+
+
+def run(ctx, done=None) -> Section:
+    """The section; ``done``: the results of :func:`plan`'s runs, in order, when they were
+    trained elsewhere (``all`` trains them beside the other sections)."""
     plt = figure_module()
     section = Section("15.5/15.6 Batch Normalization")
     target = (QUICK_TARGETS if ctx.quick else TARGETS)[ctx.dataset]
     seeds = ctx.seed_list
     epochs = 4 if ctx.quick else 30
-    table = [(seed, bn, {"epochs": epochs, "target_loss": target}) for seed in seeds for bn in (False, True)]
-    # The chapter's two other quick BN benefits, one epoch each: a learning rate too large
-    # for the plain network, and a bad initialization (N(0, 1) weights).
-    benefits = {} if ctx.quick else {
-        "lr": ({"hyper": {"lr": 1.0}}, "tolerates a larger learning rate (SGD lr 1.0)"),
-        "init": ({"init": "normal"}, "is less sensitive to initialization (N(0, 1) weights)")}
-    # One epoch of the full-size sets is 891 steps, 7.5 times the sample's 118: there the
-    # two benefit checks run on the first EXTRA_SEEDS_FULL seeds (their claims count them).
-    extra_seeds = seeds if ctx.dataset == "mnist-sample" else seeds[:EXTRA_SEEDS_FULL]
-    extra = [(seed, bn, {"epochs": 1, "target_loss": 0.0, "tag": tag, **overrides})
-             for tag, (overrides, _) in benefits.items() for seed in extra_seeds
-             for bn in (False, True)]
-    done = run_tasks(ctx, table + extra)
+    tasks = plan(ctx)
+    table = tasks[:2 * len(seeds)]
+    if done is None:
+        done = run_tasks(ctx, tasks)
     results = {False: [r for r in done[:len(table)] if not r["bn"]],
                True: [r for r in done[:len(table)] if r["bn"]]}
     data = datasets.load(ctx.dataset, ctx.data_dir)
@@ -225,7 +246,7 @@ def run(ctx) -> Section:
                   [sooner(b, a) for a, b in zip(plain, with_bn)],
                   f"{describe(spread(with_bn))} vs {describe(spread(plain))} without BN "
                   f"(target {target} on {ctx.dataset})")
-    for tag, (_, words) in benefits.items():
+    for tag, (_, words) in benefits(ctx).items():
         pairs = [(a, b) for a, b in zip(done[len(table):], done[len(table) + 1:])
                  if not a["bn"] and b["bn"] and a["out"].split("/")[-1].startswith(tag)]
         acc, diverged = benefit_outcomes(pairs)

@@ -2,14 +2,13 @@
 
 Every run trains the same 1 -> 3 (sigmoid) -> 1 network (MSE/2, batch 10, 100 iterations
 per epoch) for up to 10,000 epochs: in Python, layer by layer, that is minutes per run.
-Here one numba loop trains the configurations of each seed (seeds and groups of
-configurations spread over the cores) and records the test loss; the update rules are the shared ``nnopt.fast.cpu`` rules, and the
-tests hold the whole loop to nnopt's reference layers and optimizers
-(:func:`reference_run`).
+Here one numba loop trains them all: each configuration on LANES seeds at once in SIMD
+lanes (one AVX2 instruction does a step of the arithmetic for all of them; exp is
+``nnopt.fast.vecmath.exp``, which vectorizes), blocks spread over the cores, and records
+the test loss. The update rules are the shared ``nnopt.fast.cpu`` rules, and the tests
+hold the whole loop to nnopt's reference layers and optimizers (:func:`reference_run`).
 """
 from __future__ import annotations
-
-import math
 
 import numba
 import numpy as np
@@ -18,6 +17,7 @@ from numba import prange
 from ..fast.cpu import (adadelta_rule, adagrad_rule, adam_kernel_scalars, adam_rule,
                         momentum_rule, momentum_torch_rule, nag_rule, nag_torch_rule,
                         rmsprop_rule, rmsprop_torch_rule, sgd_rule)
+from ..fast.vecmath import exp
 
 #: the rule variants the engine runs; a configuration's code is its rule's index here
 RULE_CODES = ("sgd", "momentum", "momentum_torch", "nag", "nag_torch", "adagrad", "adadelta",
@@ -58,51 +58,73 @@ def epoch_order(n, seed, epoch):
     return order
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _gradient(p, x, y, order, first, m, g):
-    """MSE/2 gradient of the 1-3-1 sigmoid net over the samples order[first:first + m],
-    into g. The three hidden units are unrolled into scalars: an array per sample was a
-    heap allocation in the innermost loop, which cost more than the arithmetic. NumPy's
-    error model (here, in test_loss and in _train_all): a division never checks for a zero
-    divisor (1 + exp(.) and the batch size are never 0), which took a branch per division
-    (about 5% of the engine's time). Parameters and sums live in scalars: written through
-    g, every sum made the next sample reload p (g and p may alias, for all LLVM knows),
-    about 10% of the time; the arithmetic and its order are unchanged."""
-    w0, w1, w2, b0, b1, b2, v0, v1, v2, c = (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
-                                             p[8], p[9])
-    g0 = g1 = g2 = g3 = g4 = g5 = g6 = g7 = g8 = g9 = 0.0
-    for s in range(m):
-        xi, yi = x[order[first + s]], y[order[first + s]]
-        a0 = 1.0 / (1.0 + math.exp(-(xi * w0 + b0)))
-        a1 = 1.0 / (1.0 + math.exp(-(xi * w1 + b1)))
-        a2 = 1.0 / (1.0 + math.exp(-(xi * w2 + b2)))
-        d2 = (c + a0 * v0 + a1 * v1 + a2 * v2 - yi) / m
-        dz0 = d2 * v0 * a0 * (1.0 - a0)
-        dz1 = d2 * v1 * a1 * (1.0 - a1)
-        dz2 = d2 * v2 * a2 * (1.0 - a2)
-        g0 += xi * dz0
-        g1 += xi * dz1
-        g2 += xi * dz2
-        g3 += dz0
-        g4 += dz1
-        g5 += dz2
-        g6 += a0 * d2
-        g7 += a1 * d2
-        g8 += a2 * d2
-        g9 += d2
-    g[0], g[1], g[2], g[3], g[4] = g0, g1, g2, g3, g4
-    g[5], g[6], g[7], g[8], g[9] = g5, g6, g7, g8, g9
+#: Runs trained side by side in one block: one AVX2 register of float64 holds one value of
+#: each. A block's runs are one configuration on LANES seeds (each its own data and
+#: shuffle), so the update's scalars are the block's, and each arithmetic operation of the
+#: gradient is one SIMD instruction for all of them.
+LANES = 4
+#: A block's state: rows of LANES values, row r of lane l at [r * LANES + l]: the parameters,
+#: their gradient and the optimizer's two state slots (N_PARAMS rows each), then the current
+#: sample's x and y and the test loss.
+PLANE = N_PARAMS * LANES
+PARAMS, GRAD, STATE1, STATE2 = 0, PLANE, 2 * PLANE, 3 * PLANE
+SAMPLE_X, SAMPLE_Y, LOSS = 4 * PLANE, 4 * PLANE + LANES, 4 * PLANE + 2 * LANES
+BLOCK = 4 * PLANE + 3 * LANES
 
 
-@numba.njit(cache=True, error_model="numpy")
-def test_loss(p, x, y):
-    total = 0.0
+@numba.njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _gradient_block(block, x, y, first, m):
+    """MSE/2 gradient of the 1-3-1 sigmoid net for each lane of ``block`` over its samples
+    first .. first + m - 1 (``x[i * LANES + l]``: sample i of lane l), into the block's
+    gradient rows. The loop over lanes reads and writes ``block`` alone, at constant offsets,
+    so LLVM proves the rows apart and turns it into SIMD code; a sample is first copied into
+    the block because a load from ``x`` among the stores to ``block`` (which might be the
+    same memory, for all LLVM knows) kept the loop scalar. NumPy's error model: no
+    zero-divisor check (1 + exp(.) and m are never 0), which would too. fastmath "contract"
+    only fuses multiply-adds (exp's polynomial is most of the work)."""
+    for i in range(GRAD, GRAD + PLANE):
+        block[i] = 0.0
+    for s in range(first, first + m):
+        for l in range(LANES):
+            block[SAMPLE_X + l], block[SAMPLE_Y + l] = x[s * LANES + l], y[s * LANES + l]
+        for l in range(LANES):
+            xi, yi = block[SAMPLE_X + l], block[SAMPLE_Y + l]
+            a0 = 1.0 / (1.0 + exp(-(xi * block[l] + block[3 * LANES + l])))
+            a1 = 1.0 / (1.0 + exp(-(xi * block[LANES + l] + block[4 * LANES + l])))
+            a2 = 1.0 / (1.0 + exp(-(xi * block[2 * LANES + l] + block[5 * LANES + l])))
+            v0, v1, v2 = block[6 * LANES + l], block[7 * LANES + l], block[8 * LANES + l]
+            d2 = (block[9 * LANES + l] + a0 * v0 + a1 * v1 + a2 * v2 - yi) / m
+            dz0 = d2 * v0 * a0 * (1.0 - a0)
+            dz1 = d2 * v1 * a1 * (1.0 - a1)
+            dz2 = d2 * v2 * a2 * (1.0 - a2)
+            block[GRAD + l] += xi * dz0
+            block[GRAD + LANES + l] += xi * dz1
+            block[GRAD + 2 * LANES + l] += xi * dz2
+            block[GRAD + 3 * LANES + l] += dz0
+            block[GRAD + 4 * LANES + l] += dz1
+            block[GRAD + 5 * LANES + l] += dz2
+            block[GRAD + 6 * LANES + l] += a0 * d2
+            block[GRAD + 7 * LANES + l] += a1 * d2
+            block[GRAD + 8 * LANES + l] += a2 * d2
+            block[GRAD + 9 * LANES + l] += d2
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _test_loss_block(block, x, y):
+    """Test loss (MSE/2 over x, y, shared by the lanes) of each lane of ``block``, into its
+    LOSS row."""
+    for l in range(LANES):
+        block[LOSS + l] = 0.0
     for s in range(x.shape[0]):
-        out = p[9]
-        for h in range(3):
-            out += p[6 + h] / (1.0 + math.exp(-(x[s] * p[h] + p[3 + h])))
-        total += (out - y[s]) ** 2
-    return total / (2 * x.shape[0])
+        xs, ys = x[s], y[s]  # loaded once, before the stores: see _gradient_block
+        for l in range(LANES):
+            out = block[9 * LANES + l]
+            out += block[6 * LANES + l] / (1.0 + exp(-(xs * block[l] + block[3 * LANES + l])))
+            out += block[7 * LANES + l] / (1.0 + exp(-(xs * block[LANES + l] + block[4 * LANES + l])))
+            out += block[8 * LANES + l] / (1.0 + exp(-(xs * block[2 * LANES + l] + block[5 * LANES + l])))
+            block[LOSS + l] += (out - ys) ** 2
+    for l in range(LANES):
+        block[LOSS + l] /= 2 * x.shape[0]
 
 
 @numba.njit(cache=True)
@@ -150,50 +172,95 @@ def _update(code, p, g, s1, s2, hp, t):
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def _train_all(xs, ys, x_test, y_test, start, codes, hyper, max_epochs, record_every,
-               check_every, target, seeds, batch, n_groups):
-    """Arrays indexed [seed, configuration, ...]. One task per (seed, group of
-    configurations): the configurations of a group share their seed's data and shuffle, so
-    each epoch's order is drawn once for the group (a 1,000-element Fisher-Yates costs a
-    tenth of an epoch of training) and the data stay in L1. Group j holds configurations
-    j, j + n_groups, ...: the runs that never reach the target are spread over the groups
-    and the tasks cost about the same, which keeps both cores busy to the end."""
-    n_seeds, n_configs, n = codes.shape[0], codes.shape[1], xs.shape[1]
+def _train_blocks(blocks, lane_seed, block_config, xs, ys, x_test, y_test, codes, hyper,
+                  max_epochs, record_every, check_every, target, seeds, batch):
+    """Train every lane of every block; returns (curves, reached, final) indexed [seed,
+    configuration, ...]. Runs stop only at a check (every ``check_every`` epochs), so the
+    blocks run ``check_every`` epochs at a time on all cores, and between two such stretches
+    the runs still going are packed into as few blocks as they fill."""
+    n_seeds, n = xs.shape
+    n_configs, iterations = codes.shape[0], n // batch
     curves = np.full((n_seeds, n_configs, max_epochs // record_every), np.nan)
     reached = np.full((n_seeds, n_configs), -1)
-    final = start.copy()
-    for task in prange(n_seeds * n_groups):
-        seed, group = task // n_groups, task % n_groups
-        x, y = xs[seed], ys[seed]
-        members = np.arange(group, n_configs, n_groups)
-        p = final[seed]  # a view: trained in place
-        g = np.zeros(N_PARAMS)
-        s1, s2 = np.zeros((n_configs, N_PARAMS)), np.zeros((n_configs, N_PARAMS))
-        running = members.shape[0]
-        done = np.zeros(n_configs, dtype=np.bool_)
-        order = np.empty(n, dtype=np.int64)
-        for epoch in range(max_epochs):
-            fill_epoch_order(order, seeds[seed], epoch)
-            finished = epoch + 1
-            for c in members:
-                if done[c]:
-                    continue
-                t = epoch * (n // batch)
-                for it in range(n // batch):
-                    _gradient(p[c], x, y, order, it * batch, batch, g)
+    final = np.zeros((n_seeds, n_configs, N_PARAMS))
+    x_ordered = np.empty((n_seeds, check_every, n))
+    y_ordered = np.empty((n_seeds, check_every, n))
+    epoch = 0
+    while epoch < max_epochs and blocks.shape[0] > 0:
+        stretch = min(check_every - epoch % check_every, max_epochs - epoch)
+        # Each seed's shuffled data for the stretch, drawn once for all its blocks.
+        for task in prange(n_seeds * stretch):
+            s, e = task // stretch, task % stretch
+            order = epoch_order(n, seeds[s], epoch + e)
+            for i in range(n):
+                x_ordered[s, e, i], y_ordered[s, e, i] = xs[s, order[i]], ys[s, order[i]]
+        keep = lane_seed >= 0
+        for b in prange(blocks.shape[0]):
+            block, c = blocks[b], block_config[b]
+            x, y = np.empty(n * LANES), np.empty(n * LANES)
+            for e in range(stretch):
+                for l in range(LANES):
+                    s = max(lane_seed[b, l], 0)  # an empty lane computes on seed 0's data
+                    for i in range(n):
+                        x[i * LANES + l], y[i * LANES + l] = x_ordered[s, e, i], y_ordered[s, e, i]
+                t = (epoch + e) * iterations
+                for it in range(iterations):
+                    _gradient_block(block, x, y, it * batch, batch)
                     t += 1
-                    _update(codes[seed, c], p[c], g, s1[c], s2[c], hyper[seed, c], t)
+                    _update(codes[c], block[PARAMS:PARAMS + PLANE], block[GRAD:GRAD + PLANE],
+                            block[STATE1:STATE1 + PLANE], block[STATE2:STATE2 + PLANE],
+                            hyper[c], t)
+                finished = epoch + e + 1
                 if finished % record_every == 0 or finished % check_every == 0:
-                    loss = test_loss(p[c], x_test, y_test)
-                    if finished % record_every == 0:
-                        curves[seed, c, finished // record_every - 1] = loss
-                    if finished % check_every == 0 and loss <= target:
-                        reached[seed, c] = finished
-                        done[c] = True
-                        running -= 1
-            if running == 0:
-                break
+                    _test_loss_block(block, x_test, y_test)
+                    for l in range(LANES):
+                        s = lane_seed[b, l]
+                        if s < 0:
+                            continue
+                        if finished % record_every == 0:
+                            curves[s, c, finished // record_every - 1] = block[LOSS + l]
+                        if finished % check_every == 0 and block[LOSS + l] <= target:
+                            reached[s, c] = finished
+                            keep[b, l] = False
+        epoch += stretch
+        for b in range(blocks.shape[0]):
+            for l in range(LANES):
+                s = lane_seed[b, l]
+                if s >= 0 and (not keep[b, l] or epoch >= max_epochs):
+                    for k in range(N_PARAMS):
+                        final[s, block_config[b], k] = blocks[b, PARAMS + k * LANES + l]
+        blocks, lane_seed, block_config = _pack(blocks, lane_seed, block_config, keep, n_configs)
     return curves, reached, final
+
+
+@numba.njit(cache=True)
+def _pack(blocks, lane_seed, block_config, keep, n_configs):
+    """The lanes with ``keep`` moved into new blocks, configuration by configuration, LANES
+    to a block (the last block of a configuration may have empty lanes: seed -1)."""
+    counts = np.zeros(n_configs, dtype=np.int64)
+    for b in range(blocks.shape[0]):
+        for l in range(LANES):
+            if keep[b, l]:
+                counts[block_config[b]] += 1
+    first = np.zeros(n_configs + 1, dtype=np.int64)  # each configuration's first block
+    for c in range(n_configs):
+        first[c + 1] = first[c] + (counts[c] + LANES - 1) // LANES
+    new_blocks = np.zeros((first[n_configs], BLOCK))
+    new_seed = np.full((first[n_configs], LANES), -1)
+    new_config = np.empty(first[n_configs], dtype=np.int64)
+    for c in range(n_configs):
+        new_config[first[c]:first[c + 1]] = c
+    placed = np.zeros(n_configs, dtype=np.int64)
+    for b in range(blocks.shape[0]):
+        for l in range(LANES):
+            if keep[b, l]:
+                c = block_config[b]
+                to = first[c] * LANES + placed[c]
+                placed[c] += 1
+                for r in range(BLOCK // LANES):
+                    new_blocks[to // LANES, r * LANES + to % LANES] = blocks[b, r * LANES + l]
+                new_seed[to // LANES, to % LANES] = lane_seed[b, l]
+    return new_blocks, new_seed, new_config
 
 
 def train_all(configs, data, start, max_epochs=10000, record_every=10, check_every=50,
@@ -217,21 +284,21 @@ def train_seeds(configs, data, starts, seeds, max_epochs=10000, record_every=10,
     xs, ys = (np.stack([np.asarray(d[i][:, 0], dtype=np.float64) for d in data]) for i in (0, 1))
     x_test, y_test = (np.ascontiguousarray(data[0][i][:, 0], dtype=np.float64) for i in (2, 3))
     codes, hyper = zip(*(_encode(name, options) for name, options in configs))
-    codes = np.tile(np.array(codes, dtype=np.int64), (n_seeds, 1))
-    hyper = np.tile(np.array(hyper, dtype=np.float64), (n_seeds, 1, 1))
-    start = np.ascontiguousarray(np.broadcast_to(
-        np.asarray(starts, dtype=np.float64)[:, None, :], (n_seeds, n_configs, N_PARAMS)))
-    return _train_all(xs, ys, x_test, y_test, start, codes, hyper, int(max_epochs),
-                      int(record_every), int(check_every), float(target),
-                      np.asarray(seeds, dtype=np.int64), int(batch),
-                      _groups(n_seeds, n_configs))
-
-
-def _groups(n_seeds, n_configs):
-    """Groups per seed: enough (seed, group) tasks for every thread to get several, so one
-    slow seed does not leave a core idle at the end (3 seeds on 2 cores: 6 tasks)."""
-    tasks_wanted = 2 * numba.get_num_threads()
-    return max(1, min(n_configs, -(-tasks_wanted // n_seeds)))
+    starts = np.asarray(starts, dtype=np.float64)
+    # Every run as a lane: configuration c on seeds 0..n_seeds-1, LANES seeds to a block.
+    blocks = np.zeros((n_configs * n_seeds, BLOCK))
+    lane_seed = np.full((n_configs * n_seeds, LANES), -1)
+    block_config = np.repeat(np.arange(n_configs), n_seeds)
+    for c in range(n_configs):
+        for s in range(n_seeds):
+            blocks[c * n_seeds + s, PARAMS:PARAMS + PLANE:LANES] = starts[s]
+            lane_seed[c * n_seeds + s, 0] = s
+    keep = lane_seed >= 0
+    blocks, lane_seed, block_config = _pack(blocks, lane_seed, block_config, keep, n_configs)
+    return _train_blocks(blocks, lane_seed, block_config, xs, ys, x_test, y_test,
+                         np.array(codes, dtype=np.int64), np.array(hyper, dtype=np.float64),
+                         int(max_epochs), int(record_every), int(check_every), float(target),
+                         np.asarray(seeds, dtype=np.int64), int(batch))
 
 
 def _encode(name, options):
