@@ -3,16 +3,15 @@
 Each mirrors a reference formula (``nnopt.optim.*.update``, ``nnopt.batchnorm``'s factored
 form); the tests hold them to it. Scalars are cast to the buffers' dtype before the loop, so float32
 buffers are updated in float32 arithmetic (as PyTorch and the float32 reference do) and
-the loop vectorizes. The optimizer loops are ``prange`` loops (numba vectorizes those,
-not its plain serial loops); below ``PARALLEL_MIN`` elements they run on the calling
-thread alone, so they neither pay for waking the pool nor fight BLAS's threads for the
-two cores in a training step.
+the loop vectorizes. The loops are ``prange`` loops, compiled twice (:class:`Kernel`):
+large arrays run on numba's threads; below ``PARALLEL_MIN`` elements (and BN's small
+batches) the plain-loop twin runs on the calling thread alone, so it neither pays for
+numba's parallel runtime nor fights BLAS's threads for the two cores in a training step.
 """
 from __future__ import annotations
 
 import math
 import sys
-import threading
 import types
 from functools import lru_cache
 
@@ -28,38 +27,42 @@ PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
 # error_model="numpy": a division by zero gives inf/nan as NumPy (and the reference) does,
 # instead of a Python-style check before every division, which keeps LLVM from
 # vectorizing the loops (measured: Adam at 1e7 float32 elements 19.3 ms -> 10.2 ms).
-jit = numba.njit(cache=True, parallel=True, error_model="numpy")
+OPTIONS = {"cache": True, "error_model": "numpy"}
 
 
-class _NumbaThreads(threading.local):
-    """Per calling thread (numba's thread count is one): the count nnopt set, and the one
-    it replaced."""
-    chosen = None
-    replaced = None
+class Kernel:
+    """A kernel with ``prange`` loops, compiled twice: on numba's threads (for large
+    arrays), and as plain loops on the calling thread (prange is range there) for the small
+    arrays of a training step. The second skips numba's parallel runtime, which costs a few
+    microseconds per prange loop even on one thread: about 40 us of a 0.7 ms step at batch
+    64 (eight BN passes, two loops each). Kernels calling kernels get the same twin."""
 
+    def __init__(self, func):
+        self.func = func
+        self.twins = {}
 
-_numba_threads = _NumbaThreads()
+    def compiled(self, parallel):
+        if parallel not in self.twins:
+            func = self.func
+            # Each twin sees the other kernels as its own kind; a copy of the function,
+            # not a closure, so that numba's disk cache finds it again (see flat_kernel).
+            names = {name: func.__globals__[name].compiled(parallel)
+                     for name in func.__code__.co_names
+                     if isinstance(func.__globals__.get(name), Kernel)}
+            twin = types.FunctionType(func.__code__, {**func.__globals__, **names},
+                                      func.__name__ + ("" if parallel else "_serial"))
+            twin.__qualname__ = twin.__name__
+            twin.__doc__ = func.__doc__
+            self.twins[parallel] = numba.njit(parallel=parallel, **OPTIONS)(twin)
+        return self.twins[parallel]
+
+    def __call__(self, *args):
+        return self.compiled(True)(*args)
 
 
 def launch(kernel, parallel, *args):
-    """Run a prange kernel: on numba's threads when ``parallel``, else on this thread alone.
-
-    Setting numba's thread count costs more than a small kernel (three calls into numba's
-    pool, about 5 us each; a training step launches a dozen kernels), so it is changed only
-    when the kind of kernel changes: after a small kernel numba stays at one thread on this
-    thread until nnopt's next large kernel restores the count it found. (Your own numba
-    code called in between on the same thread sees one thread; numba.set_num_threads
-    before it sets your count.)"""
-    state = _numba_threads
-    if parallel:
-        if state.chosen == 1:
-            numba.set_num_threads(state.replaced)
-            state.chosen = None
-    elif state.chosen != 1:
-        state.replaced = numba.get_num_threads()
-        numba.set_num_threads(1)
-        state.chosen = 1
-    return kernel(*args)
+    """Run ``kernel`` on numba's threads when ``parallel``, else on this thread alone."""
+    return kernel.compiled(parallel)(*args)
 
 
 # --- update rules, one element at a time ---------------------------------------------------
@@ -70,7 +73,7 @@ def launch(kernel, parallel, *args):
 # kernels below and the batched experiments (nnopt.experiments.curvefit) both call them, so
 # each formula exists once in numba. (Not numba's ``inline="always"``: that refuses the
 # ``*scalars`` call below; LLVM inlines these small functions anyway.)
-rule = numba.njit(cache=True, error_model="numpy")
+rule = numba.njit(**OPTIONS)
 
 
 @rule
@@ -183,7 +186,7 @@ def flat_kernel(rule_name, n_state):
     kernel = types.FunctionType(loop.__code__, {**loop.__globals__, "update": RULES[rule_name]},
                                 name)
     kernel.__qualname__ = name  # numba names the cache index after it: one per rule
-    return jit(kernel)
+    return Kernel(kernel)
 
 
 def optimizer_step(cls):
@@ -261,7 +264,7 @@ batchnorm_scale_offset = rule(reference_batchnorm.batchnorm_scale_offset)
 batchnorm_backward_coefficients = rule(reference_batchnorm.batchnorm_backward_coefficients)
 
 
-@jit
+@Kernel
 def _paired_sums(u, u_shift, x, x_center, chunks, y, activation):
     """Per feature, sum(v - u_shift) and sum((v - u_shift) (x - x_center)) in float64, with
     v = activation_grad(u, y, activation), each of ``chunks`` runs of rows on its own thread:
@@ -277,10 +280,12 @@ def _paired_sums(u, u_shift, x, x_center, chunks, y, activation):
                 dev = activation_grad(u[i, k], y[i, k], activation) - u_shift[k]
                 sums[chunk, k] += dev
                 products[chunk, k] += dev * (x[i, k] - x_center[k])
+    if chunks == 1:  # a training step's small batches: no combined copies to allocate
+        return sums[0], products[0]
     return sums.sum(axis=0), products.sum(axis=0)
 
 
-@jit
+@Kernel
 def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, z,
                 mean_out, inv_std_out, chunks, bias, activation):
     """z = activate(BN(x)); the running mean is that of x + bias (see bn_forward)."""
@@ -304,7 +309,7 @@ def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_v
             z[i, k] = activate(x[i, k] * scale[k] + offset[k], activation)
 
 
-@jit
+@Kernel
 def _bn_backward(d, x, gamma, mean, inv_std, dx, dgamma, dbeta, chunks, y, activation):
     """BN's backward of d' = activation_grad(d, y): the block's gradient through its
     activation and BN in one pair of passes."""
@@ -396,7 +401,7 @@ def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
 # --- bias and activation (a block without BN; the ReLU layer) ------------------------------
 # Rows are split into ``chunks`` runs as in BN: the bias gradient's column sums are partial
 # sums per run, combined once.
-@jit
+@Kernel
 def _activation_forward(h, bias, activation, y, chunks):
     """y = activate(h + bias); ``bias`` of length 0: none."""
     m, n = h.shape
@@ -409,7 +414,7 @@ def _activation_forward(h, bias, activation, y, chunks):
                 y[i, k] = activate(v, activation)
 
 
-@jit
+@Kernel
 def _activation_backward(dy, y, activation, dh, dbias, chunks):
     """dh = activation_grad(dy, y); dbias += column sums of dh (``dbias`` of length 0: none)."""
     m, n = dy.shape
@@ -424,9 +429,11 @@ def _activation_backward(dy, y, activation, dh, dbias, chunks):
                 if has_bias:
                     sums[chunk, k] += g
     if has_bias:
-        total = sums.sum(axis=0)
         for k in range(n):
-            dbias[k] += total[k]
+            total = 0.0  # in float64, then one rounding into dbias
+            for chunk in range(chunks):
+                total += sums[chunk, k]
+            dbias[k] += total
 
 
 NO_BIAS = {np.dtype(np.float32): np.zeros(0, np.float32), np.dtype(np.float64): np.zeros(0)}
