@@ -16,7 +16,7 @@ from ..losses import MSELoss
 from ..model import mlp
 from ..params import FlatParameters
 from . import regression
-from .report import Section, describe, figure_module, sooner, spread
+from .report import Section, describe, figure_module, place, sooner, spread, suptitle
 
 
 def bowl(p):
@@ -153,8 +153,8 @@ def _panels(plt, paths, contour, title, minimum, path_png, marks=None):
     if marks is not None:
         legend.append(plt.Line2D([], [], marker="D", color="w", mec="k", ls="", label="target reached"))
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    suptitle(fig, title)
+    place(fig, left=0.8, bottom=1.05, right=0.2, top=0.95, wspace=0.25, hspace=0.7)
     fig.savefig(path_png, dpi=150)
     plt.close(fig)
 
@@ -172,7 +172,7 @@ def _overlay(plt, paths, contour, title, minimum, path_png, gif=None):
     ax.plot(*minimum, "*", color="gold", ms=15, mec="k", label="minimum")
     ax.set_title(title)
     ax.legend(fontsize=10, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+    place(fig, left=0.7, bottom=0.62, right=2.1, top=0.4)
     fig.savefig(path_png, dpi=150)
     if gif is not None:
         _save_gif(fig, ax, paths, lines, ends, gif)

@@ -97,8 +97,8 @@ def _plot_histograms(plt, stats, runs, path, title):
         for ax in axes[row]:
             ax.set_xlim(*(relu_range if activation == "relu" else
                           {"sigmoid": (0, 1), "tanh": (-1, 1)}[activation]))
-    # The title takes a fixed 0.5 inch at the top, so it never lands on the first row.
-    save_figure(fig, path, title, rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    save_figure(fig, path, title, left=1.0, bottom=0.65, right=0.3, top=0.95, wspace=0.45,
+                hspace=0.85)
 
 
 def _plot_zero_init(plt, path, zero, xavier):
@@ -113,7 +113,7 @@ def _plot_zero_init(plt, path, zero, xavier):
         ax.set_title(f"{title}: the 3 hidden units after training")
     axes[0].set_ylabel("value")
     axes[0].legend()
-    save_figure(fig, path)
+    save_figure(fig, path, left=0.85, bottom=0.45, right=0.2, top=0.4, wspace=0.2)
 
 
 def run(ctx) -> Section:

@@ -171,7 +171,8 @@ def _plot_losses(plt, ctx, curves):
     axes[0].set_ylabel("test loss (MSE/2)")
     save_figure(fig, ctx.out / "optimizers_loss.png",
                 f"Test loss during training: median over {curves.shape[0]} seeds, band min to max "
-                "(a run that reached the target keeps its last value)")
+                "(a run that reached the target keeps its last value)",
+                left=0.85, bottom=0.62, right=0.3, top=0.75, wspace=0.3)
 
 
 def _plot_fits(plt, ctx, data, final):
@@ -185,4 +186,5 @@ def _plot_fits(plt, ctx, data, final):
         ax.set_title(label, fontsize=11)
         ax.set(xlabel="x", ylabel="y")
         ax.legend(fontsize=10) if ax is axes[0, 0] else None
-    save_figure(fig, ctx.out / "optimizers_fit.png", "Fitted curves at the end of each run")
+    save_figure(fig, ctx.out / "optimizers_fit.png", "Fitted curves at the end of each run",
+                left=0.85, bottom=0.62, right=0.25, top=0.75, wspace=0.45, hspace=0.62)
