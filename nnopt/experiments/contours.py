@@ -16,7 +16,7 @@ from ..losses import MSELoss
 from ..model import mlp
 from ..params import FlatParameters
 from . import regression
-from .report import Section, describe, figure_module, place, sooner, spread, suptitle
+from .report import PNG, Section, describe, figure_module, place, save_figure, sooner, spread
 
 
 def bowl(p):
@@ -153,10 +153,8 @@ def _panels(plt, paths, contour, title, minimum, path_png, marks=None):
     if marks is not None:
         legend.append(plt.Line2D([], [], marker="D", color="w", mec="k", ls="", label="target reached"))
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), frameon=False)
-    suptitle(fig, title)
-    place(fig, left=0.8, bottom=1.05, right=0.2, top=0.95, wspace=0.25, hspace=0.7)
-    fig.savefig(path_png, dpi=150)
-    plt.close(fig)
+    save_figure(fig, path_png, title, left=0.8, bottom=1.05, right=0.2, top=0.95, wspace=0.25,
+                hspace=0.7)
 
 
 def _overlay(plt, paths, contour, title, minimum, path_png, gif=None):
@@ -173,7 +171,7 @@ def _overlay(plt, paths, contour, title, minimum, path_png, gif=None):
     ax.set_title(title)
     ax.legend(fontsize=10, loc="center left", bbox_to_anchor=(1.01, 0.5))
     place(fig, left=0.7, bottom=0.62, right=2.1, top=0.4)
-    fig.savefig(path_png, dpi=150)
+    fig.savefig(path_png, **PNG)
     if gif is not None:
         _save_gif(fig, ax, paths, lines, ends, gif)
     plt.close(fig)

@@ -203,6 +203,11 @@ def figure_module():
     return plt
 
 
+#: ``savefig`` options: slide resolution, and zlib level 3 rather than PIL's 6 (a third
+#: less time writing the PNG, files within a quarter of the size).
+PNG = {"dpi": 150, "pil_kwargs": {"compress_level": 3}}
+
+
 def save_figure(fig, path, title=None, *, left, bottom, right, top, wspace=0.0, hspace=0.0):
     """Title, lay out (margins in inches: :func:`place`), write at slide resolution
     (150 dpi) and free ``fig``."""
@@ -210,7 +215,7 @@ def save_figure(fig, path, title=None, *, left, bottom, right, top, wspace=0.0, 
     if title:
         suptitle(fig, title)
     place(fig, left, bottom, right, top, wspace, hspace)
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, **PNG)
     plt.close(fig)
 
 
