@@ -202,6 +202,10 @@ def _save_gif(fig, ax, paths, lines, ends, gif, dpi=60, fps=4):
         width, height = fig.canvas.get_width_height()
         frames.append(Image.frombuffer("RGBA", (width, height),
                                        bytes(fig.canvas.buffer_rgba())).convert("RGB"))
+    # One palette for every frame, from the last (all paths and markers drawn): left to
+    # itself, PIL built a palette per frame, 1 s of the GIF's 1.4.
+    palette = frames[-1].quantize(method=Image.Quantize.FASTOCTREE)
+    frames = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0)
 
 
