@@ -213,15 +213,11 @@ def save_figure(fig, path, title=None, *, left, bottom, right, top, wspace=0.0, 
     (150 dpi) and free ``fig``."""
     import matplotlib.pyplot as plt
     if title:
-        suptitle(fig, title)
+        # A fixed 0.12 inch below the top edge, whatever the figure's height.
+        fig.suptitle(title, y=1 - 0.12 / fig.get_figheight(), va="top")
     place(fig, left, bottom, right, top, wspace, hspace)
     fig.savefig(path, **PNG)
     plt.close(fig)
-
-
-def suptitle(fig, title):
-    """The figure's title, a fixed 0.12 inch below its top edge whatever the figure's height."""
-    fig.suptitle(title, y=1 - 0.12 / fig.get_figheight(), va="top")
 
 
 def place(fig, left, bottom, right, top, wspace=0.0, hspace=0.0):
