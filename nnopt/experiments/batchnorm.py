@@ -269,7 +269,8 @@ def _plot_distribution(plt, ctx, before, after):
     for row, k in enumerate(picks):
         for col, (values, title) in enumerate(stages):
             ax = axes[row, col]
-            ax.hist(values[:, k], bins=40, color=f"C{row}")
+            # One filled outline per panel: ax.hist drew a patch per bin, 480 in all.
+            ax.stairs(*np.histogram(values[:, k], bins=40), fill=True, color=f"C{row}")
             ax.axvline(float(values[:, k].mean()), color="k", lw=1)
             if row == 0:
                 ax.set_title(title)
