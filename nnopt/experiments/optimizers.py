@@ -185,6 +185,7 @@ def _plot_fits(plt, ctx, data, final):
         ax.plot(x_test, hidden @ params[6:9] + params[9], color="C3", label="fitted")
         ax.set_title(label, fontsize=11)
         ax.set(xlabel="x", ylabel="y")
+        ax.label_outer()  # shared axes: their labels once, on the outer panels
         ax.legend(fontsize=10) if ax is axes[0, 0] else None
     save_figure(fig, ctx.out / "optimizers_fit.png", "Fitted curves at the end of each run",
-                left=0.85, bottom=0.62, right=0.25, top=0.75, wspace=0.45, hspace=0.62)
+                left=0.85, bottom=0.62, right=0.25, top=0.75, wspace=0.25, hspace=0.45)
