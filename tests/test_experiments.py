@@ -10,7 +10,8 @@ import math
 from nnopt.experiments import (EXPERIMENTS, __main__ as cli, batchnorm, curvefit, regression,
                                run_sections)
 from nnopt.experiments.initialization import activations, per_sample_spread, zero_init_demo
-from nnopt.experiments.report import Context, Section, sooner, spread, verdict_of, write
+from nnopt.experiments.report import (Context, Section, figure_module, place, sooner, spread,
+                                      verdict_of, write)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,18 @@ def test_report_and_figures_written(quick_run):
     for c in saved["claims"]:
         assert c["verdict"] in ("yes", "no", "partly", "n/a")
         assert {"median", "min", "max", "n_seeds"} <= set(c["measured"]) and c["reason"]
+
+
+def test_place_lays_out_margins_and_gaps_in_inches():
+    plt = figure_module()
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5))
+    place(fig, left=1.0, bottom=0.5, right=0.2, top=0.8, wspace=0.4, hspace=0.6)
+    box = [[ax.get_position() for ax in row] for row in axes]
+    plt.close(fig)
+    assert box[0][0].x0 * 10 == pytest.approx(1.0) and box[0][2].x1 * 10 == pytest.approx(9.8)
+    assert box[1][0].y0 * 5 == pytest.approx(0.5) and box[0][0].y1 * 5 == pytest.approx(4.2)
+    assert (box[0][1].x0 - box[0][0].x1) * 10 == pytest.approx(0.4)
+    assert (box[0][0].y0 - box[1][0].y1) * 5 == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize("held, want", [

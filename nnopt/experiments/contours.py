@@ -16,7 +16,7 @@ from ..losses import MSELoss
 from ..model import mlp
 from ..params import FlatParameters
 from . import regression
-from .report import Section, describe, figure_module, sooner, spread
+from .report import PNG, Section, describe, figure_module, place, save_figure, sooner, spread
 
 
 def bowl(p):
@@ -153,10 +153,8 @@ def _panels(plt, paths, contour, title, minimum, path_png, marks=None):
     if marks is not None:
         legend.append(plt.Line2D([], [], marker="D", color="w", mec="k", ls="", label="target reached"))
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path_png, dpi=150)
-    plt.close(fig)
+    save_figure(fig, path_png, title, left=0.8, bottom=1.05, right=0.2, top=0.95, wspace=0.25,
+                hspace=0.7)
 
 
 def _overlay(plt, paths, contour, title, minimum, path_png, gif=None):
@@ -172,8 +170,8 @@ def _overlay(plt, paths, contour, title, minimum, path_png, gif=None):
     ax.plot(*minimum, "*", color="gold", ms=15, mec="k", label="minimum")
     ax.set_title(title)
     ax.legend(fontsize=10, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=150)
+    place(fig, left=0.7, bottom=0.62, right=2.1, top=0.4)
+    fig.savefig(path_png, **PNG)
     if gif is not None:
         _save_gif(fig, ax, paths, lines, ends, gif)
     plt.close(fig)
@@ -204,11 +202,15 @@ def _save_gif(fig, ax, paths, lines, ends, gif, dpi=60, fps=4):
         width, height = fig.canvas.get_width_height()
         frames.append(Image.frombuffer("RGBA", (width, height),
                                        bytes(fig.canvas.buffer_rgba())).convert("RGB"))
+    # One palette for every frame, from the last (all paths and markers drawn): left to
+    # itself, PIL built a palette per frame, 1 s of the GIF's 1.4.
+    palette = frames[-1].quantize(method=Image.Quantize.FASTOCTREE)
+    frames = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0)
 
 
-def _contour_fn(fn, box, levels=30, log=False):
-    xs, ys = np.linspace(box[0], box[1], 200), np.linspace(box[2], box[3], 200)
+def _contour_fn(fn, box, levels=30, log=False, points=200):
+    xs, ys = np.linspace(box[0], box[1], points), np.linspace(box[2], box[3], points)
     gx, gy = np.meshgrid(xs, ys)
     values = fn((gx, gy))[0]
     if log:
@@ -226,7 +228,9 @@ def run(ctx) -> Section:
     section = Section("15.4 Paths on loss contours")
     fn, start, minimum, steps, runs, box = SURFACES["bowl"]
     paths = {label: descend(fn, start, name, opts, steps, ctx.device) for label, (name, opts) in runs.items()}
-    draw = _contour_fn(fn, box)
+    # A quadratic: 100 points a side draw the same ellipses as 200, in a quarter of the time
+    # (the log contours of the valleys below need their 200).
+    draw = _contour_fn(fn, box, points=100)
     if not ctx.quick:
         _panels(plt, paths, draw, "z = x^2/10 + y^2 from (-7, 2), 25 steps", minimum,
                 ctx.out / "contours_bowl.png")

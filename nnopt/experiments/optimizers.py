@@ -171,7 +171,8 @@ def _plot_losses(plt, ctx, curves):
     axes[0].set_ylabel("test loss (MSE/2)")
     save_figure(fig, ctx.out / "optimizers_loss.png",
                 f"Test loss during training: median over {curves.shape[0]} seeds, band min to max "
-                "(a run that reached the target keeps its last value)")
+                "(a run that reached the target keeps its last value)",
+                left=0.85, bottom=0.62, right=0.3, top=0.75, wspace=0.3)
 
 
 def _plot_fits(plt, ctx, data, final):
@@ -184,5 +185,7 @@ def _plot_fits(plt, ctx, data, final):
         ax.plot(x_test, hidden @ params[6:9] + params[9], color="C3", label="fitted")
         ax.set_title(label, fontsize=11)
         ax.set(xlabel="x", ylabel="y")
+        ax.label_outer()  # shared axes: their labels once, on the outer panels
         ax.legend(fontsize=10) if ax is axes[0, 0] else None
-    save_figure(fig, ctx.out / "optimizers_fit.png", "Fitted curves at the end of each run")
+    save_figure(fig, ctx.out / "optimizers_fit.png", "Fitted curves at the end of each run",
+                left=0.85, bottom=0.62, right=0.25, top=0.75, wspace=0.25, hspace=0.45)

@@ -196,15 +196,40 @@ def figure_module():
     import matplotlib.pyplot as plt
     plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
                          "xtick.labelsize": 10, "ytick.labelsize": 10, "legend.fontsize": 10,
-                         "figure.titlesize": 13, "savefig.dpi": 150})
+                         "figure.titlesize": 13, "savefig.dpi": 150,
+                         # Titles at a fixed height: placing them "automatically" measured
+                         # every axis's tick labels again, for titles that never move here.
+                         "axes.titley": 1.0})
     return plt
 
 
-def save_figure(fig, path, title=None, rect=(0, 0, 1, 1)):
-    """Title, lay out, write at slide resolution (150 dpi) and free ``fig``."""
+#: ``savefig`` options: slide resolution, and zlib level 3 rather than PIL's 6 (a third
+#: less time writing the PNG, files within a quarter of the size).
+PNG = {"dpi": 150, "pil_kwargs": {"compress_level": 3}}
+
+
+def save_figure(fig, path, title=None, *, left, bottom, right, top, wspace=0.0, hspace=0.0):
+    """Title, lay out (margins in inches: :func:`place`), write at slide resolution
+    (150 dpi) and free ``fig``."""
     import matplotlib.pyplot as plt
     if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=150)
+        # A fixed 0.12 inch below the top edge, whatever the figure's height.
+        fig.suptitle(title, y=1 - 0.12 / fig.get_figheight(), va="top")
+    place(fig, left, bottom, right, top, wspace, hspace)
+    fig.savefig(path, **PNG)
     plt.close(fig)
+
+
+def place(fig, left, bottom, right, top, wspace=0.0, hspace=0.0):
+    """Lay out ``fig``'s grid of panels with margins, and gaps between panels, in inches.
+
+    The fonts have fixed sizes in points, so the room their labels take is fixed in inches
+    too, whatever the figure's size; ``tight_layout`` measured every label by laying out
+    the whole figure once more before saving it, about half the time of a figure."""
+    width, height = fig.get_size_inches()
+    rows, columns = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    panel_width = (width - left - right - (columns - 1) * wspace) / columns
+    panel_height = (height - bottom - top - (rows - 1) * hspace) / rows
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                        top=1 - top / height, wspace=wspace / panel_width,
+                        hspace=hspace / panel_height)
