@@ -65,48 +65,77 @@ def epoch_order(n, seed, epoch):
 LANES = 4
 #: A block's state: rows of LANES values, row r of lane l at [r * LANES + l]: the parameters,
 #: their gradient and the optimizer's two state slots (N_PARAMS rows each), then the current
-#: sample's x and y and the test loss.
+#: two samples' x and y and the test loss.
 PLANE = N_PARAMS * LANES
 PARAMS, GRAD, STATE1, STATE2 = 0, PLANE, 2 * PLANE, 3 * PLANE
-SAMPLE_X, SAMPLE_Y, LOSS = 4 * PLANE, 4 * PLANE + LANES, 4 * PLANE + 2 * LANES
-BLOCK = 4 * PLANE + 3 * LANES
+SAMPLE_X, SAMPLE_Y, SAMPLE_X2, SAMPLE_Y2 = (4 * PLANE + k * LANES for k in range(4))
+LOSS = 4 * PLANE + 4 * LANES
+BLOCK = 4 * PLANE + 5 * LANES
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy", fastmath={"contract"})
+def _sample_terms(block, l, xi, yi, m):
+    """One sample's part of the MSE/2 gradient of the 1-3-1 sigmoid net, lane ``l``:
+    hidden activations a, output error d2 (over the batch of m) and the hidden units'
+    errors dz. NumPy's error model: no zero-divisor check (1 + exp(.) and m are never 0),
+    which would keep the loop over lanes scalar. fastmath "contract" only fuses
+    multiply-adds (exp's polynomial is most of the work)."""
+    a0 = 1.0 / (1.0 + exp(-(xi * block[l] + block[3 * LANES + l])))
+    a1 = 1.0 / (1.0 + exp(-(xi * block[LANES + l] + block[4 * LANES + l])))
+    a2 = 1.0 / (1.0 + exp(-(xi * block[2 * LANES + l] + block[5 * LANES + l])))
+    v0, v1, v2 = block[6 * LANES + l], block[7 * LANES + l], block[8 * LANES + l]
+    d2 = (block[9 * LANES + l] + a0 * v0 + a1 * v1 + a2 * v2 - yi) / m
+    return a0, a1, a2, d2, d2 * v0 * a0 * (1.0 - a0), d2 * v1 * a1 * (1.0 - a1), d2 * v2 * a2 * (1.0 - a2)
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy", fastmath={"contract"})
+def _add_terms(block, l, xi, terms):
+    """Add one sample's ``terms`` (:func:`_sample_terms`) to lane l's gradient rows."""
+    a0, a1, a2, d2, dz0, dz1, dz2 = terms
+    block[GRAD + l] += xi * dz0
+    block[GRAD + LANES + l] += xi * dz1
+    block[GRAD + 2 * LANES + l] += xi * dz2
+    block[GRAD + 3 * LANES + l] += dz0
+    block[GRAD + 4 * LANES + l] += dz1
+    block[GRAD + 5 * LANES + l] += dz2
+    block[GRAD + 6 * LANES + l] += a0 * d2
+    block[GRAD + 7 * LANES + l] += a1 * d2
+    block[GRAD + 8 * LANES + l] += a2 * d2
+    block[GRAD + 9 * LANES + l] += d2
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _gradient_block(block, x, y, first, m):
     """MSE/2 gradient of the 1-3-1 sigmoid net for each lane of ``block`` over its samples
     first .. first + m - 1 (``x[i * LANES + l]``: sample i of lane l), into the block's
-    gradient rows. The loop over lanes reads and writes ``block`` alone, at constant offsets,
-    so LLVM proves the rows apart and turns it into SIMD code; a sample is first copied into
-    the block because a load from ``x`` among the stores to ``block`` (which might be the
-    same memory, for all LLVM knows) kept the loop scalar. NumPy's error model: no
-    zero-divisor check (1 + exp(.) and m are never 0), which would too. fastmath "contract"
-    only fuses multiply-adds (exp's polynomial is most of the work)."""
+    gradient rows. The loops over lanes read and write ``block`` alone, at constant offsets,
+    so LLVM proves the rows apart and turns them into SIMD code; the samples are first
+    copied into the block because a load from ``x`` among the stores to ``block`` (which
+    might be the same memory, for all LLVM knows) kept the loop scalar. Two samples at a
+    time: their terms are independent chains of dependent operations (exp, divisions) that
+    the core overlaps; they are added in sample order, so the sums are those of one sample
+    at a time."""
     for i in range(GRAD, GRAD + PLANE):
         block[i] = 0.0
-    for s in range(first, first + m):
+    s, last = first, first + m
+    while s < last:
+        pair = s + 1 < last
+        s2 = s + 1 if pair else s
         for l in range(LANES):
             block[SAMPLE_X + l], block[SAMPLE_Y + l] = x[s * LANES + l], y[s * LANES + l]
-        for l in range(LANES):
-            xi, yi = block[SAMPLE_X + l], block[SAMPLE_Y + l]
-            a0 = 1.0 / (1.0 + exp(-(xi * block[l] + block[3 * LANES + l])))
-            a1 = 1.0 / (1.0 + exp(-(xi * block[LANES + l] + block[4 * LANES + l])))
-            a2 = 1.0 / (1.0 + exp(-(xi * block[2 * LANES + l] + block[5 * LANES + l])))
-            v0, v1, v2 = block[6 * LANES + l], block[7 * LANES + l], block[8 * LANES + l]
-            d2 = (block[9 * LANES + l] + a0 * v0 + a1 * v1 + a2 * v2 - yi) / m
-            dz0 = d2 * v0 * a0 * (1.0 - a0)
-            dz1 = d2 * v1 * a1 * (1.0 - a1)
-            dz2 = d2 * v2 * a2 * (1.0 - a2)
-            block[GRAD + l] += xi * dz0
-            block[GRAD + LANES + l] += xi * dz1
-            block[GRAD + 2 * LANES + l] += xi * dz2
-            block[GRAD + 3 * LANES + l] += dz0
-            block[GRAD + 4 * LANES + l] += dz1
-            block[GRAD + 5 * LANES + l] += dz2
-            block[GRAD + 6 * LANES + l] += a0 * d2
-            block[GRAD + 7 * LANES + l] += a1 * d2
-            block[GRAD + 8 * LANES + l] += a2 * d2
-            block[GRAD + 9 * LANES + l] += d2
+            block[SAMPLE_X2 + l], block[SAMPLE_Y2 + l] = x[s2 * LANES + l], y[s2 * LANES + l]
+        if pair:
+            for l in range(LANES):
+                xi, xj = block[SAMPLE_X + l], block[SAMPLE_X2 + l]
+                first_terms = _sample_terms(block, l, xi, block[SAMPLE_Y + l], m)
+                second_terms = _sample_terms(block, l, xj, block[SAMPLE_Y2 + l], m)
+                _add_terms(block, l, xi, first_terms)
+                _add_terms(block, l, xj, second_terms)
+        else:
+            for l in range(LANES):
+                xi = block[SAMPLE_X + l]
+                _add_terms(block, l, xi, _sample_terms(block, l, xi, block[SAMPLE_Y + l], m))
+        s += 2
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"contract"})
