@@ -156,48 +156,52 @@ def _test_loss_block(block, x, y):
         block[LOSS + l] /= 2 * x.shape[0]
 
 
-@numba.njit(cache=True)
-def _update(code, p, g, s1, s2, hp, t):
-    """One step of rule ``RULE_CODES[code]``; ``hp`` holds the optimizer's kernel_scalars
-    (Adam: its step_scalar_inputs, turned into the scalars of step t here). The rule is
-    chosen once per step, outside the loop over parameters, and Adam's scalars (two
-    powers) are computed once per step: inside the loop they were 20 ``pow`` calls per
-    step, twice the cost of the whole gradient."""
-    n = p.shape[0]
+@numba.njit(cache=True, error_model="numpy")
+def _update(code, b, hp, t):
+    """One step of rule ``RULE_CODES[code]`` on block ``b``: parameter i at b[i] (PARAMS is
+    0), its gradient at b[GRAD + i], its state at b[STATE1 + i] and b[STATE2 + i]; constant
+    offsets, so the loops vectorize without run-time overlap checks. ``hp`` holds the
+    optimizer's kernel_scalars (Adam: its step_scalar_inputs, turned into the scalars of
+    step t here). The rule is chosen once per step, outside the loop over parameters, and
+    Adam's scalars (two powers) are computed once per step: inside the loop they were 20
+    ``pow`` calls per step, twice the cost of the whole gradient."""
+    g, s1, s2 = GRAD, STATE1, STATE2
     if code == 0:
-        for k in range(n):
-            p[k] = sgd_rule(p[k], g[k], hp[0])
+        for i in range(PLANE):
+            b[i] = sgd_rule(b[i], b[g + i], hp[0])
     elif code == 1:
-        for k in range(n):
-            p[k], s1[k] = momentum_rule(p[k], g[k], s1[k], hp[0], hp[1])
+        for i in range(PLANE):
+            b[i], b[s1 + i] = momentum_rule(b[i], b[g + i], b[s1 + i], hp[0], hp[1])
     elif code == 2:
-        for k in range(n):
-            p[k], s1[k] = momentum_torch_rule(p[k], g[k], s1[k], hp[0], hp[1])
+        for i in range(PLANE):
+            b[i], b[s1 + i] = momentum_torch_rule(b[i], b[g + i], b[s1 + i], hp[0], hp[1])
     elif code == 3:
-        for k in range(n):
-            p[k], s1[k] = nag_rule(p[k], g[k], s1[k], hp[0], hp[1])
+        for i in range(PLANE):
+            b[i], b[s1 + i] = nag_rule(b[i], b[g + i], b[s1 + i], hp[0], hp[1])
     elif code == 4:
-        for k in range(n):
-            p[k], s1[k] = nag_torch_rule(p[k], g[k], s1[k], hp[0], hp[1])
+        for i in range(PLANE):
+            b[i], b[s1 + i] = nag_torch_rule(b[i], b[g + i], b[s1 + i], hp[0], hp[1])
     elif code == 5:
-        for k in range(n):
-            p[k], s1[k] = adagrad_rule(p[k], g[k], s1[k], hp[0], hp[1])
+        for i in range(PLANE):
+            b[i], b[s1 + i] = adagrad_rule(b[i], b[g + i], b[s1 + i], hp[0], hp[1])
     elif code == 6:
-        for k in range(n):
-            p[k], s1[k], s2[k] = adadelta_rule(p[k], g[k], s1[k], s2[k], hp[0], hp[1], hp[2],
-                                               hp[3])
+        for i in range(PLANE):
+            b[i], b[s1 + i], b[s2 + i] = adadelta_rule(b[i], b[g + i], b[s1 + i], b[s2 + i],
+                                                       hp[0], hp[1], hp[2], hp[3])
     elif code == 7:
-        for k in range(n):
-            p[k], s1[k] = rmsprop_rule(p[k], g[k], s1[k], hp[0], hp[1], hp[2], hp[3])
+        for i in range(PLANE):
+            b[i], b[s1 + i] = rmsprop_rule(b[i], b[g + i], b[s1 + i], hp[0], hp[1], hp[2], hp[3])
     elif code == 8:
-        for k in range(n):
-            p[k], s1[k] = rmsprop_torch_rule(p[k], g[k], s1[k], hp[0], hp[1], hp[2], hp[3])
+        for i in range(PLANE):
+            b[i], b[s1 + i] = rmsprop_torch_rule(b[i], b[g + i], b[s1 + i], hp[0], hp[1], hp[2],
+                                                 hp[3])
     else:
         step, b1, one_minus_b1, b2, one_minus_b2, inv_correction2, eps = adam_kernel_scalars(
             hp[0], hp[1], hp[2], hp[3], t)
-        for k in range(n):
-            p[k], s1[k], s2[k] = adam_rule(p[k], g[k], s1[k], s2[k], step, b1, one_minus_b1,
-                                           b2, one_minus_b2, inv_correction2, eps)
+        for i in range(PLANE):
+            b[i], b[s1 + i], b[s2 + i] = adam_rule(b[i], b[g + i], b[s1 + i], b[s2 + i], step, b1,
+                                                   one_minus_b1, b2, one_minus_b2,
+                                                   inv_correction2, eps)
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
@@ -236,9 +240,7 @@ def _train_blocks(blocks, lane_seed, block_config, xs, ys, x_test, y_test, codes
                 for it in range(iterations):
                     _gradient_block(block, x, y, it * batch, batch)
                     t += 1
-                    _update(codes[c], block[PARAMS:PARAMS + PLANE], block[GRAD:GRAD + PLANE],
-                            block[STATE1:STATE1 + PLANE], block[STATE2:STATE2 + PLANE],
-                            hyper[c], t)
+                    _update(codes[c], block, hyper[c], t)
                 finished = epoch + e + 1
                 if finished % record_every == 0 or finished % check_every == 0:
                     _test_loss_block(block, x_test, y_test)
