@@ -255,3 +255,14 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):
     assert cli.main(["contours", "--quick", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_engine_parts_put_back_in_order():
+    from pathlib import Path
+
+    from nnopt.experiments import optimizers
+    ctx = Context(out=Path("."), quick=True, seeds=1)
+    whole = optimizers.train(ctx.seed_list, 100)[1:]
+    parts = [optimizers.train(ctx.seed_list, 100, optimizers.RUNS[p::3])[1:] for p in range(3)]
+    for merged, want in zip(optimizers._merge(parts), whole):
+        assert np.array_equal(merged, want, equal_nan=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,5 +76,14 @@ def check_arguments(args) -> str | None:
     return None
 
 
+def cli():
+    """The command: :func:`main`, then out without tearing the interpreter down (unloading
+    numba's compiled code takes about 0.8 s here, a tenth of ``all --quick``)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

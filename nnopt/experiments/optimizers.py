@@ -60,11 +60,38 @@ def adadelta_lr_difference(seed, lrs=(0.1, 0.01), epochs=2, **options):
     return float(max(np.max(np.abs(f - finals[0])) for f in finals[1:]))
 
 
-def run(ctx) -> Section:
+def epochs_allowed(ctx):
+    return 6000 if ctx.quick else 10000
+
+
+def train_part(ctx, part, parts):
+    """(curves, reached, final) of runs part, part + parts, ... of RUNS: ``all`` trains the
+    runs as ``parts`` tasks beside each other, which :func:`run` puts back together."""
+    return train(ctx.seed_list, epochs_allowed(ctx), RUNS[part::parts])[1:]
+
+
+def _merge(parts):
+    """The results of :func:`train_part` for each part, back in RUNS order."""
+    index = np.concatenate([np.arange(len(RUNS))[p::len(parts)] for p in range(len(parts))])
+    merged = []
+    for k in range(3):  # curves, reached, final: [seed, run, ...]
+        joined = np.concatenate([part[k] for part in parts], axis=1)
+        merged.append(np.empty_like(joined))
+        merged[-1][:, index] = joined
+    return merged
+
+
+def run(ctx, parts=None) -> Section:
+    """The section; ``parts``: the results of :func:`train_part` for part 0, 1, ..., when
+    the runs were trained elsewhere."""
     plt = figure_module()
-    max_epochs = 6000 if ctx.quick else 10000
+    max_epochs = epochs_allowed(ctx)
     seeds = ctx.seed_list
-    data, curves, reached, final = train(seeds, max_epochs)
+    if parts is None:
+        data, curves, reached, final = train(seeds, max_epochs)
+    else:
+        data = regression.curve(seeds[0])
+        curves, reached, final = _merge(parts)
     section = Section("15.2/15.3 Optimizers on the curve-fitting task")
     section.text("Net 1 -> 3 (sigmoid) -> 1, Xavier init, MSE/2, batch 10 (100 iterations per "
                  f"epoch), at most {max_epochs:,} epochs; stop when the test loss <= 0.001, "
