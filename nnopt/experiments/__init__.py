@@ -54,15 +54,18 @@ def run_section(ctx, name, *args):
 
 def _warm_up(ctx):
     """What every worker would load for itself, loaded once before they are forked:
-    pyplot, the data, and numba's compiled layer and optimizer kernels (from its disk cache;
-    about 1.7 s per process). Only the plain-loop kernels run here: numba's thread pool
-    stays unstarted, so the fork stays safe."""
+    pyplot, the data, and numba's compiled layer, optimizer and curve-fitting kernels (from
+    its disk cache; about 1.7 s per process). Only the plain-loop kernels run here: numba's
+    thread pool stays unstarted, so the fork stays safe."""
     import numpy as np
     from .. import datasets, mlp, optim
     from ..losses import SoftmaxCrossEntropy
+    from . import curvefit, regression
     from .report import figure_module
     figure_module()
     datasets.load(ctx.dataset, ctx.data_dir)
+    curvefit.train_seeds([("sgd", {"lr": 0.1})], [regression.curve(0)],
+                         [curvefit.initial_params(0)], [0], max_epochs=0, parallel=False)
     rng = np.random.default_rng(0)
     x, y = rng.random((8, 784), dtype=np.float32), rng.integers(0, 10, 8)
     for bn in (False, True):

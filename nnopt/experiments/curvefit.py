@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..fast.cpu import (adadelta_rule, adagrad_rule, adam_kernel_scalars, adam_rule,
+from ..fast.cpu import (Kernel, adadelta_rule, adagrad_rule, adam_kernel_scalars, adam_rule,
                         momentum_rule, momentum_torch_rule, nag_rule, nag_torch_rule,
                         rmsprop_rule, rmsprop_torch_rule, sgd_rule)
 from ..fast.vecmath import exp
@@ -204,7 +204,7 @@ def _update(code, b, hp, t):
                                                    inv_correction2, eps)
 
 
-@numba.njit(cache=True, parallel=True, error_model="numpy")
+@Kernel
 def _train_blocks(blocks, lane_seed, block_config, xs, ys, x_test, y_test, codes, hyper,
                   max_epochs, record_every, check_every, target, seeds, batch):
     """Train every lane of every block; returns (curves, reached, final) indexed [seed,
@@ -304,10 +304,11 @@ def train_all(configs, data, start, max_epochs=10000, record_every=10, check_eve
 
 
 def train_seeds(configs, data, starts, seeds, max_epochs=10000, record_every=10,
-                check_every=50, target=1e-3, batch=10):
+                check_every=50, target=1e-3, batch=10, parallel=None):
     """Every configuration once per seed, all in one batch: seed ``k`` trains on ``data[k]``
     (x, y, x_test, y_test; the test set must be the same for all) from ``starts[k]`` with
-    the shuffle of ``seeds[k]``. Returns arrays indexed [seed, configuration, ...]."""
+    the shuffle of ``seeds[k]``. Returns arrays indexed [seed, configuration, ...].
+    ``parallel``: on numba's threads or on this one (default: threads if numba has several)."""
     n_seeds, n_configs = len(seeds), len(configs)
     if not (len(data) == len(starts) == n_seeds):
         raise ValueError(f"{n_seeds} seeds need as many data sets and starts, got "
@@ -326,10 +327,13 @@ def train_seeds(configs, data, starts, seeds, max_epochs=10000, record_every=10,
             lane_seed[c * n_seeds + s, 0] = s
     keep = lane_seed >= 0
     blocks, lane_seed, block_config = _pack(blocks, lane_seed, block_config, keep, n_configs)
-    return _train_blocks(blocks, lane_seed, block_config, xs, ys, x_test, y_test,
-                         np.array(codes, dtype=np.int64), np.array(hyper, dtype=np.float64),
-                         int(max_epochs), int(record_every), int(check_every), float(target),
-                         np.asarray(seeds, dtype=np.int64), int(batch))
+    # One thread (a worker of ``all``): the plain-loop twin, which a process can load
+    # before it forks (numba starts its thread pool when it loads a parallel function).
+    threaded = numba.get_num_threads() > 1 if parallel is None else parallel
+    return _train_blocks.compiled(threaded)(
+        blocks, lane_seed, block_config, xs, ys, x_test, y_test, np.array(codes, dtype=np.int64),
+        np.array(hyper, dtype=np.float64), int(max_epochs), int(record_every), int(check_every),
+        float(target), np.asarray(seeds, dtype=np.int64), int(batch))
 
 
 def _encode(name, options):
