@@ -16,6 +16,12 @@
 //   apply:    z (forward) or dx (backward) from the per-feature coefficients.
 // nnopt.fast.plan.bn_plan picks the path and the chunks. No shared memory and no
 // synchronization: tests/host_grid.cpp runs these kernels on the CPU, thread by thread.
+//
+// A block (nnopt.block: Linear -> BN -> activation) passes x = the product without its
+// Linear bias, the bias (has_bias; it only shifts the running mean) and an activation code
+// (rules.cuh): forward writes activate(z); backward gets the gradient of that output and
+// y = activate(z) itself, and takes activation_grad first. Plain BN: no bias, NNOPT_IDENTITY.
+// bias_activation / activation_backward: the same block without BN.
 #include "rules.cuh"
 
 #define TILE 32
@@ -24,7 +30,7 @@
 #define NNOPT_BN(T, S)                                                                        \
 extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* beta, T eps,   \
         T momentum, int unbiased, T* running_mean, T* running_var, T* z, T* mean_out,        \
-        T* inv_std_out, int m, int n) {                                                      \
+        T* inv_std_out, int m, int n, const T* bias, int has_bias, int activation) {         \
     __shared__ double sum[ROWS][TILE];                                                       \
     __shared__ double sum_sq[ROWS][TILE];                                                    \
     __shared__ T scale[TILE];                                                                \
@@ -48,19 +54,21 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
             s2 += sum_sq[r][threadIdx.x];                                                    \
         }                                                                                    \
         batchnorm_forward_feature<T>(s, s2, shift, m, eps, momentum, unbiased, gamma[j],      \
-                                     beta[j], running_mean[j], running_var[j], mean_out[j],  \
-                                     inv_std_out[j], scale[threadIdx.x], offset[threadIdx.x]); \
+                                     beta[j], has_bias ? bias[j] : T(0), running_mean[j],    \
+                                     running_var[j], mean_out[j], inv_std_out[j],            \
+                                     scale[threadIdx.x], offset[threadIdx.x]);               \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             long long k = (long long)i * n + j;                                              \
-            z[k] = x[k] * scale[threadIdx.x] + offset[threadIdx.x];                          \
+            z[k] = activate<T>(x[k] * scale[threadIdx.x] + offset[threadIdx.x], activation); \
         }                                                                                    \
     }                                                                                        \
 }                                                                                            \
 extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamma,           \
-        const T* mean, const T* inv_std, T* dx, T* dgamma, T* dbeta, int m, int n) {          \
+        const T* mean, const T* inv_std, T* dx, T* dgamma, T* dbeta, int m, int n,            \
+        const T* y, int activation) {                                                        \
     __shared__ double sum_d[ROWS][TILE];                                                     \
     __shared__ double sum_dc[ROWS][TILE];                                                    \
     __shared__ T a[TILE];                                                                    \
@@ -72,8 +80,9 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             long long k = (long long)i * n + j;                                              \
-            s += (double)d[k];                                                               \
-            sc += (double)d[k] * ((double)x[k] - (double)mean[j]);                           \
+            const double dk = (double)activation_grad<T>(d[k], y[k], activation);             \
+            s += dk;                                                                         \
+            sc += dk * ((double)x[k] - (double)mean[j]);                                     \
         }                                                                                    \
     }                                                                                        \
     sum_d[threadIdx.y][threadIdx.x] = s;                                                     \
@@ -91,7 +100,8 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             long long k = (long long)i * n + j;                                              \
-            dx[k] = a[threadIdx.x] * d[k] - b[threadIdx.x] * (x[k] - mean[j]) - c[threadIdx.x];          \
+            dx[k] = a[threadIdx.x] * activation_grad<T>(d[k], y[k], activation)               \
+                    - b[threadIdx.x] * (x[k] - mean[j]) - c[threadIdx.x];                    \
         }                                                                                    \
     }                                                                                        \
 }
@@ -121,7 +131,7 @@ extern "C" __global__ void bn_partial_forward_##S(const T* __restrict__ x,      
 extern "C" __global__ void bn_finalize_forward_##S(const double* __restrict__ partial,        \
         int chunks, const T* x, const T* gamma, const T* beta, T eps, T momentum,             \
         int unbiased, T* running_mean, T* running_var, T* mean_out, T* inv_std_out,           \
-        T* scale, T* offset, int m, int n) {                                                 \
+        T* scale, T* offset, int m, int n, const T* bias, int has_bias) {                    \
     const int j = blockIdx.x * blockDim.x + threadIdx.x;                                     \
     if (j >= n) return;                                                                      \
     double s = 0.0, s2 = 0.0;                                                                \
@@ -130,12 +140,13 @@ extern "C" __global__ void bn_finalize_forward_##S(const double* __restrict__ pa
         s2 += partial[(2LL * c + 1) * n + j];                                                \
     }                                                                                        \
     batchnorm_forward_feature<T>(s, s2, (double)x[j], m, eps, momentum, unbiased, gamma[j],  \
-                                 beta[j], running_mean[j], running_var[j], mean_out[j],      \
-                                 inv_std_out[j], scale[j], offset[j]);                       \
+                                 beta[j], has_bias ? bias[j] : T(0), running_mean[j],        \
+                                 running_var[j], mean_out[j], inv_std_out[j], scale[j],      \
+                                 offset[j]);                                                 \
 }                                                                                            \
 extern "C" __global__ void bn_apply_forward_##S(const T* __restrict__ x,                      \
         const T* __restrict__ scale, const T* __restrict__ offset, T* __restrict__ z, int m, \
-        int n, int rows) {                                                                   \
+        int n, int rows, int activation) {                                                   \
     const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
     if (j >= n) return;                                                                      \
     const T a = scale[j], b = offset[j];                                                     \
@@ -143,12 +154,12 @@ extern "C" __global__ void bn_apply_forward_##S(const T* __restrict__ x,        
     _Pragma("unroll 4")                                                                      \
     for (int i = chunk * rows; i < end; ++i) {                                               \
         const long long k = (long long)i * n + j;                                            \
-        z[k] = x[k] * a + b;                                                                 \
+        z[k] = activate<T>(x[k] * a + b, activation);                                        \
     }                                                                                        \
 }                                                                                            \
 extern "C" __global__ void bn_partial_backward_##S(const T* __restrict__ d,                   \
         const T* __restrict__ x, const T* __restrict__ mean, double* __restrict__ partial,    \
-        int m, int n, int rows) {                                                            \
+        int m, int n, int rows, const T* __restrict__ y, int activation) {                   \
     const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
     if (j >= n) return;                                                                      \
     const double mu = (double)mean[j];                                                       \
@@ -157,8 +168,9 @@ extern "C" __global__ void bn_partial_backward_##S(const T* __restrict__ d,     
     _Pragma("unroll 4")                                                                      \
     for (int i = chunk * rows; i < end; ++i) {                                               \
         const long long k = (long long)i * n + j;                                            \
-        s += (double)d[k];                                                                   \
-        sc += (double)d[k] * ((double)x[k] - mu);                                            \
+        const double dk = (double)activation_grad<T>(d[k], y[k], activation);                 \
+        s += dk;                                                                             \
+        sc += dk * ((double)x[k] - mu);                                                      \
     }                                                                                        \
     partial[(2LL * chunk) * n + j] = s;                                                      \
     partial[(2LL * chunk + 1) * n + j] = sc;                                                 \
@@ -178,7 +190,7 @@ extern "C" __global__ void bn_finalize_backward_##S(const double* __restrict__ p
 }                                                                                            \
 extern "C" __global__ void bn_apply_backward_##S(const T* __restrict__ d,                     \
         const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ coef,      \
-        T* __restrict__ dx, int m, int n, int rows) {                                        \
+        T* __restrict__ dx, int m, int n, int rows, const T* __restrict__ y, int activation) { \
     const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
     if (j >= n) return;                                                                      \
     const T a = coef[j], b = coef[n + j], c = coef[2 * n + j], mu = mean[j];                  \
@@ -186,8 +198,30 @@ extern "C" __global__ void bn_apply_backward_##S(const T* __restrict__ d,       
     _Pragma("unroll 4")                                                                      \
     for (int i = chunk * rows; i < end; ++i) {                                               \
         const long long k = (long long)i * n + j;                                            \
-        dx[k] = a * d[k] - b * (x[k] - mu) - c;                                              \
+        dx[k] = a * activation_grad<T>(d[k], y[k], activation) - b * (x[k] - mu) - c;        \
     }                                                                                        \
+}                                                                                            \
+extern "C" __global__ void bias_activation_##S(const T* __restrict__ h,                       \
+        const T* __restrict__ bias, int has_bias, int activation, T* y, long long total,      \
+        int n) {                                                                             \
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < total;           \
+         k += (long long)gridDim.x * blockDim.x) {                                           \
+        y[k] = activate<T>(has_bias ? h[k] + bias[k % n] : h[k], activation);                \
+    }                                                                                        \
+}                                                                                            \
+extern "C" __global__ void activation_backward_##S(const T* __restrict__ dy,                  \
+        const T* __restrict__ y, int activation, T* __restrict__ dh, T* dbias, int has_bias,  \
+        int m, int n) {                                                                      \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;                                     \
+    if (j >= n) return;                                                                      \
+    double s = 0.0;                                                                          \
+    for (int i = 0; i < m; ++i) {                                                            \
+        const long long k = (long long)i * n + j;                                            \
+        const T g = activation_grad<T>(dy[k], y[k], activation);                              \
+        dh[k] = g;                                                                           \
+        s += (double)g;                                                                      \
+    }                                                                                        \
+    if (has_bias) dbias[j] += (T)s;                                                          \
 }
 
 NNOPT_BN_SPLIT(float, f32)

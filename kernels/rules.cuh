@@ -139,16 +139,19 @@ NNOPT_DEVICE void batchnorm_backward_coefficients(double sum_d, double sum_dc, i
 
 // One feature's forward statistics, from its shifted sums: mean and inv_std stored, the
 // running statistics updated, and z's (scale, offset), in T (every forward kernel's step).
+// ``bias``: a Linear bias left out of x (nnopt.block): it cancels from z, mean and inv_std,
+// and only shifts the running mean, which is that of x + bias (0: no bias).
 template <typename T>
 NNOPT_DEVICE void batchnorm_forward_feature(double sum_dev, double sum_sq_dev, double shift,
                                             int m, T eps, T momentum, int unbiased, T gamma,
-                                            T beta, T& running_mean, T& running_var,
+                                            T beta, T bias, T& running_mean, T& running_var,
                                             T& mean_out, T& inv_std_out, T& scale, T& offset) {
     double mean, var, inv_std, scale_d, offset_d;
     batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps, mean, var, inv_std);
     mean_out = (T)mean;
     inv_std_out = (T)inv_std;
-    batchnorm_update_running<T>(mean, var, m, momentum, unbiased, running_mean, running_var);
+    batchnorm_update_running<T>(mean + (double)bias, var, m, momentum, unbiased, running_mean,
+                                running_var);
     batchnorm_scale_offset(gamma, beta, mean, inv_std, scale_d, offset_d);
     scale = (T)scale_d;
     offset = (T)offset_d;
@@ -166,6 +169,30 @@ NNOPT_DEVICE void batchnorm_backward_feature(double sum_d, double sum_dc, int m,
     c = (T)c_d;
     dgamma += (T)dgamma_d;
     dbeta += (T)dbeta_d;
+}
+
+// --- activations, by code (nnopt.fast.cpu.ACTIVATION_CODES) --------------------------------
+// A block's kernels apply the activation as they write their output and its derivative as
+// they read the incoming gradient, from the output y alone (as nnopt.fast.cpu does).
+#define NNOPT_IDENTITY 0
+#define NNOPT_RELU 1
+#define NNOPT_SIGMOID 2
+#define NNOPT_TANH 3
+
+template <typename T>
+NNOPT_DEVICE T activate(T v, int code) {
+    if (code == NNOPT_RELU) return v > T(0) ? v : T(0);
+    if (code == NNOPT_SIGMOID) return T(1) / (T(1) + exp(-v));
+    if (code == NNOPT_TANH) return tanh(v);
+    return v;
+}
+
+template <typename T>
+NNOPT_DEVICE T activation_grad(T d, T y, int code) {
+    if (code == NNOPT_RELU) return y > T(0) ? d : T(0) * d;
+    if (code == NNOPT_SIGMOID) return d * y * (T(1) - y);
+    if (code == NNOPT_TANH) return d * (T(1) - y * y);
+    return d;
 }
 
 #endif

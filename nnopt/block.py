@@ -1,10 +1,10 @@
-r"""Linear -> [BatchNorm] -> [activation] as one layer, with fused passes on the CPU.
+r"""Linear -> [BatchNorm] -> [activation] as one layer, with fused passes.
 
 The textbook's network is four FC -> BN -> ReLU blocks and an FC. Layer by layer, a
 block is three forward and three backward calls, each with its own Python dispatch and
 its own pass over memory; at a batch of 64 that dispatch, not the arithmetic, is what a
-step costs. A :class:`Block` owns the three layers and, on NumPy float32/float64 in
-training mode, runs
+step costs. A :class:`Block` owns the three layers and, on NumPy (numba kernels) or CuPy
+(CUDA kernels, kernels/batchnorm.cu) float32/float64 in training mode, runs
 
 * forward: the product :math:`h = xW` (BLAS), then one pass that takes BN's statistics
   of h and writes :math:`y = \mathrm{act}(\mathrm{BN}(h))` (without BN: :math:`y =
@@ -13,8 +13,8 @@ training mode, runs
   backward and :math:`d\gamma, d\beta` (without BN: the bias gradient), giving
   :math:`dh`; then the two products :math:`dW = x^T dh` and :math:`dx = dh\,W^T`.
 
-The layers themselves stay as they are, the readable reference: everywhere else (CuPy,
-array-api-strict, torch, inference mode, synchronized BN, ``use_fast_path=False``) the
+The layers themselves stay as they are, the readable reference: everywhere else
+(array-api-strict, torch, inference mode, synchronized BN, ``use_fast_path=False``) the
 block simply calls them in order, and the tests hold the fused passes to them.
 
 **The Linear bias before BN.** BN subtracts the batch mean of :math:`h + b`, which is
@@ -28,7 +28,6 @@ running mean, as it does layer by layer, so inference mode gives the same output
 from __future__ import annotations
 
 from .fast import fast_for
-from .fast.threads import product
 from .layers import ACTIVATIONS, Layer, Linear, check_dtype, check_input
 
 #: nnopt.layers' activation classes by the name the fused kernels know them by
@@ -92,7 +91,7 @@ class Block(Layer):
             self.scratch = fast.Scratch()
         code = fast.ACTIVATION_CODES[self.activation_name]
         h = self.scratch.get("h", shape=(x.shape[0], linear.n_out), dtype=x.dtype)
-        product(x, linear.W.data, out=h)
+        h = fast.product(x, linear.W.data, out=h)
         if bn is None:
             # In place: the backward needs the activated output alone.
             y = fast.activation_forward(h, linear.b.data, code, out=h)
@@ -120,20 +119,20 @@ class Block(Layer):
             # linear.b.grad: zero by construction (module docstring), nothing to add
             fast.bn_backward(dy, h, bn.gamma.data, mean, inv_std, bn.gamma.grad, bn.beta.grad,
                              out=dh, y=y, activation=code)
-        self._add_weight_grad(x, dh)
+        self._add_weight_grad(fast, x, dh)
         if not linear.needs_input_grad:
             return None
-        return product(dh, linear.W.data.T, out=self.scratch.get("dx", x))
+        return fast.product(dh, linear.W.data.T, out=self.scratch.get("dx", x))
 
-    def _add_weight_grad(self, x, dh):
+    def _add_weight_grad(self, fast, x, dh):
         """W.grad += x^T dh; written directly when the gradients were zeroed since this
         block last wrote them (one pass over W.grad fewer, the common case of a step;
         FlatParameters.zero_count)."""
         grad, storage = self.linear.W.grad, self.linear.W.storage
         if storage is not None and storage.zero_count != self.grads_written:
-            product(x.T, dh, out=grad)
+            fast.product(x.T, dh, out=grad)
         else:
-            grad += product(x.T, dh, out=self.scratch.get("dW", grad))
+            grad += fast.product(x.T, dh, out=self.scratch.get("dW", grad))
         self._note_grads_written()
 
     def _note_grads_written(self):

@@ -5,6 +5,8 @@
 #include <cmath>
 using std::pow;
 using std::sqrt;
+using std::exp;
+using std::tanh;
 struct float4 { float x, y, z, w; };
 struct double2 { double x, y; };
 struct Dim3 { unsigned x, y, z; };

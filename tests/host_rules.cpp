@@ -4,6 +4,8 @@
 #include <cmath>
 using std::pow;
 using std::sqrt;
+using std::exp;
+using std::tanh;
 #define NNOPT_DEVICE inline
 #include "rules.cuh"
 
@@ -41,7 +43,7 @@ extern "C" void bn_forward_##S(const T* x, const T* gamma, const T* beta, T eps,
         }                                                                                    \
         T scale, offset;                                                                     \
         batchnorm_forward_feature<T>(s, s2, shift, m, eps, momentum, unbiased, gamma[j],     \
-                                     beta[j], running_mean[j], running_var[j], mean[j],      \
+                                     beta[j], T(0), running_mean[j], running_var[j], mean[j], \
                                      inv_std[j], scale, offset);                             \
         for (int i = 0; i < m; ++i)                                                          \
             z[(long long)i * n + j] = x[(long long)i * n + j] * scale + offset;                \
@@ -68,3 +70,14 @@ extern "C" void bn_backward_##S(const T* d, const T* x, const T* gamma, const T*
 
 HOST_BATCHNORM(float, f32)
 HOST_BATCHNORM(double, f64)
+
+// rules.cuh's activations, for the test that holds them to nnopt.fast.cpu's.
+#define HOST_ACTIVATION(T, S)                                                                     \
+extern "C" void activate_##S(const T* v, T* out, int code, int n) {                          \
+    for (int i = 0; i < n; ++i) out[i] = activate<T>(v[i], code);                            \
+}                                                                                            \
+extern "C" void activation_grad_##S(const T* d, const T* y, T* out, int code, int n) {       \
+    for (int i = 0; i < n; ++i) out[i] = activation_grad<T>(d[i], y[i], code);               \
+}
+HOST_ACTIVATION(float, f32)
+HOST_ACTIVATION(double, f64)

@@ -151,3 +151,43 @@ def test_train_on_gpu_one_epoch(xp, gpu, tmp_path):
     from nnopt import train
     assert train.main(["--device", "gpu", "--epochs", "1", "--quiet", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(64, 784, 128), (37, 20, 33), (4096, 16, 600)])
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid", "tanh"])
+def test_fused_block_on_gpu_matches_its_layers(xp, gpu, rng, shape, dtype, batchnorm,
+                                               activation):
+    """The CUDA block (batchnorm.cu with bias and activation; bias_activation and
+    activation_backward without BN) against its own layers on the GPU; (4096, 16, 600):
+    BN's split path."""
+    from nnopt import Sequential
+    from tests.test_block import make_block
+    m, n_in, n_out = shape
+    seed = int(rng.integers(1000))
+    fused = Sequential([make_block(n_in, n_out, batchnorm, activation, seed)], device=xp,
+                       dtype=dtype)
+    layered = Sequential(list(make_block(n_in, n_out, batchnorm, activation, seed).layers),
+                         device=xp, dtype=dtype)
+    x = dev(xp, (rng.normal(size=(m, n_in)) * 2 + 1).astype(dtype))
+    d = dev(xp, rng.normal(size=(m, n_out)).astype(dtype))
+    results = []
+    for model in (fused, layered):
+        model.steps[0].needs_input_grad = True
+        model.zero_grad()
+        y = host(model.forward(x))
+        dx = host(model.backward(d))
+        results.append((y, dx, model.state_dict(),
+                        {p.name: host(p.grad) for p in model.parameters()}))
+    assert fused.steps[0].saved is not None, "the block ran its layers, not its kernels"
+    (y, dx, state, grads), (y_ref, dx_ref, state_ref, grads_ref) = results
+    tol = 2e-4 if dtype == "float32" else 1e-10
+    scale = lambda a: max(float(np.max(np.abs(a))), 1.0)  # noqa: E731
+    assert np.max(np.abs(y - y_ref)) <= tol * scale(y_ref)
+    assert np.max(np.abs(dx - dx_ref)) <= tol * scale(dx_ref)
+    for name in state_ref:
+        assert np.max(np.abs(host(state[name]) - host(state_ref[name]))) <= tol * scale(host(state_ref[name])), name
+    for name, want in grads_ref.items():
+        if not (batchnorm and name == "fc1.b"):  # zero by construction in the block
+            assert np.max(np.abs(grads[name] - want)) <= tol * scale(want), name

@@ -244,20 +244,41 @@ def test_vectorized_optimizer_kernels_match_the_plain_loop(host, grid, rng, name
         np.testing.assert_array_equal(got, want)
 
 
+def block_reference(x, gamma, beta, bias, d, activation):
+    """The unfused block in float64: BN of x (whose running mean is that of x + bias), the
+    activation layer, and back; ``d`` is the gradient of the activation's output."""
+    from nnopt.layers import ACTIVATIONS
+    z, mean, var, cache = batchnorm_forward(x, gamma, beta, 1e-5)
+    if activation == "identity":
+        y, dz = z, d
+    else:
+        layer = ACTIVATIONS[activation]()
+        y = layer.forward(z)
+        dz = layer.backward(d)
+    dx, dgamma, dbeta = batchnorm_backward(dz, cache)
+    return y, mean + bias, var, dx, dgamma, dbeta
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, rows", [((37, 29), 5), ((64, 3), 16), ((40, 40), 40)])
-def test_split_batchnorm_kernels_match_reference(grid, rng, shape, rows, dtype):
+@pytest.mark.parametrize("activation", ["identity", "relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_split_batchnorm_kernels_match_reference(grid, rng, shape, rows, dtype, activation,
+                                                 with_bias):
+    from nnopt.fast.cpu import ACTIVATION_CODES
     from nnopt.fast.plan import bn_split_grid
     m, n = shape
     chunks = -(-m // rows)
     x = rng.normal(size=shape) * rng.uniform(0.2, 4, n) + rng.normal(size=n) * 2
     gamma, beta, d = rng.uniform(0.5, 2, n), rng.normal(size=n), rng.normal(size=shape)
-    z_ref, mean_ref, var_ref, cache = batchnorm_forward(x, gamma, beta, 1e-5)
-    dx_ref, dgamma_ref, dbeta_ref = batchnorm_backward(d, cache)
+    bias = rng.normal(size=n) if with_bias else np.zeros(n)
+    y_ref, run_mean_batch, var_ref, dx_ref, dgamma_ref, dbeta_ref = block_reference(
+        x, gamma, beta, bias, d, activation)
+    code = ACTIVATION_CODES[activation]
     c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
     s, suffix = scalar(dtype), ("f32" if dtype == np.float32 else "f64")
     k = lambda name: getattr(grid, f"bn_{name}_{suffix}")  # noqa: E731
-    xs, gs, bs, ds = c(x), c(gamma), c(beta), c(d)
+    xs, gs, bs, ds, biases = c(x), c(gamma), c(beta), c(d), c(bias)
     run_mean, run_var = c(np.zeros(n)), c(np.ones(n))
     z, mean, inv_std, scale, offset = c(np.zeros(shape)), *(c(np.zeros(n)) for _ in range(4))
     partial = np.full((chunks, 2, n), np.nan)
@@ -265,21 +286,72 @@ def test_split_batchnorm_kernels_match_reference(grid, rng, shape, rows, dtype):
     run_grid(grid, k("partial_forward"), (gx, gy), block, ptr(xs), ptr(partial), m, n, rows)
     run_grid(grid, k("finalize_forward"), (gx, 1), block, ptr(partial), chunks, ptr(xs), ptr(gs),
              ptr(bs), s(1e-5), s(0.9), 0, ptr(run_mean), ptr(run_var), ptr(mean), ptr(inv_std),
-             ptr(scale), ptr(offset), m, n)
+             ptr(scale), ptr(offset), m, n, ptr(biases), int(with_bias))
     run_grid(grid, k("apply_forward"), (gx, gy), block, ptr(xs), ptr(scale), ptr(offset), ptr(z),
-             m, n, rows)
+             m, n, rows, code)
     dx, coef, dgamma, dbeta = c(np.zeros(shape)), c(np.zeros((3, n))), c(np.zeros(n)), c(np.zeros(n))
     partial[...] = np.nan
     run_grid(grid, k("partial_backward"), (gx, gy), block, ptr(ds), ptr(xs), ptr(mean),
-             ptr(partial), m, n, rows)
+             ptr(partial), m, n, rows, ptr(z), code)
     run_grid(grid, k("finalize_backward"), (gx, 1), block, ptr(partial), chunks, ptr(gs),
              ptr(inv_std), ptr(coef), ptr(dgamma), ptr(dbeta), m, n)
     run_grid(grid, k("apply_backward"), (gx, gy), block, ptr(ds), ptr(xs), ptr(mean), ptr(coef),
-             ptr(dx), m, n, rows)
+             ptr(dx), m, n, rows, ptr(z), code)
     tol = 1e-4 if dtype == np.float32 else 1e-10
-    for got, want in ((z, z_ref), (mean, mean_ref), (dx, dx_ref), (dgamma, dgamma_ref),
-                      (dbeta, dbeta_ref), (run_mean, 0.1 * mean_ref), (run_var, 0.9 + 0.1 * var_ref)):
+    for got, want in ((z, y_ref), (dx, dx_ref), (dgamma, dgamma_ref), (dbeta, dbeta_ref),
+                      (run_mean, 0.1 * run_mean_batch), (run_var, 0.9 + 0.1 * var_ref)):
         assert np.max(np.abs(got - want)) <= tol * max(np.max(np.abs(want)), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["identity", "relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bias_activation_kernels_match_the_layers(grid, rng, dtype, activation, with_bias):
+    """A block without BN on the GPU: y = act(h + b), then dh and the bias gradient."""
+    from nnopt.fast.cpu import ACTIVATION_CODES
+    from nnopt.layers import ACTIVATIONS
+    m, n = 23, 9
+    h, d = rng.normal(size=(m, n)) * 3, rng.normal(size=(m, n))
+    bias = rng.normal(size=n) if with_bias else np.zeros(n)
+    layer = ACTIVATIONS[activation]() if activation != "identity" else None
+    y_ref = layer.forward(h + bias) if layer else h + bias
+    dh_ref = layer.backward(d) if layer else d
+    c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+    suffix = "f32" if dtype == np.float32 else "f64"
+    code = ACTIVATION_CODES[activation]
+    hs, ds, biases = c(h), c(d), c(bias)
+    y, dh, dbias = c(np.zeros((m, n))), c(np.zeros((m, n))), c(np.ones(n))
+    run_grid(grid, getattr(grid, f"bias_activation_{suffix}"), (2, 1), 16, ptr(hs), ptr(biases),
+             int(with_bias), code, ptr(y), ctypes.c_longlong(m * n), n)
+    run_grid(grid, getattr(grid, f"activation_backward_{suffix}"), (1, 1), 16, ptr(ds), ptr(y),
+             code, ptr(dh), ptr(dbias), int(with_bias), m, n)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.max(np.abs(y - y_ref)) <= tol * max(np.max(np.abs(y_ref)), 1.0)
+    assert np.max(np.abs(dh - dh_ref)) <= tol * max(np.max(np.abs(dh_ref)), 1.0)
+    want_dbias = 1 + dh_ref.sum(axis=0) if with_bias else np.ones(n)
+    assert np.max(np.abs(dbias - want_dbias)) <= 10 * tol * max(np.max(np.abs(want_dbias)), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_activations_match_the_numba_ones(host, rng, dtype):
+    from nnopt.fast import cpu
+    suffix = "f32" if dtype == np.float32 else "f64"
+    v, d = (rng.normal(size=1000) * 4).astype(dtype), rng.normal(size=1000).astype(dtype)
+    for name, code in cpu.ACTIVATION_CODES.items():
+        out = np.empty_like(v)
+        getattr(host, f"activate_{suffix}")(ptr(v), ptr(out), code, v.size)
+        want = np.array([cpu.activate(e, code) for e in v], dtype=dtype)
+        np.testing.assert_allclose(out, want, rtol=1e-6 if dtype == np.float32 else 1e-14,
+                                   err_msg=name)
+        y = want
+        getattr(host, f"activation_grad_{suffix}")(ptr(d), ptr(y), ptr(out), code, v.size)
+        want = np.array([cpu.activation_grad(a, b, code) for a, b in zip(d, y)], dtype=dtype)
+        np.testing.assert_allclose(out, want, rtol=1e-6 if dtype == np.float32 else 1e-14,
+                                   err_msg=name)
+    # The codes are the same numbers on both sides.
+    source = (KERNELS / "rules.cuh").read_text()
+    for name, code in cpu.ACTIVATION_CODES.items():
+        assert re.search(rf"#define NNOPT_{name.upper()} {code}\b", source), name
 
 
 @pytest.mark.parametrize("sms", [1, 108, 132])

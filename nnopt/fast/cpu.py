@@ -22,6 +22,7 @@ from numba import prange
 from .. import batchnorm as reference_batchnorm
 from ..optim import OPTIMIZERS
 from ..optim.adaptive import adam_kernel_scalars as adam_kernel_scalars_py
+from .threads import product  # noqa: F401  (a block's products: nnopt.block)
 
 PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
 # error_model="numpy": a division by zero gives inf/nan as NumPy (and the reference) does,
@@ -345,6 +346,7 @@ class Scratch:
     its next one, so two alternate and nothing is allocated after the first steps."""
 
     KEEP = 2
+    empty = staticmethod(np.empty)  # the array library's (nnopt.fast.gpu.Scratch: CuPy's)
 
     def __init__(self):
         self.arrays = {}
@@ -352,13 +354,13 @@ class Scratch:
     def get(self, name, like=None, shape=None, dtype=None):
         """A free buffer of ``like``'s shape and dtype (or of ``shape`` and ``dtype``)."""
         shape = tuple(like.shape) if like is not None else tuple(shape)
-        dtype = like.dtype if like is not None else np.dtype(dtype)
+        dtype = np.dtype(like.dtype if like is not None else dtype)
         kept = self.arrays.setdefault(name, [])
         for array in kept:
             # References: the list, the loop variable, getrefcount's argument; more = in use.
             if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) <= 3:
                 return array
-        array = np.empty(shape, dtype=dtype)
+        array = self.empty(shape, dtype)
         if len(kept) >= self.KEEP:  # sizes changed, or callers keep outputs: start afresh
             kept.clear()
         kept.append(array)

@@ -4,7 +4,9 @@ inside captured CUDA graphs where cuBLAS cannot load (``graph_gemm`` prefers cuB
 nnopt's own handle: nnopt.cublas). Launch shapes: nnopt.fast.plan.
 
 Same interface as :mod:`nnopt.fast.cpu`: ``OPTIMIZER_STEPS[name](p, g, state, hp, t)``,
-``bn_forward``, ``bn_backward``, ``relu_forward``, ``relu_backward``.
+``bn_forward``, ``bn_backward``, ``relu_forward``, ``relu_backward``, and what a fused block
+(nnopt.block) takes: ``ACTIVATION_CODES``, ``activation_forward``, ``activation_backward``,
+``product`` and ``Scratch``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import numpy as np
 
 from .. import cublas, kernels
 from ..optim import OPTIMIZERS
+from . import capturing
+from .cpu import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block looks them up here)
+from .cpu import Scratch as HostScratch
 from .plan import THREADS, bn_plan, bn_split_grid, elementwise_blocks
 
 
@@ -150,12 +155,22 @@ OPTIMIZER_STEPS = {cls.__name__: optimizer_step(cls) for cls in OPTIMIZERS.value
 
 
 # --- Batch Normalization and ReLU -------------------------------------------------------------
-def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, out=None):
+# ``bias`` and ``activation``: a block's Linear bias (it only shifts the running mean) and
+# the activation applied as z is written; backward, ``y`` is that activated output and the
+# activation's derivative is taken first (kernels/batchnorm.cu).
+def _bias_args(x, bias):
+    return (x[:0] if bias is None else bias), np.int32(bias is not None)
+
+
+def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, out=None,
+               bias=None, activation=IDENTITY):
     x = cupy.ascontiguousarray(x)
     m, n = x.shape
     z = cupy.empty_like(x) if out is None else out
     mean, inv_std = cupy.empty(n, dtype=x.dtype), cupy.empty(n, dtype=x.dtype)
     s = _s(x, eps, momentum)
+    bias, has_bias = _bias_args(x, bias)
+    act = np.int32(activation)
     chunks, rows = bn_plan(m, n, sms())
     if chunks > 1:  # large batch: rows split over chunks (batchnorm.cu, split path)
         grid, block = bn_split_grid(n, chunks)
@@ -167,21 +182,24 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
         function("batchnorm.cu", f"bn_finalize_forward_{suffix}")(
             (grid[0],), block, (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased),
                                 running_mean, running_var, mean, inv_std, scale, offset, i32(m),
-                                i32(n)))
+                                i32(n), bias, has_bias))
         function("batchnorm.cu", f"bn_apply_forward_{suffix}")(
-            grid, block, (x, scale, offset, z, i32(m), i32(n), i32(rows)))
+            grid, block, (x, scale, offset, z, i32(m), i32(n), i32(rows), act))
         return z, mean, inv_std
     function("batchnorm.cu", f"bn_forward_{_suffix(x)}")(
         ((n + 31) // 32,), (32, 8),
         (x, gamma, beta, s[0], s[1], np.int32(unbiased), running_mean, running_var, z, mean,
-         inv_std, np.int32(m), np.int32(n)))
+         inv_std, np.int32(m), np.int32(n), bias, has_bias, act))
     return z, mean, inv_std
 
 
-def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None):
+def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
+                activation=IDENTITY):
     d, x = cupy.ascontiguousarray(d), cupy.ascontiguousarray(x)
     m, n = d.shape
     dx = cupy.empty_like(d) if out is None else out
+    y = d if y is None else cupy.ascontiguousarray(y)
+    act = np.int32(activation)
     chunks, rows = bn_plan(m, n, sms())
     if chunks > 1:
         grid, block = bn_split_grid(n, chunks)
@@ -189,18 +207,63 @@ def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None):
         coef = cupy.empty((3, n), dtype=d.dtype)
         suffix, i32 = _suffix(d), np.int32
         function("batchnorm.cu", f"bn_partial_backward_{suffix}")(
-            grid, block, (d, x, mean, partial, i32(m), i32(n), i32(rows)))
+            grid, block, (d, x, mean, partial, i32(m), i32(n), i32(rows), y, act))
         function("batchnorm.cu", f"bn_finalize_backward_{suffix}")(
             (grid[0],), block, (partial, i32(chunks), gamma, inv_std, coef, dgamma, dbeta, i32(m),
                                 i32(n)))
         function("batchnorm.cu", f"bn_apply_backward_{suffix}")(
-            grid, block, (d, x, mean, coef, dx, i32(m), i32(n), i32(rows)))
+            grid, block, (d, x, mean, coef, dx, i32(m), i32(n), i32(rows), y, act))
         return dx
     function("batchnorm.cu", f"bn_backward_{_suffix(d)}")(
         ((n + 31) // 32,), (32, 8),
-        (d, x, gamma, mean, inv_std, dx, dgamma, dbeta, np.int32(m),
-         np.int32(n)))
+        (d, x, gamma, mean, inv_std, dx, dgamma, dbeta, np.int32(m), np.int32(n), y, act))
     return dx
+
+
+def activation_forward(h, bias=None, activation=RELU, out=None):
+    """activate(h + bias) in one pass (``out`` may be ``h`` itself)."""
+    h = cupy.ascontiguousarray(h)
+    y = cupy.empty_like(h) if out is None else out
+    bias, has_bias = _bias_args(h, bias)
+    blocks = elementwise_blocks(h.size, 1, sms())
+    function("batchnorm.cu", f"bias_activation_{_suffix(h)}")(
+        (blocks,), (THREADS,), (h, bias, has_bias, np.int32(activation), y, np.int64(h.size),
+                                np.int32(h.shape[-1])))
+    return y
+
+
+def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
+    """The gradient of the activation's input from its output ``y``; adds the column sums
+    into ``dbias`` if given (one thread per feature walks the rows)."""
+    dy = cupy.ascontiguousarray(dy)
+    dh = cupy.empty_like(y) if out is None else out
+    dbias, has_bias = _bias_args(y, dbias)
+    m, n = y.shape
+    function("batchnorm.cu", f"activation_backward_{_suffix(y)}")(
+        ((n + THREADS - 1) // THREADS,), (THREADS,),
+        (dy, y, np.int32(activation), dh, dbias, has_bias, np.int32(m), np.int32(n)))
+    return dh
+
+
+def product(a, b, out):
+    """``a @ b`` into ``out`` (a block's products; either may be a transposed view). While a
+    CUDA graph is captured, through :func:`graph_gemm` (CuPy refuses cuBLAS then), and
+    copied into ``out``."""
+    if not capturing():
+        return cupy.matmul(a, b, out=out)
+    # A transposed view goes to cuBLAS as the original with a transpose flag, not a copy.
+    trans_a = not a.flags.c_contiguous and a.T.flags.c_contiguous
+    trans_b = not b.flags.c_contiguous and b.T.flags.c_contiguous
+    out[...] = graph_gemm(a.T if trans_a else a, b.T if trans_b else b, trans_a, trans_b)
+    return out
+
+
+class Scratch(HostScratch):
+    """nnopt.fast.cpu.Scratch with CuPy buffers."""
+
+    @staticmethod
+    def empty(shape, dtype):
+        return cupy.empty(shape, dtype=dtype)
 
 
 _relu = cupy.ElementwiseKernel("T x", "T y", "y = x > 0 ? x : (T)0", "nnopt_relu")
