@@ -266,3 +266,19 @@ def test_engine_parts_put_back_in_order():
     parts = [optimizers.train(ctx.seed_list, 100, optimizers.RUNS[p::3])[1:] for p in range(3)]
     for merged, want in zip(optimizers._merge(parts), whole):
         assert np.array_equal(merged, want, equal_nan=True)
+
+
+def test_workers_fork_only_before_numba_starts_its_threads(monkeypatch):
+    import sys
+
+    from numba.np.ufunc import parallel
+
+    from nnopt.experiments import _start_method
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(parallel, "_is_initialized", False)
+    assert _start_method().get_start_method() == "fork"
+    monkeypatch.setattr(parallel, "_is_initialized", True)
+    assert _start_method().get_start_method() == "spawn"
+    monkeypatch.setattr(parallel, "_is_initialized", False)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _start_method().get_start_method() == "spawn"

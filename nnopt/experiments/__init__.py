@@ -78,7 +78,10 @@ def _warm_up(ctx):
 
 def _start_method():
     """fork where it is safe: it skips the workers' imports (a second each), but a fork
-    after numba's thread pool has started leaves the child's pool hung."""
+    after numba's thread pool has started leaves the child's pool hung, and on macOS the
+    system libraries do not survive a fork (spawn is Python's default there)."""
+    import sys
     from numba.np.ufunc import parallel
     started = getattr(parallel, "_is_initialized", True)
-    return multiprocessing.get_context("spawn" if started else "fork")
+    safe = sys.platform.startswith("linux") and not started
+    return multiprocessing.get_context("fork" if safe else "spawn")
