@@ -5,6 +5,7 @@ import inspect
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -378,3 +379,32 @@ def test_elementwise_blocks():
     assert elementwise_blocks(0, 4, 132) == elementwise_blocks(1, 4, 132) == 1
     assert elementwise_blocks(4 * THREADS * 10, 4, 132) == 10
     assert elementwise_blocks(10**8, 4, 132) == 132 * 8 * 4
+
+
+def test_gpu_launchers_need_no_numba():
+    """nnopt.fast.gpu (here with a stand-in CuPy) imports where numba does not: the GPU
+    path must not fail for want of the CPU kernels' compiler."""
+    code = """
+import builtins, sys, types
+real_import = builtins.__import__
+def guarded(name, *args, **kwargs):
+    if name == "numba" or name.startswith("numba."):
+        raise ImportError("numba is not installed")
+    return real_import(name, *args, **kwargs)
+class Anything:
+    def __init__(self, *a, **k): pass
+    def __call__(self, *a, **k): return Anything()
+    def __getattr__(self, name): return Anything()
+cupy = types.ModuleType("cupy")
+cupy.ElementwiseKernel = cupy.RawModule = Anything
+cupy.float32, cupy.float64, cupy.cuda = "float32", "float64", Anything()
+sys.modules["cupy"] = cupy
+builtins.__import__ = guarded
+from nnopt.fast import gpu
+for name in ("activation_forward", "activation_backward", "product", "Scratch", "bn_forward"):
+    assert hasattr(gpu, name), name
+assert "numba" not in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,6 @@ numba's parallel runtime nor fights BLAS's threads for the two cores in a traini
 from __future__ import annotations
 
 import math
-import sys
 import types
 from functools import lru_cache
 
@@ -22,6 +21,7 @@ from numba import prange
 from .. import batchnorm as reference_batchnorm
 from ..optim import OPTIMIZERS
 from ..optim.adaptive import adam_kernel_scalars as adam_kernel_scalars_py
+from .shared import ACTIVATION_CODES, IDENTITY, RELU, SIGMOID, TANH, Scratch  # noqa: F401
 from .threads import product  # noqa: F401  (a block's products: nnopt.block)
 
 PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
@@ -210,10 +210,7 @@ OPTIMIZER_STEPS = {cls.__name__: optimizer_step(cls) for cls in OPTIMIZERS.value
 # The fused passes of BN and of nnopt.block apply the activation as they write their output,
 # and its derivative as they read the incoming gradient; both from the activation's output
 # y alone (ReLU: y > 0; sigmoid: y (1 - y); tanh: 1 - y^2), so a block keeps one array, not
-# two. A code, not a function argument: numba compiles one kernel for all of them, and the
-# branch on a loop-invariant code is hoisted out of the loop by LLVM.
-IDENTITY, RELU, SIGMOID, TANH = 0, 1, 2, 3
-ACTIVATION_CODES = {"identity": IDENTITY, "relu": RELU, "sigmoid": SIGMOID, "tanh": TANH}
+# two. The codes (IDENTITY, RELU, ...) are nnopt.fast.shared's, shared with the CUDA kernels.
 
 
 @rule
@@ -336,35 +333,6 @@ def bn_chunks(a):
     OMP_WAIT_POLICY) the two pools coexist; if another library made OpenMP spin first,
     they fight (README)."""
     return CHUNKS if a.size >= BN_PARALLEL_MIN and a.shape[0] >= 2 * CHUNKS else 1
-
-
-class Scratch:
-    """Output buffers handed out again, but only once nobody else holds them (CPython's
-    reference count says so): a fresh multi-megabyte array per step costs more in page
-    faults than the kernel that fills it. Up to ``KEEP`` buffers per name: in a training
-    step the next layer still holds this layer's previous output when this layer writes
-    its next one, so two alternate and nothing is allocated after the first steps."""
-
-    KEEP = 2
-    empty = staticmethod(np.empty)  # the array library's (nnopt.fast.gpu.Scratch: CuPy's)
-
-    def __init__(self):
-        self.arrays = {}
-
-    def get(self, name, like=None, shape=None, dtype=None):
-        """A free buffer of ``like``'s shape and dtype (or of ``shape`` and ``dtype``)."""
-        shape = tuple(like.shape) if like is not None else tuple(shape)
-        dtype = np.dtype(like.dtype if like is not None else dtype)
-        kept = self.arrays.setdefault(name, [])
-        for array in kept:
-            # References: the list, the loop variable, getrefcount's argument; more = in use.
-            if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) <= 3:
-                return array
-        array = self.empty(shape, dtype)
-        if len(kept) >= self.KEEP:  # sizes changed, or callers keep outputs: start afresh
-            kept.clear()
-        kept.append(array)
-        return array
 
 
 def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, out=None,

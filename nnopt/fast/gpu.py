@@ -19,8 +19,8 @@ import numpy as np
 from .. import cublas, kernels
 from ..optim import OPTIMIZERS
 from . import capturing
-from .cpu import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block looks them up here)
-from .cpu import Scratch as HostScratch
+from .shared import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block looks them up here)
+from .shared import Scratch as HostScratch
 from .plan import THREADS, bn_plan, bn_split_grid, elementwise_blocks
 
 
