@@ -61,7 +61,7 @@ def adadelta_lr_difference(seed, lrs=(0.1, 0.01), epochs=2, **options):
 
 
 def epochs_allowed(ctx):
-    return 5000 if ctx.quick else 10000
+    return 4000 if ctx.quick else 10000
 
 
 def train_part(ctx, part, parts):
