@@ -31,8 +31,8 @@ from nnopt.backend import get_namespace, synchronize  # noqa: E402
 class GraphRunner(NnoptRunner):
     """NnoptRunner whose step is one replay of a captured CUDA graph."""
 
-    def __init__(self, bn, batch, sizes=SIZES):
-        super().__init__(bn, batch, "gpu", sizes)
+    def __init__(self, bn, batch, sizes=SIZES, fused=True):
+        super().__init__(bn, batch, "gpu", sizes, fused=fused)
         from nnopt.graph import CapturedStep
         self.captured = CapturedStep(self.model, self.opt, self.loss, (batch, sizes[0]), (batch,))
 
@@ -174,6 +174,8 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
         if not dry_run and width is None:  # nnopt's capturable GEMM is sized for small layers
             try:
                 runners[f"gpu_graph_{tag}"] = GraphRunner(bn, batch, sizes)
+                if batch == 64:  # the fused blocks against the textbook's layers (issue 14)
+                    runners[f"gpu_graph_layers_{tag}"] = GraphRunner(bn, batch, sizes, fused=False)
             except Exception as exc:  # report, do not hide
                 row["graph_error"] = f"{type(exc).__name__}: {exc}"
         if torch is not None:
@@ -196,7 +198,10 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     for tag in ("plain", "bn"):
         if f"gpu_graph_{tag}_s" in row and f"torch_graph_{tag}_s" in row:
             row[f"graph_vs_torch_graph_{tag}"] = row[f"gpu_graph_{tag}_s"] / row[f"torch_graph_{tag}_s"]
-    for prefix in ("cpu", "gpu", "gpu_graph", "torch_gpu", "torch_graph"):
+        if f"gpu_graph_layers_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
+            row[f"graph_fused_vs_layers_{tag}"] = (row[f"gpu_graph_{tag}_s"]
+                                                   / row[f"gpu_graph_layers_{tag}_s"])
+    for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "torch_gpu", "torch_graph"):
         if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
             row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
     if "gpu_graph_bn_s" in row:
