@@ -74,17 +74,26 @@ BLOCK = 4 * PLANE + 5 * LANES
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy", fastmath={"contract"})
+def _forward(block, l, x):
+    """The 1-3-1 sigmoid net on input x, lane ``l``: hidden activations and output."""
+    a0 = 1.0 / (1.0 + exp(-(x * block[l] + block[3 * LANES + l])))
+    a1 = 1.0 / (1.0 + exp(-(x * block[LANES + l] + block[4 * LANES + l])))
+    a2 = 1.0 / (1.0 + exp(-(x * block[2 * LANES + l] + block[5 * LANES + l])))
+    out = (block[9 * LANES + l] + a0 * block[6 * LANES + l] + a1 * block[7 * LANES + l]
+           + a2 * block[8 * LANES + l])
+    return a0, a1, a2, out
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy", fastmath={"contract"})
 def _sample_terms(block, l, xi, yi, m):
     """One sample's part of the MSE/2 gradient of the 1-3-1 sigmoid net, lane ``l``:
     hidden activations a, output error d2 (over the batch of m) and the hidden units'
     errors dz. NumPy's error model: no zero-divisor check (1 + exp(.) and m are never 0),
     which would keep the loop over lanes scalar. fastmath "contract" only fuses
     multiply-adds (exp's polynomial is most of the work)."""
-    a0 = 1.0 / (1.0 + exp(-(xi * block[l] + block[3 * LANES + l])))
-    a1 = 1.0 / (1.0 + exp(-(xi * block[LANES + l] + block[4 * LANES + l])))
-    a2 = 1.0 / (1.0 + exp(-(xi * block[2 * LANES + l] + block[5 * LANES + l])))
+    a0, a1, a2, out = _forward(block, l, xi)
     v0, v1, v2 = block[6 * LANES + l], block[7 * LANES + l], block[8 * LANES + l]
-    d2 = (block[9 * LANES + l] + a0 * v0 + a1 * v1 + a2 * v2 - yi) / m
+    d2 = (out - yi) / m
     return a0, a1, a2, d2, d2 * v0 * a0 * (1.0 - a0), d2 * v1 * a1 * (1.0 - a1), d2 * v2 * a2 * (1.0 - a2)
 
 
@@ -147,11 +156,7 @@ def _test_loss_block(block, x, y):
     for s in range(x.shape[0]):
         xs, ys = x[s], y[s]  # loaded once, before the stores: see _gradient_block
         for l in range(LANES):
-            out = block[9 * LANES + l]
-            out += block[6 * LANES + l] / (1.0 + exp(-(xs * block[l] + block[3 * LANES + l])))
-            out += block[7 * LANES + l] / (1.0 + exp(-(xs * block[LANES + l] + block[4 * LANES + l])))
-            out += block[8 * LANES + l] / (1.0 + exp(-(xs * block[2 * LANES + l] + block[5 * LANES + l])))
-            block[LOSS + l] += (out - ys) ** 2
+            block[LOSS + l] += (_forward(block, l, xs)[3] - ys) ** 2
     for l in range(LANES):
         block[LOSS + l] /= 2 * x.shape[0]
 
