@@ -21,7 +21,8 @@
 // Linear bias, the bias (has_bias; it only shifts the running mean) and an activation code
 // (rules.cuh): forward writes activate(z); backward gets the gradient of that output and
 // y = activate(z) itself, and takes activation_grad first. Plain BN: no bias, NNOPT_IDENTITY.
-// bias_activation / activation_backward: the same block without BN.
+// bias_activation / activation_backward: the same block without BN (bias_activation may
+// write in place: y == h, so h is not __restrict__).
 #include "rules.cuh"
 
 #define TILE 32
@@ -106,10 +107,8 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
     }                                                                                        \
 }
 
-#ifndef NNOPT_HOST_BUILD
 NNOPT_BN(float, f32)
 NNOPT_BN(double, f64)
-#endif
 
 #define NNOPT_BN_SPLIT(T, S)                                                                  \
 extern "C" __global__ void bn_partial_forward_##S(const T* __restrict__ x,                    \
@@ -201,9 +200,8 @@ extern "C" __global__ void bn_apply_backward_##S(const T* __restrict__ d,       
         dx[k] = a * activation_grad<T>(d[k], y[k], activation) - b * (x[k] - mu) - c;        \
     }                                                                                        \
 }                                                                                            \
-extern "C" __global__ void bias_activation_##S(const T* __restrict__ h,                       \
-        const T* __restrict__ bias, int has_bias, int activation, T* y, long long total,      \
-        int n) {                                                                             \
+extern "C" __global__ void bias_activation_##S(const T* h, const T* __restrict__ bias,     \
+        int has_bias, int activation, T* y, long long total, int n) {                        \
     for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < total;           \
          k += (long long)gridDim.x * blockDim.x) {                                           \
         y[k] = activate<T>(has_bias ? h[k] + bias[k % n] : h[k], activation);                \

@@ -1,7 +1,9 @@
 """The CUDA kernels without a GPU: every source compiles with nvcc, and the per-element
 math of kernels/rules.cuh, compiled for the host, matches nnopt's reference formulas."""
 import ctypes
+import ctypes.util
 import inspect
+import os
 import re
 import shutil
 import subprocess
@@ -36,6 +38,63 @@ def test_kernel_source_compiles_with_nvcc(tmp_path, name):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "k.cubin").stat().st_size > 1000
+
+
+def nvrtc_library():
+    """libnvrtc (the compiler CuPy hands nnopt's kernels to), from the NVIDIA wheel that the
+    test extra installs, a CUDA toolkit, or the loader's path; None if there is none."""
+    from nnopt.cublas import _site_dirs
+    files = [Path(d) / sub for d in _site_dirs() for sub in
+             ("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cuda_nvrtc/lib/libnvrtc.so.12")]
+    files += [Path(root) / "lib64" / "libnvrtc.so" for root in
+              (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda") if root]
+    for path in [str(f) for f in files if f.exists()] + [ctypes.util.find_library("nvrtc")]:
+        if path:
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                continue
+    return None
+
+
+def nvrtc_compile(lib, code, options):
+    """(status, log) of compiling ``code`` with NVRTC."""
+    program = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(program), code.encode(), b"nnopt.cu", 0, None,
+                                  None) == 0
+    try:
+        flags = [o.encode() for o in options]
+        status = lib.nvrtcCompileProgram(program, len(flags), (ctypes.c_char_p * len(flags))(*flags))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(program, log)
+        return status, log.value.decode(errors="replace")
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("name", kernels.SOURCES)
+def test_kernel_source_compiles_with_nvrtc(name, arch):
+    """What CuPy does on the GPU (nnopt.fast.gpu.module: the shipped source, --std=c++14),
+    for the A100 and H100/H200 architectures: no warning, every kernel an entry of the
+    binary, no register spills."""
+    from tests.emulated_gpu import compiler, kernel_signatures
+    lib = nvrtc_library()
+    if lib is None:
+        pytest.skip("no libnvrtc (pip install nvidia-cuda-nvrtc, part of nnopt's test extra)")
+    code = kernels.source(name)
+    status, log = nvrtc_compile(lib, code, ["--std=c++14", f"--gpu-architecture={arch}",
+                                            "--ptxas-options=-v"])
+    assert status == 0, log
+    assert "warning" not in log.lower(), log
+    entries = set(re.findall(r"Compiling entry function '(\w+)'", log))
+    assert entries, log
+    if compiler() is not None:  # the signatures come from the C preprocessor
+        assert entries == set(kernel_signatures(code)), log
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert spills and all(s == ("0", "0") for s in spills), log
 
 
 def build_host_library(tmp_path_factory, source):
@@ -215,7 +274,7 @@ def run_grid(lib, kernel, grid_shape, block, *args):
     for by in range(gy):
         for bx in range(gx):
             for tx in range(block):
-                lib.set_thread(gx, gy, block, bx, by, tx)
+                lib.nnopt_set_thread(gx, gy, block, 1, bx, by, tx, 0)
                 kernel(*args)
 
 

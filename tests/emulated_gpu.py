@@ -1,0 +1,241 @@
+"""An emulated CUDA device, so the CPU tests can run nnopt.fast.gpu itself, launchers and all.
+
+Just enough of CuPy for nnopt's launchers: NumPy arrays stand in for device arrays, and
+``RawModule(code)`` compiles the very source CuPy would hand to NVRTC with the host's C++
+compiler, CUDA's features emulated by tests/host_cuda.h. A launch then
+
+* checks every argument against the kernel's C signature (parsed from the preprocessed
+  source): count, NumPy scalar type for each scalar (``int`` takes numpy.int32 only,
+  ``long long`` numpy.int64, ``float``/``double`` numpy.float32/float64), and for each
+  pointer a C-contiguous array of the pointee's dtype. A mismatch, which on a GPU would
+  silently garble memory, is a :class:`LaunchError` naming the kernel and argument;
+* runs every thread of the grid: one after the other, or, for kernels that call
+  ``__syncthreads``, each block's threads on host threads of their own (one block at a
+  time, so ``__shared__`` can be a single static copy).
+
+What it cannot show: speed, memory-model races beyond ``__syncthreads``, anything of
+CUDA graphs, streams or cuBLAS. Those need the GPU (bench/gpu_check.sh).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TESTS = Path(__file__).resolve().parent
+SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
+POINTEES = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
+CTYPES = {np.int32: ctypes.c_int, np.int64: ctypes.c_longlong, np.float32: ctypes.c_float,
+          np.float64: ctypes.c_double}
+_BUILD_DIR = Path(tempfile.mkdtemp(prefix="nnopt-emulated-gpu-"))
+_LIBRARIES: dict = {}
+
+
+class LaunchError(TypeError):
+    """A kernel launched with arguments its C signature does not take."""
+
+
+class NotEmulated(NotImplementedError):
+    """A CuPy feature this emulation does not have (it needs a real GPU)."""
+
+
+def compiler():
+    return shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    ctype: str        # "float", "double", "int", "long long"
+    pointer: bool
+
+    def check(self, kernel, index, value):
+        """The ctypes value for ``value``, or LaunchError."""
+        where = f"{kernel}: argument {index} ({self.name})"
+        if self.pointer:
+            want = POINTEES[self.ctype]
+            if not isinstance(value, np.ndarray):
+                raise LaunchError(f"{where} is a {self.ctype}*, got {type(value).__name__}")
+            if value.dtype != want:
+                raise LaunchError(f"{where} is a {self.ctype}*, got an array of {value.dtype}")
+            if not value.flags.c_contiguous:
+                raise LaunchError(f"{where}: a non-contiguous array (shape {value.shape}, "
+                                  f"strides {value.strides}): the kernel would read it as "
+                                  "contiguous")
+            return ctypes.c_void_p(value.ctypes.data)
+        want = SCALARS[self.ctype]
+        if type(value) is not want:
+            raise LaunchError(f"{where} is a {self.ctype}: pass numpy.{want.__name__}, got "
+                              f"{type(value).__name__}")
+        return CTYPES[want](value)
+
+
+def _parse_param(text):
+    words = text.replace("*", " * ").replace("const", " ").replace("__restrict__", " ").split()
+    pointer = "*" in words
+    words = [w for w in words if w != "*"]
+    return Param(name=words[-1], ctype=" ".join(words[:-1]), pointer=pointer)
+
+
+def _body(text, start):
+    """The text of the brace-balanced block opening at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i + 1]
+    raise ValueError("unbalanced braces in kernel source")
+
+
+def kernel_signatures(code):
+    """{kernel name: (params, uses __syncthreads)} of every ``extern "C" __global__``
+    function of ``code``, after the preprocessor (the kernels are macro expansions)."""
+    text = subprocess.run([compiler(), "-E", "-P", "-x", "c++", "-"], input=code,
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+    out = {}
+    for match in re.finditer(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)\s*\{',
+                             text):
+        params = tuple(_parse_param(p) for p in match.group(2).split(",") if p.strip())
+        out[match.group(1)] = (params, "__syncthreads" in _body(text, match.end() - 1))
+    return out
+
+
+def _library(code):
+    """``code`` compiled for the host with tests/host_cuda.h (cached per source text)."""
+    key = hashlib.sha256(code.encode()).hexdigest()[:16]
+    if key not in _LIBRARIES:
+        source, lib = _BUILD_DIR / f"{key}.cpp", _BUILD_DIR / f"lib{key}.so"
+        source.write_text(code)
+        subprocess.run([compiler(), "-O1", "-std=c++14", "-shared", "-fPIC", "-pthread",
+                        "-Wno-unknown-pragmas", "-include", str(TESTS / "host_cuda.h"),
+                        str(source), "-o", str(lib)], check=True, timeout=600)
+        _LIBRARIES[key] = (ctypes.CDLL(str(lib)), kernel_signatures(code))
+    return _LIBRARIES[key]
+
+
+def _dims(shape, what, kernel):
+    shape = tuple(int(v) for v in shape)
+    if not 1 <= len(shape) <= 3 or any(v < 1 for v in shape) or shape[2:] not in ((), (1,)):
+        raise LaunchError(f"{kernel}: {what} {shape} (the emulation takes 1 or 2 dimensions, "
+                          "each >= 1)")
+    return (shape + (1,))[:2]
+
+
+class Function:
+    """One kernel of an emulated RawModule; ``launches`` records (name, grid, block,
+    scalar arguments)."""
+
+    def __init__(self, lib, name, params, synchronizes, launches):
+        self.lib, self.name, self.params = lib, name, params
+        self.synchronizes, self.launches = synchronizes, launches
+        self.entry = getattr(lib, name)
+        self.entry.restype = None
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        if len(args) != len(self.params):
+            raise LaunchError(f"{self.name} takes {len(self.params)} arguments "
+                              f"({', '.join(p.name for p in self.params)}), got {len(args)}")
+        values = [p.check(self.name, i, a) for i, (p, a) in enumerate(zip(self.params, args))]
+        (gx, gy), (bx, by) = _dims(grid, "grid", self.name), _dims(block, "block", self.name)
+        if bx * by > 1024:
+            raise LaunchError(f"{self.name}: {bx * by} threads per block (CUDA allows 1024)")
+        scalars = tuple(a.item() for a in args if not isinstance(a, np.ndarray))
+        self.launches.append((self.name, (gx, gy), (bx, by), scalars))
+        for block_y in range(gy):
+            for block_x in range(gx):
+                self._run_block(values, (gx, gy), (bx, by), block_x, block_y)
+
+    def _thread(self, values, grid, block, block_x, block_y, tx, ty):
+        self.lib.nnopt_set_thread(*grid, *block, block_x, block_y, tx, ty)
+        self.entry(*values)
+
+    def _run_block(self, values, grid, block, block_x, block_y):
+        threads = [(tx, ty) for ty in range(block[1]) for tx in range(block[0])]
+        if not self.synchronizes:
+            for tx, ty in threads:
+                self._thread(values, grid, block, block_x, block_y, tx, ty)
+            return
+        self.lib.nnopt_begin_block(len(threads))
+        workers = [threading.Thread(target=self._thread,
+                                    args=(values, grid, block, block_x, block_y, tx, ty))
+                   for tx, ty in threads]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+
+class RawModule:
+    def __init__(self, code, options=(), launches=None):
+        self.code, self.options = code, options
+        self.lib, self.signatures = _library(code)
+        self.launches = [] if launches is None else launches
+
+    def get_function(self, name):
+        if name not in self.signatures:
+            raise LaunchError(f"the module has no kernel {name!r} (it has: "
+                              f"{', '.join(sorted(self.signatures))})")
+        params, synchronizes = self.signatures[name]
+        return Function(self.lib, name, params, synchronizes, self.launches)
+
+
+class _Unavailable:
+    def __init__(self, what):
+        self.what = what
+
+    def __call__(self, *args, **kwargs):
+        raise NotEmulated(f"{self.what} is not emulated: it needs a real GPU")
+
+    def __getattr__(self, name):
+        return _Unavailable(f"{self.what}.{name}")
+
+
+def emulated_cupy(multiprocessors=2):
+    """A module that stands in for ``cupy``; ``.launches`` lists every kernel launch."""
+    cp = types.ModuleType("cupy")
+    cp.launches = []
+    cp.ndarray, cp.float32, cp.float64, cp.int32 = np.ndarray, np.float32, np.float64, np.int32
+    for name in ("empty", "empty_like", "zeros", "zeros_like", "ascontiguousarray", "asarray",
+                 "matmul"):
+        setattr(cp, name, getattr(np, name))
+    cp.RawModule = lambda code, options=(): RawModule(code, options, cp.launches)
+    cp.ElementwiseKernel = lambda *a, **k: _Unavailable("cupy.ElementwiseKernel")
+
+    class Device:
+        def __init__(self, device_id=0):
+            self.id = device_id
+            self.attributes = {"MultiProcessorCount": multiprocessors}
+
+    cp.cuda = types.SimpleNamespace(Device=Device, get_current_stream=_Unavailable("stream"),
+                                    memory=_Unavailable("cupy.cuda.memory"))
+    return cp
+
+
+def load_gpu_module(cupy_module, name="nnopt.fast._emulated_gpu"):
+    """A fresh copy of nnopt.fast.gpu bound to ``cupy_module`` (sys.modules left as it was:
+    nothing else in the test session sees the stand-in)."""
+    import nnopt.fast
+    path = Path(nnopt.fast.__file__).parent / "gpu.py"
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = cupy_module
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            sys.modules.pop("cupy", None)
+        else:
+            sys.modules["cupy"] = saved
+    return module

@@ -1,0 +1,239 @@
+"""nnopt.fast.gpu's launchers on an emulated CUDA device (tests/emulated_gpu.py): the exact
+Python that runs on a GPU, launching the exact kernel sources (compiled for the host),
+every launch's arguments checked against the kernel's C signature. What a GPU session
+would otherwise find first (an argument out of order, a float64 scalar for a float, a
+transposed view passed as contiguous, a kernel name that does not exist) fails here."""
+import ctypes
+
+import numpy as np
+import pytest
+
+import nnopt
+from nnopt import kernels, optim
+from nnopt.fast import capture_mode
+from nnopt.layers import ACTIVATIONS
+from nnopt.params import FlatParameters
+from tests import emulated_gpu
+from tests.test_kernels import CASES, block_reference
+
+pytestmark = pytest.mark.skipif(emulated_gpu.compiler() is None,
+                                reason="no C++ compiler to build the emulated kernels")
+ACTIVATION_NAMES = ["identity", *sorted(ACTIVATIONS)]
+
+
+@pytest.fixture(scope="module")
+def cupy_stand_in():
+    return emulated_gpu.emulated_cupy(multiprocessors=2)
+
+
+@pytest.fixture(scope="module")
+def gpu(cupy_stand_in):
+    return emulated_gpu.load_gpu_module(cupy_stand_in)
+
+
+def tol(dtype):
+    return 2e-5 if np.dtype(dtype) == np.float32 else 1e-12
+
+
+def close(got, want, rtol):
+    scale = max(float(np.max(np.abs(want))), 1.0)
+    return float(np.max(np.abs(np.asarray(got, np.float64) - want))) <= rtol * scale
+
+
+# --- the emulation's own checks ---------------------------------------------------------------
+def test_launch_arguments_are_checked_against_the_signature(cupy_stand_in):
+    sgd = cupy_stand_in.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f32")
+    p, g = np.zeros(8, np.float32), np.ones(8, np.float32)
+    sgd((1,), (4,), (p, g, np.float32(0.5), np.int64(8)))
+    assert np.all(p == -0.5)
+    wrong = {"a Python float for float lr": (p, g, 0.5, np.int64(8)),
+             "double for float": (p, g, np.float64(0.5), np.int64(8)),
+             "int32 for long long": (p, g, np.float32(0.5), np.int32(8)),
+             "float64 array for float*": (p, g.astype(np.float64), np.float32(0.5), np.int64(8)),
+             "strided view": (p, np.ones(16, np.float32)[::2], np.float32(0.5), np.int64(8)),
+             "missing argument": (p, g, np.float32(0.5))}
+    for what, args in wrong.items():
+        with pytest.raises(emulated_gpu.LaunchError):
+            sgd((1,), (4,), args)
+        assert np.all(p == -0.5), what
+    with pytest.raises(emulated_gpu.LaunchError, match="no kernel 'sgd_f16'"):
+        cupy_stand_in.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f16")
+
+
+def test_signatures_are_parsed_from_the_macro_expansions():
+    signatures = emulated_gpu.kernel_signatures(kernels.source("batchnorm.cu"))
+    params, synchronizes = signatures["bn_forward_f32"]
+    assert synchronizes and not signatures["bn_apply_forward_f64"][1]
+    assert [(p.name, p.ctype, p.pointer) for p in params[:5]] == [
+        ("x", "float", True), ("gamma", "float", True), ("beta", "float", True),
+        ("eps", "float", False), ("momentum", "float", False)]
+    assert signatures["bias_activation_f64"][0][5] == emulated_gpu.Param("total", "long long",
+                                                                         False)
+
+
+# --- nnopt.fast.gpu, launcher by launcher -----------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("name, options", CASES)
+def test_optimizer_steps_match_reference(gpu, rng, name, options, offset, dtype):
+    """Every rule through OPTIMIZER_STEPS (offset 1: buffers that start one element into
+    their allocation, the kernels' scalar path); Adam also with its step count in device
+    memory, as inside a captured graph."""
+    n = 1013
+    start = rng.normal(size=n)
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), "float64", w=start)
+    reference = optim.create(name, storage, use_fast_path=False, **options)
+    cls, group = type(reference), reference.param_groups[0]
+    step = gpu.OPTIMIZER_STEPS[cls.__name__]
+    buffers = [np.zeros(n + offset, dtype) for _ in range(2 + len(cls.state_names))]
+    p, g, *state = (b[offset:] for b in buffers)
+    p[...] = start
+    device_step = np.zeros(1, np.int32)
+    for t in range(1, 5):
+        g[...] = rng.normal(size=n) * rng.uniform(0.1, 5)
+        storage.grad[...] = g
+        reference.step()
+        device_step += 1
+        on_device = cls.step_scalars is not None and t % 2 == 0
+        step(p, g, dict(zip(cls.state_names, state)), group, device_step if on_device else t)
+    assert close(p, storage.data, 2 * tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, n", [(37, 33), (600, 24)])
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_batchnorm_launchers_match_reference(gpu, cupy_stand_in, rng, m, n, dtype,
+                                             activation, with_bias):
+    """bn_forward/bn_backward with a block's bias and activation: (37, 33) the one-launch
+    kernels (shared memory, __syncthreads), (600, 24) the split path."""
+    from nnopt.fast.plan import bn_plan
+    x = rng.normal(size=(m, n)) * rng.uniform(0.2, 4, n) + rng.normal(size=n) * 2
+    gamma, beta, d = rng.uniform(0.5, 2, n), rng.normal(size=n), rng.normal(size=(m, n))
+    bias = rng.normal(size=n) if with_bias else np.zeros(n)
+    y_ref, batch_mean, var_ref, dx_ref, dgamma_ref, dbeta_ref = block_reference(
+        x, gamma, beta, bias, d, activation)
+    c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+    code = gpu.ACTIVATION_CODES[activation]
+    run_mean, run_var = c(np.zeros(n)), c(np.ones(n))
+    start = len(cupy_stand_in.launches)
+    y, mean, inv_std = gpu.bn_forward(c(x), c(gamma), c(beta), 1e-5, 0.9, False, run_mean,
+                                      run_var, bias=c(bias) if with_bias else None,
+                                      activation=code)
+    dgamma, dbeta = c(np.zeros(n)), c(np.zeros(n))
+    dx = gpu.bn_backward(c(d), c(x), c(gamma), mean, inv_std, dgamma, dbeta, y=y,
+                         activation=code)
+    names = [launch[0] for launch in cupy_stand_in.launches[start:]]
+    assert (bn_plan(m, n, 2)[0] > 1) == ("bn_forward_f32" not in names and
+                                         "bn_forward_f64" not in names)
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    for got, want in ((y, y_ref), (dx, dx_ref), (dgamma, dgamma_ref), (dbeta, dbeta_ref),
+                      (run_mean, 0.1 * batch_mean), (run_var, 0.9 + 0.1 * var_ref)):
+        assert close(got, want, rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+def test_activation_launchers_match_the_layers(gpu, rng, dtype, activation):
+    m, n = 23, 9
+    h, d, bias = rng.normal(size=(m, n)) * 3, rng.normal(size=(m, n)), rng.normal(size=n)
+    layer = ACTIVATIONS[activation]() if activation != "identity" else None
+    y_ref = layer.forward(h + bias) if layer else h + bias
+    dh_ref = layer.backward(d) if layer else d
+    code = gpu.ACTIVATION_CODES[activation]
+    hs = h.astype(dtype)
+    y = gpu.activation_forward(hs, bias.astype(dtype), code, out=hs)  # in place, as a block does
+    dbias = np.ones(n, dtype)
+    dh = gpu.activation_backward(d.astype(dtype), y, code, dbias=dbias)
+    assert y is hs
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    assert close(y, y_ref, rtol) and close(dh, dh_ref, rtol)
+    assert close(dbias, 1 + dh_ref.sum(axis=0), 10 * rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True),
+                                              (True, True)])
+def test_tiled_gemm_matches_numpy(gpu, rng, dtype, trans_a, trans_b):
+    """The GEMM captured graphs fall back on (16x16 tiles, shared memory): sizes that are
+    not multiples of the tile."""
+    m, k, n = 19, 35, 17
+    a, b = rng.normal(size=(m, k)), rng.normal(size=(k, n))
+    a_in = (a.T if trans_a else a).astype(dtype)
+    b_in = (b.T if trans_b else b).astype(dtype)
+    c = gpu.gemm(np.ascontiguousarray(a_in), np.ascontiguousarray(b_in), trans_a, trans_b)
+    assert c.shape == (m, n) and close(c, a @ b, 1e-5 if dtype == np.float32 else 1e-12)
+
+
+# --- a fused block on the emulated device -----------------------------------------------------
+def run_block(gpu, monkeypatch, shape, batchnorm, activation, dtype, seed, captured=False):
+    """(fused on the emulated GPU, layered on NumPy) results of one forward and backward."""
+    import nnopt.block
+    from tests.test_block import fused_and_layered
+    monkeypatch.setattr(nnopt.block, "fast_for", lambda *arrays: gpu)
+    m, n_in, n_out = shape
+    fused, layered = fused_and_layered(n_in, n_out, batchnorm, activation, dtype, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(m, n_in)) * 2 + 1).astype(dtype)
+    d = rng.normal(size=(m, n_out)).astype(dtype)
+    results = []
+    for model in (fused, layered):
+        model.zero_grad()
+        with capture_mode() if captured and model is fused else _nothing():
+            y = model.forward(x).copy()
+            dx = model.backward(d).copy()
+        results.append((y, dx, model.state_dict(),
+                        {p.name: p.grad.copy() for p in model.parameters()}))
+    assert fused.steps[0].saved is not None, "the block ran its layers, not the GPU kernels"
+    return results
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def assert_block_results_agree(results, batchnorm, dtype):
+    (y, dx, state, grads), (y_ref, dx_ref, state_ref, grads_ref) = results
+    rtol = 2e-4 if dtype == "float32" else 1e-10
+    assert close(y, y_ref, rtol) and close(dx, dx_ref, rtol)
+    for name in state_ref:
+        assert close(state[name], state_ref[name], rtol), name
+    for name, want in grads_ref.items():
+        if batchnorm and name == "fc1.b":
+            assert np.all(grads[name] == 0)  # zero by construction (nnopt.block)
+        else:
+            assert close(grads[name], want, rtol), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(2, 3, 1), (37, 20, 33), (600, 40, 24)])
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("activation", [None, "relu", "tanh"])
+def test_fused_block_on_the_emulated_gpu_matches_its_layers(gpu, monkeypatch, rng, shape,
+                                                            dtype, batchnorm, activation):
+    """nnopt.block's fused passes through nnopt.fast.gpu: the same check as
+    tests/test_gpu.py's on a real GPU."""
+    results = run_block(gpu, monkeypatch, shape, batchnorm, activation, dtype,
+                        seed=int(rng.integers(1000)))
+    assert_block_results_agree(results, batchnorm, dtype)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_fused_block_inside_a_capture_takes_the_capturable_gemm(cupy_stand_in, monkeypatch,
+                                                                rng, batchnorm):
+    """While capturing, a block's products go through graph_gemm, transposed views as
+    transpose flags; without cuBLAS (turned off here), nnopt's tiled kernel."""
+    monkeypatch.setenv("NNOPT_CUBLAS", "off")
+    gpu = emulated_gpu.load_gpu_module(cupy_stand_in)  # its own handle cache: warns once
+    start = len(cupy_stand_in.launches)
+    with pytest.warns(RuntimeWarning, match="NNOPT_CUBLAS"):
+        results = run_block(gpu, monkeypatch, (21, 18, 17), batchnorm, "relu", "float64",
+                            seed=int(rng.integers(1000)), captured=True)
+    gemms = [launch for launch in cupy_stand_in.launches[start:] if launch[0] == "gemm_f64"]
+    # h = x W, dW = x^T dh, dx = dh W^T: the transposed views passed as flags, not copied
+    assert sorted(launch[3][-2:] for launch in gemms) == [(0, 0), (0, 1), (1, 0)]
+    assert_block_results_agree(results, batchnorm, "float64")
