@@ -11,7 +11,10 @@ compiler, CUDA's features emulated by tests/host_cuda.h. A launch then
   silently garble memory, is a :class:`LaunchError` naming the kernel and argument;
 * runs every thread of the grid: one after the other, or, for kernels that call
   ``__syncthreads``, each block's threads on host threads of their own (one block at a
-  time, so ``__shared__`` can be a single static copy).
+  time, so ``__shared__`` can be a single static copy);
+* checks, for every array the stand-in allocated (``cupy.empty`` and friends: what the
+  launchers allocate), that the kernel wrote nothing in the guard bytes either side of it:
+  an out-of-bounds write is a :class:`LaunchError`.
 
 What it cannot show: speed, memory-model races beyond ``__syncthreads``, anything of
 CUDA graphs, streams or cuBLAS. Those need the GPU (bench/gpu_check.sh).
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import threading
 import types
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,8 @@ CTYPES = {np.int32: ctypes.c_int, np.int64: ctypes.c_longlong, np.float32: ctype
           np.float64: ctypes.c_double}
 _BUILD_DIR = Path(tempfile.mkdtemp(prefix="nnopt-emulated-gpu-"))
 _LIBRARIES: dict = {}
+GUARD_BYTES, GUARD_VALUE = 256, 0xA5
+_GUARDED = weakref.WeakValueDictionary()  # the stand-in's allocations, by id
 
 
 class LaunchError(TypeError):
@@ -155,6 +161,10 @@ class Function:
         for block_y in range(gy):
             for block_x in range(gx):
                 self._run_block(values, (gx, gy), (bx, by), block_x, block_y)
+        for i, a in enumerate(args):
+            if isinstance(a, np.ndarray) and not _guards_intact(a):
+                raise LaunchError(f"{self.name}: wrote outside argument {i} "
+                                  f"({self.params[i].name}, shape {a.shape})")
 
     def _thread(self, values, grid, block, block_x, block_y, tx, ty):
         self.lib.nnopt_set_thread(*grid, *block, block_x, block_y, tx, ty)
@@ -201,14 +211,56 @@ class _Unavailable:
         return _Unavailable(f"{self.what}.{name}")
 
 
+def _guarded_empty(shape, dtype=float):
+    """An uninitialized array between two guard areas (see _guards_intact)."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if np.isscalar(shape) else tuple(shape)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.full(size + 2 * GUARD_BYTES, GUARD_VALUE, dtype=np.uint8)
+    _GUARDED[id(raw)] = raw
+    return raw[GUARD_BYTES:GUARD_BYTES + size].view(dtype).reshape(shape)
+
+
+def _guards_intact(a):
+    """False where ``a`` lies in a guarded allocation whose guard bytes changed."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if _GUARDED.get(id(root)) is not root:
+        return True
+    return bool(np.all(root[:GUARD_BYTES] == GUARD_VALUE)
+                and np.all(root[-GUARD_BYTES:] == GUARD_VALUE))
+
+
+def _stand_in_allocators(cp):
+    cp.empty = _guarded_empty
+
+    def zeros(shape, dtype=float):
+        a = _guarded_empty(shape, dtype)
+        a[...] = 0
+        return a
+
+    def empty_like(a, dtype=None):
+        return _guarded_empty(a.shape, a.dtype if dtype is None else dtype)
+
+    def ascontiguousarray(a, dtype=None):
+        a = np.asarray(a, dtype=dtype)
+        if a.flags.c_contiguous:
+            return a
+        out = empty_like(a)
+        out[...] = a
+        return out
+    cp.zeros, cp.empty_like, cp.ascontiguousarray = zeros, empty_like, ascontiguousarray
+    cp.zeros_like = lambda a, dtype=None: zeros(a.shape, a.dtype if dtype is None else dtype)
+
+
 def emulated_cupy(multiprocessors=2):
     """A module that stands in for ``cupy``; ``.launches`` lists every kernel launch."""
     cp = types.ModuleType("cupy")
     cp.launches = []
     cp.ndarray, cp.float32, cp.float64, cp.int32 = np.ndarray, np.float32, np.float64, np.int32
-    for name in ("empty", "empty_like", "zeros", "zeros_like", "ascontiguousarray", "asarray",
-                 "matmul"):
-        setattr(cp, name, getattr(np, name))
+    cp.asarray, cp.matmul = np.asarray, np.matmul
+    _stand_in_allocators(cp)
     cp.RawModule = lambda code, options=(): RawModule(code, options, cp.launches)
     cp.ElementwiseKernel = lambda *a, **k: _Unavailable("cupy.ElementwiseKernel")
 

@@ -60,6 +60,16 @@ def test_launch_arguments_are_checked_against_the_signature(cupy_stand_in):
         cupy_stand_in.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f16")
 
 
+def test_writes_outside_an_allocation_are_caught(cupy_stand_in):
+    sgd = cupy_stand_in.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f64")
+    p, g = cupy_stand_in.zeros(6, np.float64), cupy_stand_in.zeros(9, np.float64)
+    g[...] = 1
+    sgd((1,), (8,), (p, g, np.float64(0.5), np.int64(6)))
+    assert np.all(p == -0.5)
+    with pytest.raises(emulated_gpu.LaunchError, match="wrote outside argument 0"):
+        sgd((1,), (8,), (p, g, np.float64(0.5), np.int64(7)))  # one element too many
+
+
 def test_signatures_are_parsed_from_the_macro_expansions():
     signatures = emulated_gpu.kernel_signatures(kernels.source("batchnorm.cu"))
     params, synchronizes = signatures["bn_forward_f32"]
