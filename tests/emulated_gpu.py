@@ -200,6 +200,42 @@ class RawModule:
         return Function(self.lib, name, params, synchronizes, self.launches)
 
 
+class ElementwiseKernel:
+    """cupy.ElementwiseKernel for same-shape arrays: the operation compiled for the host in
+    a loop over the elements (one type parameter T, taken from the first input)."""
+
+    def __init__(self, in_params, out_params, operation, name="kernel", **options):
+        parse = lambda text: [p.split() for p in text.split(",") if p.strip()]  # noqa: E731
+        self.inputs, self.outputs = parse(in_params), parse(out_params)
+        self.operation, self.name = operation, name
+
+    def _entry(self, ctype):
+        reads = "".join(f"const T {n} = in_{n}[i]; " for _, n in self.inputs)
+        slots = "".join(f"T& {n} = out_{n}[i]; " for _, n in self.outputs)
+        params = ", ".join([f"const T* in_{n}" for _, n in self.inputs]
+                           + [f"T* out_{n}" for _, n in self.outputs] + ["long long size"])
+        code = (f"typedef {ctype} T;\nextern \"C\" void run({params}) {{\n"
+                f"    for (long long i = 0; i < size; ++i) {{ {reads}{slots}{self.operation}; }}\n}}\n")
+        lib, _ = _library(code)
+        lib.run.restype = None
+        return lib.run
+
+    def __call__(self, *args):
+        inputs, outputs = list(args[:len(self.inputs)]), list(args[len(self.inputs):])
+        first = inputs[0]
+        if any(a.shape != first.shape or a.dtype != first.dtype for a in inputs + outputs):
+            raise NotEmulated(f"{self.name}: the emulation takes same-shape, same-dtype arrays")
+        outputs += [_guarded_empty(first.shape, first.dtype)
+                    for _ in self.outputs[len(outputs):]]
+        ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[first.dtype]
+        arrays = [np.ascontiguousarray(a) for a in inputs] + outputs
+        if not all(a.flags.c_contiguous for a in outputs):
+            raise NotEmulated(f"{self.name}: non-contiguous output")
+        self._entry(ctype)(*(ctypes.c_void_p(a.ctypes.data) for a in arrays),
+                           ctypes.c_longlong(first.size))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
 class _Unavailable:
     def __init__(self, what):
         self.what = what
@@ -262,7 +298,7 @@ def emulated_cupy(multiprocessors=2):
     cp.asarray, cp.matmul = np.asarray, np.matmul
     _stand_in_allocators(cp)
     cp.RawModule = lambda code, options=(): RawModule(code, options, cp.launches)
-    cp.ElementwiseKernel = lambda *a, **k: _Unavailable("cupy.ElementwiseKernel")
+    cp.ElementwiseKernel = ElementwiseKernel
 
     class Device:
         def __init__(self, device_id=0):
@@ -272,6 +308,15 @@ def emulated_cupy(multiprocessors=2):
     cp.cuda = types.SimpleNamespace(Device=Device, get_current_stream=_Unavailable("stream"),
                                     memory=_Unavailable("cupy.cuda.memory"))
     return cp
+
+
+def fast_for_emulated(gpu):
+    """nnopt.fast.fast_for with the emulated GPU kernels for NumPy float32/float64 arrays."""
+    def fast_for(*arrays):
+        first = arrays[0]
+        ok = all(type(a) is np.ndarray and a.dtype == first.dtype for a in arrays)
+        return gpu if ok and first.dtype in (np.float32, np.float64) else None
+    return fast_for
 
 
 def load_gpu_module(cupy_module, name="nnopt.fast._emulated_gpu"):

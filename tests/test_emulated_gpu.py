@@ -247,3 +247,51 @@ def test_fused_block_inside_a_capture_takes_the_capturable_gemm(cupy_stand_in, m
     # h = x W, dW = x^T dh, dx = dh W^T: the transposed views passed as flags, not copied
     assert sorted(launch[3][-2:] for launch in gemms) == [(0, 0), (0, 1), (1, 0)]
     assert_block_results_agree(results, batchnorm, "float64")
+
+
+# --- whole training steps on the emulated device ----------------------------------------------
+FAST_PATH_USERS = ("nnopt.optim.base", "nnopt.layers", "nnopt.batchnorm", "nnopt.block",
+                   "nnopt.losses")
+
+
+def train_steps(monkeypatch, fast_for, name, options, batchnorm, fused, dtype, steps=3):
+    """Parameters and BN buffers of a small textbook-shaped net after ``steps`` steps, every
+    layer's and the optimizer's fast path looked up through ``fast_for``."""
+    import importlib
+    for module in FAST_PATH_USERS:
+        monkeypatch.setattr(importlib.import_module(module), "fast_for", fast_for)
+    model = nnopt.mlp([30, 24, 16, 10], "relu", batchnorm=batchnorm, seed=3, dtype=dtype,
+                      fused=fused)
+    opt = optim.create(name, model.flat, **options)
+    loss = nnopt.SoftmaxCrossEntropy()
+    rng = np.random.default_rng(7)
+    for _ in range(steps):
+        x = rng.normal(size=(40, 30)).astype(dtype)
+        y = rng.integers(0, 10, size=40)
+        model.zero_grad()
+        model.loss_and_backward(x, y, loss)
+        opt.step()
+    return {k: np.array(v, dtype=np.float64) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("batchnorm, fused", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("name, options", CASES)
+def test_training_steps_on_the_emulated_gpu_match_the_reference(gpu, cupy_stand_in, monkeypatch,
+                                                                name, options, batchnorm, fused):
+    """The eager GPU training step of nnopt.train --device gpu (blocks or layers, BN layer
+    kernels, ReLU, every optimizer's launcher on the flat buffers), in float64, against the
+    reference math."""
+    want = train_steps(monkeypatch, lambda *arrays: None, name, options, batchnorm, fused,
+                       "float64")
+    start = len(cupy_stand_in.launches)
+    got = train_steps(monkeypatch, emulated_gpu.fast_for_emulated(gpu), name, options,
+                      batchnorm, fused, "float64")
+    launched = {launch[0] for launch in cupy_stand_in.launches[start:]}
+    rule = optim.create(name, FlatParameters.from_arrays(nnopt.get_namespace("cpu"), "float64",
+                                                         w=np.zeros(1)), **options)
+    assert f"{rule.rule_name(rule.param_groups[0])}_f64" in launched
+    assert ("bn_forward_f64" in launched) == batchnorm
+    assert ("activation_backward_f64" in launched) == fused  # the last FC: a block too
+    assert want.keys() == got.keys()
+    for key in want:
+        assert close(got[key], want[key], 1e-9), key
