@@ -368,7 +368,9 @@ def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None
     window = Window(run.xp, skip_nonfinite=run.optimizer.nonfinite == "skip", comm=run.comm)
     run.started = time.perf_counter() - state.elapsed
     interrupted = False
-    with StopRequest() as local_stop, step.stream():
+    # A diverging run is reported by nnopt (TrainingDiverged, or the count of skipped
+    # steps), not by NumPy's overflow warnings from inside a step.
+    with StopRequest() as local_stop, step.stream(), np.errstate(over="ignore", invalid="ignore"):
         stop = distributed.AgreedStop(local_stop, run.comm)  # all ranks stop at the same step
         for epoch in range(state.epoch, config["epochs"]):
             if state.reached:
@@ -445,14 +447,16 @@ class StopRequest:
 
 
 def evaluate(model, x, y, loss_fn, batch=4096):
-    """Mean loss and accuracy (inference mode) over a whole split."""
+    """Mean loss and accuracy (inference mode) over a whole split (a non-finite loss is a
+    value the run reports, not a NumPy warning)."""
     xp = model.xp
     total_loss, correct, n = 0.0, 0, x.shape[0]
-    for start in range(0, n, batch):
-        xb, yb = x[start:start + batch], y[start:start + batch]
-        logits = model.forward(xb, train=False)
-        total_loss += float(loss_fn.forward(logits, yb)) * xb.shape[0]
-        correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, n, batch):
+            xb, yb = x[start:start + batch], y[start:start + batch]
+            logits = model.forward(xb, train=False)
+            total_loss += float(loss_fn.forward(logits, yb)) * xb.shape[0]
+            correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64)))
     return total_loss / n, correct / n
 
 
