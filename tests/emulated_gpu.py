@@ -140,7 +140,7 @@ def _dims(shape, what, kernel):
 
 class Function:
     """One kernel of an emulated RawModule; ``launches`` records (name, grid, block,
-    scalar arguments)."""
+    scalar arguments, array addresses)."""
 
     def __init__(self, lib, name, params, synchronizes, launches):
         self.lib, self.name, self.params = lib, name, params
@@ -157,7 +157,8 @@ class Function:
         if bx * by > 1024:
             raise LaunchError(f"{self.name}: {bx * by} threads per block (CUDA allows 1024)")
         scalars = tuple(a.item() for a in args if not isinstance(a, np.ndarray))
-        self.launches.append((self.name, (gx, gy), (bx, by), scalars))
+        addresses = tuple(a.ctypes.data for a in args if isinstance(a, np.ndarray))
+        self.launches.append((self.name, (gx, gy), (bx, by), scalars, addresses))
         for block_y in range(gy):
             for block_x in range(gx):
                 self._run_block(values, (gx, gy), (bx, by), block_x, block_y)

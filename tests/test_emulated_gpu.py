@@ -175,6 +175,21 @@ def test_tiled_gemm_matches_numpy(gpu, rng, dtype, trans_a, trans_b):
     assert c.shape == (m, n) and close(c, a @ b, 1e-5 if dtype == np.float32 else 1e-12)
 
 
+def test_gemm_writes_into_out(gpu, cupy_stand_in, rng):
+    """Into a contiguous ``out`` directly (one graph node, no copy); a strided ``out`` gets
+    a copy; a wrong shape is an error."""
+    a, b = rng.normal(size=(5, 7)), rng.normal(size=(7, 3))
+    out = np.zeros((5, 3))
+    assert gpu.gemm(a, b, out=out) is out and close(out, a @ b, 1e-12)
+    assert cupy_stand_in.launches[-1][4][2] == out.ctypes.data
+    wide = np.zeros((5, 6))
+    assert gpu.gemm(a, b, out=wide[:, ::2]) is not None and close(wide[:, ::2], a @ b, 1e-12)
+    assert np.all(wide[:, 1::2] == 0)
+    with pytest.raises(ValueError, match=r"out is \(3, 5\)"):
+        gpu.gemm(a, b, out=np.zeros((3, 5)))
+    assert gpu.gemm(np.zeros((0, 7)), b).shape == (0, 3)
+
+
 # --- a fused block on the emulated device -----------------------------------------------------
 def run_block(gpu, monkeypatch, shape, batchnorm, activation, dtype, seed, captured=False):
     """(fused on the emulated GPU, layered on NumPy) results of one forward and backward."""
@@ -193,7 +208,8 @@ def run_block(gpu, monkeypatch, shape, batchnorm, activation, dtype, seed, captu
             y = model.forward(x).copy()
             dx = model.backward(d).copy()
         results.append((y, dx, model.state_dict(),
-                        {p.name: p.grad.copy() for p in model.parameters()}))
+                        {p.name: p.grad.copy() for p in model.parameters()},
+                        model.layers[0].W.grad.ctypes.data))
     assert fused.steps[0].saved is not None, "the block ran its layers, not the GPU kernels"
     return results
 
@@ -207,7 +223,7 @@ class _nothing:
 
 
 def assert_block_results_agree(results, batchnorm, dtype):
-    (y, dx, state, grads), (y_ref, dx_ref, state_ref, grads_ref) = results
+    (y, dx, state, grads, _), (y_ref, dx_ref, state_ref, grads_ref, _) = results
     rtol = 2e-4 if dtype == "float32" else 1e-10
     assert close(y, y_ref, rtol) and close(dx, dx_ref, rtol)
     for name in state_ref:
@@ -244,8 +260,10 @@ def test_fused_block_inside_a_capture_takes_the_capturable_gemm(cupy_stand_in, m
         results = run_block(gpu, monkeypatch, (21, 18, 17), batchnorm, "relu", "float64",
                             seed=int(rng.integers(1000)), captured=True)
     gemms = [launch for launch in cupy_stand_in.launches[start:] if launch[0] == "gemm_f64"]
-    # h = x W, dW = x^T dh, dx = dh W^T: the transposed views passed as flags, not copied
+    # h = x W, dW = x^T dh, dx = dh W^T: the transposed views passed as flags, not copied,
+    # and each product written straight into the block's buffer (W.grad for dW)
     assert sorted(launch[3][-2:] for launch in gemms) == [(0, 0), (0, 1), (1, 0)]
+    assert results[0][4] in [launch[4][2] for launch in gemms]
     assert_block_results_agree(results, batchnorm, "float64")
 
 

@@ -79,6 +79,17 @@ def test_gemm_matches_matmul(xp, gpu, rng, trans_a, trans_b, route):
     np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("route", ["gemm", "graph_gemm"])
+def test_gemm_writes_into_a_view_of_a_flat_buffer(xp, gpu, rng, route):
+    """As a block's dW lands in W.grad, a view into the flat gradient buffer."""
+    a, b = rng.normal(size=(45, 77)), rng.normal(size=(45, 33))
+    flat = xp.zeros(5 + 77 * 33 + 7, dtype=xp.float64)
+    out = xp.reshape(flat[5:5 + 77 * 33], (77, 33))
+    assert getattr(gpu, route)(dev(xp, a), dev(xp, b), True, False, out=out) is out
+    np.testing.assert_allclose(host(out), a.T @ b, rtol=1e-10, atol=1e-10)
+    assert np.all(host(flat[:5]) == 0) and np.all(host(flat[5 + 77 * 33:]) == 0)
+
+
 def test_cublas_loads_and_is_captured(xp, gpu, rng):
     """nnopt's own cuBLAS handle: found, and its GEMM captured and replayed in a graph."""
     import cupy

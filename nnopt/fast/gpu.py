@@ -59,7 +59,9 @@ def _s(p, *values):
 
 
 # --- graph capture ----------------------------------------------------------------------------
-def _gemm_operands(a, b, trans_a, trans_b):
+def _gemm_operands(a, b, trans_a, trans_b, out):
+    """Contiguous a and b, the output (``out`` itself where it is a C-contiguous (m, n)
+    array of their dtype, so the product is written in place) and m, n, k."""
     a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
@@ -67,7 +69,20 @@ def _gemm_operands(a, b, trans_a, trans_b):
         raise ValueError(f"gemm: inner sizes differ ({k} vs {k2})")
     if a.dtype != b.dtype:
         raise TypeError(f"gemm: dtypes differ ({a.dtype} vs {b.dtype})")
-    return a, b, m, n, k
+    if out is not None and (tuple(out.shape) != (m, n) or out.dtype != a.dtype):
+        raise ValueError(f"gemm: out is {tuple(out.shape)} {out.dtype}, the product "
+                         f"({m}, {n}) {a.dtype}")
+    direct = out is not None and out.flags.c_contiguous
+    c = out if direct else cupy.empty((m, n), dtype=a.dtype)
+    return a, b, c, m, n, k
+
+
+def _into(out, c):
+    """The result: ``c``, copied into ``out`` where the kernel could not write there."""
+    if out is None or out is c:
+        return c
+    out[...] = c
+    return out
 
 
 def _warn(message):
@@ -105,31 +120,32 @@ def prepare_capture(stream):
     return HANDLES.route(cupy.cuda.Device().id)
 
 
-def graph_gemm(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b), capturable: cuBLAS through nnopt's own handle, or (where it cannot
-    load) nnopt's tiled kernel."""
+def graph_gemm(a, b, trans_a=False, trans_b=False, out=None):
+    """op(a) @ op(b) (into ``out`` if given), capturable: cuBLAS through nnopt's own handle,
+    or (where it cannot load) nnopt's tiled kernel."""
     handle = cublas_handle()
     if handle is None:
-        return gemm(a, b, trans_a, trans_b)
-    a, b, m, n, k = _gemm_operands(a, b, trans_a, trans_b)
+        return gemm(a, b, trans_a, trans_b, out)
+    a, b, c, m, n, k = _gemm_operands(a, b, trans_a, trans_b, out)
     if k == 0:
-        return cupy.zeros((m, n), dtype=a.dtype)
-    c = cupy.empty((m, n), dtype=a.dtype)
-    if m and n:
+        c[...] = 0
+    elif m and n:
         handle.set_stream(cupy.cuda.get_current_stream().ptr)
         handle.gemm(a.dtype == cupy.float64, a.data.ptr, b.data.ptr, c.data.ptr, m, n, k,
                     trans_a, trans_b)
-    return c
+    return _into(out, c)
 
 
-def gemm(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b) with nnopt's own tiled kernel: the fallback where cuBLAS cannot load."""
-    a, b, m, n, k = _gemm_operands(a, b, trans_a, trans_b)
-    c = cupy.empty((m, n), dtype=a.dtype)
-    function("gemm.cu", f"gemm_{_suffix(a)}")(((n + 15) // 16, (m + 15) // 16), (16, 16),
-                                             (a, b, c, np.int32(m), np.int32(n), np.int32(k),
-                                              np.int32(trans_a), np.int32(trans_b)))
-    return c
+def gemm(a, b, trans_a=False, trans_b=False, out=None):
+    """op(a) @ op(b) (into ``out`` if given) with nnopt's own tiled kernel: the fallback
+    where cuBLAS cannot load."""
+    a, b, c, m, n, k = _gemm_operands(a, b, trans_a, trans_b, out)
+    if m and n:
+        function("gemm.cu", f"gemm_{_suffix(a)}")(
+            ((n + 15) // 16, (m + 15) // 16), (16, 16),
+            (a, b, c, np.int32(m), np.int32(n), np.int32(k), np.int32(trans_a),
+             np.int32(trans_b)))
+    return _into(out, c)
 
 
 # --- optimizer steps --------------------------------------------------------------------------
@@ -247,15 +263,14 @@ def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
 
 def product(a, b, out):
     """``a @ b`` into ``out`` (a block's products; either may be a transposed view). While a
-    CUDA graph is captured, through :func:`graph_gemm` (CuPy refuses cuBLAS then), and
-    copied into ``out``."""
+    CUDA graph is captured, through :func:`graph_gemm` (CuPy refuses cuBLAS then), written
+    straight into ``out``: one graph node per product."""
     if not capturing():
         return cupy.matmul(a, b, out=out)
     # A transposed view goes to cuBLAS as the original with a transpose flag, not a copy.
     trans_a = not a.flags.c_contiguous and a.T.flags.c_contiguous
     trans_b = not b.flags.c_contiguous and b.T.flags.c_contiguous
-    out[...] = graph_gemm(a.T if trans_a else a, b.T if trans_b else b, trans_a, trans_b)
-    return out
+    return graph_gemm(a.T if trans_a else a, b.T if trans_b else b, trans_a, trans_b, out=out)
 
 
 class Scratch(HostScratch):
