@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = ("optimizers.cu", "batchnorm.cu", "gemm.cu")
+SOURCES = ("optimizers.cu", "batchnorm.cu", "gemm.cu", "loss.cu")
 
 
 def source(name: str) -> str:

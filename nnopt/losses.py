@@ -57,12 +57,15 @@ class SoftmaxCrossEntropy(Loss):
         self.scratch = None  # the fused path's reusable prob and gradient buffers
 
     def forward_backward(self, logits, target):
-        """With NumPy float logits and integer labels: softmax, loss and gradient in one
-        pass of numba (no one-hot matrix, no temporaries); else forward, then backward."""
+        """With float logits and integer labels on NumPy or CuPy: softmax, loss and
+        gradient in one pass (numba, or one CUDA launch; no one-hot matrix, no
+        temporaries); else forward, then backward. On the GPU the loss stays a 0-d device
+        array, and a label outside the classes makes it NaN (raising would need a
+        synchronization each step)."""
         fast = fast_for(logits) if len(logits.shape) == 2 else None
-        if (fast is None or not hasattr(fast, "softmax_cross_entropy") or not is_numpy(target)
-                or len(target.shape) != 1 or target.dtype.kind not in "iu"
-                or target.shape[0] != logits.shape[0]):
+        if (fast is None or not hasattr(fast, "softmax_cross_entropy")
+                or type(target) is not type(logits) or len(target.shape) != 1
+                or target.dtype.kind not in "iu" or target.shape[0] != logits.shape[0]):
             return super().forward_backward(logits, target)
         if self.scratch is None:
             self.scratch = fast.Scratch()
@@ -71,7 +74,7 @@ class SoftmaxCrossEntropy(Loss):
         if n_bad:
             check_labels(target, logits.shape[1])  # raises, with the offending label
         self.prob, self.target = prob, None
-        return logits.dtype.type(value), grad
+        return (logits.dtype.type(value) if is_numpy(logits) else value), grad
 
     def forward(self, logits, target):
         xp = namespace_of(logits)

@@ -295,7 +295,8 @@ def emulated_cupy(multiprocessors=2):
     """A module that stands in for ``cupy``; ``.launches`` lists every kernel launch."""
     cp = types.ModuleType("cupy")
     cp.launches = []
-    cp.ndarray, cp.float32, cp.float64, cp.int32 = np.ndarray, np.float32, np.float64, np.int32
+    cp.ndarray, cp.float32, cp.float64 = np.ndarray, np.float32, np.float64
+    cp.int32, cp.int64 = np.int32, np.int64
     cp.asarray, cp.matmul = np.asarray, np.matmul
     _stand_in_allocators(cp)
     cp.RawModule = lambda code, options=(): RawModule(code, options, cp.launches)

@@ -13,6 +13,8 @@
 #include <condition_variable>
 #include <mutex>
 using std::exp;
+using std::log;
+using std::nan;
 using std::pow;
 using std::sqrt;
 using std::tanh;

@@ -190,6 +190,39 @@ def test_gemm_writes_into_out(gpu, cupy_stand_in, rng):
     assert gpu.gemm(np.zeros((0, 7)), b).shape == (0, 3)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, c", [(1, 1), (64, 10), (300, 37)])
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64, np.uint8])
+def test_softmax_cross_entropy_matches_the_layer(gpu, cupy_stand_in, rng, m, c, dtype,
+                                                 label_dtype):
+    """One launch for loss, softmax and gradient (300 rows: more rows than threads)."""
+    from nnopt.losses import SoftmaxCrossEntropy
+    logits = rng.normal(size=(m, c)) * 4
+    labels = rng.integers(0, c, size=m)
+    layer = SoftmaxCrossEntropy()
+    want = layer.forward(logits, labels)
+    want_grad = layer.backward()
+    prob, grad = np.full((m, c), np.nan, dtype), np.full((m, c), np.nan, dtype)
+    value, n_bad = gpu.softmax_cross_entropy(logits.astype(dtype), labels.astype(label_dtype),
+                                             prob, grad)
+    assert n_bad == 0 and value.shape == () and value.dtype == dtype
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    assert close(value, want, rtol) and close(prob, layer.prob, rtol)
+    assert close(grad, want_grad, rtol)
+    kind = "i32" if label_dtype == np.int32 else "i64"  # other integer labels: made int64
+    assert cupy_stand_in.launches[-1][0].endswith(kind)
+
+
+def test_softmax_cross_entropy_with_a_bad_label_is_nan(gpu, rng):
+    """Out of range: NaN loss (the GPU cannot raise without a synchronization); the other
+    rows' gradients as usual."""
+    logits, labels = rng.normal(size=(6, 4)), np.array([0, 1, 2, 3, 4, 1])
+    prob, grad = np.empty((6, 4)), np.empty((6, 4))
+    value, _ = gpu.softmax_cross_entropy(logits, labels, prob, grad)
+    assert np.isnan(value)
+    assert close(grad[4], prob[4] / 6, 1e-15) and close(grad[0, 0], (prob[0, 0] - 1) / 6, 1e-15)
+
+
 # --- a fused block on the emulated device -----------------------------------------------------
 def run_block(gpu, monkeypatch, shape, batchnorm, activation, dtype, seed, captured=False):
     """(fused on the emulated GPU, layered on NumPy) results of one forward and backward."""
@@ -310,6 +343,7 @@ def test_training_steps_on_the_emulated_gpu_match_the_reference(gpu, cupy_stand_
     assert f"{rule.rule_name(rule.param_groups[0])}_f64" in launched
     assert ("bn_forward_f64" in launched) == batchnorm
     assert ("activation_backward_f64" in launched) == fused  # the last FC: a block too
+    assert "softmax_cross_entropy_f64_i64" in launched
     assert want.keys() == got.keys()
     for key in want:
         assert close(got[key], want[key], 1e-9), key

@@ -90,6 +90,23 @@ def test_gemm_writes_into_a_view_of_a_flat_buffer(xp, gpu, rng, route):
     assert np.all(host(flat[:5]) == 0) and np.all(host(flat[5 + 77 * 33:]) == 0)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("m, c", [(64, 10), (8192, 10), (300, 37)])
+def test_gpu_softmax_cross_entropy_matches_reference(xp, gpu, rng, m, c, dtype):
+    from nnopt.losses import SoftmaxCrossEntropy
+    logits, labels = rng.normal(size=(m, c)) * 4, rng.integers(0, c, size=m)
+    reference = SoftmaxCrossEntropy()
+    want = reference.forward(logits, labels)
+    want_grad = reference.backward()
+    fused = SoftmaxCrossEntropy()
+    value, grad = fused.forward_backward(dev(xp, logits, getattr(xp, dtype)), dev(xp, labels))
+    assert fused.target is None, "the fused kernel did not run"
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    assert abs(float(value) - want) <= tol * max(abs(want), 1.0)
+    assert np.max(np.abs(host(grad) - want_grad)) <= tol * np.max(np.abs(want_grad))
+    assert np.max(np.abs(host(fused.prob) - reference.prob)) <= tol
+
+
 def test_cublas_loads_and_is_captured(xp, gpu, rng):
     """nnopt's own cuBLAS handle: found, and its GEMM captured and replayed in a graph."""
     import cupy

@@ -4,9 +4,10 @@ inside captured CUDA graphs where cuBLAS cannot load (``graph_gemm`` prefers cuB
 nnopt's own handle: nnopt.cublas). Launch shapes: nnopt.fast.plan.
 
 Same interface as :mod:`nnopt.fast.cpu`: ``OPTIMIZER_STEPS[name](p, g, state, hp, t)``,
-``bn_forward``, ``bn_backward``, ``relu_forward``, ``relu_backward``, and what a fused block
-(nnopt.block) takes: ``ACTIVATION_CODES``, ``activation_forward``, ``activation_backward``,
-``product`` and ``Scratch``.
+``bn_forward``, ``bn_backward``, ``relu_forward``, ``relu_backward``,
+``softmax_cross_entropy``, and what a fused block (nnopt.block) takes:
+``ACTIVATION_CODES``, ``activation_forward``, ``activation_backward``, ``product`` and
+``Scratch``.
 """
 from __future__ import annotations
 
@@ -271,6 +272,23 @@ def product(a, b, out):
     trans_a = not a.flags.c_contiguous and a.T.flags.c_contiguous
     trans_b = not b.flags.c_contiguous and b.T.flags.c_contiguous
     return graph_gemm(a.T if trans_a else a, b.T if trans_b else b, trans_a, trans_b, out=out)
+
+
+# --- softmax cross-entropy --------------------------------------------------------------------
+def softmax_cross_entropy(logits, labels, prob, grad):
+    """Fills ``prob`` and ``grad`` (kernels/loss.cu, one launch); returns (the mean loss as a
+    0-d device array, 0). A label outside the classes makes the loss NaN instead of being
+    counted here: reading a count back would cost a synchronization every step."""
+    logits = cupy.ascontiguousarray(logits)
+    if labels.dtype not in (cupy.int32, cupy.int64):
+        labels = labels.astype(cupy.int64)
+    labels = cupy.ascontiguousarray(labels)
+    m, c = logits.shape
+    loss, bad = cupy.empty(1, dtype=logits.dtype), cupy.empty(1, dtype=cupy.int32)
+    kind = "i32" if labels.dtype == cupy.int32 else "i64"
+    function("loss.cu", f"softmax_cross_entropy_{_suffix(logits)}_{kind}")(
+        (1,), (256,), (logits, labels, prob, grad, loss, bad, np.int32(m), np.int32(c)))
+    return loss.reshape(()), 0
 
 
 class Scratch(HostScratch):

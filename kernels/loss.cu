@@ -1,0 +1,63 @@
+// nnopt: softmax cross-entropy against integer labels, forward and backward in one launch
+// (nnopt.losses.SoftmaxCrossEntropy.forward_backward; its numba twin is
+// nnopt.fast.cpu._softmax_cross_entropy, its reference the layer's forward and backward).
+// One block of NNOPT_CE_THREADS threads; thread t takes rows t, t + NNOPT_CE_THREADS, ...:
+//   prob = softmax(row), grad = (prob - onehot(label)) / m, and the row's loss
+//   -(z[label] - max - log(sum exp(z - max))), summed in double;
+// then the block adds the threads' sums in shared memory in a fixed order (the same loss
+// every run) and thread 0 writes the mean. A GPU step cannot raise without a
+// synchronization, so a label outside [0, classes) makes the loss NaN (loud, where a
+// one-hot row of zeros would give a finite, meaningless loss) and is counted in *bad.
+#define NNOPT_CE_THREADS 256
+
+#define NNOPT_CE(T, L, S)                                                                     \
+extern "C" __global__ void softmax_cross_entropy_##S(const T* logits, const L* labels,        \
+        T* prob, T* grad, T* loss, int* bad, int m, int c) {                                 \
+    __shared__ double sums[NNOPT_CE_THREADS];                                                \
+    __shared__ int counts[NNOPT_CE_THREADS];                                                 \
+    double total = 0.0;                                                                      \
+    int n_bad = 0;                                                                           \
+    for (int i = threadIdx.x; i < m; i += NNOPT_CE_THREADS) {                                \
+        const long long row = (long long)i * c;                                              \
+        T top = logits[row];                                                                 \
+        for (int k = 1; k < c; ++k) top = logits[row + k] > top ? logits[row + k] : top;     \
+        double sum_exp = 0.0;                                                                \
+        for (int k = 0; k < c; ++k) {                                                        \
+            const T e = exp(logits[row + k] - top);                                          \
+            prob[row + k] = e;                                                               \
+            sum_exp += (double)e;                                                            \
+        }                                                                                    \
+        long long label = (long long)labels[i];                                              \
+        if (label < 0 || label >= c) {                                                       \
+            ++n_bad;                                                                         \
+            label = -1;                                                                      \
+        } else {                                                                             \
+            total -= (double)(logits[row + label] - top) - log(sum_exp);                     \
+        }                                                                                    \
+        const double inv_sum = 1.0 / sum_exp;                                                \
+        for (int k = 0; k < c; ++k) {                                                        \
+            const T p = (T)((double)prob[row + k] * inv_sum);                                \
+            prob[row + k] = p;                                                               \
+            grad[row + k] = (p - (k == label ? T(1) : T(0))) / (T)m;                         \
+        }                                                                                    \
+    }                                                                                        \
+    sums[threadIdx.x] = total;                                                               \
+    counts[threadIdx.x] = n_bad;                                                             \
+    __syncthreads();                                                                         \
+    for (int half = NNOPT_CE_THREADS / 2; half > 0; half /= 2) {                             \
+        if ((int)threadIdx.x < half) {                                                       \
+            sums[threadIdx.x] += sums[threadIdx.x + half];                                   \
+            counts[threadIdx.x] += counts[threadIdx.x + half];                               \
+        }                                                                                    \
+        __syncthreads();                                                                     \
+    }                                                                                        \
+    if (threadIdx.x == 0) {                                                                  \
+        loss[0] = counts[0] ? (T)nan("") : (T)(sums[0] / m);                                 \
+        bad[0] = counts[0];                                                                  \
+    }                                                                                        \
+}
+
+NNOPT_CE(float, int, f32_i32)
+NNOPT_CE(float, long long, f32_i64)
+NNOPT_CE(double, int, f64_i32)
+NNOPT_CE(double, long long, f64_i64)
