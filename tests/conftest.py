@@ -15,8 +15,10 @@ from nnopt.backend import BackendUnavailable, get_namespace
 
 def pytest_addoption(parser):
     parser.addoption("--backend", default=os.environ.get("NNOPT_TEST_BACKEND", "numpy"),
-                     choices=["numpy", "strict", "torch", "cupy"],
-                     help="array namespace the math tests run on")
+                     choices=["numpy", "strict", "torch", "cupy", "emulated"],
+                     help="array namespace the math tests run on (emulated: NumPy, with "
+                          "nnopt.fast.gpu on the emulated CUDA device of tests/emulated_gpu.py "
+                          "as the fused kernels; for tests/test_gpu.py without a GPU)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,7 +43,7 @@ def backend(request):
 @pytest.fixture(scope="session")
 def xp(backend):
     try:
-        return get_namespace(backend)
+        return get_namespace("numpy" if backend == "emulated" else backend)
     except BackendUnavailable as exc:
         pytest.skip(f"backend {backend!r} unavailable here: {exc}")
 

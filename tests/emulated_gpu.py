@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib
 import importlib.util
 import re
 import shutil
@@ -310,6 +311,27 @@ def emulated_cupy(multiprocessors=2):
     cp.cuda = types.SimpleNamespace(Device=Device, get_current_stream=_Unavailable("stream"),
                                     memory=_Unavailable("cupy.cuda.memory"))
     return cp
+
+
+#: the modules that look their fused kernels up with nnopt.fast.fast_for
+FAST_PATH_USERS = ("nnopt.optim.base", "nnopt.layers", "nnopt.batchnorm", "nnopt.block",
+                   "nnopt.losses")
+_SESSION: dict = {}
+
+
+def install(monkeypatch):
+    """The emulated nnopt.fast.gpu as the fused kernels of every NumPy float array, for one
+    test (``monkeypatch`` undoes it): what ``pytest --backend emulated`` runs
+    tests/test_gpu.py with. cuBLAS is off, so captured products take the tiled GEMM."""
+    import nnopt.fast
+    if "gpu" not in _SESSION:
+        _SESSION["gpu"] = load_gpu_module(emulated_cupy(multiprocessors=2))
+    gpu = _SESSION["gpu"]
+    for module in FAST_PATH_USERS:
+        monkeypatch.setattr(importlib.import_module(module), "fast_for", fast_for_emulated(gpu))
+    monkeypatch.setattr(nnopt.fast, "gpu_kernels", lambda: gpu)
+    monkeypatch.setenv("NNOPT_CUBLAS", "off")
+    return gpu
 
 
 def fast_for_emulated(gpu):

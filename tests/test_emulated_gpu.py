@@ -301,15 +301,11 @@ def test_fused_block_inside_a_capture_takes_the_capturable_gemm(cupy_stand_in, m
 
 
 # --- whole training steps on the emulated device ----------------------------------------------
-FAST_PATH_USERS = ("nnopt.optim.base", "nnopt.layers", "nnopt.batchnorm", "nnopt.block",
-                   "nnopt.losses")
-
-
 def train_steps(monkeypatch, fast_for, name, options, batchnorm, fused, dtype, steps=3):
     """Parameters and BN buffers of a small textbook-shaped net after ``steps`` steps, every
     layer's and the optimizer's fast path looked up through ``fast_for``."""
     import importlib
-    for module in FAST_PATH_USERS:
+    for module in emulated_gpu.FAST_PATH_USERS:
         monkeypatch.setattr(importlib.import_module(module), "fast_for", fast_for)
     model = nnopt.mlp([30, 24, 16, 10], "relu", batchnorm=batchnorm, seed=3, dtype=dtype,
                       fused=fused)

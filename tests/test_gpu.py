@@ -1,5 +1,9 @@
 """GPU only (pytest --backend cupy): the CUDA kernels against the reference math, and the
-captured CUDA-graph training step against the eager one."""
+captured CUDA-graph training step against the eager one.
+
+``pytest --backend emulated tests/test_gpu.py`` runs the same tests without a GPU, on the
+emulated device of tests/emulated_gpu.py (NumPy arrays, the kernel sources compiled for
+the host), except those that take the ``device`` fixture: CUDA graphs, streams, cuBLAS."""
 import numpy as np
 import pytest
 
@@ -12,13 +16,24 @@ from tests.helpers import dev, host
 
 
 @pytest.fixture
-def gpu(xp):
+def gpu(xp, backend, monkeypatch):
+    if backend == "emulated":
+        from tests import emulated_gpu
+        if emulated_gpu.compiler() is None:
+            pytest.skip("no C++ compiler to build the emulated kernels")
+        return emulated_gpu.install(monkeypatch)
     if backend_name(xp) != "cupy":
         pytest.skip("GPU kernels: run with --backend cupy on a machine with a GPU")
     from nnopt.fast import gpu_kernels
     kernels = gpu_kernels()
     assert kernels is not None, "the CUDA kernels failed to load"
     return kernels
+
+
+@pytest.fixture
+def device(backend):
+    if backend == "emulated":
+        pytest.skip("needs a real GPU (CUDA graphs, streams, cuBLAS)")
 
 
 VARIANTS = [("sgd", {}), ("momentum", {}), ("momentum", {"buffer": "torch"}), ("nag", {}),
@@ -107,7 +122,7 @@ def test_gpu_softmax_cross_entropy_matches_reference(xp, gpu, rng, m, c, dtype):
     assert np.max(np.abs(host(fused.prob) - reference.prob)) <= tol
 
 
-def test_cublas_loads_and_is_captured(xp, gpu, rng):
+def test_cublas_loads_and_is_captured(xp, gpu, device, rng):
     """nnopt's own cuBLAS handle: found, and its GEMM captured and replayed in a graph."""
     import cupy
     assert gpu.cublas_handle() is not None, gpu.HANDLES.route(cupy.cuda.Device().id)
@@ -127,7 +142,6 @@ def test_cublas_loads_and_is_captured(xp, gpu, rng):
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_gpu_step_on_misaligned_views(xp, gpu, rng, name):
     """Buffers starting one element into their allocation take the scalar loop."""
-    import cupy
     cls = optim.OPTIMIZERS[name]
     hp = optim.create(name, FlatParameters.from_arrays(xp, "float32", w=np.zeros(3)), lr=0.05).param_groups[0]
     n = 1001
@@ -136,7 +150,7 @@ def test_gpu_step_on_misaligned_views(xp, gpu, rng, name):
         base[k] = np.abs(base[k])
     results = []
     for offset in (0, 1):
-        arrays = {k: cupy.asarray(v)[1:] if offset else cupy.asarray(v[1:])
+        arrays = {k: dev(xp, v.copy())[1:] if offset else dev(xp, v[1:].copy())
                   for k, v in base.items()}
         assert arrays["p"].size == n
         gpu.OPTIMIZER_STEPS[cls.__name__](arrays["p"], arrays["g"], arrays, hp, 3)
@@ -145,7 +159,7 @@ def test_gpu_step_on_misaligned_views(xp, gpu, rng, name):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
-def test_captured_step_matches_eager(xp, gpu, rng, name):
+def test_captured_step_matches_eager(xp, gpu, device, rng, name):
     from nnopt.fast import capture_mode
     from nnopt.graph import CapturedStep
     make = lambda: nnopt.mlp([784, 128, 64, 32, 16, 10], batchnorm=True, seed=1, device=xp)  # noqa: E731
@@ -175,7 +189,7 @@ def test_captured_step_matches_eager(xp, gpu, rng, name):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-5)
 
 
-def test_train_on_gpu_one_epoch(xp, gpu, tmp_path):
+def test_train_on_gpu_one_epoch(xp, gpu, device, tmp_path):
     from nnopt import train
     assert train.main(["--device", "gpu", "--epochs", "1", "--quiet", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "summary.json").exists()
