@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import types
 import weakref
 from dataclasses import dataclass
@@ -118,16 +117,47 @@ def kernel_signatures(code):
     return out
 
 
+_LAUNCHER = """
+extern "C" void nnopt_launch_{name}(unsigned gx, unsigned gy, unsigned bx, unsigned by{params}) {{
+    for (unsigned block_y = 0; block_y < gy; ++block_y)
+        for (unsigned block_x = 0; block_x < gx; ++block_x) {{
+            auto thread = [&](unsigned tx, unsigned ty) {{
+                nnopt_set_thread(gx, gy, bx, by, block_x, block_y, tx, ty);
+                {name}({args});
+            }};
+            if ({synchronizes}) nnopt_run_block(bx, by, thread);
+            else
+                for (unsigned ty = 0; ty < by; ++ty)
+                    for (unsigned tx = 0; tx < bx; ++tx) thread(tx, ty);
+        }}
+}}
+"""
+
+
+def _launchers(signatures):
+    """C++ entry points that run a whole grid of each kernel (tests/host_cuda.h)."""
+    out = []
+    for name, (params, synchronizes) in signatures.items():
+        decl = "".join(f", {'void*' if p.pointer else p.ctype} a{i}" for i, p in enumerate(params))
+        args = ", ".join(f"({p.ctype}*)a{i}" if p.pointer else f"a{i}"
+                         for i, p in enumerate(params))
+        out.append(_LAUNCHER.format(name=name, params=decl, args=args,
+                                    synchronizes=int(synchronizes)))
+    return "".join(out)
+
+
 def _library(code):
-    """``code`` compiled for the host with tests/host_cuda.h (cached per source text)."""
+    """``code`` compiled for the host with tests/host_cuda.h and a grid launcher per kernel
+    (cached per source text), and its kernels' signatures."""
     key = hashlib.sha256(code.encode()).hexdigest()[:16]
     if key not in _LIBRARIES:
+        signatures = kernel_signatures(code)
         source, lib = _BUILD_DIR / f"{key}.cpp", _BUILD_DIR / f"lib{key}.so"
-        source.write_text(code)
+        source.write_text(code + _launchers(signatures))
         subprocess.run([compiler(), "-O1", "-std=c++14", "-shared", "-fPIC", "-pthread",
                         "-Wno-unknown-pragmas", "-include", str(TESTS / "host_cuda.h"),
                         str(source), "-o", str(lib)], check=True, timeout=600)
-        _LIBRARIES[key] = (ctypes.CDLL(str(lib)), kernel_signatures(code))
+        _LIBRARIES[key] = (ctypes.CDLL(str(lib)), signatures)
     return _LIBRARIES[key]
 
 
@@ -146,8 +176,8 @@ class Function:
     def __init__(self, lib, name, params, synchronizes, launches):
         self.lib, self.name, self.params = lib, name, params
         self.synchronizes, self.launches = synchronizes, launches
-        self.entry = getattr(lib, name)
-        self.entry.restype = None
+        self.grid = getattr(lib, f"nnopt_launch_{name}")
+        self.grid.restype = None
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         if len(args) != len(self.params):
@@ -160,32 +190,11 @@ class Function:
         scalars = tuple(a.item() for a in args if not isinstance(a, np.ndarray))
         addresses = tuple(a.ctypes.data for a in args if isinstance(a, np.ndarray))
         self.launches.append((self.name, (gx, gy), (bx, by), scalars, addresses))
-        for block_y in range(gy):
-            for block_x in range(gx):
-                self._run_block(values, (gx, gy), (bx, by), block_x, block_y)
+        self.grid(*(ctypes.c_uint(v) for v in (gx, gy, bx, by)), *values)
         for i, a in enumerate(args):
             if isinstance(a, np.ndarray) and not _guards_intact(a):
                 raise LaunchError(f"{self.name}: wrote outside argument {i} "
                                   f"({self.params[i].name}, shape {a.shape})")
-
-    def _thread(self, values, grid, block, block_x, block_y, tx, ty):
-        self.lib.nnopt_set_thread(*grid, *block, block_x, block_y, tx, ty)
-        self.entry(*values)
-
-    def _run_block(self, values, grid, block, block_x, block_y):
-        threads = [(tx, ty) for ty in range(block[1]) for tx in range(block[0])]
-        if not self.synchronizes:
-            for tx, ty in threads:
-                self._thread(values, grid, block, block_x, block_y, tx, ty)
-            return
-        self.lib.nnopt_begin_block(len(threads))
-        workers = [threading.Thread(target=self._thread,
-                                    args=(values, grid, block, block_x, block_y, tx, ty))
-                   for tx, ty in threads]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
 
 
 class RawModule:

@@ -3,15 +3,17 @@
 //   - blockIdx/threadIdx/gridDim/blockDim: thread-local, set by nnopt_set_thread;
 //   - __shared__: one static copy, which is right because the tests run one block at a
 //     time (tests/emulated_gpu.py);
-//   - __syncthreads: a barrier over the block's threads (nnopt_begin_block says how many);
-//     kernels that use it run each thread of a block on its own host thread, the others
-//     run their threads one after the other;
+//   - __syncthreads: a barrier over the block's threads; kernels that use it run each
+//     thread of a block on a host thread of its own (nnopt_run_block), the others run
+//     their threads one after the other;
 //   - float4/double2 (16-byte vector loads), CUDA's qualifiers defined away.
 #ifndef NNOPT_HOST_CUDA_H
 #define NNOPT_HOST_CUDA_H
 #include <cmath>
 #include <condition_variable>
 #include <mutex>
+#include <thread>
+#include <vector>
 using std::exp;
 using std::log;
 using std::nan;
@@ -50,6 +52,15 @@ extern "C" void nnopt_begin_block(int threads) {
     std::lock_guard<std::mutex> lock(nnopt_barrier_mutex);
     nnopt_block_threads = threads;
     nnopt_arrived = 0;
+}
+
+// Runs thread(tx, ty) for every thread of a block, each on its own host thread.
+template <typename F> void nnopt_run_block(unsigned block_x, unsigned block_y, F thread) {
+    nnopt_begin_block((int)(block_x * block_y));
+    std::vector<std::thread> threads;
+    for (unsigned ty = 0; ty < block_y; ++ty)
+        for (unsigned tx = 0; tx < block_x; ++tx) threads.emplace_back(thread, tx, ty);
+    for (auto& t : threads) t.join();
 }
 
 extern "C" void nnopt_set_thread(unsigned grid_x, unsigned grid_y, unsigned block_x,
