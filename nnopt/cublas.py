@@ -136,24 +136,41 @@ def _check(status, what):
 
 
 class Handle:
-    """nnopt's own cuBLAS handle with a fixed workspace. ``set_stream`` before a capture
-    begins; ``gemm`` may then be captured."""
+    """nnopt's own cuBLAS handle, with a workspace of its own for each stream it runs on
+    (``cublasSetStream`` resets the workspace to cuBLAS's default pool, which may allocate:
+    so after every stream change nnopt sets that stream's workspace again, as PyTorch does).
+    ``set_stream`` before a capture begins; ``gemm`` may then be captured."""
 
     def __init__(self, lib, allocate, workspace_bytes=WORKSPACE_BYTES, path=""):
         self.lib, self.path = lib, path
+        self.allocate, self.workspace_bytes = allocate, workspace_bytes
         self.handle = ctypes.c_void_p()
         _check(lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate_v2")
-        # The workspace object is kept: cuBLAS uses its memory for the handle's lifetime.
-        self.workspace, pointer = allocate(workspace_bytes)
-        _check(lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(pointer),
-                                         ctypes.c_size_t(workspace_bytes)), "cublasSetWorkspace_v2")
-        self.stream = None
+        # The workspace objects are kept: cuBLAS uses their memory for the handle's lifetime.
+        self.workspaces = {}
+        self.stream = 0  # a new handle runs on the NULL stream
+        self._set_workspace(0)
+
+    @property
+    def workspace(self):
+        return self.workspaces.get(self.stream)
+
+    def _set_workspace(self, stream_ptr):
+        if stream_ptr not in self.workspaces:
+            self.workspaces[stream_ptr] = self.allocate(self.workspace_bytes)
+        _, pointer = self.workspaces[stream_ptr]
+        _check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(pointer),
+                                              ctypes.c_size_t(self.workspace_bytes)),
+               "cublasSetWorkspace_v2")
 
     def set_stream(self, stream_ptr):
+        """Run on ``stream_ptr`` with its own workspace (made on first use: call this before
+        a capture begins, never first inside one)."""
         if stream_ptr != self.stream:
             _check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)),
                    "cublasSetStream_v2")
             self.stream = stream_ptr
+            self._set_workspace(stream_ptr)
 
     def gemm(self, double, a_ptr, b_ptr, c_ptr, m, n, k, trans_a=False, trans_b=False):
         """Row-major C (m, n) = op(A) @ op(B) on contiguous device buffers."""

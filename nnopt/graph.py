@@ -7,7 +7,13 @@ device; the optimizer's step count lives on the device (Adam's bias corrections 
 computed there); matrix products run cuBLAS through a handle of nnopt's own (CuPy refuses
 cuBLAS calls during capture; nnopt.cublas), bound to the capture stream with its workspace
 before the capture begins, or nnopt's tiled GEMM where cuBLAS cannot load; every temporary comes from a private memory pool that only the graph
-uses, so its addresses stay valid between replays.
+uses, so its addresses stay valid between replays (the warm-up step's buffers too, and the
+step holds every scratch buffer the graph writes into, so none is ever handed back to an
+eager allocation). The graph runs on a stream of its own, ordered both ways with the
+caller's stream: after the work queued there (the batch), before what comes next (reading
+the loss, an eager step). Hyper-parameters (the learning rate, ...) are arguments of the
+captured kernels: when a scheduler or the user changes one, the next ``step`` captures
+the graph again.
 """
 from __future__ import annotations
 
@@ -41,8 +47,18 @@ class CapturedStep:
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.pool = cupy.cuda.MemoryPool()
         self._warm_up()
-        self.graph, self.loss_value = self._capture()
-        self.prob = loss.prob  # the captured softmax output, rewritten by every replay
+        self._capture()
+
+    def _hyper_parameters(self):
+        """What the captured kernels took as arguments: each group's settings."""
+        return [{k: v for k, v in group.items() if k != "params"}
+                for group in self.optimizer.param_groups]
+
+    def _scratch_buffers(self):
+        """Every buffer the layers and the loss keep for reuse: the graph writes into them."""
+        owners = [*self.model.steps, *self.model.layers, self.loss]
+        return [array for owner in owners if getattr(owner, "scratch", None) is not None
+                for arrays in owner.scratch.arrays.values() for array in arrays]
 
     def _snapshot(self):
         model, opt = self.model, self.optimizer
@@ -59,11 +75,14 @@ class CapturedStep:
         return value
 
     def _warm_up(self):
-        """One real step (compiles and loads every kernel before capture), then undone."""
+        """One real step (compiles and loads every kernel before capture), then undone. Its
+        buffers come from the graph's pool, which nothing else allocates from."""
         snapshot = self._snapshot()
-        with self.stream, capture_mode():
+        cupy = self.cupy
+        cupy.cuda.get_current_stream().synchronize()
+        with self.stream, capture_mode(), cupy.cuda.using_allocator(self.pool.malloc):
             self._body()
-            scratch = self.cupy.zeros(1, dtype=self.cupy.int32)
+            scratch = cupy.zeros(1, dtype=cupy.int32)
             scratch += 1  # the device step counters' increment kernel
         self.stream.synchronize()
         self._restore(snapshot)
@@ -74,6 +93,7 @@ class CapturedStep:
         host_steps = [s["step"] for s in opt.state]
         cupy.cuda.get_current_stream().synchronize()
         self.gemm_route = self.gpu.prepare_capture(self.stream)
+        captured = False
         try:
             with self.stream, capture_mode(), cupy.cuda.using_allocator(self.pool.malloc):
                 self.stream.begin_capture()
@@ -81,18 +101,33 @@ class CapturedStep:
                     value = self._body()
                 finally:
                     graph = self.stream.end_capture()
+            captured = True
         finally:
             for state, step in zip(opt.state, host_steps):  # the capture itself ran nothing
                 state["step"] = step
-        return graph, value
+            if not captured:
+                opt.device_steps = None
+        self.graph, self.loss_value = graph, value
+        self.prob = self.loss.prob  # the captured softmax output, rewritten by every replay
+        self.hyper = self._hyper_parameters()
+        self.keep = self._scratch_buffers()
 
     def step(self, x, y):
         """Copy the batch into the static inputs and replay the graph. Returns the loss;
         ``self.prob`` holds the batch's softmax output."""
+        if self._hyper_parameters() != self.hyper:
+            self.release()  # the step counts back on the host, then a graph with the new values
+            self._capture()
+        caller = self.cupy.cuda.get_current_stream()
+        other = caller.ptr != self.stream.ptr
+        if other:  # the batch may still be in flight on the caller's stream
+            self.stream.wait_event(caller.record())
         with self.stream:
             self.x[...] = x
             self.y[...] = y
             self.graph.launch(self.stream)
+        if other:  # what the caller queues next (reading the loss, ...) comes after the step
+            caller.wait_event(self.stream.record())
         for state in self.optimizer.state:
             state["step"] += 1
         return self.loss_value

@@ -96,13 +96,24 @@ def test_row_major_gemm_through_column_major_cublas(rng, dtype, trans_a, trans_b
     np.testing.assert_allclose(c, want, rtol=1e-5)
 
 
-def test_handle_sets_workspace_then_stream_once():
-    lib = FakeLib()
-    handle = cublas.Handle(lib, allocate, workspace_bytes=64)
+def test_handle_sets_each_streams_workspace_after_the_stream():
+    """cublasSetStream resets the workspace to cuBLAS's default pool (which may allocate,
+    also inside a capture): nnopt sets the stream's own workspace again right after."""
+    lib, made = FakeLib(), []
+
+    def counting(nbytes):
+        made.append(nbytes)
+        return allocate(nbytes)
+    handle = cublas.Handle(lib, counting, workspace_bytes=64)
     handle.set_stream(1234)
     handle.set_stream(1234)  # no second call: cuBLAS must not be touched while capturing
-    assert lib.calls == ["cublasCreate_v2", "cublasSetWorkspace_v2", "cublasSetStream_v2"]
-    assert handle.workspace is not None
+    assert lib.calls == ["cublasCreate_v2", "cublasSetWorkspace_v2", "cublasSetStream_v2",
+                         "cublasSetWorkspace_v2"]
+    first = handle.workspace
+    handle.set_stream(0)
+    handle.set_stream(1234)
+    assert handle.workspace is first and made == [64, 64]  # one workspace per stream
+    assert lib.calls[-4:] == ["cublasSetStream_v2", "cublasSetWorkspace_v2"] * 2
 
 
 def test_status_errors_are_named():

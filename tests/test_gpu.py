@@ -128,6 +128,7 @@ def test_cublas_loads_and_is_captured(xp, gpu, device, rng):
     assert gpu.cublas_handle() is not None, gpu.HANDLES.route(cupy.cuda.Device().id)
     a = dev(xp, rng.normal(size=(64, 784)), xp.float32)
     b = dev(xp, rng.normal(size=(784, 128)), xp.float32)
+    cupy.cuda.get_current_stream().synchronize()  # a and b, copied on this stream, are there
     stream = cupy.cuda.Stream(non_blocking=True)
     assert gpu.prepare_capture(stream).startswith("cublas ")
     with stream:
@@ -184,6 +185,43 @@ def test_captured_step_matches_eager(xp, gpu, device, rng, name):
         assert float(graph_loss) == pytest.approx(eager_loss, rel=1e-4)
     captured.release()
     assert graph_opt.state[0]["step"] == eager_opt.state[0]["step"] == 5
+    a, b = eager_model.state_dict(), graph_model.state_dict()
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-5)
+
+
+def test_captured_step_follows_a_changed_learning_rate(xp, gpu, device, rng):
+    """The learning rate is an argument of the captured kernels: changing it (as a
+    scheduler does) captures the graph again, and the steps stay those of the eager run;
+    a scratch buffer the graph writes into is never handed to an eager step."""
+    from nnopt.fast import capture_mode
+    from nnopt.graph import CapturedStep
+    make = lambda: nnopt.mlp([784, 64, 10], batchnorm=True, seed=2, device=xp)  # noqa: E731
+    eager_model, graph_model = make(), make()
+    eager_opt = optim.create("momentum", eager_model, lr=0.1)
+    graph_opt = optim.create("momentum", graph_model, lr=0.1)
+    loss_fn = nnopt.SoftmaxCrossEntropy()
+    captured = CapturedStep(graph_model, graph_opt, nnopt.SoftmaxCrossEntropy(), (32, 784), (32,))
+    first_graph = captured.graph
+    for i in range(6):
+        if i == 3:
+            eager_opt.param_groups[0]["lr"] = graph_opt.param_groups[0]["lr"] = 0.01
+        x = dev(xp, rng.random((32, 784)), xp.float32)
+        y = dev(xp, rng.integers(0, 10, 32))
+        eager_model.zero_grad()
+        with capture_mode():
+            eager_loss = float(eager_model.loss_and_backward(x, y, loss_fn))
+        eager_opt.step()
+        graph_loss = float(captured.step(x, y))
+        assert graph_loss == pytest.approx(eager_loss, rel=1e-4)
+        # an eager pass of another batch size in between (as a last partial batch is), on
+        # both models alike: BN's running statistics see it too
+        for model in (eager_model, graph_model):
+            model.zero_grad()
+            model.loss_and_backward(x[:7], y[:7], nnopt.SoftmaxCrossEntropy())
+            model.zero_grad()
+    assert captured.graph is not first_graph
+    captured.release()
     a, b = eager_model.state_dict(), graph_model.state_dict()
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-5)

@@ -95,7 +95,7 @@ HANDLES = cublas.HandleCache(_warn)
 
 def _make_handle():
     try:  # CuPy's cuBLAS bindings load its libcublas: nnopt then finds that one first
-        import cupy_backends.cuda.libs.cublas  # noqa: F401
+        from cupy_backends.cuda.libs import cublas as _cupy_cublas  # noqa: F401
     except ImportError:
         pass
     lib, path = cublas.load()
