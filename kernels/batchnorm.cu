@@ -22,7 +22,10 @@
 // (rules.cuh): forward writes activate(z); backward gets the gradient of that output and
 // y = activate(z) itself, and takes activation_grad first. Plain BN: no bias, NNOPT_IDENTITY.
 // bias_activation / activation_backward: the same block without BN (bias_activation may
-// write in place: y == h, so h is not __restrict__).
+// write in place: y == h, so h is not __restrict__). From BN_SPLIT_MIN_ROWS rows on, the
+// backward splits the rows as BN does (activation_backward_split: dh and each chunk's
+// bias-gradient sums; bias_grad_finalize: the chunks added in order): one thread per
+// feature walking 8192 rows would leave the GPU idle in the network's last layer.
 #include "rules.cuh"
 
 #define TILE 32
@@ -220,6 +223,30 @@ extern "C" __global__ void activation_backward_##S(const T* __restrict__ dy,    
         s += (double)g;                                                                      \
     }                                                                                        \
     if (has_bias) dbias[j] += (T)s;                                                          \
+}                                                                                            \
+extern "C" __global__ void activation_backward_split_##S(const T* __restrict__ dy,            \
+        const T* __restrict__ y, int activation, T* __restrict__ dh,                          \
+        double* __restrict__ partial, int has_bias, int m, int n, int rows) {                \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
+    if (j >= n) return;                                                                      \
+    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
+    double s = 0.0;                                                                          \
+    _Pragma("unroll 4")                                                                      \
+    for (int i = chunk * rows; i < end; ++i) {                                               \
+        const long long k = (long long)i * n + j;                                            \
+        const T g = activation_grad<T>(dy[k], y[k], activation);                              \
+        dh[k] = g;                                                                           \
+        s += (double)g;                                                                      \
+    }                                                                                        \
+    if (has_bias) partial[(long long)chunk * n + j] = s;                                     \
+}                                                                                            \
+extern "C" __global__ void bias_grad_finalize_##S(const double* __restrict__ partial,         \
+        int chunks, T* dbias, int n) {                                                       \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;                                     \
+    if (j >= n) return;                                                                      \
+    double s = 0.0;                                                                          \
+    for (int c = 0; c < chunks; ++c) s += partial[(long long)c * n + j];                      \
+    dbias[j] += (T)s;                                                                        \
 }
 
 NNOPT_BN_SPLIT(float, f32)

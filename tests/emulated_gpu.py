@@ -104,21 +104,39 @@ def _body(text, start):
     raise ValueError("unbalanced braces in kernel source")
 
 
+def _synchronizing_functions(text):
+    """Names of the functions of ``text`` that call __syncthreads, themselves or through
+    other functions of ``text``."""
+    bodies = {}
+    for match in re.finditer(r"\b(\w+)\s*(?:<[^<>;{}]*>)?\s*\([^;{}]*\)\s*\{", text):
+        if match.group(1) not in ("if", "for", "while", "switch"):
+            bodies.setdefault(match.group(1), _body(text, match.end() - 1))
+    found = {name for name, body in bodies.items() if "__syncthreads" in body}
+    while True:
+        more = {name for name, body in bodies.items() if name not in found and any(
+            re.search(rf"\b{re.escape(f)}\s*[<(]", body) for f in found)}
+        if not more:
+            return found
+        found |= more
+
+
 def kernel_signatures(code):
-    """{kernel name: (params, uses __syncthreads)} of every ``extern "C" __global__``
-    function of ``code``, after the preprocessor (the kernels are macro expansions)."""
+    """{kernel name: (params, synchronizes)} of every ``extern "C" __global__`` function of
+    ``code``, after the preprocessor (the kernels are macro expansions); ``synchronizes``:
+    it calls __syncthreads, itself or through a device function."""
     text = subprocess.run([compiler(), "-E", "-P", "-x", "c++", "-"], input=code,
                           capture_output=True, text=True, check=True, timeout=120).stdout
+    synchronizing = _synchronizing_functions(text)
     out = {}
     for match in re.finditer(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)\s*\{',
                              text):
         params = tuple(_parse_param(p) for p in match.group(2).split(",") if p.strip())
-        out[match.group(1)] = (params, "__syncthreads" in _body(text, match.end() - 1))
+        out[match.group(1)] = (params, match.group(1) in synchronizing)
     return out
 
 
 _LAUNCHER = """
-extern "C" void nnopt_launch_{name}(unsigned gx, unsigned gy, unsigned bx, unsigned by{params}) {{
+extern "C" int nnopt_launch_{name}(unsigned gx, unsigned gy, unsigned bx, unsigned by{params}) {{
     for (unsigned block_y = 0; block_y < gy; ++block_y)
         for (unsigned block_x = 0; block_x < gx; ++block_x) {{
             auto thread = [&](unsigned tx, unsigned ty) {{
@@ -130,6 +148,7 @@ extern "C" void nnopt_launch_{name}(unsigned gx, unsigned gy, unsigned bx, unsig
                 for (unsigned ty = 0; ty < by; ++ty)
                     for (unsigned tx = 0; tx < bx; ++tx) thread(tx, ty);
         }}
+    return nnopt_take_misuse();
 }}
 """
 
@@ -177,7 +196,7 @@ class Function:
         self.lib, self.name, self.params = lib, name, params
         self.synchronizes, self.launches = synchronizes, launches
         self.grid = getattr(lib, f"nnopt_launch_{name}")
-        self.grid.restype = None
+        self.grid.restype = ctypes.c_int
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         if len(args) != len(self.params):
@@ -190,7 +209,9 @@ class Function:
         scalars = tuple(a.item() for a in args if not isinstance(a, np.ndarray))
         addresses = tuple(a.ctypes.data for a in args if isinstance(a, np.ndarray))
         self.launches.append((self.name, (gx, gy), (bx, by), scalars, addresses))
-        self.grid(*(ctypes.c_uint(v) for v in (gx, gy, bx, by)), *values)
+        if self.grid(*(ctypes.c_uint(v) for v in (gx, gy, bx, by)), *values):
+            raise LaunchError(f"{self.name} called __syncthreads while its threads ran one "
+                              "after the other: the emulation missed that it synchronizes")
         for i, a in enumerate(args):
             if isinstance(a, np.ndarray) and not _guards_intact(a):
                 raise LaunchError(f"{self.name}: wrote outside argument {i} "

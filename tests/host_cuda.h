@@ -36,7 +36,22 @@ static std::condition_variable nnopt_barrier_changed;
 static int nnopt_block_threads = 1, nnopt_arrived = 0;
 static unsigned long long nnopt_generation = 0;
 
+// True on the threads of nnopt_run_block; a kernel whose threads run one after the other
+// must not synchronize (the launcher reports it: nnopt_take_misuse).
+static thread_local bool nnopt_threaded = false;
+static int nnopt_misuse = 0;
+
+extern "C" int nnopt_take_misuse() {
+    const int misuse = nnopt_misuse;
+    nnopt_misuse = 0;
+    return misuse;
+}
+
 static inline void __syncthreads() {
+    if (!nnopt_threaded) {
+        nnopt_misuse = 1;
+        return;
+    }
     std::unique_lock<std::mutex> lock(nnopt_barrier_mutex);
     const unsigned long long generation = nnopt_generation;
     if (++nnopt_arrived == nnopt_block_threads) {
@@ -59,7 +74,11 @@ template <typename F> void nnopt_run_block(unsigned block_x, unsigned block_y, F
     nnopt_begin_block((int)(block_x * block_y));
     std::vector<std::thread> threads;
     for (unsigned ty = 0; ty < block_y; ++ty)
-        for (unsigned tx = 0; tx < block_x; ++tx) threads.emplace_back(thread, tx, ty);
+        for (unsigned tx = 0; tx < block_x; ++tx)
+            threads.emplace_back([&thread](unsigned x, unsigned y) {
+                nnopt_threaded = true;
+                thread(x, y);
+            }, tx, ty);
     for (auto& t : threads) t.join();
 }
 

@@ -70,6 +70,29 @@ def test_writes_outside_an_allocation_are_caught(cupy_stand_in):
         sgd((1,), (8,), (p, g, np.float64(0.5), np.int64(7)))  # one element too many
 
 
+def test_synchronization_through_a_device_function_is_seen(cupy_stand_in):
+    """A kernel whose __syncthreads sits in a function it calls runs its threads together;
+    one the emulation ran one after the other would be a LaunchError, not a wrong result."""
+    code = """
+__device__ __forceinline__ void wait_all() { __syncthreads(); }
+template <typename T> __device__ void reverse(T* a) {
+    __shared__ T copy[64];
+    copy[threadIdx.x] = a[threadIdx.x];
+    wait_all();
+    a[threadIdx.x] = copy[blockDim.x - 1 - threadIdx.x];
+}
+extern "C" __global__ void reverse_f64(double* a) { reverse<double>(a); }
+"""
+    assert emulated_gpu.kernel_signatures(code)["reverse_f64"][1]
+    a = np.arange(64.0)
+    cupy_stand_in.RawModule(code=code).get_function("reverse_f64")((1,), (64,), (a,))
+    assert np.array_equal(a, np.arange(64.0)[::-1])
+    hidden = code.replace("wait_all();", "void (*wait)() = wait_all; wait();")  # not seen
+    assert not emulated_gpu.kernel_signatures(hidden)["reverse_f64"][1]
+    with pytest.raises(emulated_gpu.LaunchError, match="missed that it synchronizes"):
+        cupy_stand_in.RawModule(code=hidden).get_function("reverse_f64")((1,), (64,), (a,))
+
+
 def test_signatures_are_parsed_from_the_macro_expansions():
     signatures = emulated_gpu.kernel_signatures(kernels.source("batchnorm.cu"))
     params, synchronizes = signatures["bn_forward_f32"]
@@ -144,8 +167,11 @@ def test_batchnorm_launchers_match_reference(gpu, cupy_stand_in, rng, m, n, dtyp
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
-def test_activation_launchers_match_the_layers(gpu, rng, dtype, activation):
-    m, n = 23, 9
+@pytest.mark.parametrize("m", [23, 600])
+def test_activation_launchers_match_the_layers(gpu, cupy_stand_in, rng, dtype, activation, m):
+    """600 rows: the backward's split path (chunks of rows, then their bias sums in order)."""
+    from nnopt.fast.plan import bn_plan
+    n = 9
     h, d, bias = rng.normal(size=(m, n)) * 3, rng.normal(size=(m, n)), rng.normal(size=n)
     layer = ACTIVATIONS[activation]() if activation != "identity" else None
     y_ref = layer.forward(h + bias) if layer else h + bias
@@ -156,6 +182,8 @@ def test_activation_launchers_match_the_layers(gpu, rng, dtype, activation):
     dbias = np.ones(n, dtype)
     dh = gpu.activation_backward(d.astype(dtype), y, code, dbias=dbias)
     assert y is hs
+    split = "bias_grad_finalize" in cupy_stand_in.launches[-1][0]
+    assert split == (bn_plan(m, n, 2)[0] > 1)
     rtol = 1e-5 if dtype == np.float32 else 1e-12
     assert close(y, y_ref, rtol) and close(dh, dh_ref, rtol)
     assert close(dbias, 1 + dh_ref.sum(axis=0), 10 * rtol)
@@ -191,11 +219,12 @@ def test_gemm_writes_into_out(gpu, cupy_stand_in, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("m, c", [(1, 1), (64, 10), (300, 37)])
+@pytest.mark.parametrize("m, c", [(1, 1), (64, 10), (300, 37), (1100, 10)])
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64, np.uint8])
 def test_softmax_cross_entropy_matches_the_layer(gpu, cupy_stand_in, rng, m, c, dtype,
                                                  label_dtype):
-    """One launch for loss, softmax and gradient (300 rows: more rows than threads)."""
+    """One launch for loss, softmax and gradient up to 256 rows; beyond, the blocks' sums
+    added by a second (300 and 1,100 rows)."""
     from nnopt.losses import SoftmaxCrossEntropy
     logits = rng.normal(size=(m, c)) * 4
     labels = rng.integers(0, c, size=m)
@@ -210,17 +239,24 @@ def test_softmax_cross_entropy_matches_the_layer(gpu, cupy_stand_in, rng, m, c, 
     assert close(value, want, rtol) and close(prob, layer.prob, rtol)
     assert close(grad, want_grad, rtol)
     kind = "i32" if label_dtype == np.int32 else "i64"  # other integer labels: made int64
-    assert cupy_stand_in.launches[-1][0].endswith(kind)
+    last, before = cupy_stand_in.launches[-1][0], cupy_stand_in.launches[-2][0]
+    if m <= 256:
+        assert last.endswith(kind)
+    else:  # the blocks' sums, added in order by a second launch
+        assert before.endswith(kind) and "finalize" in last
 
 
-def test_softmax_cross_entropy_with_a_bad_label_is_nan(gpu, rng):
-    """Out of range: NaN loss (the GPU cannot raise without a synchronization); the other
-    rows' gradients as usual."""
-    logits, labels = rng.normal(size=(6, 4)), np.array([0, 1, 2, 3, 4, 1])
-    prob, grad = np.empty((6, 4)), np.empty((6, 4))
+@pytest.mark.parametrize("m", [6, 600])
+def test_softmax_cross_entropy_with_a_bad_label_is_nan(gpu, rng, m):
+    """Out of range (in the last block, for 600 rows): NaN loss (the GPU cannot raise
+    without a synchronization); the other rows' gradients as usual."""
+    logits, labels = rng.normal(size=(m, 4)), rng.integers(0, 4, size=m)
+    labels[0], labels[m - 2] = 0, 4
+    prob, grad = np.empty((m, 4)), np.empty((m, 4))
     value, _ = gpu.softmax_cross_entropy(logits, labels, prob, grad)
     assert np.isnan(value)
-    assert close(grad[4], prob[4] / 6, 1e-15) and close(grad[0, 0], (prob[0, 0] - 1) / 6, 1e-15)
+    assert close(grad[m - 2], prob[m - 2] / m, 1e-15)
+    assert close(grad[0, 0], (prob[0, 0] - 1) / m, 1e-15)
 
 
 # --- a fused block on the emulated device -----------------------------------------------------

@@ -22,7 +22,7 @@ from ..optim import OPTIMIZERS
 from . import capturing
 from .shared import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block looks them up here)
 from .shared import Scratch as HostScratch
-from .plan import THREADS, bn_plan, bn_split_grid, elementwise_blocks
+from .plan import CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_plan, bn_split_grid, elementwise_blocks
 
 
 @lru_cache(maxsize=None)
@@ -251,14 +251,26 @@ def activation_forward(h, bias=None, activation=RELU, out=None):
 
 def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
     """The gradient of the activation's input from its output ``y``; adds the column sums
-    into ``dbias`` if given (one thread per feature walks the rows)."""
+    into ``dbias`` if given (one thread per feature walks the rows; for large batches, per
+    chunk of rows as BN's split path, then the chunks' sums in order)."""
     dy = cupy.ascontiguousarray(dy)
     dh = cupy.empty_like(y) if out is None else out
     dbias, has_bias = _bias_args(y, dbias)
     m, n = y.shape
-    function("batchnorm.cu", f"activation_backward_{_suffix(y)}")(
+    i32, act, suffix = np.int32, np.int32(activation), _suffix(y)
+    chunks, rows = bn_plan(m, n, sms())
+    if chunks > 1:
+        grid, block = bn_split_grid(n, chunks)
+        partial = cupy.empty((chunks, n) if has_bias else 0, dtype=cupy.float64)
+        function("batchnorm.cu", f"activation_backward_split_{suffix}")(
+            grid, block, (dy, y, act, dh, partial, has_bias, i32(m), i32(n), i32(rows)))
+        if has_bias:
+            function("batchnorm.cu", f"bias_grad_finalize_{suffix}")(
+                (grid[0],), block, (partial, i32(chunks), dbias, i32(n)))
+        return dh
+    function("batchnorm.cu", f"activation_backward_{suffix}")(
         ((n + THREADS - 1) // THREADS,), (THREADS,),
-        (dy, y, np.int32(activation), dh, dbias, has_bias, np.int32(m), np.int32(n)))
+        (dy, y, act, dh, dbias, has_bias, i32(m), i32(n)))
     return dh
 
 
@@ -276,18 +288,26 @@ def product(a, b, out):
 
 # --- softmax cross-entropy --------------------------------------------------------------------
 def softmax_cross_entropy(logits, labels, prob, grad):
-    """Fills ``prob`` and ``grad`` (kernels/loss.cu, one launch); returns (the mean loss as a
-    0-d device array, 0). A label outside the classes makes the loss NaN instead of being
-    counted here: reading a count back would cost a synchronization every step."""
+    """Fills ``prob`` and ``grad`` (kernels/loss.cu: one launch up to 256 rows, else one
+    more to add the blocks' sums in order); returns (the mean loss as a 0-d device array,
+    0). A label outside the classes makes the loss NaN instead of being counted here:
+    reading a count back would cost a synchronization every step."""
     logits = cupy.ascontiguousarray(logits)
     if labels.dtype not in (cupy.int32, cupy.int64):
         labels = labels.astype(cupy.int64)
     labels = cupy.ascontiguousarray(labels)
     m, c = logits.shape
+    blocks = max(1, min(-(-m // CE_THREADS), CE_MAX_BLOCKS))
     loss, bad = cupy.empty(1, dtype=logits.dtype), cupy.empty(1, dtype=cupy.int32)
-    kind = "i32" if labels.dtype == cupy.int32 else "i64"
-    function("loss.cu", f"softmax_cross_entropy_{_suffix(logits)}_{kind}")(
-        (1,), (256,), (logits, labels, prob, grad, loss, bad, np.int32(m), np.int32(c)))
+    partial = cupy.empty(blocks if blocks > 1 else 0, dtype=cupy.float64)
+    partial_bad = cupy.empty(blocks if blocks > 1 else 0, dtype=cupy.int32)
+    kind, suffix, i32 = ("i32" if labels.dtype == cupy.int32 else "i64"), _suffix(logits), np.int32
+    function("loss.cu", f"softmax_cross_entropy_{suffix}_{kind}")(
+        (blocks,), (CE_THREADS,),
+        (logits, labels, prob, grad, loss, bad, partial, partial_bad, i32(m), i32(c)))
+    if blocks > 1:
+        function("loss.cu", f"softmax_cross_entropy_finalize_{suffix}")(
+            (1,), (CE_THREADS,), (partial, partial_bad, i32(blocks), loss, bad, i32(m)))
     return loss.reshape(()), 0
 
 

@@ -8,6 +8,8 @@ WAVES = 4              # grid-stride kernels: blocks for this many full waves at
 BN_MIN_ROWS = 16       # rows per chunk of the split BN kernels, at least
 BN_MAX_CHUNKS = 256    # partial sums per feature that the finalize kernel adds, at most
 BN_SPLIT_MIN_ROWS = 512  # below, the one-launch kernel's threads walk <= 64 rows each
+CE_THREADS = 256       # softmax cross-entropy: threads per block (NNOPT_CE_THREADS), a row each
+CE_MAX_BLOCKS = 4096   # ... and blocks at most (rows beyond: grid-stride)
 
 
 def elementwise_blocks(n, width, sms, threads=THREADS):
