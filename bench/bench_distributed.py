@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             print(out.stderr, file=sys.stderr)
             return 1
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"| ranks | per-rank batch | step (ms) | allreduce (ms) | allreduce share |")
+    print("| ranks | per-rank batch | step (ms) | allreduce (ms) | allreduce share |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['ranks']} | {r['per_rank']} | {r['step_ms']:.3f} | {r['allreduce_ms']:.3f} | "

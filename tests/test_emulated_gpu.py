@@ -3,7 +3,6 @@ Python that runs on a GPU, launching the exact kernel sources (compiled for the 
 every launch's arguments checked against the kernel's C signature. What a GPU session
 would otherwise find first (an argument out of order, a float64 scalar for a float, a
 transposed view passed as contiguous, a kernel name that does not exist) fails here."""
-import ctypes
 
 import numpy as np
 import pytest
