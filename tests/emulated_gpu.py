@@ -21,6 +21,7 @@ CUDA graphs, streams or cuBLAS. Those need the GPU (bench/gpu_check.sh).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import importlib
@@ -43,6 +44,7 @@ POINTEES = {"int": np.int32, "long long": np.int64, "float": np.float32, "double
 CTYPES = {np.int32: ctypes.c_int, np.int64: ctypes.c_longlong, np.float32: ctypes.c_float,
           np.float64: ctypes.c_double}
 _BUILD_DIR = Path(tempfile.mkdtemp(prefix="nnopt-emulated-gpu-"))
+atexit.register(shutil.rmtree, _BUILD_DIR, ignore_errors=True)
 _LIBRARIES: dict = {}
 GUARD_BYTES, GUARD_VALUE = 256, 0xA5
 _GUARDED = weakref.WeakValueDictionary()  # the stand-in's allocations, by id
