@@ -74,7 +74,8 @@ class SoftmaxCrossEntropy(Loss):
         if n_bad:
             check_labels(target, logits.shape[1])  # raises, with the offending label
         self.prob, self.target = prob, None
-        return (logits.dtype.type(value) if is_numpy(logits) else value), grad
+        # numba's is a Python float; the GPU's a 0-d device array, left on the device
+        return (value if hasattr(value, "shape") else logits.dtype.type(value)), grad
 
     def forward(self, logits, target):
         xp = namespace_of(logits)

@@ -10,18 +10,25 @@ compiler, CUDA's features emulated by tests/host_cuda.h. A launch then
   pointer a C-contiguous array of the pointee's dtype. A mismatch, which on a GPU would
   silently garble memory, is a :class:`LaunchError` naming the kernel and argument;
 * runs every thread of the grid: one after the other, or, for kernels that call
-  ``__syncthreads``, each block's threads on host threads of their own (one block at a
-  time, so ``__shared__`` can be a single static copy);
+  ``__syncthreads``, each block's threads as fibers switched at every barrier (one block
+  at a time, so ``__shared__`` can be a single static copy);
 * checks, for every array the stand-in allocated (``cupy.empty`` and friends: what the
   launchers allocate), that the kernel wrote nothing in the guard bytes either side of it:
   an out-of-bounds write is a :class:`LaunchError`.
 
-What it cannot show: speed, memory-model races beyond ``__syncthreads``, anything of
-CUDA graphs, streams or cuBLAS. Those need the GPU (bench/gpu_check.sh).
+CUDA graphs are emulated at the level nnopt uses them (nnopt.graph.CapturedStep): while a
+stand-in stream captures, kernel launches (and the two array operations a captured step
+makes besides, zero_grad's fill and the device step counters' increment) are recorded
+instead of run, and ``Graph.launch`` runs them again, in order, on the arrays they were
+given. Streams are one queue (everything runs at once, in program order).
+
+What it cannot show: speed, memory-model races beyond ``__syncthreads``, concurrency
+between streams, cuBLAS. Those need the GPU (bench/gpu_check.sh).
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import hashlib
 import importlib
@@ -211,13 +218,17 @@ class Function:
         scalars = tuple(a.item() for a in args if not isinstance(a, np.ndarray))
         addresses = tuple(a.ctypes.data for a in args if isinstance(a, np.ndarray))
         self.launches.append((self.name, (gx, gy), (bx, by), scalars, addresses))
-        if self.grid(*(ctypes.c_uint(v) for v in (gx, gy, bx, by)), *values):
-            raise LaunchError(f"{self.name} called __syncthreads while its threads ran one "
-                              "after the other: the emulation missed that it synchronizes")
-        for i, a in enumerate(args):
-            if isinstance(a, np.ndarray) and not _guards_intact(a):
-                raise LaunchError(f"{self.name}: wrote outside argument {i} "
-                                  f"({self.params[i].name}, shape {a.shape})")
+
+        def run():
+            if self.grid(*(ctypes.c_uint(v) for v in (gx, gy, bx, by)), *values):
+                raise LaunchError(f"{self.name} called __syncthreads while its threads ran "
+                                  "one after the other: the emulation missed that it "
+                                  "synchronizes")
+            for i, a in enumerate(args):
+                if isinstance(a, np.ndarray) and not _guards_intact(a):
+                    raise LaunchError(f"{self.name}: wrote outside argument {i} "
+                                      f"({self.params[i].name}, shape {a.shape})")
+        self.launches.run(run)
 
 
 class RawModule:
@@ -324,24 +335,94 @@ def _stand_in_allocators(cp):
     cp.zeros_like = lambda a, dtype=None: zeros(a.shape, a.dtype if dtype is None else dtype)
 
 
+class Launches(list):
+    """Every launch, as (name, grid, block, scalars, addresses); while a stream captures,
+    ``recording`` collects the work instead of running it."""
+    recording = None
+
+    def run(self, work):
+        if self.recording is None:
+            work()
+        else:
+            self.recording.append(work)
+
+
+class Graph:
+    def __init__(self, work):
+        self.work = work
+
+    def launch(self, stream=None):
+        for work in self.work:
+            work()
+
+
+class Stream:
+    """A stand-in stream: a context that makes it current, and the capture of a graph."""
+
+    def __init__(self, cp, non_blocking=False, ptr=None):
+        self.cp, self.ptr = cp, (id(self) if ptr is None else ptr)
+
+    def __enter__(self):
+        self.cp.streams.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.cp.streams.pop()
+        return False
+
+    def begin_capture(self, mode=None):
+        if self.cp.launches.recording is not None:
+            raise NotEmulated("a capture inside a capture")
+        self.cp.launches.recording = []
+
+    def end_capture(self):
+        work, self.cp.launches.recording = self.cp.launches.recording, None
+        return Graph(work)
+
+    def synchronize(self):
+        pass
+
+    def record(self, event=None):
+        return event
+
+    def wait_event(self, event):
+        pass
+
+
 def emulated_cupy(multiprocessors=2):
     """A module that stands in for ``cupy``; ``.launches`` lists every kernel launch."""
     cp = types.ModuleType("cupy")
-    cp.launches = []
+    cp.launches = Launches()
     cp.ndarray, cp.float32, cp.float64 = np.ndarray, np.float32, np.float64
     cp.int32, cp.int64 = np.int32, np.int64
-    cp.asarray, cp.matmul = np.asarray, np.matmul
+    cp.matmul = np.matmul
     _stand_in_allocators(cp)
     cp.RawModule = lambda code, options=(): RawModule(code, options, cp.launches)
     cp.ElementwiseKernel = ElementwiseKernel
+
+    class DeviceArray(np.ndarray):
+        """cupy.asarray's arrays: ``+=`` is a kernel, recorded while a stream captures
+        (the device step counters of a captured step)."""
+
+        def __iadd__(self, other):
+            plain = self.view(np.ndarray)
+            cp.launches.run(lambda: np.add(plain, other, out=plain))
+            return self
+
+    cp.asarray = lambda a, dtype=None: np.array(a, dtype=dtype).view(DeviceArray)
 
     class Device:
         def __init__(self, device_id=0):
             self.id = device_id
             self.attributes = {"MultiProcessorCount": multiprocessors}
 
-    cp.cuda = types.SimpleNamespace(Device=Device, get_current_stream=_Unavailable("stream"),
-                                    memory=_Unavailable("cupy.cuda.memory"))
+    cp.streams = [Stream(cp, ptr=0)]  # the current stream last; 0: the NULL stream
+    cp.cuda = types.SimpleNamespace(
+        Device=Device, Stream=lambda non_blocking=False: Stream(cp, non_blocking),
+        get_current_stream=lambda: cp.streams[-1],
+        MemoryPool=lambda: types.SimpleNamespace(malloc=None),
+        using_allocator=lambda malloc=None: contextlib.nullcontext(),
+        memory=_Unavailable("cupy.cuda.memory"))
     return cp
 
 
@@ -352,17 +433,33 @@ _SESSION: dict = {}
 
 
 def install(monkeypatch):
-    """The emulated nnopt.fast.gpu as the fused kernels of every NumPy float array, for one
-    test (``monkeypatch`` undoes it): what ``pytest --backend emulated`` runs
-    tests/test_gpu.py with. cuBLAS is off, so captured products take the tiled GEMM."""
+    """The emulated nnopt.fast.gpu as the fused kernels of every NumPy float array, and the
+    stand-in CuPy as ``cupy`` (streams and graphs for nnopt.graph), for one test
+    (``monkeypatch`` undoes it): what ``pytest --backend emulated`` runs tests/test_gpu.py
+    with. cuBLAS is off, so captured products take the tiled GEMM."""
     import nnopt.fast
+    import nnopt.graph
+    import nnopt.params
     if "gpu" not in _SESSION:
-        _SESSION["gpu"] = load_gpu_module(emulated_cupy(multiprocessors=2))
-    gpu = _SESSION["gpu"]
+        _SESSION["cupy"] = cp = emulated_cupy(multiprocessors=2)
+        _SESSION["gpu"] = load_gpu_module(cp)
+    cp, gpu = _SESSION["cupy"], _SESSION["gpu"]
     for module in FAST_PATH_USERS:
         monkeypatch.setattr(importlib.import_module(module), "fast_for", fast_for_emulated(gpu))
     monkeypatch.setattr(nnopt.fast, "gpu_kernels", lambda: gpu)
     monkeypatch.setenv("NNOPT_CUBLAS", "off")
+    # nnopt.graph.CapturedStep on the stand-in: its `import cupy` and `from .fast import gpu`,
+    # a NumPy model taken for a GPU one, and zero_grad's fill recorded like a kernel.
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setitem(sys.modules, "nnopt.fast.gpu", gpu)
+    monkeypatch.setattr(nnopt.fast, "gpu", gpu, raising=False)
+    monkeypatch.setattr(nnopt.graph, "backend_name", lambda xp: "cupy")
+
+    def zero_grad(storage):
+        grad = storage.grad
+        cp.launches.run(lambda: grad.__setitem__(Ellipsis, 0))
+        storage.zero_count += 1
+    monkeypatch.setattr(nnopt.params.FlatParameters, "zero_grad", zero_grad)
     return gpu
 
 

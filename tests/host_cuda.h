@@ -1,18 +1,18 @@
 // The CUDA features nnopt's kernels use, emulated on the host, so the tests can compile
 // kernels/*.cu with g++ and run them on the CPU:
-//   - blockIdx/threadIdx/gridDim/blockDim: thread-local, set by nnopt_set_thread;
+//   - blockIdx/threadIdx/gridDim/blockDim: set by nnopt_set_thread (and the fiber scheduler);
 //   - __shared__: one static copy, which is right because the tests run one block at a
 //     time (tests/emulated_gpu.py);
-//   - __syncthreads: a barrier over the block's threads; kernels that use it run each
-//     thread of a block on a host thread of its own (nnopt_run_block), the others run
-//     their threads one after the other;
+//   - __syncthreads: a barrier over the block's threads; kernels that use it run the
+//     threads of a block as fibers switched at each barrier (nnopt_run_block), the others
+//     run their threads one after the other;
 //   - float4/double2 (16-byte vector loads), CUDA's qualifiers defined away.
 #ifndef NNOPT_HOST_CUDA_H
 #define NNOPT_HOST_CUDA_H
+#include <ucontext.h>
+
 #include <cmath>
-#include <condition_variable>
-#include <mutex>
-#include <thread>
+#include <functional>
 #include <vector>
 using std::exp;
 using std::log;
@@ -31,14 +31,9 @@ static thread_local Dim3 blockIdx, threadIdx, gridDim, blockDim;
 #define __global__
 #define __shared__ static
 
-static std::mutex nnopt_barrier_mutex;
-static std::condition_variable nnopt_barrier_changed;
-static int nnopt_block_threads = 1, nnopt_arrived = 0;
-static unsigned long long nnopt_generation = 0;
-
-// True on the threads of nnopt_run_block; a kernel whose threads run one after the other
-// must not synchronize (the launcher reports it: nnopt_take_misuse).
-static thread_local bool nnopt_threaded = false;
+// False outside nnopt_run_block: a kernel whose threads run one after the other must not
+// synchronize (the launcher reports it: nnopt_take_misuse).
+static bool nnopt_in_fibers = false;
 static int nnopt_misuse = 0;
 
 extern "C" int nnopt_take_misuse() {
@@ -47,39 +42,68 @@ extern "C" int nnopt_take_misuse() {
     return misuse;
 }
 
+// A block whose kernel synchronizes runs its threads as fibers on the calling thread
+// (ucontext): each runs up to its next __syncthreads (or its end), then the next one;
+// round after round until all are done. So no thread passes a barrier before every
+// thread of the block has reached it, as on a GPU, at the cost of a context switch.
+struct NnoptFiber {
+    ucontext_t context;
+    unsigned tx, ty;
+    bool done;
+};
+static const size_t NNOPT_FIBER_STACK = 64 * 1024;
+static ucontext_t nnopt_scheduler;
+static std::vector<NnoptFiber> nnopt_fibers;
+static std::vector<std::vector<char>> nnopt_stacks;
+static size_t nnopt_running = 0;
+static const std::function<void(unsigned, unsigned)>* nnopt_fiber_body = nullptr;
+
+static void nnopt_fiber_main() {
+    const NnoptFiber& fiber = nnopt_fibers[nnopt_running];
+    (*nnopt_fiber_body)(fiber.tx, fiber.ty);
+    nnopt_fibers[nnopt_running].done = true;
+    swapcontext(&nnopt_fibers[nnopt_running].context, &nnopt_scheduler);
+}
+
 static inline void __syncthreads() {
-    if (!nnopt_threaded) {
+    if (!nnopt_in_fibers) {
         nnopt_misuse = 1;
         return;
     }
-    std::unique_lock<std::mutex> lock(nnopt_barrier_mutex);
-    const unsigned long long generation = nnopt_generation;
-    if (++nnopt_arrived == nnopt_block_threads) {
-        nnopt_arrived = 0;
-        ++nnopt_generation;
-        nnopt_barrier_changed.notify_all();
-    } else {
-        nnopt_barrier_changed.wait(lock, [&] { return nnopt_generation != generation; });
-    }
+    swapcontext(&nnopt_fibers[nnopt_running].context, &nnopt_scheduler);
 }
 
-extern "C" void nnopt_begin_block(int threads) {
-    std::lock_guard<std::mutex> lock(nnopt_barrier_mutex);
-    nnopt_block_threads = threads;
-    nnopt_arrived = 0;
-}
-
-// Runs thread(tx, ty) for every thread of a block, each on its own host thread.
+// Runs thread(tx, ty) for every thread of a block, as fibers (see above).
 template <typename F> void nnopt_run_block(unsigned block_x, unsigned block_y, F thread) {
-    nnopt_begin_block((int)(block_x * block_y));
-    std::vector<std::thread> threads;
-    for (unsigned ty = 0; ty < block_y; ++ty)
-        for (unsigned tx = 0; tx < block_x; ++tx)
-            threads.emplace_back([&thread](unsigned x, unsigned y) {
-                nnopt_threaded = true;
-                thread(x, y);
-            }, tx, ty);
-    for (auto& t : threads) t.join();
+    const size_t n = (size_t)block_x * block_y;
+    const std::function<void(unsigned, unsigned)> body = thread;
+    nnopt_fiber_body = &body;
+    nnopt_fibers.assign(n, NnoptFiber());
+    if (nnopt_stacks.size() < n) nnopt_stacks.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+        NnoptFiber& fiber = nnopt_fibers[i];
+        nnopt_stacks[i].resize(NNOPT_FIBER_STACK);
+        getcontext(&fiber.context);
+        fiber.context.uc_stack.ss_sp = nnopt_stacks[i].data();
+        fiber.context.uc_stack.ss_size = NNOPT_FIBER_STACK;
+        fiber.context.uc_link = nullptr;
+        makecontext(&fiber.context, nnopt_fiber_main, 0);
+        fiber.tx = (unsigned)(i % block_x);
+        fiber.ty = (unsigned)(i / block_x);
+        fiber.done = false;
+    }
+    nnopt_in_fibers = true;
+    for (bool running = true; running;) {
+        running = false;
+        for (size_t i = 0; i < n; ++i) {
+            if (nnopt_fibers[i].done) continue;
+            nnopt_running = i;
+            threadIdx = {nnopt_fibers[i].tx, nnopt_fibers[i].ty, 0};  // blockIdx & co: shared
+            swapcontext(&nnopt_scheduler, &nnopt_fibers[i].context);
+            running = running || !nnopt_fibers[i].done;
+        }
+    }
+    nnopt_in_fibers = false;
 }
 
 extern "C" void nnopt_set_thread(unsigned grid_x, unsigned grid_y, unsigned block_x,
