@@ -378,3 +378,34 @@ def test_training_steps_on_the_emulated_gpu_match_the_reference(gpu, cupy_stand_
     assert want.keys() == got.keys()
     for key in want:
         assert close(got[key], want[key], 1e-9), key
+
+
+# --- a training run, as python -m nnopt.train --device gpu ------------------------------------
+def test_training_run_on_the_emulated_gpu_follows_the_cpu_run(monkeypatch, tmp_path):
+    """The GPU training loop (a captured step replayed for full batches, the last partial
+    batch eager, a learning-rate schedule that captures the graph again each epoch) on the
+    emulated device, against the same run on the CPU kernels."""
+    import json
+
+    import nnopt.graph
+    import nnopt.train
+    # 1,400 training images (the rest held out): 10 full batches and a partial one per epoch
+    args = ["--epochs", "2", "--sizes", "784,24,16,10", "--val-size", "6600", "--batch-size",
+            "128", "--schedule", "step", "--schedule-opt", "step_size=1", "--quiet"]
+    assert nnopt.train.main(args + ["--device", "cpu", "--out", str(tmp_path / "cpu")]) == 0
+
+    emulated_gpu.install(monkeypatch)
+    numpy_namespace = nnopt.get_namespace("cpu")
+    monkeypatch.setattr(nnopt.train, "get_namespace", lambda device: numpy_namespace)
+    monkeypatch.setattr(nnopt.train, "backend_name", lambda xp: "cupy")
+    captures = []
+    capture = nnopt.graph.CapturedStep._capture
+    monkeypatch.setattr(nnopt.graph.CapturedStep, "_capture",
+                        lambda self: captures.append(1) or capture(self))
+    assert nnopt.train.main(args + ["--device", "gpu", "--out", str(tmp_path / "gpu")]) == 0
+
+    cpu, gpu = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("cpu", "gpu"))
+    assert len(captures) == 2  # the first epoch's graph, then one with the scheduled rate
+    assert gpu["iterations"] == cpu["iterations"] == 22
+    assert abs(gpu["test_loss"] - cpu["test_loss"]) < 1e-3 * cpu["test_loss"], (gpu, cpu)
+    assert abs(gpu["test_accuracy"] - cpu["test_accuracy"]) <= 0.005, (gpu, cpu)
