@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnopt import cublas
+
 TESTS = Path(__file__).resolve().parent
 SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
 POINTEES = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
@@ -281,6 +283,51 @@ class ElementwiseKernel:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
+class FakeCublas:
+    """A libcublas for nnopt.cublas: column-major BLAS semantics on host pointers, every
+    call logged; ``run`` runs (or, while a stand-in stream captures, records) each GEMM."""
+
+    def __init__(self, missing=(), run=None):
+        self.calls, self.run = [], run
+        for name in cublas.REQUIRED:
+            if name not in missing:
+                setattr(self, name, self._make(name))
+
+    def _make(self, name):
+        def call(*args):
+            self.calls.append(name)
+            if name.endswith("gemm_v2"):
+                dtype = np.float64 if name == "cublasDgemm_v2" else np.float32
+                if self.run is None:
+                    self._gemm(dtype, *args)
+                else:
+                    self.run(lambda: self._gemm(dtype, *args))
+            return 0
+        return call
+
+    @staticmethod
+    def _gemm(dtype, handle, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        def matrix(ptr, rows, cols, ld, trans):  # stored column-major: (ld, cols) Fortran
+            stored = (cols, rows) if trans else (rows, cols)
+            ptr = ptr.value
+            flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))),
+                                         shape=(ld * stored[1],))
+            mat = flat.reshape(stored[1], ld).T[:stored[0], :]
+            return mat.T if trans else mat
+        A = matrix(a, m, k, lda, op_a == cublas.CUBLAS_OP_T)
+        B = matrix(b, k, n, ldb, op_b == cublas.CUBLAS_OP_T)
+        out = np.ctypeslib.as_array(ctypes.cast(c.value, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))),
+                                    shape=(ldc * n,)).reshape(n, ldc).T
+        product = alpha._obj.value * (A @ B)  # BLAS: beta = 0 never reads C
+        out[:m, :] = product if beta._obj.value == 0 else product + beta._obj.value * out[:m, :]
+
+
+def host_allocate(nbytes):
+    """Host memory standing in for a cuBLAS workspace: (owner, address)."""
+    buf = np.empty(nbytes, np.uint8)
+    return buf, buf.ctypes.data
+
+
 class _Unavailable:
     def __init__(self, what):
         self.what = what
@@ -434,9 +481,9 @@ _SESSION: dict = {}
 
 def install(monkeypatch):
     """The emulated nnopt.fast.gpu as the fused kernels of every NumPy float array, and the
-    stand-in CuPy as ``cupy`` (streams and graphs for nnopt.graph), for one test
-    (``monkeypatch`` undoes it): what ``pytest --backend emulated`` runs tests/test_gpu.py
-    with. cuBLAS is off, so captured products take the tiled GEMM."""
+    stand-in CuPy as ``cupy`` (streams and graphs for nnopt.graph), and nnopt's cuBLAS
+    handle on :class:`FakeCublas`, for one test (``monkeypatch`` undoes it): what
+    ``pytest --backend emulated`` runs tests/test_gpu.py with."""
     import nnopt.fast
     import nnopt.graph
     import nnopt.params
@@ -447,7 +494,11 @@ def install(monkeypatch):
     for module in FAST_PATH_USERS:
         monkeypatch.setattr(importlib.import_module(module), "fast_for", fast_for_emulated(gpu))
     monkeypatch.setattr(nnopt.fast, "gpu_kernels", lambda: gpu)
-    monkeypatch.setenv("NNOPT_CUBLAS", "off")
+    # cuBLAS: nnopt.cublas.Handle itself, on a libcublas that computes on the host
+    monkeypatch.setattr(gpu, "_pointer", lambda a: a.ctypes.data)
+    monkeypatch.setattr(gpu, "HANDLES", cublas.HandleCache(gpu._warn))
+    monkeypatch.setattr(gpu, "_make_handle", lambda: cublas.Handle(
+        FakeCublas(run=cp.launches.run), host_allocate, path="(emulated libcublas)"))
     # nnopt.graph.CapturedStep on the stand-in: its `import cupy` and `from .fast import gpu`,
     # a NumPy model taken for a GPU one, and zero_grad's fill recorded like a kernel.
     monkeypatch.setitem(sys.modules, "cupy", cp)

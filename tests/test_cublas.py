@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nnopt import cublas
+from tests.emulated_gpu import FakeCublas as FakeLib
 
 
 def touch(folder, name):
@@ -40,43 +41,7 @@ def test_loaded_library_is_found_in_the_process_maps(tmp_path):
     assert cublas._loaded_in_process(str(tmp_path / "missing")) == []
 
 
-class FakeLib:
-    """Column-major BLAS semantics on host pointers, logging every call."""
-
-    def __init__(self, missing=()):
-        self.calls = []
-        for name in cublas.REQUIRED:
-            if name not in missing:
-                setattr(self, name, self._make(name))
-
-    def _make(self, name):
-        def call(*args):
-            self.calls.append(name)
-            if name.endswith("gemm_v2"):
-                self._gemm(np.float64 if name == "cublasDgemm_v2" else np.float32, *args)
-            return 0
-        return call
-
-    @staticmethod
-    def _gemm(dtype, handle, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-        def matrix(ptr, rows, cols, ld, trans):  # stored column-major: (ld, cols) Fortran
-            stored = (cols, rows) if trans else (rows, cols)
-            ptr = ptr.value
-            flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))),
-                                         shape=(ld * stored[1],))
-            mat = flat.reshape(stored[1], ld).T[:stored[0], :]
-            return mat.T if trans else mat
-        A = matrix(a, m, k, lda, op_a == cublas.CUBLAS_OP_T)
-        B = matrix(b, k, n, ldb, op_b == cublas.CUBLAS_OP_T)
-        out = np.ctypeslib.as_array(ctypes.cast(c.value, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))),
-                                    shape=(ldc * n,)).reshape(n, ldc).T
-        product = alpha._obj.value * (A @ B)  # BLAS: beta = 0 never reads C
-        out[:m, :] = product if beta._obj.value == 0 else product + beta._obj.value * out[:m, :]
-
-
-def allocate(nbytes):
-    buf = np.empty(nbytes, np.uint8)
-    return buf, buf.ctypes.data
+from tests.emulated_gpu import host_allocate as allocate  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

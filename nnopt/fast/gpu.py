@@ -121,6 +121,11 @@ def prepare_capture(stream):
     return HANDLES.route(cupy.cuda.Device().id)
 
 
+def _pointer(a):
+    """The device address of a CuPy array's first element."""
+    return a.data.ptr
+
+
 def graph_gemm(a, b, trans_a=False, trans_b=False, out=None):
     """op(a) @ op(b) (into ``out`` if given), capturable: cuBLAS through nnopt's own handle,
     or (where it cannot load) nnopt's tiled kernel."""
@@ -132,7 +137,7 @@ def graph_gemm(a, b, trans_a=False, trans_b=False, out=None):
         c[...] = 0
     elif m and n:
         handle.set_stream(cupy.cuda.get_current_stream().ptr)
-        handle.gemm(a.dtype == cupy.float64, a.data.ptr, b.data.ptr, c.data.ptr, m, n, k,
+        handle.gemm(a.dtype == cupy.float64, _pointer(a), _pointer(b), _pointer(c), m, n, k,
                     trans_a, trans_b)
     return _into(out, c)
 
