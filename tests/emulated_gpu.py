@@ -361,15 +361,16 @@ def _guards_intact(a):
 
 
 def _stand_in_allocators(cp):
-    cp.empty = _guarded_empty
+    def empty(shape, dtype=float):
+        return cp.launches.keep(_guarded_empty(shape, dtype))
 
     def zeros(shape, dtype=float):
-        a = _guarded_empty(shape, dtype)
+        a = empty(shape, dtype)
         a[...] = 0
         return a
 
     def empty_like(a, dtype=None):
-        return _guarded_empty(a.shape, a.dtype if dtype is None else dtype)
+        return empty(a.shape, a.dtype if dtype is None else dtype)
 
     def ascontiguousarray(a, dtype=None):
         a = np.asarray(a, dtype=dtype)
@@ -378,14 +379,17 @@ def _stand_in_allocators(cp):
         out = empty_like(a)
         out[...] = a
         return out
-    cp.zeros, cp.empty_like, cp.ascontiguousarray = zeros, empty_like, ascontiguousarray
+    cp.empty, cp.zeros, cp.empty_like = empty, zeros, empty_like
+    cp.ascontiguousarray = ascontiguousarray
     cp.zeros_like = lambda a, dtype=None: zeros(a.shape, a.dtype if dtype is None else dtype)
 
 
 class Launches(list):
     """Every launch, as (name, grid, block, scalars, addresses); while a stream captures,
-    ``recording`` collects the work instead of running it."""
-    recording = None
+    ``recording`` collects the work instead of running it, and ``kept`` the arrays the
+    graph owns (allocated while capturing, or handed to cuBLAS by address), as a graph's
+    memory pool keeps them on a GPU."""
+    recording = kept = None
 
     def run(self, work):
         if self.recording is None:
@@ -393,10 +397,15 @@ class Launches(list):
         else:
             self.recording.append(work)
 
+    def keep(self, array):
+        if self.kept is not None:
+            self.kept.append(array)
+        return array
+
 
 class Graph:
-    def __init__(self, work):
-        self.work = work
+    def __init__(self, work, kept):
+        self.work, self.kept = work, kept
 
     def launch(self, stream=None):
         for work in self.work:
@@ -420,11 +429,13 @@ class Stream:
     def begin_capture(self, mode=None):
         if self.cp.launches.recording is not None:
             raise NotEmulated("a capture inside a capture")
-        self.cp.launches.recording = []
+        self.cp.launches.recording, self.cp.launches.kept = [], []
 
     def end_capture(self):
-        work, self.cp.launches.recording = self.cp.launches.recording, None
-        return Graph(work)
+        launches = self.cp.launches
+        graph = Graph(launches.recording, launches.kept)
+        launches.recording = launches.kept = None
+        return graph
 
     def synchronize(self):
         pass
@@ -495,7 +506,7 @@ def install(monkeypatch):
         monkeypatch.setattr(importlib.import_module(module), "fast_for", fast_for_emulated(gpu))
     monkeypatch.setattr(nnopt.fast, "gpu_kernels", lambda: gpu)
     # cuBLAS: nnopt.cublas.Handle itself, on a libcublas that computes on the host
-    monkeypatch.setattr(gpu, "_pointer", lambda a: a.ctypes.data)
+    monkeypatch.setattr(gpu, "_pointer", lambda a: cp.launches.keep(a).ctypes.data)
     monkeypatch.setattr(gpu, "HANDLES", cublas.HandleCache(gpu._warn))
     monkeypatch.setattr(gpu, "_make_handle", lambda: cublas.Handle(
         FakeCublas(run=cp.launches.run), host_allocate, path="(emulated libcublas)"))

@@ -43,3 +43,28 @@ def test_graph_table_and_verdict(bench_gpu):
 
 def test_module_stays_importable_without_cupy(bench_gpu):
     assert "cupy" not in sys.modules or sys.modules["cupy"] is not None
+
+
+def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
+    """What the dry run leaves out (the captured steps, fused and layer by layer, and their
+    ratios) through the GPU code path on the emulated device (tests/emulated_gpu.py): the
+    GPU session's benchmark must not stop at a Python error. Its timings mean nothing."""
+    import bench_train
+
+    import nnopt.backend
+    from tests import emulated_gpu
+    if emulated_gpu.compiler() is None:
+        pytest.skip("no C++ compiler to build the emulated kernels")
+    emulated_gpu.install(monkeypatch)
+    numpy_namespace = nnopt.backend.get_namespace("cpu")
+    monkeypatch.setattr(nnopt.backend, "get_namespace", lambda device: numpy_namespace)
+    small = bench_train.data
+    monkeypatch.setattr(bench_train, "data", lambda n=2048: small(n))
+    rows = bench_gpu.bench_train(None, [(64, None, False)], dry_run=False)
+    assert len(rows) == 1, "the configuration raised (printed above)"
+    row = rows[0]
+    assert "graph_error" not in row and row["gemm_route"].startswith("cublas ")
+    for tag in ("plain", "bn"):
+        assert row[f"gpu_graph_{tag}_s"] > 0 and row[f"graph_fused_vs_layers_{tag}"] > 0
+    assert "gpu_graph_bn_overhead_%" in row and "graph_speedup_bn" in row
+    assert "batch 64, width textbook" in bench_gpu.verdict(rows)
