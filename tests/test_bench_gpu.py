@@ -60,6 +60,10 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
     monkeypatch.setattr(nnopt.backend, "get_namespace", lambda device: numpy_namespace)
     small = bench_train.data
     monkeypatch.setattr(bench_train, "data", lambda n=2048: small(n))
+    optim_rows = bench_gpu.bench_optim(numpy_namespace, None, "cuda", lambda: None, [1000])
+    assert {r["optimizer"] for r in optim_rows} >= {"sgd", "adam", "adadelta"}
+    bn_rows = bench_gpu.bench_bn(numpy_namespace, None, "cuda", lambda: None, [(600, 24)])
+    assert bn_rows[0]["nnopt_s"] > 0
     rows = bench_gpu.bench_train(None, [(64, None, False)], dry_run=False)
     assert len(rows) == 1, "the configuration raised (printed above)"
     row = rows[0]
