@@ -1,7 +1,6 @@
 """nnopt.cublas without a GPU: where the library is looked for, the failure messages, the
 handle's call order, and the row-major-through-column-major GEMM arguments (checked by a
 fake libcublas that does column-major BLAS on host memory)."""
-import ctypes
 
 import numpy as np
 import pytest
