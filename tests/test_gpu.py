@@ -156,72 +156,74 @@ def test_gpu_step_on_misaligned_views(xp, gpu, rng, name):
     np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam"])
-def test_captured_step_matches_eager(xp, gpu, rng, name):
-    from nnopt.fast import capture_mode
-    from nnopt.graph import CapturedStep
-    make = lambda: nnopt.mlp([784, 128, 64, 32, 16, 10], batchnorm=True, seed=1, device=xp)  # noqa: E731
-    eager_model, graph_model = make(), make()
-    eager_opt = optim.create(name, eager_model, lr=0.01)
-    graph_opt = optim.create(name, graph_model, lr=0.01)
-    loss_fn = nnopt.SoftmaxCrossEntropy()
-    captured = CapturedStep(graph_model, graph_opt, nnopt.SoftmaxCrossEntropy(), (64, 784), (64,))
-    assert captured.gemm_route.startswith("cublas "), captured.gemm_route
-    for _ in range(5):
-        x = dev(xp, rng.random((64, 784)), xp.float32)
-        y = dev(xp, rng.integers(0, 10, 64))
-        eager_model.zero_grad()
+class EagerAndCaptured:
+    """Two copies of one model: one stepped eagerly, one through a captured graph."""
+
+    def __init__(self, xp, sizes, name, lr, batch, seed):
+        from nnopt.graph import CapturedStep
+        make = lambda: nnopt.mlp(sizes, batchnorm=True, seed=seed, device=xp)  # noqa: E731
+        self.xp, self.batch, self.n_in = xp, batch, sizes[0]
+        self.eager_model, self.graph_model = make(), make()
+        self.eager_opt = optim.create(name, self.eager_model, lr=lr)
+        self.graph_opt = optim.create(name, self.graph_model, lr=lr)
+        self.loss_fn = nnopt.SoftmaxCrossEntropy()
+        self.captured = CapturedStep(self.graph_model, self.graph_opt,
+                                     nnopt.SoftmaxCrossEntropy(), (batch, sizes[0]), (batch,))
+
+    def step(self, rng):
+        """One step of each on the same fresh batch; their losses agree. Returns it."""
+        from nnopt.fast import capture_mode
+        xp = self.xp
+        x = dev(xp, rng.random((self.batch, self.n_in)), xp.float32)
+        y = dev(xp, rng.integers(0, 10, self.batch))
+        self.eager_model.zero_grad()
         # The same GEMM on both sides (nnopt's cuBLAS handle, as in the graph): Adam's
         # normalized step turns summation-order differences of near-zero gradients (one
         # GEMM against another) into steps of size ~lr, which is not what this compares.
         with capture_mode():
-            eager_loss = float(eager_model.loss_and_backward(x, y, loss_fn))
-        eager_opt.step()
-        graph_loss = captured.step(x, y)
-        captured.synchronize()
+            eager_loss = float(self.eager_model.loss_and_backward(x, y, self.loss_fn))
+        self.eager_opt.step()
+        graph_loss = self.captured.step(x, y)
+        self.captured.synchronize()
         assert float(graph_loss) == pytest.approx(eager_loss, rel=1e-4)
-    captured.release()
-    assert graph_opt.state[0]["step"] == eager_opt.state[0]["step"] == 5
-    a, b = eager_model.state_dict(), graph_model.state_dict()
-    for key in a:
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-5)
+        return x, y
+
+    def assert_same_state(self):
+        self.captured.release()
+        a, b = self.eager_model.state_dict(), self.graph_model.state_dict()
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_captured_step_matches_eager(xp, gpu, rng, name):
+    pair = EagerAndCaptured(xp, [784, 128, 64, 32, 16, 10], name, lr=0.01, batch=64, seed=1)
+    assert pair.captured.gemm_route.startswith("cublas "), pair.captured.gemm_route
+    for _ in range(5):
+        pair.step(rng)
+    pair.assert_same_state()
+    assert pair.graph_opt.state[0]["step"] == pair.eager_opt.state[0]["step"] == 5
 
 
 def test_captured_step_follows_a_changed_learning_rate(xp, gpu, rng):
     """The learning rate is an argument of the captured kernels: changing it (as a
     scheduler does) captures the graph again, and the steps stay those of the eager run;
     a scratch buffer the graph writes into is never handed to an eager step."""
-    from nnopt.fast import capture_mode
-    from nnopt.graph import CapturedStep
-    make = lambda: nnopt.mlp([784, 64, 10], batchnorm=True, seed=2, device=xp)  # noqa: E731
-    eager_model, graph_model = make(), make()
-    eager_opt = optim.create("momentum", eager_model, lr=0.1)
-    graph_opt = optim.create("momentum", graph_model, lr=0.1)
-    loss_fn = nnopt.SoftmaxCrossEntropy()
-    captured = CapturedStep(graph_model, graph_opt, nnopt.SoftmaxCrossEntropy(), (32, 784), (32,))
-    first_graph = captured.graph
+    pair = EagerAndCaptured(xp, [784, 64, 10], "momentum", lr=0.1, batch=32, seed=2)
+    first_graph = pair.captured.graph
     for i in range(6):
         if i == 3:
-            eager_opt.param_groups[0]["lr"] = graph_opt.param_groups[0]["lr"] = 0.01
-        x = dev(xp, rng.random((32, 784)), xp.float32)
-        y = dev(xp, rng.integers(0, 10, 32))
-        eager_model.zero_grad()
-        with capture_mode():
-            eager_loss = float(eager_model.loss_and_backward(x, y, loss_fn))
-        eager_opt.step()
-        graph_loss = float(captured.step(x, y))
-        assert graph_loss == pytest.approx(eager_loss, rel=1e-4)
+            for opt in (pair.eager_opt, pair.graph_opt):
+                opt.param_groups[0]["lr"] = 0.01
+        x, y = pair.step(rng)
         # an eager pass of another batch size in between (as a last partial batch is), on
         # both models alike: BN's running statistics see it too
-        for model in (eager_model, graph_model):
+        for model in (pair.eager_model, pair.graph_model):
             model.zero_grad()
             model.loss_and_backward(x[:7], y[:7], nnopt.SoftmaxCrossEntropy())
             model.zero_grad()
-    assert captured.graph is not first_graph
-    captured.release()
-    a, b = eager_model.state_dict(), graph_model.state_dict()
-    for key in a:
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-5)
+    assert pair.captured.graph is not first_graph
+    pair.assert_same_state()
 
 
 def test_train_on_gpu_one_epoch(xp, gpu, backend, monkeypatch, tmp_path):
