@@ -1,0 +1,120 @@
+"""Where the captured training step's time goes: every kernel of one replay of the textbook
+network's CUDA graph, timed by Nsight Compute, one configuration per process.
+
+    bash bench/profile_gpu.sh                 # on a GPU machine: ncu per config, then the table
+    python bench/profile_gpu.py --run 64 bn   # (what ncu runs) warm up, then one profiled replay
+    python bench/profile_gpu.py --summarize DIR --out FILE.json
+
+ncu times each kernel node alone (``--graph-profiling node``, clocks left as they are), so
+the sum is the kernels' own time; the replay's wall time minus that sum is what the graph's
+launches and dependencies cost. Kernel names are grouped (cuBLAS, BN, activation, loss,
+optimizer, memset) so the table says which kind of node dominates.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def run(batch, bn, steps=30):
+    import cupy
+    from bench_gpu import GraphRunner
+    runner = GraphRunner(bn, batch)
+    for _ in range(steps):
+        runner.step()
+    runner.sync()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(steps):
+        runner.step()
+    stop.record()
+    stop.synchronize()
+    wall_us = cupy.cuda.get_elapsed_time(start, stop) * 1e3 / steps
+    cupy.cuda.runtime.profilerStart()
+    runner.step()
+    runner.sync()
+    cupy.cuda.runtime.profilerStop()
+    print(json.dumps({"batch": batch, "bn": bn, "replay_us": wall_us}))
+
+
+KINDS = (("gemm", ("gemm", "sm90_", "sm80_", "cutlass", "xmma", "ampere", "splitk", "Kernel")),
+         ("bn", ("bn_",)), ("activation", ("activation", "bias_")), ("loss", ("softmax",)),
+         ("optimizer", ("sgd_", "adam", "momentum", "nag_", "rmsprop", "adagrad", "adadelta")),
+         ("copy/fill", ("fill", "copy", "memset", "nnopt_", "cupy_")))
+
+
+def kind_of(name):
+    for kind, marks in KINDS:
+        if any(mark in name for mark in marks):
+            return kind
+    return "other"
+
+
+def read_ncu_csv(path):
+    """[(kernel name, microseconds)] in launch order from ``ncu --csv --log-file``."""
+    lines = Path(path).read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        return []
+    kernels = {}
+    for row in csv.DictReader(lines[start:]):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        value = float(row["Metric Value"].replace(",", ""))
+        unit = row.get("Metric Unit", "nsecond")
+        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}.get(unit, 1e-3)
+        kernels[int(row["ID"])] = (row["Kernel Name"], value * scale)
+    return [kernels[i] for i in sorted(kernels)]
+
+
+def summarize(folder):
+    rows = []
+    for meta_path in sorted(Path(folder).glob("*.meta.json")):
+        meta = json.loads(meta_path.read_text().strip().splitlines()[-1])
+        kernels = read_ncu_csv(meta_path.with_name(meta_path.name.replace(".meta.json", ".csv")))
+        by_kind = {}
+        for name, us in kernels:
+            by_kind.setdefault(kind_of(name), []).append(us)
+        total = sum(us for _, us in kernels)
+        rows.append({**meta, "nodes": len(kernels), "kernels_us": total,
+                     "gaps_us": meta["replay_us"] - total,
+                     "by_kind": {k: {"n": len(v), "us": sum(v)} for k, v in by_kind.items()},
+                     "kernels": [{"name": n[:90], "us": round(us, 2)} for n, us in kernels]})
+    return rows
+
+
+def print_rows(rows):
+    for row in rows:
+        print(f"\n== batch {row['batch']} {'BN' if row['bn'] else 'plain'}: replay "
+              f"{row['replay_us']:.1f} us, {row['nodes']} kernels {row['kernels_us']:.1f} us, "
+              f"rest {row['gaps_us']:.1f} us")
+        for kind, v in sorted(row["by_kind"].items(), key=lambda kv: -kv[1]["us"]):
+            print(f"   {kind:<11} {v['n']:>3} kernels {v['us']:8.1f} us")
+        for k in row["kernels"]:
+            print(f"      {k['us']:8.2f}  {k['name']}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", nargs=2, metavar=("BATCH", "bn|plain"))
+    ap.add_argument("--summarize", metavar="DIR")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if args.run:
+        run(int(args.run[0]), args.run[1] == "bn")
+    elif args.summarize:
+        rows = summarize(args.summarize)
+        print_rows(rows)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+    else:
+        ap.error("give --run BATCH bn|plain or --summarize DIR")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Per-kernel profile of the captured training step (bench/profile_gpu.py), on a GPU machine
+# with Nsight Compute: one process per configuration, then the table. About a minute.
+#   device: bash bench/profile_gpu.sh [CONFIGS...]   (carry: [".whl"]; CONFIGS like 64:bn)
+set -uo pipefail
+OUT=${OUT:-/tmp/nnopt-profile}
+PROF=/tmp/nnopt-profile-csv
+mkdir -p "$OUT" "$PROF"
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --find-links .whl .whl/*.whl || exit 1
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || {
+  ln -sfn ../kernels nnopt/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+echo "ncu: ${NCU:-not found}"
+[ -n "$NCU" ] || exit 1
+configs=("$@")
+(( ${#configs[@]} )) || configs=(64:bn 64:plain 1024:bn 1024:plain 8192:bn 8192:plain)
+for config in "${configs[@]}"; do
+  batch=${config%%:*} kind=${config##*:}
+  echo "== $batch $kind"
+  timeout 120 "$NCU" --profile-from-start off --graph-profiling node --clock-control none \
+    --metrics gpu__time_duration.sum --csv --log-file "$PROF/b${batch}_$kind.csv" \
+    python3 bench/profile_gpu.py --run "$batch" "$kind" > "$PROF/b${batch}_$kind.meta.json" \
+    || { echo "ncu failed for $config"; tail -5 "$PROF/b${batch}_$kind.csv"; }
+done
+python3 bench/profile_gpu.py --summarize "$PROF" --out "$OUT/profile.json"
