@@ -2,7 +2,8 @@
 // write of each buffer). float32 (_f32) and float64 (_f64) entry points.
 // Kernel <rule>_S runs <rule>_rule of rules.cuh and takes what it takes, in its order: the
 // element arrays (p, g, the optimizer's state), then Optimizer.kernel_scalars(group, t)
-// computed on the host (Adam's bias corrections included). Inside a captured CUDA graph
+// computed on the host (Adam's bias corrections included), then the weight decay's two
+// scalars (decay, shrink: NNOPT_ELEMENT below) and n. Inside a captured CUDA graph
 // Adam's step count lives in device memory (Optimizer.step advances it with
 // device_steps[i] += 1): adam_device_step_S computes the scalars there, with
 // adam_kernel_scalars, from Adam.step_scalar_inputs (lr, b1, b2, eps).
@@ -54,58 +55,73 @@ __device__ __forceinline__ void nnopt_each(long long n, F f, T* __restrict__ a0,
 }
 #endif
 
-// The per-element step of each kernel: a lambda over (p, g, state1, state2) references.
-#define NNOPT_ELEMENT(T, body) [=] (T& p_, T& g_, T& s1_, T& s2_) { (void)s1_; (void)s2_; body; }
+// The per-element step of each kernel: a lambda over (p, g, state1, state2) references,
+// weight decay first (Optimizer._apply_weight_decay's two forms, in the same pass): the rule
+// sees g + decay p (L2), and p shrinks to shrink p before it (decoupled, AdamW: shrink =
+// 1 - lr lambda). decay 0 and shrink 1 leave p and g as they are. g_ is the kernel's own
+// copy of the gradient (never stored back).
+#define NNOPT_ELEMENT(T, body) [=] (T& p_, T& g_, T& s1_, T& s2_) {                           \
+    (void)s1_; (void)s2_;                                                                    \
+    if (decay != T(0)) g_ += decay * p_;                                                     \
+    if (shrink != T(1)) p_ *= shrink;                                                        \
+    body;                                                                                    \
+}
 
-#define NNOPT_OPTIMIZERS(T, S)                                                               \
-extern "C" __global__ void sgd_##S(T* p, const T* g, T lr, long long n) {                    \
-    nnopt_each<2, T>(n, NNOPT_ELEMENT(T, sgd_rule(p_, g_, lr)), p, g);                          \
-}                                                                                            \
-extern "C" __global__ void momentum_##S(T* p, const T* g, T* v, T lr, T alpha, long long n) { \
-    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, momentum_rule(p_, g_, s1_, lr, alpha)), p, g, v);      \
-}                                                                                            \
-extern "C" __global__ void momentum_torch_##S(T* p, const T* g, T* v, T lr, T alpha,         \
-                                              long long n) {                                 \
+#define NNOPT_OPTIMIZERS(T, S)                                                                   \
+extern "C" __global__ void sgd_##S(T* p, const T* g, T lr, T decay, T shrink, long long n) {     \
+    nnopt_each<2, T>(n, NNOPT_ELEMENT(T, sgd_rule(p_, g_, lr)), p, g);                           \
+}                                                                                                \
+extern "C" __global__ void momentum_##S(T* p, const T* g, T* v, T lr, T alpha, T decay,          \
+                                        T shrink, long long n) {                                 \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, momentum_rule(p_, g_, s1_, lr, alpha)), p, g, v);       \
+}                                                                                                \
+extern "C" __global__ void momentum_torch_##S(T* p, const T* g, T* v, T lr, T alpha, T decay,    \
+                                              T shrink, long long n) {                           \
     nnopt_each<3, T>(n, NNOPT_ELEMENT(T, momentum_torch_rule(p_, g_, s1_, lr, alpha)), p, g, v); \
-}                                                                                            \
-extern "C" __global__ void nag_##S(T* p, const T* g, T* v, T lr, T alpha, long long n) {      \
-    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, nag_rule(p_, g_, s1_, lr, alpha)), p, g, v);           \
-}                                                                                            \
-extern "C" __global__ void nag_torch_##S(T* p, const T* g, T* v, T lr, T alpha, long long n) { \
-    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, nag_torch_rule(p_, g_, s1_, lr, alpha)), p, g, v);     \
-}                                                                                            \
-extern "C" __global__ void adagrad_##S(T* p, const T* g, T* r, T lr, T eps, long long n) {    \
-    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, adagrad_rule(p_, g_, s1_, lr, eps)), p, g, r);         \
-}                                                                                            \
-extern "C" __global__ void adadelta_##S(T* p, const T* g, T* s, T* r, T rho, T one_minus_rho, \
-                                        T eps, T scale, long long n) {                       \
-    nnopt_each<4, T>(n, NNOPT_ELEMENT(T, adadelta_rule(p_, g_, s1_, s2_, rho, one_minus_rho, eps, \
-                                                    scale)), p, g, s, r);                    \
-}                                                                                            \
-extern "C" __global__ void rmsprop_##S(T* p, const T* g, T* r, T lr, T alpha,                \
-                                       T one_minus_alpha, T eps, long long n) {              \
-    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, rmsprop_rule(p_, g_, s1_, lr, alpha, one_minus_alpha,  \
-                                                   eps)), p, g, r);                          \
-}                                                                                            \
-extern "C" __global__ void rmsprop_torch_##S(T* p, const T* g, T* r, T lr, T alpha,          \
-                                             T one_minus_alpha, T eps, long long n) {        \
-    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, rmsprop_torch_rule(p_, g_, s1_, lr, alpha,             \
-                                                         one_minus_alpha, eps)), p, g, r);   \
-}                                                                                            \
-extern "C" __global__ void adam_##S(T* p, const T* g, T* m, T* v, T step, T b1,              \
-                                    T one_minus_b1, T b2, T one_minus_b2, T inv_correction2, \
-                                    T eps, long long n) {                                    \
+}                                                                                                \
+extern "C" __global__ void nag_##S(T* p, const T* g, T* v, T lr, T alpha, T decay, T shrink,     \
+                                   long long n) {                                                \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, nag_rule(p_, g_, s1_, lr, alpha)), p, g, v);            \
+}                                                                                                \
+extern "C" __global__ void nag_torch_##S(T* p, const T* g, T* v, T lr, T alpha, T decay,         \
+                                         T shrink, long long n) {                                \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, nag_torch_rule(p_, g_, s1_, lr, alpha)), p, g, v);      \
+}                                                                                                \
+extern "C" __global__ void adagrad_##S(T* p, const T* g, T* r, T lr, T eps, T decay, T shrink,   \
+                                       long long n) {                                            \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, adagrad_rule(p_, g_, s1_, lr, eps)), p, g, r);          \
+}                                                                                                \
+extern "C" __global__ void adadelta_##S(T* p, const T* g, T* s, T* r, T rho, T one_minus_rho,    \
+                                        T eps, T scale, T decay, T shrink, long long n) {        \
+    nnopt_each<4, T>(n, NNOPT_ELEMENT(T, adadelta_rule(p_, g_, s1_, s2_, rho, one_minus_rho, eps,\
+                                                       scale)), p, g, s, r);                     \
+}                                                                                                \
+extern "C" __global__ void rmsprop_##S(T* p, const T* g, T* r, T lr, T alpha,                    \
+                                       T one_minus_alpha, T eps, T decay, T shrink, long long n) {\
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, rmsprop_rule(p_, g_, s1_, lr, alpha, one_minus_alpha,   \
+                                                      eps)), p, g, r);                           \
+}                                                                                                \
+extern "C" __global__ void rmsprop_torch_##S(T* p, const T* g, T* r, T lr, T alpha,              \
+                                             T one_minus_alpha, T eps, T decay, T shrink,        \
+                                             long long n) {                                      \
+    nnopt_each<3, T>(n, NNOPT_ELEMENT(T, rmsprop_torch_rule(p_, g_, s1_, lr, alpha,              \
+                                                            one_minus_alpha, eps)), p, g, r);    \
+}                                                                                                \
+extern "C" __global__ void adam_##S(T* p, const T* g, T* m, T* v, T step, T b1,                  \
+                                    T one_minus_b1, T b2, T one_minus_b2, T inv_correction2,     \
+                                    T eps, T decay, T shrink, long long n) {                     \
     nnopt_each<4, T>(n, NNOPT_ELEMENT(T, adam_rule(p_, g_, s1_, s2_, step, b1, one_minus_b1, b2, \
-                                                one_minus_b2, inv_correction2, eps)),        \
-                     p, g, m, v);                                                            \
-}                                                                                            \
-extern "C" __global__ void adam_device_step_##S(T* p, const T* g, T* m, T* v, const int* t,  \
-                                                T lr, T b1, T b2, T eps, long long n) {      \
-    const AdamScalars s = adam_kernel_scalars(lr, b1, b2, eps, *t);                          \
-    const T step = (T)s.step, c1 = (T)s.b1, d1 = (T)s.one_minus_b1, c2 = (T)s.b2,            \
-            d2 = (T)s.one_minus_b2, inv2 = (T)s.inv_correction2, e = (T)s.eps;               \
+                                                   one_minus_b2, inv_correction2, eps)),         \
+                     p, g, m, v);                                                                \
+}                                                                                                \
+extern "C" __global__ void adam_device_step_##S(T* p, const T* g, T* m, T* v, const int* t,      \
+                                                T lr, T b1, T b2, T eps, T decay, T shrink,      \
+                                                long long n) {                                   \
+    const AdamScalars s = adam_kernel_scalars(lr, b1, b2, eps, *t);                              \
+    const T step = (T)s.step, c1 = (T)s.b1, d1 = (T)s.one_minus_b1, c2 = (T)s.b2,                \
+            d2 = (T)s.one_minus_b2, inv2 = (T)s.inv_correction2, e = (T)s.eps;                   \
     nnopt_each<4, T>(n, NNOPT_ELEMENT(T, adam_rule(p_, g_, s1_, s2_, step, c1, d1, c2, d2, inv2, \
-                                                e)), p, g, m, v);                            \
+                                                   e)), p, g, m, v);                             \
 }
 
 NNOPT_OPTIMIZERS(float, f32)

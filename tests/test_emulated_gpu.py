@@ -13,7 +13,7 @@ from nnopt.fast import capture_mode
 from nnopt.layers import ACTIVATIONS
 from nnopt.params import FlatParameters
 from tests import emulated_gpu
-from tests.test_kernels import CASES, block_reference
+from tests.test_kernels import CASES, RULE_CASES, block_reference
 
 pytestmark = pytest.mark.skipif(emulated_gpu.compiler() is None,
                                 reason="no C++ compiler to build the emulated kernels")
@@ -43,14 +43,17 @@ def close(got, want, rtol):
 def test_launch_arguments_are_checked_against_the_signature(cupy_stand_in):
     sgd = cupy_stand_in.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f32")
     p, g = np.zeros(8, np.float32), np.ones(8, np.float32)
-    sgd((1,), (4,), (p, g, np.float32(0.5), np.int64(8)))
+    no_decay = (np.float32(0), np.float32(1))  # decay, shrink
+    sgd((1,), (4,), (p, g, np.float32(0.5), *no_decay, np.int64(8)))
     assert np.all(p == -0.5)
-    wrong = {"a Python float for float lr": (p, g, 0.5, np.int64(8)),
-             "double for float": (p, g, np.float64(0.5), np.int64(8)),
-             "int32 for long long": (p, g, np.float32(0.5), np.int32(8)),
-             "float64 array for float*": (p, g.astype(np.float64), np.float32(0.5), np.int64(8)),
-             "strided view": (p, np.ones(16, np.float32)[::2], np.float32(0.5), np.int64(8)),
-             "missing argument": (p, g, np.float32(0.5))}
+    wrong = {"a Python float for float lr": (p, g, 0.5, *no_decay, np.int64(8)),
+             "double for float": (p, g, np.float64(0.5), *no_decay, np.int64(8)),
+             "int32 for long long": (p, g, np.float32(0.5), *no_decay, np.int32(8)),
+             "float64 array for float*": (p, g.astype(np.float64), np.float32(0.5), *no_decay,
+                                          np.int64(8)),
+             "strided view": (p, np.ones(16, np.float32)[::2], np.float32(0.5), *no_decay,
+                              np.int64(8)),
+             "missing argument": (p, g, np.float32(0.5), *no_decay)}
     for what, args in wrong.items():
         with pytest.raises(emulated_gpu.LaunchError):
             sgd((1,), (4,), args)
@@ -63,10 +66,11 @@ def test_writes_outside_an_allocation_are_caught(cupy_stand_in):
     sgd = cupy_stand_in.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f64")
     p, g = cupy_stand_in.zeros(6, np.float64), cupy_stand_in.zeros(9, np.float64)
     g[...] = 1
-    sgd((1,), (8,), (p, g, np.float64(0.5), np.int64(6)))
+    sgd((1,), (8,), (p, g, np.float64(0.5), np.float64(0), np.float64(1), np.int64(6)))
     assert np.all(p == -0.5)
     with pytest.raises(emulated_gpu.LaunchError, match="wrote outside argument 0"):
-        sgd((1,), (8,), (p, g, np.float64(0.5), np.int64(7)))  # one element too many
+        sgd((1,), (8,), (p, g, np.float64(0.5), np.float64(0), np.float64(1),
+             np.int64(7)))  # one element too many
 
 
 def test_synchronization_through_a_device_function_is_seen(cupy_stand_in):
@@ -106,7 +110,7 @@ def test_signatures_are_parsed_from_the_macro_expansions():
 # --- nnopt.fast.gpu, launcher by launcher -----------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0, 1])
-@pytest.mark.parametrize("name, options", CASES)
+@pytest.mark.parametrize("name, options", RULE_CASES)
 def test_optimizer_steps_match_reference(gpu, rng, name, options, offset, dtype):
     """Every rule through OPTIMIZER_STEPS (offset 1: buffers that start one element into
     their allocation, the kernels' scalar path); Adam also with its step count in device

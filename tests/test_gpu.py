@@ -36,7 +36,10 @@ def gpu(xp, backend, monkeypatch):
 VARIANTS = [("sgd", {}), ("momentum", {}), ("momentum", {"buffer": "torch"}), ("nag", {}),
             ("nag", {"buffer": "torch"}), ("adagrad", {}), ("adadelta", {}),
             ("adadelta", {"lr_scales_step": True, "lr": 0.5}), ("rmsprop", {}),
-            ("rmsprop", {"eps_inside_root": False}), ("adam", {"betas": (0.8, 0.95)})]
+            ("rmsprop", {"eps_inside_root": False}), ("adam", {"betas": (0.8, 0.95)}),
+            # weight decay inside the kernels' one pass: L2 and decoupled (AdamW)
+            ("sgd", {"weight_decay": 0.1}), ("adam", {"weight_decay": 0.1}),
+            ("adamw", {"weight_decay": 0.2})]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

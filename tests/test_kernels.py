@@ -17,6 +17,7 @@ import nnopt
 from nnopt import kernels, optim
 from nnopt.batchnorm import batchnorm_backward, batchnorm_forward
 from nnopt.fast import cpu_kernels
+from nnopt.fast.shared import weight_decay_scalars
 from nnopt.params import FlatParameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,18 +131,26 @@ def host_step(lib, opt, p, g, state, t):
     suffix, s = ("f32" if dtype == np.float32 else "f64"), scalar(dtype)
     kernel = getattr(lib, f"{opt.rule_name(group)}_{suffix}")
     kernel(ptr(p), ptr(g), *(ptr(a) for a in state[:len(opt.state_names)]),
-           *(s(v) for v in opt.kernel_scalars(group, t)), ctypes.c_longlong(p.size))
+           *(s(v) for v in opt.kernel_scalars(group, t)),
+           *(s(v) for v in weight_decay_scalars(type(opt), group)), ctypes.c_longlong(p.size))
 
 
 CASES = [("sgd", {"lr": 0.1}), ("momentum", {"lr": 0.05}), ("momentum", {"lr": 0.05, "buffer": "torch"}),
          ("nag", {"lr": 0.05}), ("nag", {"lr": 0.05, "buffer": "torch"}), ("adagrad", {"lr": 0.3}),
          ("adadelta", {"lr": 0.1}), ("adadelta", {"lr": 0.5, "lr_scales_step": True}),
          ("rmsprop", {"lr": 0.01}), ("rmsprop", {"lr": 0.01, "eps_inside_root": False}),
-         ("adam", {"lr": 0.01, "betas": (0.8, 0.99)})]
+         ("adam", {"lr": 0.01, "betas": (0.8, 0.99)}),
+         # weight decay, in the kernel's pass: L2 (the rule sees g + lambda p), decoupled (AdamW)
+         ("sgd", {"lr": 0.1, "weight_decay": 0.3}), ("momentum", {"lr": 0.05, "weight_decay": 0.1}),
+         ("adamw", {"lr": 0.01, "weight_decay": 0.5})]
+# L2 decay into Adam: only on its own (the training tests take CASES): a parameter whose
+# gradient is zero by construction (a bias before BN) gets lambda p of its rounding noise,
+# which Adam's normalization turns into steps of size lr on one side and not the other.
+RULE_CASES = CASES + [("adam", {"lr": 0.01, "weight_decay": 0.2})]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name, options", CASES)
+@pytest.mark.parametrize("name, options", RULE_CASES)
 def test_host_compiled_rules_match_reference(host, rng, name, options, dtype):
     n = 1013
     start = rng.normal(size=n)
@@ -161,7 +170,7 @@ def test_host_compiled_rules_match_reference(host, rng, name, options, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_host_compiled_adam_device_step_matches_reference(host, rng, dtype):
     """The captured-graph kernel: Adam's scalars computed from a step count in memory."""
-    n, options = 513, {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-7}
+    n, options = 513, {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": 0.1}
     start = rng.normal(size=n)
     storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), "float64", w=start)
     reference = optim.Adam(storage, use_fast_path=False, **options)
@@ -176,7 +185,7 @@ def test_host_compiled_adam_device_step_matches_reference(host, rng, dtype):
         step.value += 1
         getattr(host, f"adam_device_step_{suffix}")(ptr(p), ptr(g.astype(dtype)), ptr(m), ptr(v),
                                                     ctypes.byref(step), *map(s, inputs),
-                                                    ctypes.c_longlong(n))
+                                                    s(0.1), s(1.0), ctypes.c_longlong(n))
     tol = 2e-5 if dtype == np.float32 else 1e-12
     assert np.max(np.abs(p - storage.data)) <= tol * np.max(np.abs(storage.data))
 
@@ -268,6 +277,16 @@ def grid(tmp_path_factory):
     return build_host_library(tmp_path_factory, "host_grid.cpp")
 
 
+@pytest.fixture(scope="module")
+def emulated_batchnorm():
+    """kernels/batchnorm.cu on the emulated device (tests/emulated_gpu.py), for the kernels
+    whose blocks synchronize."""
+    from tests import emulated_gpu
+    if emulated_gpu.compiler() is None:
+        pytest.skip("no C++ compiler to build the emulated kernels")
+    return emulated_gpu.emulated_cupy().RawModule(code=kernels.source("batchnorm.cu"))
+
+
 def run_grid(lib, kernel, grid_shape, block, *args):
     """Every thread of a (grid_x, grid_y) x block launch, one after the other."""
     gx, gy = grid_shape
@@ -294,7 +313,7 @@ def test_vectorized_optimizer_kernels_match_the_plain_loop(host, grid, rng, name
     arrays[3] = np.abs(arrays[3])
     plain = [a[offset:].copy() for a in arrays]
     views = [a[offset:] for a in arrays]
-    scalars = [s(v) for v in opt.kernel_scalars(group, 3)]
+    scalars = [s(v) for v in (*opt.kernel_scalars(group, 3), *weight_decay_scalars(type(opt), group))]
     k = 2 + len(opt.state_names)
     getattr(host, f"{rule_of(opt)}_{suffix}")(*(ptr(a) for a in plain[:k]), *scalars,
                                              ctypes.c_longlong(n))
@@ -320,13 +339,13 @@ def block_reference(x, gamma, beta, bias, d, activation):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape, rows", [((37, 29), 5), ((64, 3), 16), ((40, 40), 40)])
+@pytest.mark.parametrize("shape, rows", [((37, 29), 5), ((64, 3), 16), ((40, 40), 40), ((97, 35), 3)])
 @pytest.mark.parametrize("activation", ["identity", "relu", "sigmoid", "tanh"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_split_batchnorm_kernels_match_reference(grid, rng, shape, rows, dtype, activation,
-                                                 with_bias):
+def test_split_batchnorm_kernels_match_reference(grid, emulated_batchnorm, rng, shape, rows,
+                                                 dtype, activation, with_bias):
     from nnopt.fast.cpu import ACTIVATION_CODES
-    from nnopt.fast.plan import bn_split_grid
+    from nnopt.fast.plan import bn_finalize_grid, bn_split_grid
     m, n = shape
     chunks = -(-m // rows)
     x = rng.normal(size=shape) * rng.uniform(0.2, 4, n) + rng.normal(size=n) * 2
@@ -344,17 +363,22 @@ def test_split_batchnorm_kernels_match_reference(grid, rng, shape, rows, dtype, 
     partial = np.full((chunks, 2, n), np.nan)
     (gx, gy), (block,) = bn_split_grid(n, chunks)
     run_grid(grid, k("partial_forward"), (gx, gy), block, ptr(xs), ptr(partial), m, n, rows)
-    run_grid(grid, k("finalize_forward"), (gx, 1), block, ptr(partial), chunks, ptr(xs), ptr(gs),
-             ptr(bs), s(1e-5), s(0.9), 0, ptr(run_mean), ptr(run_var), ptr(mean), ptr(inv_std),
-             ptr(scale), ptr(offset), m, n, ptr(biases), int(with_bias))
+    # the finalize kernels synchronize their block: they run on the emulated device
+    finalize = emulated_batchnorm.get_function
+    t, i32 = np.dtype(dtype).type, np.int32
+    finalize(f"bn_finalize_forward_{suffix}")(
+        *bn_finalize_grid(n), (partial, i32(chunks), xs, gs, bs, t(1e-5), t(0.9), i32(0),
+                               run_mean, run_var, mean, inv_std, scale, offset, i32(m), i32(n),
+                               biases, i32(with_bias)))
     run_grid(grid, k("apply_forward"), (gx, gy), block, ptr(xs), ptr(scale), ptr(offset), ptr(z),
              m, n, rows, code)
     dx, coef, dgamma, dbeta = c(np.zeros(shape)), c(np.zeros((3, n))), c(np.zeros(n)), c(np.zeros(n))
     partial[...] = np.nan
     run_grid(grid, k("partial_backward"), (gx, gy), block, ptr(ds), ptr(xs), ptr(mean),
              ptr(partial), m, n, rows, ptr(z), code)
-    run_grid(grid, k("finalize_backward"), (gx, 1), block, ptr(partial), chunks, ptr(gs),
-             ptr(inv_std), ptr(coef), ptr(dgamma), ptr(dbeta), m, n)
+    finalize(f"bn_finalize_backward_{suffix}")(
+        *bn_finalize_grid(n), (partial, i32(chunks), gs, inv_std, coef, dgamma, dbeta, i32(m),
+                               i32(n)))
     run_grid(grid, k("apply_backward"), (gx, gy), block, ptr(ds), ptr(xs), ptr(mean), ptr(coef),
              ptr(dx), m, n, rows, ptr(z), code)
     tol = 1e-4 if dtype == np.float32 else 1e-10

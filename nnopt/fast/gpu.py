@@ -22,7 +22,9 @@ from ..optim import OPTIMIZERS
 from . import capturing
 from .shared import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block looks them up here)
 from .shared import Scratch as HostScratch
-from .plan import CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_plan, bn_split_grid, elementwise_blocks
+from .shared import weight_decay_scalars
+from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_finalize_grid, bn_plan, bn_split_grid,
+                   elementwise_blocks)
 
 
 @lru_cache(maxsize=None)
@@ -157,19 +159,23 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None):
 # --- optimizer steps --------------------------------------------------------------------------
 def optimizer_step(cls):
     """The fused ``step(p, g, state, hp, t)`` of optimizer class ``cls``: kernel
-    ``<rule>_<f32|f64>`` of optimizers.cu over the flat buffers, with ``cls.kernel_scalars``.
-    ``t`` is the step count: an int, or (inside a captured CUDA graph) a device int32
-    array, which kernel ``<rule>_device_step_*`` reads for the optimizers whose scalars
-    depend on it (Adam), from ``cls.step_scalar_inputs``."""
+    ``<rule>_<f32|f64>`` of optimizers.cu over the flat buffers, with ``cls.kernel_scalars``
+    and the weight decay (``step.fuses_weight_decay``: the optimizer passes the gradient
+    as backward left it). ``t`` is the step count: an int, or (inside a captured CUDA
+    graph) a device int32 array, which kernel ``<rule>_device_step_*`` reads for the
+    optimizers whose scalars depend on it (Adam), from ``cls.step_scalar_inputs``."""
     def step(p, g, state, hp, t):
         rule = cls.rule_name(hp)
         arrays = (p, g, *(state[name] for name in cls.state_names))
+        decay = _s(p, *weight_decay_scalars(cls, hp))
         if cls.step_scalars is not None and isinstance(t, cupy.ndarray):
             _launch(f"{rule}_device_step_{_suffix(p)}", p.size, *arrays, t,
-                    *_s(p, *cls.step_scalar_inputs(hp)))
+                    *_s(p, *cls.step_scalar_inputs(hp)), *decay)
         else:
-            _launch(f"{rule}_{_suffix(p)}", p.size, *arrays, *_s(p, *cls.kernel_scalars(hp, t)))
+            _launch(f"{rule}_{_suffix(p)}", p.size, *arrays, *_s(p, *cls.kernel_scalars(hp, t)),
+                    *decay)
     step.__name__ = step.__qualname__ = f"{cls.__name__.lower()}_step"
+    step.fuses_weight_decay = True
     return step
 
 
@@ -202,7 +208,7 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
         function("batchnorm.cu", f"bn_partial_forward_{suffix}")(
             grid, block, (x, partial, i32(m), i32(n), i32(rows)))
         function("batchnorm.cu", f"bn_finalize_forward_{suffix}")(
-            (grid[0],), block, (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased),
+            *bn_finalize_grid(n), (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased),
                                 running_mean, running_var, mean, inv_std, scale, offset, i32(m),
                                 i32(n), bias, has_bias))
         function("batchnorm.cu", f"bn_apply_forward_{suffix}")(
@@ -231,7 +237,7 @@ def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
         function("batchnorm.cu", f"bn_partial_backward_{suffix}")(
             grid, block, (d, x, mean, partial, i32(m), i32(n), i32(rows), y, act))
         function("batchnorm.cu", f"bn_finalize_backward_{suffix}")(
-            (grid[0],), block, (partial, i32(chunks), gamma, inv_std, coef, dgamma, dbeta, i32(m),
+            *bn_finalize_grid(n), (partial, i32(chunks), gamma, inv_std, coef, dgamma, dbeta, i32(m),
                                 i32(n)))
         function("batchnorm.cu", f"bn_apply_backward_{suffix}")(
             grid, block, (d, x, mean, coef, dx, i32(m), i32(n), i32(rows), y, act))
@@ -271,7 +277,7 @@ def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
             grid, block, (dy, y, act, dh, partial, has_bias, i32(m), i32(n), i32(rows)))
         if has_bias:
             function("batchnorm.cu", f"bias_grad_finalize_{suffix}")(
-                (grid[0],), block, (partial, i32(chunks), dbias, i32(n)))
+                *bn_finalize_grid(n), (partial, i32(chunks), dbias, i32(n)))
         return dh
     function("batchnorm.cu", f"activation_backward_{suffix}")(
         ((n + THREADS - 1) // THREADS,), (THREADS,),

@@ -39,3 +39,9 @@ def bn_split_grid(n, chunks):
     """(grid, block) of the split kernels: threads along features, grid.y over chunks."""
     block = min(THREADS, 32 * -(-n // 32))
     return (-(-n // block), chunks), (block,)
+
+
+def bn_finalize_grid(n):
+    """(grid, block) of the split path's finalize kernels: a block per 32 features, its 8
+    rows of threads splitting the chunks (batchnorm.cu's TILE and ROWS)."""
+    return (-(-n // 32),), (32, 8)

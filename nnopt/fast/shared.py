@@ -1,5 +1,6 @@
 """What the numba and the CUDA paths share, without importing either: the activation codes
-their kernels take, and the reusable output buffers of a fused block."""
+their kernels take, the reusable output buffers of a fused block, and the scalars of the
+CUDA optimizer kernels' weight decay."""
 from __future__ import annotations
 
 import sys
@@ -40,3 +41,13 @@ class Scratch:
             kept.clear()
         kept.append(array)
         return array
+
+
+def weight_decay_scalars(cls, hp):
+    """(decay, shrink) of the kernels' weight decay (optimizers.cu, NNOPT_ELEMENT): the rule
+    sees g + decay p, and p becomes shrink p before it; what Optimizer._apply_weight_decay
+    does in separate passes, in the GPU step's one pass."""
+    decay = hp.get("weight_decay", 0.0) or 0.0
+    if cls.decoupled_weight_decay:
+        return 0.0, 1.0 - hp["lr"] * decay
+    return decay, 1.0

@@ -235,8 +235,11 @@ class Optimizer:
                 t = self.device_steps[i]
             for seg in segments:
                 seg_state = {k: v[seg.start:seg.stop] for k, v in state.items() if k != "step"}
-                grad = self._apply_weight_decay(i, group, seg)
                 fast = self.fast_path(seg.data)
+                if getattr(fast, "fuses_weight_decay", False):  # the GPU kernels: one pass
+                    fast(seg.data, seg.grad, seg_state, group, t)
+                    continue
+                grad = self._apply_weight_decay(i, group, seg)
                 if fast is not None:
                     fast(seg.data, grad, seg_state, group, t)
                 else:
