@@ -11,10 +11,9 @@
 // `rows` rows, and the work takes three launches each way, each thread owning one
 // (feature, chunk) pair and walking its rows (coalesced along features):
 //   partial:  the chunk's sums, in double, into partial[chunk][2][n];
-//   finalize: a block per TILE features, as the one-launch kernel: its ROWS rows of threads
-//             each add every ROWS-th chunk's sums, then row 0 adds the rows' sums in row
-//             order (a fixed order: the same result every run) and applies the per-feature
-//             rule of rules.cuh (one thread per feature walking 256 chunks took 40 us);
+//   finalize: a block per TILE features adds the chunks' sums in a fixed order
+//             (add_chunk_sums: the same result every run) and applies the per-feature rule
+//             of rules.cuh (one thread per feature walking 256 chunks took 40 us);
 //   apply:    z (forward) or dx (backward) from the per-feature coefficients.
 // nnopt.fast.plan.bn_plan picks the path and the chunks. partial and apply share no memory
 // and never synchronize (tests/host_grid.cpp runs them thread by thread); the finalize
@@ -33,6 +32,29 @@
 
 #define TILE 32
 #define ROWS 8
+
+// The split path's finalize: K per-feature sums over the chunks of partial[chunk][K][n].
+// Each of the block's ROWS rows of threads adds every ROWS-th chunk, then row 0 adds the
+// rows' sums in row order (a fixed order: the same result every run). Every thread of the
+// block must call it (it synchronizes); only row 0's sums are complete.
+template <int K>
+__device__ __forceinline__ void add_chunk_sums(const double* __restrict__ partial, int chunks,
+                                               int n, int j, bool active,
+                                               double (&shared)[K][ROWS][TILE], double (&s)[K]) {
+    for (int k = 0; k < K; ++k) s[k] = 0.0;
+    if (active) {
+#pragma unroll 4
+        for (int c = threadIdx.y; c < chunks; c += ROWS) {
+            for (int k = 0; k < K; ++k) s[k] += partial[((long long)K * c + k) * n + j];
+        }
+    }
+    for (int k = 0; k < K; ++k) shared[k][threadIdx.y][threadIdx.x] = s[k];
+    __syncthreads();
+    if (threadIdx.y != 0) return;
+    for (int r = 1; r < ROWS; ++r) {
+        for (int k = 0; k < K; ++k) s[k] += shared[k][r][threadIdx.x];
+    }
+}
 
 #define NNOPT_BN(T, S)                                                                        \
 extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* beta, T eps,   \
@@ -137,30 +159,15 @@ extern "C" __global__ void bn_finalize_forward_##S(const double* __restrict__ pa
         int chunks, const T* x, const T* gamma, const T* beta, T eps, T momentum,             \
         int unbiased, T* running_mean, T* running_var, T* mean_out, T* inv_std_out,           \
         T* scale, T* offset, int m, int n, const T* bias, int has_bias) {                    \
-    __shared__ double sum[ROWS][TILE];                                                       \
-    __shared__ double sum_sq[ROWS][TILE];                                                    \
+    __shared__ double shared[2][ROWS][TILE];                                                 \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
-    const bool active = j < n;                                                               \
-    double s = 0.0, s2 = 0.0;                                                                \
-    if (active) {                                                                            \
-        _Pragma("unroll 4")                                                                  \
-        for (int c = threadIdx.y; c < chunks; c += ROWS) {                                   \
-            s += partial[(2LL * c) * n + j];                                                 \
-            s2 += partial[(2LL * c + 1) * n + j];                                            \
-        }                                                                                    \
-    }                                                                                        \
-    sum[threadIdx.y][threadIdx.x] = s;                                                       \
-    sum_sq[threadIdx.y][threadIdx.x] = s2;                                                   \
-    __syncthreads();                                                                         \
-    if (threadIdx.y != 0 || !active) return;                                                 \
-    for (int r = 1; r < ROWS; ++r) {                                                         \
-        s += sum[r][threadIdx.x];                                                            \
-        s2 += sum_sq[r][threadIdx.x];                                                        \
-    }                                                                                        \
-    batchnorm_forward_feature<T>(s, s2, (double)x[j], m, eps, momentum, unbiased, gamma[j],  \
-                                 beta[j], has_bias ? bias[j] : T(0), running_mean[j],        \
-                                 running_var[j], mean_out[j], inv_std_out[j], scale[j],      \
-                                 offset[j]);                                                 \
+    double s[2];                                                                             \
+    add_chunk_sums<2>(partial, chunks, n, j, j < n, shared, s);                              \
+    if (threadIdx.y != 0 || j >= n) return;                                                  \
+    batchnorm_forward_feature<T>(s[0], s[1], (double)x[j], m, eps, momentum, unbiased,       \
+                                 gamma[j], beta[j], has_bias ? bias[j] : T(0),               \
+                                 running_mean[j], running_var[j], mean_out[j],               \
+                                 inv_std_out[j], scale[j], offset[j]);                       \
 }                                                                                            \
 extern "C" __global__ void bn_apply_forward_##S(const T* __restrict__ x,                      \
         const T* __restrict__ scale, const T* __restrict__ offset, T* __restrict__ z, int m, \
@@ -196,27 +203,12 @@ extern "C" __global__ void bn_partial_backward_##S(const T* __restrict__ d,     
 extern "C" __global__ void bn_finalize_backward_##S(const double* __restrict__ partial,       \
         int chunks, const T* gamma, const T* inv_std, T* coef, T* dgamma, T* dbeta, int m,    \
         int n) {                                                                             \
-    __shared__ double sum_d[ROWS][TILE];                                                     \
-    __shared__ double sum_dc[ROWS][TILE];                                                    \
+    __shared__ double shared[2][ROWS][TILE];                                                 \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
-    const bool active = j < n;                                                               \
-    double s = 0.0, sc = 0.0;                                                                \
-    if (active) {                                                                            \
-        _Pragma("unroll 4")                                                                  \
-        for (int c = threadIdx.y; c < chunks; c += ROWS) {                                   \
-            s += partial[(2LL * c) * n + j];                                                 \
-            sc += partial[(2LL * c + 1) * n + j];                                            \
-        }                                                                                    \
-    }                                                                                        \
-    sum_d[threadIdx.y][threadIdx.x] = s;                                                     \
-    sum_dc[threadIdx.y][threadIdx.x] = sc;                                                   \
-    __syncthreads();                                                                         \
-    if (threadIdx.y != 0 || !active) return;                                                 \
-    for (int r = 1; r < ROWS; ++r) {                                                         \
-        s += sum_d[r][threadIdx.x];                                                          \
-        sc += sum_dc[r][threadIdx.x];                                                        \
-    }                                                                                        \
-    batchnorm_backward_feature<T>(s, sc, m, gamma[j], inv_std[j], coef[j], coef[n + j],       \
+    double s[2];                                                                             \
+    add_chunk_sums<2>(partial, chunks, n, j, j < n, shared, s);                              \
+    if (threadIdx.y != 0 || j >= n) return;                                                  \
+    batchnorm_backward_feature<T>(s[0], s[1], m, gamma[j], inv_std[j], coef[j], coef[n + j],  \
                                   coef[2 * n + j], dgamma[j], dbeta[j]);                     \
 }                                                                                            \
 extern "C" __global__ void bn_apply_backward_##S(const T* __restrict__ d,                     \
@@ -271,19 +263,11 @@ extern "C" __global__ void activation_backward_split_##S(const T* __restrict__ d
 }                                                                                            \
 extern "C" __global__ void bias_grad_finalize_##S(const double* __restrict__ partial,         \
         int chunks, T* dbias, int n) {                                                       \
-    __shared__ double sum[ROWS][TILE];                                                       \
+    __shared__ double shared[1][ROWS][TILE];                                                 \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
-    const bool active = j < n;                                                               \
-    double s = 0.0;                                                                          \
-    if (active) {                                                                            \
-        _Pragma("unroll 4")                                                                  \
-        for (int c = threadIdx.y; c < chunks; c += ROWS) s += partial[(long long)c * n + j]; \
-    }                                                                                        \
-    sum[threadIdx.y][threadIdx.x] = s;                                                       \
-    __syncthreads();                                                                         \
-    if (threadIdx.y != 0 || !active) return;                                                 \
-    for (int r = 1; r < ROWS; ++r) s += sum[r][threadIdx.x];                                 \
-    dbias[j] += (T)s;                                                                        \
+    double s[1];                                                                             \
+    add_chunk_sums<1>(partial, chunks, n, j, j < n, shared, s);                              \
+    if (threadIdx.y == 0 && j < n) dbias[j] += (T)s[0];                                      \
 }
 
 NNOPT_BN_SPLIT(float, f32)
