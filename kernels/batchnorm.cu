@@ -24,7 +24,9 @@
 // (rules.cuh): forward writes activate(z); backward gets the gradient of that output and
 // y = activate(z) itself, and takes activation_grad first. Plain BN: no bias, NNOPT_IDENTITY.
 // bias_activation / activation_backward: the same block without BN (bias_activation may
-// write in place: y == h, so h is not __restrict__). From BN_SPLIT_MIN_ROWS rows on, the
+// write in place: y == h, so h is not __restrict__; activation_backward's blocks are the
+// one-launch BN kernel's: TILE features, ROWS rows of threads; one thread per feature
+// walking 64 rows took 8-10 us on an H200). From BN_SPLIT_MIN_ROWS rows on, the
 // backward splits the rows as BN does (activation_backward_split: dh and each chunk's
 // bias-gradient sums; bias_grad_finalize: the chunks added in order): one thread per
 // feature walking 8192 rows would leave the GPU idle in the network's last layer.
@@ -234,15 +236,22 @@ extern "C" __global__ void bias_activation_##S(const T* h, const T* __restrict__
 extern "C" __global__ void activation_backward_##S(const T* __restrict__ dy,                  \
         const T* __restrict__ y, int activation, T* __restrict__ dh, T* dbias, int has_bias,  \
         int m, int n) {                                                                      \
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;                                     \
-    if (j >= n) return;                                                                      \
+    __shared__ double sum[ROWS][TILE];                                                       \
+    const int j = blockIdx.x * TILE + threadIdx.x;                                           \
+    const bool active = j < n;                                                               \
     double s = 0.0;                                                                          \
-    for (int i = 0; i < m; ++i) {                                                            \
-        const long long k = (long long)i * n + j;                                            \
-        const T g = activation_grad<T>(dy[k], y[k], activation);                              \
-        dh[k] = g;                                                                           \
-        s += (double)g;                                                                      \
+    if (active) {                                                                            \
+        for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
+            const long long k = (long long)i * n + j;                                        \
+            const T g = activation_grad<T>(dy[k], y[k], activation);                          \
+            dh[k] = g;                                                                       \
+            s += (double)g;                                                                  \
+        }                                                                                    \
     }                                                                                        \
+    sum[threadIdx.y][threadIdx.x] = s;                                                       \
+    __syncthreads();                                                                         \
+    if (threadIdx.y != 0 || !active) return;                                                 \
+    for (int r = 1; r < ROWS; ++r) s += sum[r][threadIdx.x];                                 \
     if (has_bias) dbias[j] += (T)s;                                                          \
 }                                                                                            \
 extern "C" __global__ void activation_backward_split_##S(const T* __restrict__ dy,            \

@@ -3,11 +3,12 @@
 Replaying one graph costs one launch instead of the ~100 kernel launches (and Python
 work) of a step of the textbook network, which at batch 64 is what a GPU step costs.
 What makes it capturable: inputs are copied into static buffers; the loss stays on the
-device; the optimizer's step count lives on the device (Adam's bias corrections are
-computed there); matrix products run cuBLAS through a handle of nnopt's own (CuPy refuses
+device; the optimizer's step count lives on the device where its kernel scalars depend on
+it (Adam's bias corrections are computed there; the others' scalars are constants of the
+graph, one node fewer); matrix products run cuBLAS through a handle of nnopt's own (CuPy refuses
 cuBLAS calls during capture; nnopt.cublas), bound to the capture stream with its workspace
-before the capture begins, or nnopt's tiled GEMM where cuBLAS cannot load; every temporary comes from a private memory pool that only the graph
-uses, so its addresses stay valid between replays (the warm-up step's buffers too, and the
+before the capture begins, or nnopt's tiled GEMM where cuBLAS cannot load; every
+temporary comes from a private memory pool that only the graph uses, so its addresses stay valid between replays (the warm-up step's buffers too, and the
 step holds every scratch buffer the graph writes into, so none is ever handed back to an
 eager allocation). The graph runs on a stream of its own, ordered both ways with the
 caller's stream: after the work queued there (the batch), before what comes next (reading
@@ -89,7 +90,9 @@ class CapturedStep:
 
     def _capture(self):
         cupy, opt = self.cupy, self.optimizer
-        opt.device_steps = [cupy.asarray(np.array([s["step"]], dtype=np.int32)) for s in opt.state]
+        if type(opt).step_scalars is not None:  # Adam's scalars depend on t: count on the device
+            opt.device_steps = [cupy.asarray(np.array([s["step"]], dtype=np.int32))
+                                for s in opt.state]
         host_steps = [s["step"] for s in opt.state]
         cupy.cuda.get_current_stream().synchronize()
         self.gemm_route = self.gpu.prepare_capture(self.stream)

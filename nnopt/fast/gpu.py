@@ -23,7 +23,7 @@ from . import capturing
 from .shared import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block looks them up here)
 from .shared import Scratch as HostScratch
 from .shared import weight_decay_scalars
-from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_finalize_grid, bn_plan, bn_split_grid,
+from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, feature_tile_grid, bn_plan, bn_split_grid,
                    elementwise_blocks)
 
 
@@ -208,14 +208,14 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
         function("batchnorm.cu", f"bn_partial_forward_{suffix}")(
             grid, block, (x, partial, i32(m), i32(n), i32(rows)))
         function("batchnorm.cu", f"bn_finalize_forward_{suffix}")(
-            *bn_finalize_grid(n), (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased),
+            *feature_tile_grid(n), (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased),
                                 running_mean, running_var, mean, inv_std, scale, offset, i32(m),
                                 i32(n), bias, has_bias))
         function("batchnorm.cu", f"bn_apply_forward_{suffix}")(
             grid, block, (x, scale, offset, z, i32(m), i32(n), i32(rows), act))
         return z, mean, inv_std
     function("batchnorm.cu", f"bn_forward_{_suffix(x)}")(
-        ((n + 31) // 32,), (32, 8),
+        *feature_tile_grid(n),
         (x, gamma, beta, s[0], s[1], np.int32(unbiased), running_mean, running_var, z, mean,
          inv_std, np.int32(m), np.int32(n), bias, has_bias, act))
     return z, mean, inv_std
@@ -237,13 +237,13 @@ def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
         function("batchnorm.cu", f"bn_partial_backward_{suffix}")(
             grid, block, (d, x, mean, partial, i32(m), i32(n), i32(rows), y, act))
         function("batchnorm.cu", f"bn_finalize_backward_{suffix}")(
-            *bn_finalize_grid(n), (partial, i32(chunks), gamma, inv_std, coef, dgamma, dbeta, i32(m),
+            *feature_tile_grid(n), (partial, i32(chunks), gamma, inv_std, coef, dgamma, dbeta, i32(m),
                                 i32(n)))
         function("batchnorm.cu", f"bn_apply_backward_{suffix}")(
             grid, block, (d, x, mean, coef, dx, i32(m), i32(n), i32(rows), y, act))
         return dx
     function("batchnorm.cu", f"bn_backward_{_suffix(d)}")(
-        ((n + 31) // 32,), (32, 8),
+        *feature_tile_grid(n),
         (d, x, gamma, mean, inv_std, dx, dgamma, dbeta, np.int32(m), np.int32(n), y, act))
     return dx
 
@@ -262,8 +262,9 @@ def activation_forward(h, bias=None, activation=RELU, out=None):
 
 def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
     """The gradient of the activation's input from its output ``y``; adds the column sums
-    into ``dbias`` if given (one thread per feature walks the rows; for large batches, per
-    chunk of rows as BN's split path, then the chunks' sums in order)."""
+    into ``dbias`` if given (a block per 32 features, 8 rows of threads, as BN's one-launch
+    kernel; for large batches, per chunk of rows as BN's split path, then the chunks' sums
+    in order)."""
     dy = cupy.ascontiguousarray(dy)
     dh = cupy.empty_like(y) if out is None else out
     dbias, has_bias = _bias_args(y, dbias)
@@ -277,10 +278,10 @@ def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
             grid, block, (dy, y, act, dh, partial, has_bias, i32(m), i32(n), i32(rows)))
         if has_bias:
             function("batchnorm.cu", f"bias_grad_finalize_{suffix}")(
-                *bn_finalize_grid(n), (partial, i32(chunks), dbias, i32(n)))
+                *feature_tile_grid(n), (partial, i32(chunks), dbias, i32(n)))
         return dh
     function("batchnorm.cu", f"activation_backward_{suffix}")(
-        ((n + THREADS - 1) // THREADS,), (THREADS,),
+        *feature_tile_grid(n),
         (dy, y, act, dh, dbias, has_bias, i32(m), i32(n)))
     return dh
 

@@ -41,7 +41,8 @@ def bn_split_grid(n, chunks):
     return (-(-n // block), chunks), (block,)
 
 
-def bn_finalize_grid(n):
-    """(grid, block) of the split path's finalize kernels: a block per 32 features, its 8
-    rows of threads splitting the chunks (batchnorm.cu's TILE and ROWS)."""
+def feature_tile_grid(n):
+    """(grid, block) of the kernels whose blocks own 32 features with 8 rows of threads
+    (batchnorm.cu's TILE and ROWS): the one-launch BN kernels, activation_backward and the
+    split path's finalize kernels."""
     return (-(-n // 32),), (32, 8)
