@@ -1,13 +1,6 @@
 // nnopt: a tiled matrix product for captured CUDA graphs (CuPy refuses cuBLAS calls while
 // a stream is capturing). C = op(A) op(B), row-major, op = transpose when the flag is set;
 // shapes: op(A) is (M, K), op(B) is (K, N). Sized for the textbook's small layers.
-//
-// gemm_rows: the small products of a batch-64 step (M N K up to ~8M), one thread per element
-// of C: a block per row of C (grid.y) and ROW_THREADS of its columns, each thread walking K
-// (op(A)'s row is the same for the whole block: one load per warp; op(B)'s row is read
-// along the columns). No shared memory and no split over K: one kernel, where cuBLAS runs
-// these products as a split-K GEMM plus a reduction kernel (two graph nodes each, measured
-// on an H200).
 #define BLOCK 16
 
 #define NNOPT_GEMM(T, S)                                                                      \
@@ -31,23 +24,5 @@ extern "C" __global__ void gemm_##S(const T* A, const T* B, T* C, int M, int N, 
     if (row < M && col < N) C[(long long)row * N + col] = acc;                               \
 }
 
-#define NNOPT_GEMM_ROWS(T, S)                                                                 \
-extern "C" __global__ void gemm_rows_##S(const T* __restrict__ A, const T* __restrict__ B,    \
-                                         T* __restrict__ C, int M, int N, int K, int trans_a, \
-                                         int trans_b) {                                      \
-    const int row = blockIdx.y;                                                              \
-    const int col = blockIdx.x * blockDim.x + threadIdx.x;                                   \
-    if (col >= N) return;                                                                    \
-    const long long a_step = trans_a ? M : 1, b_step = trans_b ? 1 : N;                      \
-    const T* a = trans_a ? A + row : A + (long long)row * K;                                 \
-    const T* b = trans_b ? B + (long long)col * K : B + col;                                 \
-    T acc = 0;                                                                               \
-    _Pragma("unroll 8")                                                                      \
-    for (int k = 0; k < K; ++k) acc += a[k * a_step] * b[k * b_step];                        \
-    C[(long long)row * N + col] = acc;                                                       \
-}
-
 NNOPT_GEMM(float, f32)
 NNOPT_GEMM(double, f64)
-NNOPT_GEMM_ROWS(float, f32)
-NNOPT_GEMM_ROWS(double, f64)

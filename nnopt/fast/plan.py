@@ -8,9 +8,6 @@ WAVES = 4              # grid-stride kernels: blocks for this many full waves at
 BN_MIN_ROWS = 16       # rows per chunk of the split BN kernels, at least
 BN_MAX_CHUNKS = 256    # partial sums per feature that the finalize kernel adds, at most
 BN_SPLIT_MIN_ROWS = 512  # below, the one-launch kernel's threads walk <= 64 rows each
-GEMM_ROW_THREADS = 128  # gemm_rows: threads per block (columns of one row of C)
-SMALL_GEMM_WORK = 1 << 23  # captured products up to this M N K take gemm_rows, not cuBLAS,
-SMALL_GEMM_MAX_K = 1024    # ... if each thread's walk along K is at most this long
 CE_THREADS = 256       # softmax cross-entropy: threads per block (NNOPT_CE_THREADS), a row each
 CE_MAX_BLOCKS = 4096   # ... and blocks at most (rows beyond: grid-stride)
 
@@ -49,15 +46,3 @@ def feature_tile_grid(n):
     (batchnorm.cu's TILE and ROWS): the one-launch BN kernels, activation_backward and the
     split path's finalize kernels."""
     return (-(-n // 32),), (32, 8)
-
-
-def gemm_rows_grid(m, n):
-    """(grid, block) of gemm_rows: a block per row of C and GEMM_ROW_THREADS columns."""
-    block = min(GEMM_ROW_THREADS, 32 * -(-n // 32))
-    return (-(-n // block), m), (block,)
-
-
-def small_gemm(m, n, k):
-    """Whether a captured (m, k) x (k, n) product takes gemm_rows (one kernel, a thread per
-    element walking K) rather than cuBLAS (a split-K GEMM and its reduction at these sizes)."""
-    return m * n * k <= SMALL_GEMM_WORK and k <= SMALL_GEMM_MAX_K
