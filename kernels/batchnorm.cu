@@ -111,7 +111,7 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             long long k = (long long)i * n + j;                                              \
-            const double dk = (double)activation_grad<T>(d[k], y[k], activation);             \
+            const double dk = (double)activation_grad_at<T>(d, y, k, activation);             \
             s += dk;                                                                         \
             sc += dk * ((double)x[k] - (double)mean[j]);                                     \
         }                                                                                    \
@@ -131,7 +131,7 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             long long k = (long long)i * n + j;                                              \
-            dx[k] = a[threadIdx.x] * activation_grad<T>(d[k], y[k], activation)               \
+            dx[k] = a[threadIdx.x] * activation_grad_at<T>(d, y, k, activation)               \
                     - b[threadIdx.x] * (x[k] - mean[j]) - c[threadIdx.x];                    \
         }                                                                                    \
     }                                                                                        \
@@ -195,7 +195,7 @@ extern "C" __global__ void bn_partial_backward_##S(const T* __restrict__ d,     
     _Pragma("unroll 4")                                                                      \
     for (int i = chunk * rows; i < end; ++i) {                                               \
         const long long k = (long long)i * n + j;                                            \
-        const double dk = (double)activation_grad<T>(d[k], y[k], activation);                 \
+        const double dk = (double)activation_grad_at<T>(d, y, k, activation);                 \
         s += dk;                                                                             \
         sc += dk * ((double)x[k] - mu);                                                      \
     }                                                                                        \
@@ -223,7 +223,7 @@ extern "C" __global__ void bn_apply_backward_##S(const T* __restrict__ d,       
     _Pragma("unroll 4")                                                                      \
     for (int i = chunk * rows; i < end; ++i) {                                               \
         const long long k = (long long)i * n + j;                                            \
-        dx[k] = a * activation_grad<T>(d[k], y[k], activation) - b * (x[k] - mu) - c;        \
+        dx[k] = a * activation_grad_at<T>(d, y, k, activation) - b * (x[k] - mu) - c;        \
     }                                                                                        \
 }                                                                                            \
 extern "C" __global__ void bias_activation_##S(const T* h, const T* __restrict__ bias,     \
@@ -243,7 +243,7 @@ extern "C" __global__ void activation_backward_##S(const T* __restrict__ dy,    
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             const long long k = (long long)i * n + j;                                        \
-            const T g = activation_grad<T>(dy[k], y[k], activation);                          \
+            const T g = activation_grad_at<T>(dy, y, k, activation);                          \
             dh[k] = g;                                                                       \
             s += (double)g;                                                                  \
         }                                                                                    \
@@ -264,7 +264,7 @@ extern "C" __global__ void activation_backward_split_##S(const T* __restrict__ d
     _Pragma("unroll 4")                                                                      \
     for (int i = chunk * rows; i < end; ++i) {                                               \
         const long long k = (long long)i * n + j;                                            \
-        const T g = activation_grad<T>(dy[k], y[k], activation);                              \
+        const T g = activation_grad_at<T>(dy, y, k, activation);                              \
         dh[k] = g;                                                                           \
         s += (double)g;                                                                      \
     }                                                                                        \

@@ -195,4 +195,11 @@ NNOPT_DEVICE T activation_grad(T d, T y, int code) {
     return d;
 }
 
+// activation_grad of element k, reading y[k] only where the activation needs it (plain BN:
+// one buffer fewer to stream through memory)
+template <typename T>
+NNOPT_DEVICE T activation_grad_at(const T* d, const T* y, long long k, int code) {
+    return code == NNOPT_IDENTITY ? d[k] : activation_grad<T>(d[k], y[k], code);
+}
+
 #endif
