@@ -95,11 +95,13 @@ def test_gpu_claim_reads_results_when_present(tmp_path):
     (tmp_path / "gpu.json").write_text(json.dumps({
         "machine": {"date": "2026-12-01T10:00:00"}, "device": "NVIDIA H100 80GB HBM3",
         "train": [{"batch": 64, "gpu_bn_overhead_%": 3.0}, {"batch": 1024, "gpu_bn_overhead_%": 4.0},
-                  {"batch": 8192, "gpu_bn_overhead_%": 25.0}]}))
+                  {"batch": 8192, "gpu_bn_overhead_%": 25.0},
+                  # the captured step's overhead, where measured, is the one that counts
+                  {"batch": 4096, "gpu_bn_overhead_%": 30.0, "gpu_graph_bn_overhead_%": 5.0}]}))
     text, held, measured = batchnorm.gpu_evidence(tmp_path / "gpu.json")
     assert "NVIDIA H100 80GB HBM3" in text and "2026-12-01" in text
-    assert held == [True, True, False] and verdict_of(held) == ("partly", 2 / 3)
-    assert measured["median"] == 4.0 and measured["n_seeds"] == 3
+    assert held == [True, True, False, True] and verdict_of(held) == ("yes", 3 / 4)
+    assert measured["median"] == 4.5 and measured["n_seeds"] == 4
 
 
 def test_diverged_run_scores_chance_not_dropped():

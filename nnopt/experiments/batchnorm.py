@@ -126,14 +126,18 @@ def step_times(ctx, rounds=7, steps=30, warmup=10):
 
 
 def gpu_evidence(path: Path | None):
-    """BN's GPU overhead from bench/bench_gpu.py's JSON: (text, held per configuration,
-    spread), or a plain "not measured" when the file is absent."""
+    """BN's GPU overhead per training step from bench/bench_gpu.py's JSON (the captured
+    step's, else the eager step's): (text, held per configuration, spread), or a plain
+    "not measured" when the file is absent."""
     path = Path(path) if path is not None else GPU_RESULTS
     if not path.is_file():
         return "not measured on a GPU yet (bench/results/gpu.json absent)", [], spread([], "% overhead")
     results = json.loads(path.read_text())
-    rows = [r for r in results.get("train", []) if r.get("gpu_bn_overhead_%") is not None]
-    overheads = [float(r["gpu_bn_overhead_%"]) for r in rows]
+    # the captured step's overhead where measured (what nnopt.train runs on a GPU), else eager
+    key = lambda r: ("gpu_graph_bn_overhead_%" if r.get("gpu_graph_bn_overhead_%") is not None  # noqa: E731
+                     else "gpu_bn_overhead_%")
+    rows = [r for r in results.get("train", []) if r.get(key(r)) is not None]
+    overheads = [float(r[key(r)]) for r in rows]
     card, date = results.get("device", "unknown GPU"), results.get("machine", {}).get("date", "unknown date")
     if not rows:
         return f"{path.name} ({card}, {date}) has no BN overhead rows", [], spread([], "% overhead")
