@@ -42,7 +42,8 @@ def run(batch, bn, steps=30):
     print(json.dumps({"batch": batch, "bn": bn, "replay_us": wall_us}))
 
 
-KINDS = (("gemm", ("gemm", "sm90_", "sm80_", "cutlass", "xmma", "ampere", "splitk", "Kernel")),
+KINDS = (("split-K reduce", ("splitKreduce",)),
+         ("gemm", ("gemm", "sm90_", "sm80_", "cutlass", "xmma", "ampere", "splitk", "Kernel")),
          ("bn", ("bn_",)), ("activation", ("activation", "bias_")), ("loss", ("softmax",)),
          ("optimizer", ("sgd_", "adam", "momentum", "nag_", "rmsprop", "adagrad", "adadelta")),
          ("copy/fill", ("fill", "copy", "memset", "nnopt_", "cupy_")))

@@ -23,8 +23,8 @@ from . import capturing
 from .shared import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block looks them up here)
 from .shared import Scratch as HostScratch
 from .shared import weight_decay_scalars
-from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, feature_tile_grid, bn_plan, bn_split_grid,
-                   elementwise_blocks)
+from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_plan, bn_split_grid, elementwise_blocks,
+                   feature_tile_grid)
 
 
 @lru_cache(maxsize=None)
