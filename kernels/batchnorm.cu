@@ -35,10 +35,22 @@
 #define TILE 32
 #define ROWS 8
 
-// The split path's finalize: K per-feature sums over the chunks of partial[chunk][K][n].
-// Each of the block's ROWS rows of threads adds every ROWS-th chunk, then row 0 adds the
-// rows' sums in row order (a fixed order: the same result every run). Every thread of the
-// block must call it (it synchronizes); only row 0's sums are complete.
+// The per-feature sums of a block's ROWS rows of threads: each thread's K partial sums
+// s[] go to shared memory, then row 0 adds rows 1 .. ROWS-1 to its own in row order (a
+// fixed order: the same result every run). Every thread of the block must call it (it
+// synchronizes); only row 0's sums are complete.
+template <int K>
+__device__ __forceinline__ void add_row_sums(double (&shared)[K][ROWS][TILE], double (&s)[K]) {
+    for (int k = 0; k < K; ++k) shared[k][threadIdx.y][threadIdx.x] = s[k];
+    __syncthreads();
+    if (threadIdx.y != 0) return;
+    for (int r = 1; r < ROWS; ++r) {
+        for (int k = 0; k < K; ++k) s[k] += shared[k][r][threadIdx.x];
+    }
+}
+
+// The split path's finalize: K per-feature sums over the chunks of partial[chunk][K][n],
+// each row of threads taking every ROWS-th chunk, then add_row_sums.
 template <int K>
 __device__ __forceinline__ void add_chunk_sums(const double* __restrict__ partial, int chunks,
                                                int n, int j, bool active,
@@ -50,41 +62,29 @@ __device__ __forceinline__ void add_chunk_sums(const double* __restrict__ partia
             for (int k = 0; k < K; ++k) s[k] += partial[((long long)K * c + k) * n + j];
         }
     }
-    for (int k = 0; k < K; ++k) shared[k][threadIdx.y][threadIdx.x] = s[k];
-    __syncthreads();
-    if (threadIdx.y != 0) return;
-    for (int r = 1; r < ROWS; ++r) {
-        for (int k = 0; k < K; ++k) s[k] += shared[k][r][threadIdx.x];
-    }
+    add_row_sums<K>(shared, s);
 }
 
 #define NNOPT_BN(T, S)                                                                        \
 extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* beta, T eps,   \
         T momentum, int unbiased, T* running_mean, T* running_var, T* z, T* mean_out,        \
         T* inv_std_out, int m, int n, const T* bias, int has_bias, int activation) {         \
-    __shared__ double sum[ROWS][TILE];                                                       \
-    __shared__ double sum_sq[ROWS][TILE];                                                    \
+    __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ T scale[TILE];                                                                \
     __shared__ T offset[TILE];                                                               \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
     const bool active = j < n;                                                               \
-    double s = 0.0, s2 = 0.0, shift = active ? (double)x[j] : 0.0;                           \
+    double s[2] = {0.0, 0.0}, shift = active ? (double)x[j] : 0.0;                           \
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             double d = (double)x[(long long)i * n + j] - shift;                              \
-            s += d;                                                                          \
-            s2 += d * d;                                                                     \
+            s[0] += d;                                                                       \
+            s[1] += d * d;                                                                   \
         }                                                                                    \
     }                                                                                        \
-    sum[threadIdx.y][threadIdx.x] = s;                                                       \
-    sum_sq[threadIdx.y][threadIdx.x] = s2;                                                   \
-    __syncthreads();                                                                         \
+    add_row_sums<2>(sums, s);                                                                \
     if (threadIdx.y == 0 && active) {                                                        \
-        for (int r = 1; r < ROWS; ++r) {                                                     \
-            s += sum[r][threadIdx.x];                                                        \
-            s2 += sum_sq[r][threadIdx.x];                                                    \
-        }                                                                                    \
-        batchnorm_forward_feature<T>(s, s2, shift, m, eps, momentum, unbiased, gamma[j],      \
+        batchnorm_forward_feature<T>(s[0], s[1], shift, m, eps, momentum, unbiased, gamma[j], \
                                      beta[j], has_bias ? bias[j] : T(0), running_mean[j],    \
                                      running_var[j], mean_out[j], inv_std_out[j],            \
                                      scale[threadIdx.x], offset[threadIdx.x]);               \
@@ -100,31 +100,24 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
 extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamma,           \
         const T* mean, const T* inv_std, T* dx, T* dgamma, T* dbeta, int m, int n,            \
         const T* y, int activation) {                                                        \
-    __shared__ double sum_d[ROWS][TILE];                                                     \
-    __shared__ double sum_dc[ROWS][TILE];                                                    \
+    __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ T a[TILE];                                                                    \
     __shared__ T b[TILE];                                                                    \
     __shared__ T c[TILE];                                                                    \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
     const bool active = j < n;                                                               \
-    double s = 0.0, sc = 0.0;                                                                \
+    double s[2] = {0.0, 0.0};                                                                \
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             long long k = (long long)i * n + j;                                              \
             const double dk = (double)activation_grad_at<T>(d, y, k, activation);             \
-            s += dk;                                                                         \
-            sc += dk * ((double)x[k] - (double)mean[j]);                                     \
+            s[0] += dk;                                                                      \
+            s[1] += dk * ((double)x[k] - (double)mean[j]);                                   \
         }                                                                                    \
     }                                                                                        \
-    sum_d[threadIdx.y][threadIdx.x] = s;                                                     \
-    sum_dc[threadIdx.y][threadIdx.x] = sc;                                                   \
-    __syncthreads();                                                                         \
+    add_row_sums<2>(sums, s);                                                                \
     if (threadIdx.y == 0 && active) {                                                        \
-        for (int r = 1; r < ROWS; ++r) {                                                     \
-            s += sum_d[r][threadIdx.x];                                                      \
-            sc += sum_dc[r][threadIdx.x];                                                    \
-        }                                                                                    \
-        batchnorm_backward_feature<T>(s, sc, m, gamma[j], inv_std[j], a[threadIdx.x],         \
+        batchnorm_backward_feature<T>(s[0], s[1], m, gamma[j], inv_std[j], a[threadIdx.x],    \
                                       b[threadIdx.x], c[threadIdx.x], dgamma[j], dbeta[j]);  \
     }                                                                                        \
     __syncthreads();                                                                         \
@@ -236,23 +229,20 @@ extern "C" __global__ void bias_activation_##S(const T* h, const T* __restrict__
 extern "C" __global__ void activation_backward_##S(const T* __restrict__ dy,                  \
         const T* __restrict__ y, int activation, T* __restrict__ dh, T* dbias, int has_bias,  \
         int m, int n) {                                                                      \
-    __shared__ double sum[ROWS][TILE];                                                       \
+    __shared__ double sums[1][ROWS][TILE];                                                   \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
     const bool active = j < n;                                                               \
-    double s = 0.0;                                                                          \
+    double s[1] = {0.0};                                                                     \
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             const long long k = (long long)i * n + j;                                        \
             const T g = activation_grad_at<T>(dy, y, k, activation);                          \
             dh[k] = g;                                                                       \
-            s += (double)g;                                                                  \
+            s[0] += (double)g;                                                               \
         }                                                                                    \
     }                                                                                        \
-    sum[threadIdx.y][threadIdx.x] = s;                                                       \
-    __syncthreads();                                                                         \
-    if (threadIdx.y != 0 || !active) return;                                                 \
-    for (int r = 1; r < ROWS; ++r) s += sum[r][threadIdx.x];                                 \
-    if (has_bias) dbias[j] += (T)s;                                                          \
+    add_row_sums<1>(sums, s);                                                                \
+    if (threadIdx.y == 0 && active && has_bias) dbias[j] += (T)s[0];                         \
 }                                                                                            \
 extern "C" __global__ void activation_backward_split_##S(const T* __restrict__ dy,            \
         const T* __restrict__ y, int activation, T* __restrict__ dh,                          \

@@ -208,9 +208,9 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
         function("batchnorm.cu", f"bn_partial_forward_{suffix}")(
             grid, block, (x, partial, i32(m), i32(n), i32(rows)))
         function("batchnorm.cu", f"bn_finalize_forward_{suffix}")(
-            *feature_tile_grid(n), (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased),
-                                running_mean, running_var, mean, inv_std, scale, offset, i32(m),
-                                i32(n), bias, has_bias))
+            *feature_tile_grid(n),
+            (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased), running_mean,
+             running_var, mean, inv_std, scale, offset, i32(m), i32(n), bias, has_bias))
         function("batchnorm.cu", f"bn_apply_forward_{suffix}")(
             grid, block, (x, scale, offset, z, i32(m), i32(n), i32(rows), act))
         return z, mean, inv_std
@@ -237,8 +237,8 @@ def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
         function("batchnorm.cu", f"bn_partial_backward_{suffix}")(
             grid, block, (d, x, mean, partial, i32(m), i32(n), i32(rows), y, act))
         function("batchnorm.cu", f"bn_finalize_backward_{suffix}")(
-            *feature_tile_grid(n), (partial, i32(chunks), gamma, inv_std, coef, dgamma, dbeta, i32(m),
-                                i32(n)))
+            *feature_tile_grid(n),
+            (partial, i32(chunks), gamma, inv_std, coef, dgamma, dbeta, i32(m), i32(n)))
         function("batchnorm.cu", f"bn_apply_backward_{suffix}")(
             grid, block, (d, x, mean, coef, dx, i32(m), i32(n), i32(rows), y, act))
         return dx

@@ -47,7 +47,7 @@ def weight_decay_scalars(cls, hp):
     """(decay, shrink) of the kernels' weight decay (optimizers.cu, NNOPT_ELEMENT): the rule
     sees g + decay p, and p becomes shrink p before it; what Optimizer._apply_weight_decay
     does in separate passes, in the GPU step's one pass."""
-    decay = hp.get("weight_decay", 0.0) or 0.0
+    decay = hp["weight_decay"]  # every group has one (Optimizer.common_defaults)
     if cls.decoupled_weight_decay:
         return 0.0, 1.0 - hp["lr"] * decay
     return decay, 1.0
