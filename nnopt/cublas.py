@@ -120,6 +120,19 @@ def load(paths=None, loader=ctypes.CDLL, env=None):
                             + ")" + hint)
 
 
+def workspace_bytes(env=None):
+    """The workspace each stream's cuBLAS gets: ``$NNOPT_CUBLAS_WORKSPACE`` bytes (0: none,
+    so no split-K GEMMs), else WORKSPACE_BYTES (cuBLAS's recommendation for Hopper)."""
+    env = os.environ if env is None else env
+    text = env.get("NNOPT_CUBLAS_WORKSPACE", "").strip()
+    if not text:
+        return WORKSPACE_BYTES
+    if not text.isdigit():
+        raise ValueError(f"NNOPT_CUBLAS_WORKSPACE={text!r}: give a number of bytes (0 for no "
+                         f"workspace), or unset it for {WORKSPACE_BYTES} bytes")
+    return int(text)
+
+
 def gemm_args(m, n, k, trans_a, trans_b):
     """cuBLAS (column-major) arguments for row-major C (m, n) = op(A) (m, k) @ op(B) (k, n):
     C^T = op(B)^T op(A)^T, i.e. cuBLAS gets B first. Returns
@@ -156,11 +169,15 @@ class Handle:
         return self.workspaces.get(self.stream)
 
     def _set_workspace(self, stream_ptr):
+        """The stream's workspace, of ``workspace_bytes`` when first set. 0 bytes: none at
+        all, so cuBLAS takes only algorithms that need none (no split-K with a separate
+        reduction kernel; PyTorch's CUBLAS_WORKSPACE_CONFIG=:0:0 does the same)."""
         if stream_ptr not in self.workspaces:
-            self.workspaces[stream_ptr] = self.allocate(self.workspace_bytes)
-        _, pointer = self.workspaces[stream_ptr]
-        _check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(pointer),
-                                              ctypes.c_size_t(self.workspace_bytes)),
+            size = self.workspace_bytes
+            self.workspaces[stream_ptr] = (*(self.allocate(size) if size else (None, 0)), size)
+        _, pointer, size = self.workspaces[stream_ptr]
+        _check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(pointer or None),
+                                              ctypes.c_size_t(size)),
                "cublasSetWorkspace_v2")
 
     def set_stream(self, stream_ptr):

@@ -80,6 +80,33 @@ def test_handle_sets_each_streams_workspace_after_the_stream():
     assert lib.calls[-4:] == ["cublasSetStream_v2", "cublasSetWorkspace_v2"] * 2
 
 
+def test_a_zero_byte_workspace_is_none_at_all():
+    """workspace_bytes 0: cuBLAS gets a NULL workspace of 0 bytes, nothing is allocated; a
+    handle whose size changes later gives new streams the new size, old ones keep theirs."""
+    lib, made, sizes = FakeLib(), [], []
+
+    def counting(nbytes):
+        made.append(nbytes)
+        return allocate(nbytes)
+    lib.cublasSetWorkspace_v2 = lambda handle, pointer, size: sizes.append(
+        (pointer.value, size.value)) or 0
+    handle = cublas.Handle(lib, counting, workspace_bytes=0)
+    handle.set_stream(1234)
+    assert made == [] and sizes == [(None, 0), (None, 0)]
+    handle.workspace_bytes = 64
+    handle.set_stream(99)
+    handle.set_stream(1234)
+    assert made == [64] and sizes[-2][1] == 64 and sizes[-1] == (None, 0)
+
+
+def test_workspace_size_from_the_environment():
+    assert cublas.workspace_bytes({}) == cublas.WORKSPACE_BYTES
+    assert cublas.workspace_bytes({"NNOPT_CUBLAS_WORKSPACE": "0"}) == 0
+    assert cublas.workspace_bytes({"NNOPT_CUBLAS_WORKSPACE": " 4194304 "}) == 4194304
+    with pytest.raises(ValueError, match="NNOPT_CUBLAS_WORKSPACE='4MB': give a number of bytes"):
+        cublas.workspace_bytes({"NNOPT_CUBLAS_WORKSPACE": "4MB"})
+
+
 def test_status_errors_are_named():
     lib = FakeLib()
     lib.cublasSetWorkspace_v2 = lambda *args: 7

@@ -105,7 +105,7 @@ def _make_handle():
     def allocate(nbytes):  # straight cudaMalloc: no memory pool may ever reuse it
         memory = cupy.cuda.memory.Memory(nbytes)
         return memory, memory.ptr
-    return cublas.Handle(lib, allocate, path=path)
+    return cublas.Handle(lib, allocate, workspace_bytes=cublas.workspace_bytes(), path=path)
 
 
 def cublas_handle():
