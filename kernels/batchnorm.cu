@@ -78,6 +78,11 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
     const bool active = j < n;                                                               \
     double s[2] = {0.0, 0.0}, shift = active ? (double)x[j] : 0.0;                           \
+    /* row 0's per-feature inputs, loaded while the rows are summed: not after the barrier */ \
+    const bool lead = threadIdx.y == 0 && active;                                            \
+    const T g = lead ? gamma[j] : T(0), bt = lead ? beta[j] : T(0);                          \
+    const T bs = lead && has_bias ? bias[j] : T(0);                                          \
+    T run_mean = lead ? running_mean[j] : T(0), run_var = lead ? running_var[j] : T(0);      \
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             double d = (double)x[(long long)i * n + j] - shift;                              \
@@ -86,11 +91,12 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
         }                                                                                    \
     }                                                                                        \
     add_row_sums<2>(sums, s);                                                                \
-    if (threadIdx.y == 0 && active) {                                                        \
-        batchnorm_forward_feature<T>(s[0], s[1], shift, m, eps, momentum, unbiased, gamma[j], \
-                                     beta[j], has_bias ? bias[j] : T(0), running_mean[j],    \
-                                     running_var[j], mean_out[j], inv_std_out[j],            \
+    if (lead) {                                                                              \
+        batchnorm_forward_feature<T>(s[0], s[1], shift, m, eps, momentum, unbiased, g, bt, bs,  \
+                                     run_mean, run_var, mean_out[j], inv_std_out[j],         \
                                      scale[threadIdx.x], offset[threadIdx.x]);               \
+        running_mean[j] = run_mean;                                                          \
+        running_var[j] = run_var;                                                            \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \
@@ -110,6 +116,9 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
     const bool active = j < n;                                                               \
     double s[2] = {0.0, 0.0};                                                                \
+    const bool lead = threadIdx.y == 0 && active;  /* as in bn_forward: loaded early */      \
+    const T g = lead ? gamma[j] : T(0), is = lead ? inv_std[j] : T(0);                       \
+    T dg = lead ? dgamma[j] : T(0), db = lead ? dbeta[j] : T(0);                             \
     if (active) {                                                                            \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             long long k = (long long)i * n + j;                                              \
@@ -119,9 +128,11 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
         }                                                                                    \
     }                                                                                        \
     add_row_sums<2>(sums, s);                                                                \
-    if (threadIdx.y == 0 && active) {                                                        \
-        batchnorm_backward_feature<T>(s[0], s[1], m, gamma[j], inv_std[j], a[threadIdx.x],    \
-                                      b[threadIdx.x], c[threadIdx.x], dgamma[j], dbeta[j]);  \
+    if (lead) {                                                                              \
+        batchnorm_backward_feature<T>(s[0], s[1], m, g, is, a[threadIdx.x], b[threadIdx.x],  \
+                                      c[threadIdx.x], dg, db);                               \
+        dgamma[j] = dg;                                                                      \
+        dbeta[j] = db;                                                                       \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \
