@@ -176,12 +176,9 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
                 runners[f"gpu_graph_{tag}"] = GraphRunner(bn, batch, sizes)
                 if batch == 64:  # the fused blocks against the textbook's layers (issue 14)
                     runners[f"gpu_graph_layers_{tag}"] = GraphRunner(bn, batch, sizes, fused=False)
-                for name, options in GRAPH_VARIANTS.items():  # other GEMM routes, same run
-                    try:
-                        runners[f"gpu_graph_{name}_{tag}"] = graph_variant(bn, batch, sizes,
-                                                                           **options)
-                    except Exception as exc:  # report, do not hide; the others still run
-                        row[f"graph_{name}_error"] = f"{type(exc).__name__}: {exc}"
+                # cuBLAS without a workspace: no split-K GEMM + reduction pairs
+                runners[f"gpu_graph_nows_{tag}"] = without_cublas_workspace(GraphRunner, bn,
+                                                                           batch, sizes)
             except Exception as exc:  # report, do not hide
                 row["graph_error"] = f"{type(exc).__name__}: {exc}"
         if torch is not None:
@@ -204,15 +201,14 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     for tag in ("plain", "bn"):
         if f"gpu_graph_{tag}_s" in row and f"torch_graph_{tag}_s" in row:
             row[f"graph_vs_torch_graph_{tag}"] = row[f"gpu_graph_{tag}_s"] / row[f"torch_graph_{tag}_s"]
-        for name in GRAPH_VARIANTS:
-            if f"gpu_graph_{name}_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
-                row[f"{name}_vs_graph_{tag}"] = (row[f"gpu_graph_{name}_{tag}_s"]
-                                                 / row[f"gpu_graph_{tag}_s"])
+        if f"gpu_graph_nows_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
+            row[f"no_workspace_vs_graph_{tag}"] = (row[f"gpu_graph_nows_{tag}_s"]
+                                                   / row[f"gpu_graph_{tag}_s"])
         if f"gpu_graph_layers_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
             row[f"graph_fused_vs_layers_{tag}"] = (row[f"gpu_graph_{tag}_s"]
                                                    / row[f"gpu_graph_layers_{tag}_s"])
-    for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "torch_gpu", "torch_graph",
-                   *(f"gpu_graph_{name}" for name in GRAPH_VARIANTS)):
+    for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "gpu_graph_nows", "torch_gpu",
+                   "torch_graph"):
         if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
             row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
     if "gpu_graph_bn_s" in row:
@@ -224,46 +220,34 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     return row
 
 
-# The captured step's other routes for its products, measured beside the default: cuBLAS
-# given no workspace (so no split-K GEMM + reduction pairs), nnopt's gemm_small for
-# products with a small C (nnopt.fast.plan.small_gemm), and both.
-GRAPH_VARIANTS = {"nows": {"workspace": False}, "small": {"small": True},
-                  "small_nows": {"small": True, "workspace": False}}
-SMALL_GEMM_OUTPUTS = 16384  # the variants' gemm_small threshold (C elements)
-
-
-def graph_variant(bn, batch, sizes, small=False, workspace=True):
-    """A GraphRunner captured with the given product route."""
-    from nnopt.fast import gpu_kernels, plan
+def without_cublas_workspace(make, *args):
+    """``make(*args)`` with nnopt's cuBLAS handle giving new streams no workspace."""
+    from nnopt.fast import gpu_kernels
     handle = gpu_kernels().cublas_handle()
     if handle is None:
         raise RuntimeError("no cuBLAS handle")
-    saved = handle.workspace_bytes, plan.SMALL_GEMM_OUTPUTS
-    handle.workspace_bytes = saved[0] if workspace else 0
-    plan.SMALL_GEMM_OUTPUTS = SMALL_GEMM_OUTPUTS if small else saved[1]
+    saved, handle.workspace_bytes = handle.workspace_bytes, 0
     try:
-        return GraphRunner(bn, batch, sizes)
+        return make(*args)
     finally:
-        handle.workspace_bytes, plan.SMALL_GEMM_OUTPUTS = saved
+        handle.workspace_bytes = saved
 
 
 def graph_table(rows):
     """The captured-step table of the issue: per-step microseconds, textbook network, SGD;
-    nnopt's graph also with the other product routes (GRAPH_VARIANTS)."""
-    names = list(GRAPH_VARIANTS)
-    lines = ["| batch | BN | torch eager | torch graph | nnopt graph | "
-             + " | ".join(f"nnopt {name}" for name in names) + " | nnopt / torch graph |",
-             "|---:|:---:|---:|---:|---:|" + "---:|" * len(names) + "---:|"]
+    nnopt's graph also with cuBLAS given no workspace (no split-K)."""
+    lines = ["| batch | BN | torch eager | torch graph | nnopt graph | nnopt graph, no cuBLAS "
+             "workspace | nnopt / torch graph |", "|---:|:---:|---:|---:|---:|---:|---:|"]
     us = lambda r, k: f"{r[k] * 1e6:.0f}" if k in r else "-"  # noqa: E731
     for r in rows:
         if r.get("width") != "textbook":
             continue
         for tag, label in (("plain", "no"), ("bn", "yes")):
             ratio = r.get(f"graph_vs_torch_graph_{tag}")
-            variants = "".join(f"{us(r, f'gpu_graph_{name}_{tag}_s')} | " for name in names)
             lines.append(f"| {r['batch']} | {label} | {us(r, f'torch_gpu_{tag}_s')} | "
                          f"{us(r, f'torch_graph_{tag}_s')} | {us(r, f'gpu_graph_{tag}_s')} | "
-                         f"{variants}{'-' if ratio is None else f'{ratio:.2f}x'} |")
+                         f"{us(r, f'gpu_graph_nows_{tag}_s')} | "
+                         f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
 
 

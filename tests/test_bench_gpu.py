@@ -32,12 +32,12 @@ def test_dry_run_writes_every_section(bench_gpu, tmp_path, capsys):
 def test_graph_table_and_verdict(bench_gpu):
     row = {"batch": 1024, "width": "textbook", "torch_gpu_plain_s": 1432e-6,
            "torch_graph_plain_s": 199e-6, "gpu_graph_plain_s": 394e-6,
-           "gpu_graph_nows_plain_s": 410e-6, "gpu_graph_small_nows_plain_s": 380e-6,
+           "gpu_graph_nows_plain_s": 410e-6,
            "graph_vs_torch_graph_plain": 394 / 199, "gpu_graph_bn_overhead_%": 48.2,
            "torch_graph_bn_overhead_%": 58.3}
     table = bench_gpu.graph_table([row, {"batch": 64, "width": 1024}]).splitlines()
-    assert table[2] == "| 1024 | no | 1432 | 199 | 394 | 410 | - | 380 | 1.98x |"
-    assert table[3] == "| 1024 | yes | - | - | - | - | - | - | - |" and len(table) == 4
+    assert table[2] == "| 1024 | no | 1432 | 199 | 394 | 410 | 1.98x |"
+    assert table[3] == "| 1024 | yes | - | - | - | - | - |" and len(table) == 4
     text = bench_gpu.verdict([row])
     assert "It is not for: batch 1024, width textbook (+48.2%; PyTorch's graph +58.3%)" in text
 
@@ -65,16 +65,12 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
     assert {r["optimizer"] for r in optim_rows} >= {"sgd", "adam", "adadelta"}
     bn_rows = bench_gpu.bench_bn(numpy_namespace, None, "cuda", lambda: None, [(600, 24)])
     assert bn_rows[0]["nnopt_s"] > 0
-    launches = sys.modules["cupy"].launches
-    start = len(launches)
     rows = bench_gpu.bench_train(None, [(64, None, False)], dry_run=False)
-    assert "gemm_small_f32" in {launch[0] for launch in launches[start:]}  # its variants ran
     assert len(rows) == 1, "the configuration raised (printed above)"
     row = rows[0]
     assert "graph_error" not in row and row["gemm_route"].startswith("cublas ")
     for tag in ("plain", "bn"):
         assert row[f"gpu_graph_{tag}_s"] > 0 and row[f"graph_fused_vs_layers_{tag}"] > 0
-        for name in bench_gpu.GRAPH_VARIANTS:
-            assert row[f"{name}_vs_graph_{tag}"] > 0
+        assert row[f"no_workspace_vs_graph_{tag}"] > 0
     assert "gpu_graph_bn_overhead_%" in row and "graph_speedup_bn" in row
     assert "batch 64, width textbook" in bench_gpu.verdict(rows)

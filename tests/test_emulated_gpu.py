@@ -4,8 +4,6 @@ every launch's arguments checked against the kernel's C signature. What a GPU se
 would otherwise find first (an argument out of order, a float64 scalar for a float, a
 transposed view passed as contiguous, a kernel name that does not exist) fails here."""
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -322,47 +320,23 @@ def test_fused_block_on_the_emulated_gpu_matches_its_layers(gpu, monkeypatch, rn
     assert_block_results_agree(results, batchnorm, dtype)
 
 
-@pytest.mark.parametrize("kernel", ["gemm", "gemm_small"])
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_fused_block_inside_a_capture_takes_the_capturable_gemm(cupy_stand_in, monkeypatch,
-                                                                rng, batchnorm, kernel):
+                                                                rng, batchnorm):
     """While capturing, a block's products go through graph_gemm, transposed views as
-    transpose flags: with cuBLAS (turned off here: nnopt's tiled kernel), or, where the
-    product is small enough (the threshold raised here), with gemm_small."""
-    from nnopt.fast import plan
-    if kernel == "gemm_small":
-        monkeypatch.setattr(plan, "SMALL_GEMM_OUTPUTS", 1 << 20)
+    transpose flags; without cuBLAS (turned off here), nnopt's tiled kernel."""
     monkeypatch.setenv("NNOPT_CUBLAS", "off")
     gpu = emulated_gpu.load_gpu_module(cupy_stand_in)  # its own handle cache: warns once
     start = len(cupy_stand_in.launches)
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
+    with pytest.warns(RuntimeWarning, match="NNOPT_CUBLAS"):
         results = run_block(gpu, monkeypatch, (21, 18, 17), batchnorm, "relu", "float64",
                             seed=int(rng.integers(1000)), captured=True)
-    assert any("NNOPT_CUBLAS" in str(w.message) for w in warned) == (kernel == "gemm")
-    launched = cupy_stand_in.launches[start:]
-    gemms = [launch for launch in launched if launch[0] == f"{kernel}_f64"]
-    assert not [launch for launch in launched if "gemm" in launch[0] and launch not in gemms]
+    gemms = [launch for launch in cupy_stand_in.launches[start:] if launch[0] == "gemm_f64"]
     # h = x W, dW = x^T dh, dx = dh W^T: the transposed views passed as flags, not copied,
     # and each product written straight into the block's buffer (W.grad for dW)
     assert sorted(launch[3][-2:] for launch in gemms) == [(0, 0), (0, 1), (1, 0)]
     assert results[0][4] in [launch[4][2] for launch in gemms]
     assert_block_results_agree(results, batchnorm, "float64")
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True),
-                                              (True, True)])
-@pytest.mark.parametrize("m, k, n", [(19, 35, 17), (40, 300, 70), (3, 5, 33), (4, 0, 3)])
-def test_small_gemm_matches_numpy(gpu, rng, dtype, trans_a, trans_b, m, k, n):
-    """gemm_small: tiles cut by the edges of C, K shorter than the warps (some sum nothing),
-    several tiles each way, K = 0."""
-    a, b = rng.normal(size=(m, k)), rng.normal(size=(k, n))
-    a_in = np.ascontiguousarray((a.T if trans_a else a).astype(dtype))
-    b_in = np.ascontiguousarray((b.T if trans_b else b).astype(dtype))
-    out = np.full((m, n), np.nan, dtype)
-    assert gpu.small_gemm(a_in, b_in, trans_a, trans_b, out=out) is out
-    assert close(out, a @ b, 1e-5 if dtype == np.float32 else 1e-12)
 
 
 # --- whole training steps on the emulated device ----------------------------------------------

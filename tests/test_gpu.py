@@ -82,7 +82,7 @@ def test_gpu_batchnorm_matches_reference(xp, gpu, rng, shape, dtype):
         assert np.max(np.abs(host(got) - want)) <= tol * max(np.max(np.abs(want)), 1.0)
 
 
-@pytest.mark.parametrize("route", ["gemm", "small_gemm", "graph_gemm"])
+@pytest.mark.parametrize("route", ["gemm", "graph_gemm"])
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
 def test_gemm_matches_matmul(xp, gpu, rng, trans_a, trans_b, route):
     a = rng.normal(size=(77, 45) if not trans_a else (45, 77))
@@ -94,7 +94,7 @@ def test_gemm_matches_matmul(xp, gpu, rng, trans_a, trans_b, route):
     np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("route", ["gemm", "small_gemm", "graph_gemm"])
+@pytest.mark.parametrize("route", ["gemm", "graph_gemm"])
 def test_gemm_writes_into_a_view_of_a_flat_buffer(xp, gpu, rng, route):
     """As a block's dW lands in W.grad, a view into the flat gradient buffer."""
     a, b = rng.normal(size=(45, 77)), rng.normal(size=(45, 33))
@@ -122,13 +122,9 @@ def test_gpu_softmax_cross_entropy_matches_reference(xp, gpu, rng, m, c, dtype):
     assert np.max(np.abs(host(fused.prob) - reference.prob)) <= tol
 
 
-@pytest.mark.parametrize("small", [False, True])
-def test_cublas_loads_and_is_captured(xp, gpu, rng, monkeypatch, small):
-    """nnopt's own cuBLAS handle: found, and its GEMM captured and replayed in a graph; the
-    same product through gemm_small too (the threshold raised)."""
+def test_cublas_loads_and_is_captured(xp, gpu, rng):
+    """nnopt's own cuBLAS handle: found, and its GEMM captured and replayed in a graph."""
     import cupy
-    from nnopt.fast import plan
-    monkeypatch.setattr(plan, "SMALL_GEMM_OUTPUTS", 1 << 20 if small else 0)
     assert gpu.cublas_handle() is not None, gpu.HANDLES.route(cupy.cuda.Device().id)
     a = dev(xp, rng.normal(size=(64, 784)), xp.float32)
     b = dev(xp, rng.normal(size=(784, 128)), xp.float32)

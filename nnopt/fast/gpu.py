@@ -23,9 +23,8 @@ from . import capturing
 from .shared import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block looks them up here)
 from .shared import Scratch as HostScratch
 from .shared import weight_decay_scalars
-from . import plan
 from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_plan, bn_split_grid, elementwise_blocks,
-                   feature_tile_grid, small_gemm_grid)
+                   feature_tile_grid)
 
 
 @lru_cache(maxsize=None)
@@ -131,14 +130,11 @@ def _pointer(a):
 
 def graph_gemm(a, b, trans_a=False, trans_b=False, out=None):
     """op(a) @ op(b) (into ``out`` if given), capturable: cuBLAS through nnopt's own handle,
-    or (where it cannot load) nnopt's tiled kernel; small products (``plan.small_gemm``)
-    with :func:`small_gemm`."""
-    a, b, c, m, n, k = _gemm_operands(a, b, trans_a, trans_b, out)
-    if plan.small_gemm(m, n, k):
-        return _into(out, small_gemm(a, b, trans_a, trans_b, out=c))
+    or (where it cannot load) nnopt's tiled kernel."""
     handle = cublas_handle()
     if handle is None:
-        return _into(out, gemm(a, b, trans_a, trans_b, out=c))
+        return gemm(a, b, trans_a, trans_b, out)
+    a, b, c, m, n, k = _gemm_operands(a, b, trans_a, trans_b, out)
     if k == 0:
         c[...] = 0
     elif m and n:
@@ -157,17 +153,6 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None):
             ((n + 15) // 16, (m + 15) // 16), (16, 16),
             (a, b, c, np.int32(m), np.int32(n), np.int32(k), np.int32(trans_a),
              np.int32(trans_b)))
-    return _into(out, c)
-
-
-def small_gemm(a, b, trans_a=False, trans_b=False, out=None):
-    """op(a) @ op(b) (into ``out`` if given) in one kernel, gemm_small: for a small C and a
-    long K, which cuBLAS splits into a GEMM and a reduction kernel."""
-    a, b, c, m, n, k = _gemm_operands(a, b, trans_a, trans_b, out)
-    if m and n:
-        function("gemm.cu", f"gemm_small_{_suffix(a)}")(
-            *small_gemm_grid(m, n), (a, b, c, np.int32(m), np.int32(n), np.int32(k),
-                                     np.int32(trans_a), np.int32(trans_b)))
     return _into(out, c)
 
 

@@ -8,8 +8,6 @@ WAVES = 4              # grid-stride kernels: blocks for this many full waves at
 BN_MIN_ROWS = 16       # rows per chunk of the split BN kernels, at least
 BN_MAX_CHUNKS = 256    # partial sums per feature that the finalize kernel adds, at most
 BN_SPLIT_MIN_ROWS = 512  # below, the one-launch kernel's threads walk <= 64 rows each
-SMALL_GEMM_OUTPUTS = 0  # captured products with C up to this many elements: gemm_small (0: off)
-SMALL_GEMM_MAX_K = 4096  # ... and K up to this
 CE_THREADS = 256       # softmax cross-entropy: threads per block (NNOPT_CE_THREADS), a row each
 CE_MAX_BLOCKS = 4096   # ... and blocks at most (rows beyond: grid-stride)
 
@@ -48,14 +46,3 @@ def feature_tile_grid(n):
     (batchnorm.cu's TILE and ROWS): the one-launch BN kernels, activation_backward and the
     split path's finalize kernels."""
     return (-(-n // 32),), (32, 8)
-
-
-def small_gemm(m, n, k):
-    """Whether a captured (m, k) x (k, n) product takes kernel gemm_small (one kernel) rather
-    than cuBLAS (a split-K GEMM and its reduction for such shapes)."""
-    return 0 < m * n <= SMALL_GEMM_OUTPUTS and k <= SMALL_GEMM_MAX_K
-
-
-def small_gemm_grid(m, n):
-    """(grid, block) of gemm_small: a block per 16 x 32 tile of C, 32 lanes x 8 warps."""
-    return (-(-n // 32), -(-m // 16)), (32, 8)
