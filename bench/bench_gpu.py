@@ -176,9 +176,10 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
                 runners[f"gpu_graph_{tag}"] = GraphRunner(bn, batch, sizes)
                 if batch == 64:  # the fused blocks against the textbook's layers (issue 14)
                     runners[f"gpu_graph_layers_{tag}"] = GraphRunner(bn, batch, sizes, fused=False)
-                # cuBLAS without a workspace: no split-K GEMM + reduction pairs
-                runners[f"gpu_graph_nows_{tag}"] = without_cublas_workspace(GraphRunner, bn,
-                                                                           batch, sizes)
+                for name, nbytes in WORKSPACE_VARIANTS.items():  # the other cuBLAS setting
+                    if capture_workspace(batch) != nbytes:
+                        runners[f"gpu_graph_{name}_{tag}"] = with_workspace(nbytes, bn, batch,
+                                                                            sizes)
             except Exception as exc:  # report, do not hide
                 row["graph_error"] = f"{type(exc).__name__}: {exc}"
         if torch is not None:
@@ -201,14 +202,15 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     for tag in ("plain", "bn"):
         if f"gpu_graph_{tag}_s" in row and f"torch_graph_{tag}_s" in row:
             row[f"graph_vs_torch_graph_{tag}"] = row[f"gpu_graph_{tag}_s"] / row[f"torch_graph_{tag}_s"]
-        if f"gpu_graph_nows_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
-            row[f"no_workspace_vs_graph_{tag}"] = (row[f"gpu_graph_nows_{tag}_s"]
-                                                   / row[f"gpu_graph_{tag}_s"])
+        for name in WORKSPACE_VARIANTS:
+            if f"gpu_graph_{name}_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
+                row[f"{name}_vs_graph_{tag}"] = (row[f"gpu_graph_{name}_{tag}_s"]
+                                                 / row[f"gpu_graph_{tag}_s"])
         if f"gpu_graph_layers_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
             row[f"graph_fused_vs_layers_{tag}"] = (row[f"gpu_graph_{tag}_s"]
                                                    / row[f"gpu_graph_layers_{tag}_s"])
-    for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "gpu_graph_nows", "torch_gpu",
-                   "torch_graph"):
+    for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "torch_gpu", "torch_graph",
+                   *(f"gpu_graph_{name}" for name in WORKSPACE_VARIANTS)):
         if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
             row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
     if "gpu_graph_bn_s" in row:
@@ -220,23 +222,41 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     return row
 
 
-def without_cublas_workspace(make, *args):
-    """``make(*args)`` with nnopt's cuBLAS handle giving new streams no workspace."""
-    from nnopt.fast import gpu_kernels
-    handle = gpu_kernels().cublas_handle()
-    if handle is None:
-        raise RuntimeError("no cuBLAS handle")
-    saved, handle.workspace_bytes = handle.workspace_bytes, 0
+# The captured step with the cuBLAS workspace setting that nnopt does not choose for its
+# batch (nnopt.fast.plan.capture_workspace_bytes), measured beside it: with a workspace
+# cuBLAS may split a product into a GEMM and a reduction kernel, without one it cannot.
+WORKSPACE_VARIANTS = {"ws": "default", "nows": 0}
+
+
+def capture_workspace(batch):
+    """The workspace nnopt gives a captured step of ``batch`` rows: 0 or "default"."""
+    from nnopt.fast.plan import capture_workspace_bytes
+    return capture_workspace_bytes(batch, None, "default")
+
+
+def with_workspace(nbytes, bn, batch, sizes):
+    """A GraphRunner whose stream gets ``nbytes`` of cuBLAS workspace ("default": the
+    handle's), through $NNOPT_CUBLAS_WORKSPACE while it is captured."""
+    import os
+
+    from nnopt import cublas
+    saved = os.environ.get("NNOPT_CUBLAS_WORKSPACE")
+    os.environ["NNOPT_CUBLAS_WORKSPACE"] = str(cublas.WORKSPACE_BYTES if nbytes == "default"
+                                               else nbytes)
     try:
-        return make(*args)
+        return GraphRunner(bn, batch, sizes)
     finally:
-        handle.workspace_bytes = saved
+        if saved is None:
+            del os.environ["NNOPT_CUBLAS_WORKSPACE"]
+        else:
+            os.environ["NNOPT_CUBLAS_WORKSPACE"] = saved
 
 
 def graph_table(rows):
     """The captured-step table of the issue: per-step microseconds, textbook network, SGD;
-    nnopt's graph also with cuBLAS given no workspace (no split-K)."""
-    lines = ["| batch | BN | torch eager | torch graph | nnopt graph | nnopt graph, no cuBLAS "
+    nnopt's graph also with the cuBLAS workspace setting it does not choose (WORKSPACE_VARIANTS:
+    "ws" with one, "nows" without)."""
+    lines = ["| batch | BN | torch eager | torch graph | nnopt graph | nnopt, other cuBLAS "
              "workspace | nnopt / torch graph |", "|---:|:---:|---:|---:|---:|---:|---:|"]
     us = lambda r, k: f"{r[k] * 1e6:.0f}" if k in r else "-"  # noqa: E731
     for r in rows:
@@ -244,10 +264,11 @@ def graph_table(rows):
             continue
         for tag, label in (("plain", "no"), ("bn", "yes")):
             ratio = r.get(f"graph_vs_torch_graph_{tag}")
+            other = next((f"{us(r, f'gpu_graph_{name}_{tag}_s')} ({name})"
+                          for name in WORKSPACE_VARIANTS if f"gpu_graph_{name}_{tag}_s" in r), "-")
             lines.append(f"| {r['batch']} | {label} | {us(r, f'torch_gpu_{tag}_s')} | "
                          f"{us(r, f'torch_graph_{tag}_s')} | {us(r, f'gpu_graph_{tag}_s')} | "
-                         f"{us(r, f'gpu_graph_nows_{tag}_s')} | "
-                         f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+                         f"{other} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
 
 

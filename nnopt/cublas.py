@@ -121,15 +121,17 @@ def load(paths=None, loader=ctypes.CDLL, env=None):
 
 
 def workspace_bytes(env=None):
-    """The workspace each stream's cuBLAS gets: ``$NNOPT_CUBLAS_WORKSPACE`` bytes (0: none,
-    so no split-K GEMMs), else WORKSPACE_BYTES (cuBLAS's recommendation for Hopper)."""
+    """``$NNOPT_CUBLAS_WORKSPACE`` as a number of bytes (0: no workspace, so no split-K
+    GEMMs), or None where it is unset (nnopt then chooses: WORKSPACE_BYTES, cuBLAS's
+    recommendation for Hopper, and none for a captured step of a small batch:
+    nnopt.fast.plan.capture_workspace_bytes)."""
     env = os.environ if env is None else env
     text = env.get("NNOPT_CUBLAS_WORKSPACE", "").strip()
     if not text:
-        return WORKSPACE_BYTES
+        return None
     if not text.isdigit():
         raise ValueError(f"NNOPT_CUBLAS_WORKSPACE={text!r}: give a number of bytes (0 for no "
-                         f"workspace), or unset it for {WORKSPACE_BYTES} bytes")
+                         f"workspace), or unset it to let nnopt choose")
     return int(text)
 
 
@@ -168,26 +170,28 @@ class Handle:
     def workspace(self):
         return self.workspaces.get(self.stream)
 
-    def _set_workspace(self, stream_ptr):
-        """The stream's workspace, of ``workspace_bytes`` when first set. 0 bytes: none at
-        all, so cuBLAS takes only algorithms that need none (no split-K with a separate
-        reduction kernel; PyTorch's CUBLAS_WORKSPACE_CONFIG=:0:0 does the same)."""
+    def _set_workspace(self, stream_ptr, size=None):
+        """The stream's workspace, made when the stream is first seen: ``size`` bytes, or the
+        handle's ``workspace_bytes``. 0 bytes: none at all, so cuBLAS takes only algorithms
+        that need none (no split-K GEMM with a separate reduction kernel; PyTorch's
+        CUBLAS_WORKSPACE_CONFIG=:0:0 does the same)."""
         if stream_ptr not in self.workspaces:
-            size = self.workspace_bytes
+            size = self.workspace_bytes if size is None else size
             self.workspaces[stream_ptr] = (*(self.allocate(size) if size else (None, 0)), size)
         _, pointer, size = self.workspaces[stream_ptr]
         _check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(pointer or None),
                                               ctypes.c_size_t(size)),
                "cublasSetWorkspace_v2")
 
-    def set_stream(self, stream_ptr):
-        """Run on ``stream_ptr`` with its own workspace (made on first use: call this before
-        a capture begins, never first inside one)."""
+    def set_stream(self, stream_ptr, workspace_bytes=None):
+        """Run on ``stream_ptr`` with its own workspace (made on first use, of
+        ``workspace_bytes`` or the handle's size: call this before a capture begins, never
+        first inside one)."""
         if stream_ptr != self.stream:
             _check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)),
                    "cublasSetStream_v2")
             self.stream = stream_ptr
-            self._set_workspace(stream_ptr)
+            self._set_workspace(stream_ptr, workspace_bytes)
 
     def gemm(self, double, a_ptr, b_ptr, c_ptr, m, n, k, trans_a=False, trans_b=False):
         """Row-major C (m, n) = op(A) @ op(B) on contiguous device buffers."""

@@ -81,8 +81,8 @@ def test_handle_sets_each_streams_workspace_after_the_stream():
 
 
 def test_a_zero_byte_workspace_is_none_at_all():
-    """workspace_bytes 0: cuBLAS gets a NULL workspace of 0 bytes, nothing is allocated; a
-    handle whose size changes later gives new streams the new size, old ones keep theirs."""
+    """A stream's workspace is sized when the stream is first seen (the handle's size or the
+    one given); 0 bytes: cuBLAS gets a NULL workspace of 0 bytes, nothing is allocated."""
     lib, made, sizes = FakeLib(), [], []
 
     def counting(nbytes):
@@ -90,21 +90,27 @@ def test_a_zero_byte_workspace_is_none_at_all():
         return allocate(nbytes)
     lib.cublasSetWorkspace_v2 = lambda handle, pointer, size: sizes.append(
         (pointer.value, size.value)) or 0
-    handle = cublas.Handle(lib, counting, workspace_bytes=0)
-    handle.set_stream(1234)
-    assert made == [] and sizes == [(None, 0), (None, 0)]
-    handle.workspace_bytes = 64
+    handle = cublas.Handle(lib, counting, workspace_bytes=64)
+    handle.set_stream(1234, workspace_bytes=0)
+    assert made == [64] and sizes[-1] == (None, 0)  # the NULL stream's, then none for 1234
     handle.set_stream(99)
-    handle.set_stream(1234)
-    assert made == [64] and sizes[-2][1] == 64 and sizes[-1] == (None, 0)
+    handle.set_stream(1234, workspace_bytes=64)  # sized once: a graph may hold the old one
+    assert made == [64, 64] and sizes[-2][1] == 64 and sizes[-1] == (None, 0)
 
 
 def test_workspace_size_from_the_environment():
-    assert cublas.workspace_bytes({}) == cublas.WORKSPACE_BYTES
+    assert cublas.workspace_bytes({}) is None
     assert cublas.workspace_bytes({"NNOPT_CUBLAS_WORKSPACE": "0"}) == 0
     assert cublas.workspace_bytes({"NNOPT_CUBLAS_WORKSPACE": " 4194304 "}) == 4194304
     with pytest.raises(ValueError, match="NNOPT_CUBLAS_WORKSPACE='4MB': give a number of bytes"):
         cublas.workspace_bytes({"NNOPT_CUBLAS_WORKSPACE": "4MB"})
+
+
+def test_captured_steps_of_small_batches_get_no_workspace():
+    from nnopt.fast.plan import capture_workspace_bytes
+    assert [capture_workspace_bytes(b, None, 32) for b in (1, 64, 65, 8192)] == [0, 0, 32, 32]
+    assert capture_workspace_bytes(None, None, 32) == 32  # not a captured step
+    assert capture_workspace_bytes(64, 16, 32) == 16 and capture_workspace_bytes(4096, 0, 32) == 0
 
 
 def test_status_errors_are_named():

@@ -172,6 +172,11 @@ class EagerAndCaptured:
         self.loss_fn = nnopt.SoftmaxCrossEntropy()
         self.captured = CapturedStep(self.graph_model, self.graph_opt,
                                      nnopt.SoftmaxCrossEntropy(), (batch, sizes[0]), (batch,))
+        # the eager step's products on a stream with the graph's cuBLAS workspace setting
+        # (none for small batches): the same GEMM algorithms on both sides (see step)
+        import cupy
+        self.eager_stream = cupy.cuda.Stream()
+        nnopt.fast.gpu_kernels().prepare_capture(self.eager_stream, batch)
 
     def step(self, rng):
         """One step of each on the same fresh batch; their losses agree. Returns it."""
@@ -183,7 +188,7 @@ class EagerAndCaptured:
         # The same GEMM on both sides (nnopt's cuBLAS handle, as in the graph): Adam's
         # normalized step turns summation-order differences of near-zero gradients (one
         # GEMM against another) into steps of size ~lr, which is not what this compares.
-        with capture_mode():
+        with self.eager_stream, capture_mode():
             eager_loss = float(self.eager_model.loss_and_backward(x, y, self.loss_fn))
         self.eager_opt.step()
         graph_loss = self.captured.step(x, y)
@@ -206,6 +211,21 @@ def test_captured_step_matches_eager(xp, gpu, rng, name):
         pair.step(rng)
     pair.assert_same_state()
     assert pair.graph_opt.state[0]["step"] == pair.eager_opt.state[0]["step"] == 5
+
+
+def test_captured_steps_of_small_batches_run_cublas_without_a_workspace(xp, gpu, monkeypatch):
+    """Without a workspace cuBLAS cannot split a product into a GEMM and a reduction kernel:
+    faster at batch 64 (bench_gpu), slower from batch 1024 on."""
+    from nnopt.fast import plan
+    from nnopt.graph import CapturedStep
+    monkeypatch.delenv("NNOPT_CUBLAS_WORKSPACE", raising=False)
+    handle, sizes = gpu.cublas_handle(), {}
+    for batch in (plan.NO_WORKSPACE_MAX_BATCH, plan.NO_WORKSPACE_MAX_BATCH + 1):
+        model = nnopt.mlp([20, 8, 3], batchnorm=True, seed=0, device=xp)
+        step = CapturedStep(model, optim.SGD(model, lr=0.1), nnopt.SoftmaxCrossEntropy(),
+                            (batch, 20), (batch,))
+        sizes[batch] = handle.workspaces[step.stream.ptr][2]
+    assert list(sizes.values()) == [0, handle.workspace_bytes] and handle.workspace_bytes > 0
 
 
 def test_captured_step_follows_a_changed_learning_rate(xp, gpu, rng):

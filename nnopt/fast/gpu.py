@@ -23,6 +23,7 @@ from . import capturing
 from .shared import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block looks them up here)
 from .shared import Scratch as HostScratch
 from .shared import weight_decay_scalars
+from . import plan
 from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_plan, bn_split_grid, elementwise_blocks,
                    feature_tile_grid)
 
@@ -105,7 +106,9 @@ def _make_handle():
     def allocate(nbytes):  # straight cudaMalloc: no memory pool may ever reuse it
         memory = cupy.cuda.memory.Memory(nbytes)
         return memory, memory.ptr
-    return cublas.Handle(lib, allocate, workspace_bytes=cublas.workspace_bytes(), path=path)
+    configured = cublas.workspace_bytes()
+    return cublas.Handle(lib, allocate, path=path, workspace_bytes=cublas.WORKSPACE_BYTES
+                         if configured is None else configured)
 
 
 def cublas_handle():
@@ -113,13 +116,15 @@ def cublas_handle():
     return HANDLES.get(cupy.cuda.Device().id, _make_handle)
 
 
-def prepare_capture(stream):
-    """Before ``stream.begin_capture()``: the handle made, its workspace set and bound to
-    ``stream`` (cuBLAS must neither allocate nor change streams while capturing).
-    Returns the GEMM route the capture will take."""
+def prepare_capture(stream, batch=None):
+    """Before anything runs on ``stream`` for a capture (its warm-up included): the handle
+    made and bound to ``stream`` with the stream's workspace, sized for a step of ``batch``
+    rows (``plan.capture_workspace_bytes``; cuBLAS must neither allocate nor change streams
+    while capturing). Returns the GEMM route the capture will take."""
     handle = cublas_handle()
     if handle is not None:
-        handle.set_stream(stream.ptr)
+        handle.set_stream(stream.ptr, plan.capture_workspace_bytes(
+            batch, cublas.workspace_bytes(), handle.workspace_bytes))
     return HANDLES.route(cupy.cuda.Device().id)
 
 
