@@ -14,10 +14,7 @@
 //   finalize: a block per TILE features adds the chunks' sums in a fixed order
 //             (add_chunk_sums: the same result every run) and applies the per-feature rule
 //             of rules.cuh (one thread per feature walking 256 chunks took 40 us);
-//   apply:    z (forward) or dx (backward) from the per-feature coefficients, the chunks
-//             taken last first: the partial pass read them first to last, so the rows it
-//             read last are still in L2 when apply starts (a 4096 x 4096 float32 batch is
-//             64 MB, the H200's L2 60 MB).
+//   apply:    z (forward) or dx (backward) from the per-feature coefficients.
 // nnopt.fast.plan.bn_plan picks the path and the chunks. partial and apply share no memory
 // and never synchronize (tests/host_grid.cpp runs them thread by thread); the finalize
 // kernels synchronize once (tests/emulated_gpu.py runs them).
@@ -181,7 +178,7 @@ extern "C" __global__ void bn_finalize_forward_##S(const double* __restrict__ pa
 extern "C" __global__ void bn_apply_forward_##S(const T* __restrict__ x,                      \
         const T* __restrict__ scale, const T* __restrict__ offset, T* __restrict__ z, int m, \
         int n, int rows, int activation) {                                                   \
-    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = gridDim.y - 1 - blockIdx.y;   \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
     if (j >= n) return;                                                                      \
     const T a = scale[j], b = offset[j];                                                     \
     const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
@@ -223,7 +220,7 @@ extern "C" __global__ void bn_finalize_backward_##S(const double* __restrict__ p
 extern "C" __global__ void bn_apply_backward_##S(const T* __restrict__ d,                     \
         const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ coef,      \
         T* __restrict__ dx, int m, int n, int rows, const T* __restrict__ y, int activation) { \
-    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = gridDim.y - 1 - blockIdx.y;   \
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
     if (j >= n) return;                                                                      \
     const T a = coef[j], b = coef[n + j], c = coef[2 * n + j], mu = mean[j];                  \
     const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
