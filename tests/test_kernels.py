@@ -212,11 +212,11 @@ def test_host_compiled_batchnorm_matches_reference(host, rng, shape, dtype):
     suffix = "f32" if dtype == np.float32 else "f64"
     xs, gs, bs, ds = c(x), c(gamma), c(beta), c(d)
     run_mean, run_var = c(np.zeros(n)), c(np.ones(n))
-    z, mean, inv_std = c(np.empty(shape)), c(np.empty(n)), c(np.empty(n))
+    z, mean, inv_std = (c(np.full(k, np.nan)) for k in (shape, n, n))  # unwritten: NaN
     getattr(host, f"bn_forward_{suffix}")(ptr(xs), ptr(gs), ptr(bs), s(1e-5), s(0.9), 0,
                                           ptr(run_mean), ptr(run_var), ptr(z), ptr(mean),
                                           ptr(inv_std), m, n)
-    dx, dgamma, dbeta = c(np.empty(shape)), c(np.zeros(n)), c(np.zeros(n))
+    dx, dgamma, dbeta = c(np.full(shape, np.nan)), c(np.zeros(n)), c(np.zeros(n))
     getattr(host, f"bn_backward_{suffix}")(ptr(ds), ptr(xs), ptr(gs), ptr(mean), ptr(inv_std),
                                            ptr(dx), ptr(dgamma), ptr(dbeta), m, n)
     tol = 1e-4 if dtype == np.float32 else 1e-10
