@@ -25,6 +25,7 @@ from bench_train import SIZES, NnoptRunner, TorchRunner  # noqa: E402
 
 import nnopt  # noqa: E402
 from nnopt import optim  # noqa: E402
+from nnopt.fast import plan  # noqa: E402
 from nnopt.backend import get_namespace, synchronize  # noqa: E402
 
 
@@ -130,7 +131,16 @@ def bench_bn(xp, torch, tdev, sync, shapes):
         def fused():
             layer.forward(x)
             layer.backward(d)
+
+        def fused_4byte():  # the split path's row walks one element per load (plan.BN_VECTORS)
+            plan.BN_VECTORS = False
+            try:
+                fused()
+            finally:
+                plan.BN_VECTORS = True
         times = {"nnopt": fused}
+        if shape[0] >= plan.BN_SPLIT_MIN_ROWS:  # the split path
+            times["nnopt_4byte"] = fused_4byte
         if torch is not None:
             tx = torch.randn(shape, device=tdev, requires_grad=True)
             td = torch.randn(shape, device=tdev)
@@ -142,6 +152,9 @@ def bench_bn(xp, torch, tdev, sync, shapes):
             times["torch"] = torch_fb
         m = common.timeit_many(times, repeat=5, sync=sync)
         row = {"shape": f"{shape[0]}x{shape[1]}", "nnopt_s": m["nnopt"]}
+        if "nnopt_4byte" in m:
+            row["nnopt_4byte_s"] = m["nnopt_4byte"]
+            row["vs_4byte"] = m["nnopt"] / m["nnopt_4byte"]
         if "torch" in m:
             row["torch_s"] = m["torch"]
             row["vs_torch"] = m["nnopt"] / m["torch"]
@@ -337,7 +350,8 @@ def main(argv=None):
                                           "fraction_of_copy_bw", "vs_torch_fused"]))
     results["bn"] = bench_bn(xp, torch, tdev, sync, shapes)
     write()
-    print(common.table(results["bn"], ["shape", "nnopt_s", "torch_s", "vs_torch"]))
+    print(common.table(results["bn"], ["shape", "nnopt_s", "torch_s", "vs_torch", "nnopt_4byte_s",
+                                       "vs_4byte"]))
     results["train"] = bench_train(torch, configs, args.dry_run)
     print(common.table(results["train"], ["batch", "width", "cpu_bn_overhead_%", "gpu_bn_overhead_%",
                                           "gpu_graph_bn_overhead_%", "torch_gpu_bn_overhead_%",

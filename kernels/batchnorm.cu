@@ -15,9 +15,13 @@
 //             (add_chunk_sums: the same result every run) and applies the per-feature rule
 //             of rules.cuh (one thread per feature walking 256 chunks took 40 us);
 //   apply:    z (forward) or dx (backward) from the per-feature coefficients.
-// nnopt.fast.plan.bn_plan picks the path and the chunks. partial and apply share no memory
-// and never synchronize (tests/host_grid.cpp runs them thread by thread); the finalize
-// kernels synchronize once (tests/emulated_gpu.py runs them).
+// The partial and apply kernels (and activation_backward_split) come in two widths: a
+// thread per feature (_f32, _f64), or a thread per 16 bytes of a row (_f32x4: 4 features,
+// _f64x2: 2) where n is a multiple of that and the arrays are 16-byte aligned
+// (nnopt.fast.plan.bn_lanes): the same sums in the same order, a quarter (float32) of the
+// load instructions. nnopt.fast.plan.bn_plan picks the path and the chunks. partial and
+// apply share no memory and never synchronize (tests/host_grid.cpp runs them thread by
+// thread); the finalize kernels synchronize once (tests/emulated_gpu.py runs them).
 //
 // A block (nnopt.block: Linear -> BN -> activation) passes x = the product without its
 // Linear bias, the bias (has_bias; it only shifts the running mean) and an activation code
@@ -144,23 +148,208 @@ extern "C" __global__ void bn_backward_##S(const T* d, const T* x, const T* gamm
 NNOPT_BN(float, f32)
 NNOPT_BN(double, f64)
 
-#define NNOPT_BN_SPLIT(T, S)                                                                  \
+// The split path's row walks, one thread over W consecutive features of its chunk's rows:
+// W = 1, or (entry points *_f32x4 / *_f64x2, where n is a multiple of W and every array
+// 16-byte aligned) W = 4 float32 / 2 float64 loaded and stored as one 16-byte vector, a
+// quarter / half of the load instructions for the same bytes.
+template <typename T, int W> struct NnoptVector;
+template <typename T> struct NnoptVector<T, 1> { typedef T type; };
+template <> struct NnoptVector<float, 4> { typedef float4 type; };
+template <> struct NnoptVector<double, 2> { typedef double2 type; };
+
+template <typename T, int W> union NnoptFeatures {
+    typename NnoptVector<T, W>::type v;
+    T e[W];
+};
+
+template <typename T, int W>
+__device__ __forceinline__ NnoptFeatures<T, W> load_features(const T* __restrict__ a,
+                                                             long long k) {
+    NnoptFeatures<T, W> f;
+    f.v = *reinterpret_cast<const typename NnoptVector<T, W>::type*>(a + k);
+    return f;
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void store_features(T* __restrict__ a, long long k,
+                                               const NnoptFeatures<T, W>& f) {
+    *reinterpret_cast<typename NnoptVector<T, W>::type*>(a + k) = f.v;
+}
+
+// activation_grad_at for W features: y is read only where the activation needs it
+template <typename T, int W>
+__device__ __forceinline__ NnoptFeatures<T, W> activation_grad_features(
+        const T* __restrict__ d, const T* __restrict__ y, long long k, int activation) {
+    NnoptFeatures<T, W> g = load_features<T, W>(d, k);
+    if (activation != NNOPT_IDENTITY) {
+        const NnoptFeatures<T, W> out = load_features<T, W>(y, k);
+        for (int w = 0; w < W; ++w) g.e[w] = activation_grad<T>(g.e[w], out.e[w], activation);
+    }
+    return g;
+}
+
+// A thread's first feature j, its chunk's rows [begin, end), and whether it has work.
+template <int W>
+__device__ __forceinline__ bool split_rows(int m, int n, int rows, int& j, int& begin,
+                                           int& end) {
+    j = (blockIdx.x * blockDim.x + threadIdx.x) * W;
+    begin = blockIdx.y * rows;
+    end = begin + rows < m ? begin + rows : m;
+    return j < n;
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void partial_forward(const T* __restrict__ x,
+                                                double* __restrict__ partial, int m, int n,
+                                                int rows) {
+    int j, begin, end;
+    if (!split_rows<W>(m, n, rows, j, begin, end)) return;
+    const NnoptFeatures<T, W> first = load_features<T, W>(x, j);
+    double shift[W], s[W], s2[W];
+    for (int w = 0; w < W; ++w) {
+        shift[w] = (double)first.e[w];
+        s[w] = s2[w] = 0.0;
+    }
+#pragma unroll 4
+    for (int i = begin; i < end; ++i) {
+        const NnoptFeatures<T, W> v = load_features<T, W>(x, (long long)i * n + j);
+        for (int w = 0; w < W; ++w) {
+            const double d = (double)v.e[w] - shift[w];
+            s[w] += d;
+            s2[w] += d * d;
+        }
+    }
+    const long long at = 2LL * blockIdx.y * n + j;
+    for (int w = 0; w < W; ++w) {
+        partial[at + w] = s[w];
+        partial[at + n + w] = s2[w];
+    }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void apply_forward(const T* __restrict__ x,
+                                              const T* __restrict__ scale,
+                                              const T* __restrict__ offset, T* __restrict__ z,
+                                              int m, int n, int rows, int activation) {
+    int j, begin, end;
+    if (!split_rows<W>(m, n, rows, j, begin, end)) return;
+    const NnoptFeatures<T, W> a = load_features<T, W>(scale, j), b = load_features<T, W>(offset, j);
+#pragma unroll 4
+    for (int i = begin; i < end; ++i) {
+        const long long k = (long long)i * n + j;
+        NnoptFeatures<T, W> v = load_features<T, W>(x, k);
+        for (int w = 0; w < W; ++w) v.e[w] = activate<T>(v.e[w] * a.e[w] + b.e[w], activation);
+        store_features<T, W>(z, k, v);
+    }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void partial_backward(const T* __restrict__ d,
+                                                 const T* __restrict__ x,
+                                                 const T* __restrict__ mean,
+                                                 double* __restrict__ partial, int m, int n,
+                                                 int rows, const T* __restrict__ y,
+                                                 int activation) {
+    int j, begin, end;
+    if (!split_rows<W>(m, n, rows, j, begin, end)) return;
+    const NnoptFeatures<T, W> mu = load_features<T, W>(mean, j);
+    double s[W], sc[W];
+    for (int w = 0; w < W; ++w) s[w] = sc[w] = 0.0;
+#pragma unroll 4
+    for (int i = begin; i < end; ++i) {
+        const long long k = (long long)i * n + j;
+        const NnoptFeatures<T, W> g = activation_grad_features<T, W>(d, y, k, activation);
+        const NnoptFeatures<T, W> v = load_features<T, W>(x, k);
+        for (int w = 0; w < W; ++w) {
+            s[w] += (double)g.e[w];
+            sc[w] += (double)g.e[w] * ((double)v.e[w] - (double)mu.e[w]);
+        }
+    }
+    const long long at = 2LL * blockIdx.y * n + j;
+    for (int w = 0; w < W; ++w) {
+        partial[at + w] = s[w];
+        partial[at + n + w] = sc[w];
+    }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void apply_backward(const T* __restrict__ d, const T* __restrict__ x,
+                                               const T* __restrict__ mean,
+                                               const T* __restrict__ coef, T* __restrict__ dx,
+                                               int m, int n, int rows, const T* __restrict__ y,
+                                               int activation) {
+    int j, begin, end;
+    if (!split_rows<W>(m, n, rows, j, begin, end)) return;
+    const NnoptFeatures<T, W> a = load_features<T, W>(coef, j),
+                              b = load_features<T, W>(coef, n + j),
+                              c = load_features<T, W>(coef, 2LL * n + j),
+                              mu = load_features<T, W>(mean, j);
+#pragma unroll 4
+    for (int i = begin; i < end; ++i) {
+        const long long k = (long long)i * n + j;
+        NnoptFeatures<T, W> g = activation_grad_features<T, W>(d, y, k, activation);
+        const NnoptFeatures<T, W> v = load_features<T, W>(x, k);
+        for (int w = 0; w < W; ++w) g.e[w] = a.e[w] * g.e[w] - b.e[w] * (v.e[w] - mu.e[w]) - c.e[w];
+        store_features<T, W>(dx, k, g);
+    }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void activation_backward_rows(const T* __restrict__ dy,
+                                                         const T* __restrict__ y, int activation,
+                                                         T* __restrict__ dh,
+                                                         double* __restrict__ partial,
+                                                         int has_bias, int m, int n, int rows) {
+    int j, begin, end;
+    if (!split_rows<W>(m, n, rows, j, begin, end)) return;
+    double s[W];
+    for (int w = 0; w < W; ++w) s[w] = 0.0;
+#pragma unroll 4
+    for (int i = begin; i < end; ++i) {
+        const long long k = (long long)i * n + j;
+        const NnoptFeatures<T, W> g = activation_grad_features<T, W>(dy, y, k, activation);
+        store_features<T, W>(dh, k, g);
+        for (int w = 0; w < W; ++w) s[w] += (double)g.e[w];
+    }
+    if (has_bias) {
+        for (int w = 0; w < W; ++w) partial[(long long)blockIdx.y * n + j + w] = s[w];
+    }
+}
+
+// The split path's row-walking entry points for one (T, W): suffix S (f32, f32x4, ...).
+#define NNOPT_BN_ROWS(T, W, S)                                                                \
 extern "C" __global__ void bn_partial_forward_##S(const T* __restrict__ x,                    \
         double* __restrict__ partial, int m, int n, int rows) {                               \
-    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
-    if (j >= n) return;                                                                      \
-    const double shift = (double)x[j];                                                       \
-    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
-    double s = 0.0, s2 = 0.0;                                                                \
-    _Pragma("unroll 4")                                                                      \
-    for (int i = chunk * rows; i < end; ++i) {                                               \
-        const double d = (double)x[(long long)i * n + j] - shift;                            \
-        s += d;                                                                              \
-        s2 += d * d;                                                                         \
-    }                                                                                        \
-    partial[(2LL * chunk) * n + j] = s;                                                      \
-    partial[(2LL * chunk + 1) * n + j] = s2;                                                 \
+    partial_forward<T, W>(x, partial, m, n, rows);                                           \
 }                                                                                            \
+extern "C" __global__ void bn_apply_forward_##S(const T* __restrict__ x,                      \
+        const T* __restrict__ scale, const T* __restrict__ offset, T* __restrict__ z, int m, \
+        int n, int rows, int activation) {                                                   \
+    apply_forward<T, W>(x, scale, offset, z, m, n, rows, activation);                        \
+}                                                                                            \
+extern "C" __global__ void bn_partial_backward_##S(const T* __restrict__ d,                   \
+        const T* __restrict__ x, const T* __restrict__ mean, double* __restrict__ partial,    \
+        int m, int n, int rows, const T* __restrict__ y, int activation) {                   \
+    partial_backward<T, W>(d, x, mean, partial, m, n, rows, y, activation);                  \
+}                                                                                            \
+extern "C" __global__ void bn_apply_backward_##S(const T* __restrict__ d,                     \
+        const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ coef,      \
+        T* __restrict__ dx, int m, int n, int rows, const T* __restrict__ y, int activation) { \
+    apply_backward<T, W>(d, x, mean, coef, dx, m, n, rows, y, activation);                   \
+}                                                                                            \
+extern "C" __global__ void activation_backward_split_##S(const T* __restrict__ dy,            \
+        const T* __restrict__ y, int activation, T* __restrict__ dh,                          \
+        double* __restrict__ partial, int has_bias, int m, int n, int rows) {                \
+    activation_backward_rows<T, W>(dy, y, activation, dh, partial, has_bias, m, n, rows);    \
+}
+
+NNOPT_BN_ROWS(float, 1, f32)
+NNOPT_BN_ROWS(float, 4, f32x4)
+NNOPT_BN_ROWS(double, 1, f64)
+NNOPT_BN_ROWS(double, 2, f64x2)
+
+// The split path's finalize kernels, and a block without BN (bias_activation).
+#define NNOPT_BN_SPLIT(T, S)                                                                  \
 extern "C" __global__ void bn_finalize_forward_##S(const double* __restrict__ partial,        \
         int chunks, const T* x, const T* gamma, const T* beta, T eps, T momentum,             \
         int unbiased, T* running_mean, T* running_var, T* mean_out, T* inv_std_out,           \
@@ -175,37 +364,6 @@ extern "C" __global__ void bn_finalize_forward_##S(const double* __restrict__ pa
                                  running_mean[j], running_var[j], mean_out[j],               \
                                  inv_std_out[j], scale[j], offset[j]);                       \
 }                                                                                            \
-extern "C" __global__ void bn_apply_forward_##S(const T* __restrict__ x,                      \
-        const T* __restrict__ scale, const T* __restrict__ offset, T* __restrict__ z, int m, \
-        int n, int rows, int activation) {                                                   \
-    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
-    if (j >= n) return;                                                                      \
-    const T a = scale[j], b = offset[j];                                                     \
-    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
-    _Pragma("unroll 4")                                                                      \
-    for (int i = chunk * rows; i < end; ++i) {                                               \
-        const long long k = (long long)i * n + j;                                            \
-        z[k] = activate<T>(x[k] * a + b, activation);                                        \
-    }                                                                                        \
-}                                                                                            \
-extern "C" __global__ void bn_partial_backward_##S(const T* __restrict__ d,                   \
-        const T* __restrict__ x, const T* __restrict__ mean, double* __restrict__ partial,    \
-        int m, int n, int rows, const T* __restrict__ y, int activation) {                   \
-    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
-    if (j >= n) return;                                                                      \
-    const double mu = (double)mean[j];                                                       \
-    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
-    double s = 0.0, sc = 0.0;                                                                \
-    _Pragma("unroll 4")                                                                      \
-    for (int i = chunk * rows; i < end; ++i) {                                               \
-        const long long k = (long long)i * n + j;                                            \
-        const double dk = (double)activation_grad_at<T>(d, y, k, activation);                 \
-        s += dk;                                                                             \
-        sc += dk * ((double)x[k] - mu);                                                      \
-    }                                                                                        \
-    partial[(2LL * chunk) * n + j] = s;                                                      \
-    partial[(2LL * chunk + 1) * n + j] = sc;                                                 \
-}                                                                                            \
 extern "C" __global__ void bn_finalize_backward_##S(const double* __restrict__ partial,       \
         int chunks, const T* gamma, const T* inv_std, T* coef, T* dgamma, T* dbeta, int m,    \
         int n) {                                                                             \
@@ -216,19 +374,6 @@ extern "C" __global__ void bn_finalize_backward_##S(const double* __restrict__ p
     if (threadIdx.y != 0 || j >= n) return;                                                  \
     batchnorm_backward_feature<T>(s[0], s[1], m, gamma[j], inv_std[j], coef[j], coef[n + j],  \
                                   coef[2 * n + j], dgamma[j], dbeta[j]);                     \
-}                                                                                            \
-extern "C" __global__ void bn_apply_backward_##S(const T* __restrict__ d,                     \
-        const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ coef,      \
-        T* __restrict__ dx, int m, int n, int rows, const T* __restrict__ y, int activation) { \
-    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
-    if (j >= n) return;                                                                      \
-    const T a = coef[j], b = coef[n + j], c = coef[2 * n + j], mu = mean[j];                  \
-    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
-    _Pragma("unroll 4")                                                                      \
-    for (int i = chunk * rows; i < end; ++i) {                                               \
-        const long long k = (long long)i * n + j;                                            \
-        dx[k] = a * activation_grad_at<T>(d, y, k, activation) - b * (x[k] - mu) - c;        \
-    }                                                                                        \
 }                                                                                            \
 extern "C" __global__ void bias_activation_##S(const T* h, const T* __restrict__ bias,     \
         int has_bias, int activation, T* y, long long total, int n) {                        \
@@ -254,22 +399,6 @@ extern "C" __global__ void activation_backward_##S(const T* __restrict__ dy,    
     }                                                                                        \
     add_row_sums<1>(sums, s);                                                                \
     if (threadIdx.y == 0 && active && has_bias) dbias[j] += (T)s[0];                         \
-}                                                                                            \
-extern "C" __global__ void activation_backward_split_##S(const T* __restrict__ dy,            \
-        const T* __restrict__ y, int activation, T* __restrict__ dh,                          \
-        double* __restrict__ partial, int has_bias, int m, int n, int rows) {                \
-    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;                  \
-    if (j >= n) return;                                                                      \
-    const int end = (chunk + 1) * rows < m ? (chunk + 1) * rows : m;                          \
-    double s = 0.0;                                                                          \
-    _Pragma("unroll 4")                                                                      \
-    for (int i = chunk * rows; i < end; ++i) {                                               \
-        const long long k = (long long)i * n + j;                                            \
-        const T g = activation_grad_at<T>(dy, y, k, activation);                              \
-        dh[k] = g;                                                                           \
-        s += (double)g;                                                                      \
-    }                                                                                        \
-    if (has_bias) partial[(long long)chunk * n + j] = s;                                     \
 }                                                                                            \
 extern "C" __global__ void bias_grad_finalize_##S(const double* __restrict__ partial,         \
         int chunks, T* dbias, int n) {                                                       \

@@ -136,13 +136,14 @@ def test_optimizer_steps_match_reference(gpu, rng, name, options, offset, dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("m, n", [(37, 33), (600, 24)])
+@pytest.mark.parametrize("m, n", [(37, 33), (600, 24), (600, 30)])
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_batchnorm_launchers_match_reference(gpu, cupy_stand_in, rng, m, n, dtype,
                                              activation, with_bias):
     """bn_forward/bn_backward with a block's bias and activation: (37, 33) the one-launch
-    kernels (shared memory, __syncthreads), (600, 24) the split path."""
+    kernels (shared memory, __syncthreads), (600, 24) the split path with 16-byte loads,
+    (600, 30) with 16-byte loads in float64 only."""
     from nnopt.fast.plan import bn_plan
     x = rng.normal(size=(m, n)) * rng.uniform(0.2, 4, n) + rng.normal(size=n) * 2
     gamma, beta, d = rng.uniform(0.5, 2, n), rng.normal(size=n), rng.normal(size=(m, n))
@@ -169,12 +170,62 @@ def test_batchnorm_launchers_match_reference(gpu, cupy_stand_in, rng, m, n, dtyp
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, offset", [(24, 0), (30, 0), (24, 1)])
+def test_split_path_takes_16_byte_loads_where_it_can(gpu, cupy_stand_in, monkeypatch, rng, n,
+                                                     offset, dtype):
+    """The split path's row walks load 16 bytes at a time (kernels *_f32x4 / *_f64x2) where
+    n is a multiple of 4 (float32) or 2 (float64) and every array is 16-byte aligned, and
+    one element at a time otherwise (n = 30 in float32; offset 1: the arrays are views
+    starting one element into their buffers). Each feature's sums run in the same order
+    either way: the results are the same bits."""
+    from nnopt.fast import plan
+    m, lanes = 600, 16 // np.dtype(dtype).itemsize
+
+    def placed(a):  # a copy of ``a`` starting ``offset`` elements into its buffer
+        buffer = np.empty(a.size + offset, dtype=dtype)
+        view = buffer[offset:].reshape(a.shape)
+        view[...] = a
+        return view
+    x = placed(rng.normal(size=(m, n)) * 3 + 1)
+    d = placed(rng.normal(size=(m, n)))
+    gamma, beta, bias = (rng.normal(size=n).astype(dtype) for _ in range(3))
+    results = {}
+    for vectors in (True, False):
+        monkeypatch.setattr(plan, "BN_VECTORS", vectors)
+        start = len(cupy_stand_in.launches)
+        run_mean, run_var = np.zeros(n, dtype), np.ones(n, dtype)
+        y, mean, inv_std = gpu.bn_forward(x, gamma, beta, 1e-5, 0.9, False, run_mean, run_var,
+                                          out=placed(np.zeros((m, n))), bias=bias,
+                                          activation=gpu.ACTIVATION_CODES["relu"])
+        dgamma, dbeta = np.zeros(n, dtype), np.zeros(n, dtype)
+        dx = gpu.bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta,
+                             out=placed(np.zeros((m, n))), y=y,
+                             activation=gpu.ACTIVATION_CODES["relu"])
+        dbias = np.zeros(n, dtype)
+        dh = gpu.activation_backward(d, y, gpu.ACTIVATION_CODES["tanh"], dbias=dbias,
+                                     out=placed(np.zeros((m, n))))
+        names = [launch[0] for launch in cupy_stand_in.launches[start:]]
+        results[vectors] = (names, [np.array(a) for a in (y, run_mean, run_var, dx, dgamma,
+                                                          dbeta, dh, dbias)])
+    names, got = results[True]
+    scalar_names, want = results[False]
+    expect_vectors = n % lanes == 0 and offset == 0
+    walks = [name for name in names if "partial" in name or "apply" in name or "split" in name]
+    assert len(walks) == 5 and all(name.endswith(f"x{lanes}") == expect_vectors
+                                   for name in walks), names
+    assert not any(name.endswith(f"x{lanes}") for name in scalar_names)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
-@pytest.mark.parametrize("m", [23, 600])
-def test_activation_launchers_match_the_layers(gpu, cupy_stand_in, rng, dtype, activation, m):
-    """600 rows: the backward's split path (chunks of rows, then their bias sums in order)."""
+@pytest.mark.parametrize("m, n", [(23, 9), (600, 9), (600, 12)])
+def test_activation_launchers_match_the_layers(gpu, cupy_stand_in, rng, dtype, activation, m,
+                                               n):
+    """600 rows: the backward's split path (chunks of rows, then their bias sums in order;
+    n = 12: with 16-byte loads)."""
     from nnopt.fast.plan import bn_plan
-    n = 9
     h, d, bias = rng.normal(size=(m, n)) * 3, rng.normal(size=(m, n)), rng.normal(size=n)
     layer = ACTIVATIONS[activation]() if activation != "identity" else None
     y_ref = layer.forward(h + bias) if layer else h + bias

@@ -339,14 +339,20 @@ def block_reference(x, gamma, beta, bias, d, activation):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape, rows", [((37, 29), 5), ((64, 3), 16), ((40, 40), 40), ((97, 35), 3)])
+@pytest.mark.parametrize("shape, rows, vectors", [
+    ((37, 29), 5, False), ((64, 3), 16, False), ((40, 40), 40, False), ((97, 35), 3, False),
+    ((40, 40), 40, True), ((97, 36), 3, True), ((64, 4), 16, True)])
 @pytest.mark.parametrize("activation", ["identity", "relu", "sigmoid", "tanh"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_split_batchnorm_kernels_match_reference(grid, emulated_batchnorm, rng, shape, rows,
-                                                 dtype, activation, with_bias):
+                                                 vectors, dtype, activation, with_bias):
+    """The split path's kernels, with 4- or 8-byte loads and (vectors: entry points
+    *_f32x4 / *_f64x2, a thread per 16 bytes of a row) 16-byte ones."""
     from nnopt.fast.cpu import ACTIVATION_CODES
-    from nnopt.fast.plan import feature_tile_grid, bn_split_grid
+    from nnopt.fast.plan import feature_tile_grid, bn_lanes, bn_split_grid
     m, n = shape
+    lanes = bn_lanes(n, np.dtype(dtype).itemsize) if vectors else 1
+    assert lanes > 1 or not vectors
     chunks = -(-m // rows)
     x = rng.normal(size=shape) * rng.uniform(0.2, 4, n) + rng.normal(size=n) * 2
     gamma, beta, d = rng.uniform(0.5, 2, n), rng.normal(size=n), rng.normal(size=shape)
@@ -356,12 +362,13 @@ def test_split_batchnorm_kernels_match_reference(grid, emulated_batchnorm, rng, 
     code = ACTIVATION_CODES[activation]
     c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
     s, suffix = scalar(dtype), ("f32" if dtype == np.float32 else "f64")
-    k = lambda name: getattr(grid, f"bn_{name}_{suffix}")  # noqa: E731
+    rows_suffix = suffix + (f"x{lanes}" if lanes > 1 else "")
+    k = lambda name: getattr(grid, f"bn_{name}_{rows_suffix}")  # noqa: E731
     xs, gs, bs, ds, biases = c(x), c(gamma), c(beta), c(d), c(bias)
     run_mean, run_var = c(np.zeros(n)), c(np.ones(n))
     z, mean, inv_std, scale, offset = c(np.zeros(shape)), *(c(np.zeros(n)) for _ in range(4))
     partial = np.full((chunks, 2, n), np.nan)
-    (gx, gy), (block,) = bn_split_grid(n, chunks)
+    (gx, gy), (block,) = bn_split_grid(n, chunks, lanes)
     run_grid(grid, k("partial_forward"), (gx, gy), block, ptr(xs), ptr(partial), m, n, rows)
     # the finalize kernels synchronize their block: they run on the emulated device
     finalize = emulated_batchnorm.get_function
@@ -458,6 +465,21 @@ def test_bn_plan_covers_every_row_once(sms, m, n):
     assert gy == chunks and gx * block >= n > (gx - 1) * block and block % 32 == 0
     if m >= 4096 and n >= 4096:  # the shape that left the GPU idle: every SM busy now
         assert n * chunks >= sms * plan.THREADS_PER_SM
+
+
+@pytest.mark.parametrize("n, itemsize, aligned, lanes", [
+    (4096, 4, True, 4), (4096, 8, True, 2), (30, 4, True, 1), (30, 8, True, 2), (7, 8, True, 1),
+    (4096, 4, False, 1)])
+def test_bn_lanes_and_their_grid(monkeypatch, n, itemsize, aligned, lanes):
+    """16-byte row walks only where every thread's features fill one aligned vector; their
+    grid covers the n / lanes threads once."""
+    from nnopt.fast import plan
+    assert plan.bn_lanes(n, itemsize, aligned) == lanes
+    (gx, gy), (block,) = plan.bn_split_grid(n, 66, lanes)
+    threads = n // lanes
+    assert gy == 66 and gx * block >= threads > (gx - 1) * block and block % 32 == 0
+    monkeypatch.setattr(plan, "BN_VECTORS", False)
+    assert plan.bn_lanes(n, itemsize, aligned) == 1
 
 
 def test_elementwise_blocks():

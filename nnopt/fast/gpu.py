@@ -24,8 +24,8 @@ from .shared import ACTIVATION_CODES, IDENTITY, RELU  # noqa: F401  (a block loo
 from .shared import Scratch as HostScratch
 from .shared import weight_decay_scalars
 from . import plan
-from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_plan, bn_split_grid, elementwise_blocks,
-                   feature_tile_grid)
+from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_lanes, bn_plan, bn_split_grid,
+                   elementwise_blocks, feature_tile_grid)
 
 
 @lru_cache(maxsize=None)
@@ -195,6 +195,15 @@ def _bias_args(x, bias):
     return (x[:0] if bias is None else bias), np.int32(bias is not None)
 
 
+def _row_walks(n, chunks, *arrays):
+    """The split path's row-walking kernels for these (m, n) arrays: (suffix, grid, block),
+    with 16-byte loads (suffix f32x4 / f64x2) where plan.bn_lanes allows them."""
+    a = arrays[0]
+    lanes = bn_lanes(n, a.itemsize, all(_pointer(b) % 16 == 0 for b in arrays))
+    suffix = _suffix(a) + (f"x{lanes}" if lanes > 1 else "")
+    return (suffix, *bn_split_grid(n, chunks, lanes))
+
+
 def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, out=None,
                bias=None, activation=IDENTITY):
     x = cupy.ascontiguousarray(x)
@@ -206,17 +215,17 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     act = np.int32(activation)
     chunks, rows = bn_plan(m, n, sms())
     if chunks > 1:  # large batch: rows split over chunks (batchnorm.cu, split path)
-        grid, block = bn_split_grid(n, chunks)
+        rows_suffix, grid, block = _row_walks(n, chunks, x, z)
         partial = cupy.empty((chunks, 2, n), dtype=cupy.float64)
         scale, offset = cupy.empty(n, dtype=x.dtype), cupy.empty(n, dtype=x.dtype)
         suffix, i32 = _suffix(x), np.int32
-        function("batchnorm.cu", f"bn_partial_forward_{suffix}")(
+        function("batchnorm.cu", f"bn_partial_forward_{rows_suffix}")(
             grid, block, (x, partial, i32(m), i32(n), i32(rows)))
         function("batchnorm.cu", f"bn_finalize_forward_{suffix}")(
             *feature_tile_grid(n),
             (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased), running_mean,
              running_var, mean, inv_std, scale, offset, i32(m), i32(n), bias, has_bias))
-        function("batchnorm.cu", f"bn_apply_forward_{suffix}")(
+        function("batchnorm.cu", f"bn_apply_forward_{rows_suffix}")(
             grid, block, (x, scale, offset, z, i32(m), i32(n), i32(rows), act))
         return z, mean, inv_std
     function("batchnorm.cu", f"bn_forward_{_suffix(x)}")(
@@ -235,16 +244,16 @@ def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
     act = np.int32(activation)
     chunks, rows = bn_plan(m, n, sms())
     if chunks > 1:
-        grid, block = bn_split_grid(n, chunks)
+        rows_suffix, grid, block = _row_walks(n, chunks, d, x, y, dx, mean)
         partial = cupy.empty((chunks, 2, n), dtype=cupy.float64)
         coef = cupy.empty((3, n), dtype=d.dtype)
         suffix, i32 = _suffix(d), np.int32
-        function("batchnorm.cu", f"bn_partial_backward_{suffix}")(
+        function("batchnorm.cu", f"bn_partial_backward_{rows_suffix}")(
             grid, block, (d, x, mean, partial, i32(m), i32(n), i32(rows), y, act))
         function("batchnorm.cu", f"bn_finalize_backward_{suffix}")(
             *feature_tile_grid(n),
             (partial, i32(chunks), gamma, inv_std, coef, dgamma, dbeta, i32(m), i32(n)))
-        function("batchnorm.cu", f"bn_apply_backward_{suffix}")(
+        function("batchnorm.cu", f"bn_apply_backward_{rows_suffix}")(
             grid, block, (d, x, mean, coef, dx, i32(m), i32(n), i32(rows), y, act))
         return dx
     function("batchnorm.cu", f"bn_backward_{_suffix(d)}")(
@@ -277,9 +286,9 @@ def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
     i32, act, suffix = np.int32, np.int32(activation), _suffix(y)
     chunks, rows = bn_plan(m, n, sms())
     if chunks > 1:
-        grid, block = bn_split_grid(n, chunks)
+        rows_suffix, grid, block = _row_walks(n, chunks, dy, y, dh)
         partial = cupy.empty((chunks, n) if has_bias else 0, dtype=cupy.float64)
-        function("batchnorm.cu", f"activation_backward_split_{suffix}")(
+        function("batchnorm.cu", f"activation_backward_split_{rows_suffix}")(
             grid, block, (dy, y, act, dh, partial, has_bias, i32(m), i32(n), i32(rows)))
         if has_bias:
             function("batchnorm.cu", f"bias_grad_finalize_{suffix}")(

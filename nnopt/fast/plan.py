@@ -9,6 +9,7 @@ BN_MIN_ROWS = 16       # rows per chunk of the split BN kernels, at least
 BN_MAX_CHUNKS = 256    # partial sums per feature that the finalize kernel adds, at most
 BN_SPLIT_MIN_ROWS = 512  # below, the one-launch kernel's threads walk <= 64 rows each
 NO_WORKSPACE_MAX_BATCH = 64  # captured steps of batches up to this: cuBLAS without workspace
+BN_VECTORS = True      # the split path's 16-byte loads (bench_gpu measures them against 4-byte ones)
 CE_THREADS = 256       # softmax cross-entropy: threads per block (NNOPT_CE_THREADS), a row each
 CE_MAX_BLOCKS = 4096   # ... and blocks at most (rows beyond: grid-stride)
 
@@ -36,10 +37,22 @@ def bn_plan(m, n, sms):
     return (1, m) if chunks < 2 else (chunks, rows)
 
 
-def bn_split_grid(n, chunks):
-    """(grid, block) of the split kernels: threads along features, grid.y over chunks."""
-    block = min(THREADS, 32 * -(-n // 32))
-    return (-(-n // block), chunks), (block,)
+def bn_lanes(n, itemsize, aligned=True):
+    """Features per thread of the split path's row walks: 16 // itemsize (4 float32, 2
+    float64: one 16-byte load or store per row) where n is a multiple of that and every
+    array starts 16-byte aligned, else 1. The chunks stay those of :func:`bn_plan`: a
+    quarter (float32) of the threads, each with four times the bytes in flight, and the
+    same partial sums for the finalize kernels to add."""
+    lanes = 16 // itemsize
+    return lanes if BN_VECTORS and aligned and n % lanes == 0 else 1
+
+
+def bn_split_grid(n, chunks, lanes=1):
+    """(grid, block) of the split kernels: threads along features (``lanes`` each),
+    grid.y over chunks."""
+    threads = -(-n // lanes)
+    block = min(THREADS, 32 * -(-threads // 32))
+    return (-(-threads // block), chunks), (block,)
 
 
 def feature_tile_grid(n):
