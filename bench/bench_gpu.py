@@ -189,10 +189,8 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
                 runners[f"gpu_graph_{tag}"] = GraphRunner(bn, batch, sizes)
                 if batch == 64:  # the fused blocks against the textbook's layers (issue 14)
                     runners[f"gpu_graph_layers_{tag}"] = GraphRunner(bn, batch, sizes, fused=False)
-                for name, nbytes in WORKSPACE_VARIANTS.items():  # the other cuBLAS setting
-                    if capture_workspace(batch) != nbytes:
-                        runners[f"gpu_graph_{name}_{tag}"] = with_workspace(nbytes, bn, batch,
-                                                                            sizes)
+                for name, nbytes in WORKSPACE_VARIANTS.items():  # uniform cuBLAS settings
+                    runners[f"gpu_graph_{name}_{tag}"] = with_workspace(nbytes, bn, batch, sizes)
             except Exception as exc:  # report, do not hide
                 row["graph_error"] = f"{type(exc).__name__}: {exc}"
         if torch is not None:
@@ -235,21 +233,15 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     return row
 
 
-# The captured step with the cuBLAS workspace setting that nnopt does not choose for its
-# batch (nnopt.fast.plan.capture_workspace_bytes), measured beside it: with a workspace
-# cuBLAS may split a product into a GEMM and a reduction kernel, without one it cannot.
+# The captured step with one cuBLAS workspace setting for every product, measured beside
+# nnopt's per-product rule (nnopt.fast.plan.split_k_pays): "ws", the workspace for all
+# (cuBLAS may split any product into a GEMM and a reduction kernel); "nows", none for any.
 WORKSPACE_VARIANTS = {"ws": "default", "nows": 0}
-
-
-def capture_workspace(batch):
-    """The workspace nnopt gives a captured step of ``batch`` rows: 0 or "default"."""
-    from nnopt.fast.plan import capture_workspace_bytes
-    return capture_workspace_bytes(batch, None, "default")
 
 
 def with_workspace(nbytes, bn, batch, sizes):
     """A GraphRunner whose stream gets ``nbytes`` of cuBLAS workspace ("default": the
-    handle's), through $NNOPT_CUBLAS_WORKSPACE while it is captured."""
+    handle's) for every product, through $NNOPT_CUBLAS_WORKSPACE while it is captured."""
     import os
 
     from nnopt import cublas
@@ -267,21 +259,20 @@ def with_workspace(nbytes, bn, batch, sizes):
 
 def graph_table(rows):
     """The captured-step table of the issue: per-step microseconds, textbook network, SGD;
-    nnopt's graph also with the cuBLAS workspace setting it does not choose (WORKSPACE_VARIANTS:
-    "ws" with one, "nows" without)."""
-    lines = ["| batch | BN | torch eager | torch graph | nnopt graph | nnopt, other cuBLAS "
-             "workspace | nnopt / torch graph |", "|---:|:---:|---:|---:|---:|---:|---:|"]
+    nnopt's graph also with one cuBLAS workspace setting for every product
+    (WORKSPACE_VARIANTS: "ws" with one, "nows" without)."""
+    lines = ["| batch | BN | torch eager | torch graph | nnopt graph | nnopt, workspace for all "
+             "| nnopt, none | nnopt / torch graph |", "|---:|:---:|---:|---:|---:|---:|---:|---:|"]
     us = lambda r, k: f"{r[k] * 1e6:.0f}" if k in r else "-"  # noqa: E731
     for r in rows:
         if r.get("width") != "textbook":
             continue
         for tag, label in (("plain", "no"), ("bn", "yes")):
             ratio = r.get(f"graph_vs_torch_graph_{tag}")
-            other = next((f"{us(r, f'gpu_graph_{name}_{tag}_s')} ({name})"
-                          for name in WORKSPACE_VARIANTS if f"gpu_graph_{name}_{tag}_s" in r), "-")
+            others = " | ".join(us(r, f"gpu_graph_{name}_{tag}_s") for name in WORKSPACE_VARIANTS)
             lines.append(f"| {r['batch']} | {label} | {us(r, f'torch_gpu_{tag}_s')} | "
                          f"{us(r, f'torch_graph_{tag}_s')} | {us(r, f'gpu_graph_{tag}_s')} | "
-                         f"{other} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+                         f"{others} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
 
 

@@ -122,9 +122,9 @@ def load(paths=None, loader=ctypes.CDLL, env=None):
 
 def workspace_bytes(env=None):
     """``$NNOPT_CUBLAS_WORKSPACE`` as a number of bytes (0: no workspace, so no split-K
-    GEMMs), or None where it is unset (nnopt then chooses: WORKSPACE_BYTES, cuBLAS's
-    recommendation for Hopper, and none for a captured step of a small batch:
-    nnopt.fast.plan.capture_workspace_bytes)."""
+    GEMMs; otherwise cuBLAS chooses for every product), or None where it is unset (nnopt
+    then gives each stream WORKSPACE_BYTES, cuBLAS's recommendation for Hopper, and each
+    captured product the workspace or none: nnopt.fast.plan.split_k_pays)."""
     env = os.environ if env is None else env
     text = env.get("NNOPT_CUBLAS_WORKSPACE", "").strip()
     if not text:
@@ -163,6 +163,7 @@ class Handle:
         _check(lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate_v2")
         # The workspace objects are kept: cuBLAS uses their memory for the handle's lifetime.
         self.workspaces = {}
+        self.bound = None  # the (pointer, size) cuBLAS was last given
         self.stream = 0  # a new handle runs on the NULL stream
         self._set_workspace(0)
 
@@ -179,9 +180,16 @@ class Handle:
             size = self.workspace_bytes if size is None else size
             self.workspaces[stream_ptr] = (*(self.allocate(size) if size else (None, 0)), size)
         _, pointer, size = self.workspaces[stream_ptr]
-        _check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(pointer or None),
-                                              ctypes.c_size_t(size)),
-               "cublasSetWorkspace_v2")
+        self._bind(pointer, size)
+
+    def _bind(self, pointer, size):
+        """Give cuBLAS this workspace (a host-side setting of the handle, allowed while
+        capturing: nothing is allocated), unless it already has it."""
+        if self.bound != (pointer, size):
+            _check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(pointer or None),
+                                                  ctypes.c_size_t(size)),
+                   "cublasSetWorkspace_v2")
+            self.bound = (pointer, size)
 
     def set_stream(self, stream_ptr, workspace_bytes=None):
         """Run on ``stream_ptr`` with its own workspace (made on first use, of
@@ -190,11 +198,16 @@ class Handle:
         if stream_ptr != self.stream:
             _check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)),
                    "cublasSetStream_v2")
-            self.stream = stream_ptr
+            self.stream, self.bound = stream_ptr, None  # cuBLAS dropped the workspace
             self._set_workspace(stream_ptr, workspace_bytes)
 
-    def gemm(self, double, a_ptr, b_ptr, c_ptr, m, n, k, trans_a=False, trans_b=False):
-        """Row-major C (m, n) = op(A) @ op(B) on contiguous device buffers."""
+    def gemm(self, double, a_ptr, b_ptr, c_ptr, m, n, k, trans_a=False, trans_b=False,
+             split_k=True):
+        """Row-major C (m, n) = op(A) @ op(B) on contiguous device buffers. ``split_k``:
+        with the stream's workspace (cuBLAS may then split k over a GEMM and a reduction
+        kernel), else with none (one kernel)."""
+        _, pointer, size = self.workspaces[self.stream]
+        self._bind(*((pointer, size) if split_k else (None, 0)))
         op_b, op_a, rows, cols, inner, ldb, lda, ldc = gemm_args(m, n, k, trans_a, trans_b)
         scalar, fn, name = ((ctypes.c_double, self.lib.cublasDgemm_v2, "cublasDgemm_v2") if double
                             else (ctypes.c_float, self.lib.cublasSgemm_v2, "cublasSgemm_v2"))

@@ -7,8 +7,8 @@ device; the optimizer's step count lives on the device where its kernel scalars 
 it (Adam's bias corrections are computed there; the others' scalars are constants of the
 graph, one node fewer); matrix products run cuBLAS through a handle of nnopt's own (CuPy refuses
 cuBLAS calls during capture; nnopt.cublas), bound to the capture stream with its workspace
-before the capture begins (none for batches up to 64, where cuBLAS's split-K pairs cost
-more than they save: nnopt.fast.plan.capture_workspace_bytes), or nnopt's tiled GEMM where cuBLAS cannot load; every
+before the capture begins (each product given it or not: cuBLAS's split-K pairs only where
+they pay, nnopt.fast.plan.split_k_pays), or nnopt's tiled GEMM where cuBLAS cannot load; every
 temporary comes from a private memory pool that only the graph uses, so its addresses stay valid between replays (the warm-up step's buffers too, and the
 step holds every scratch buffer the graph writes into, so none is ever handed back to an
 eager allocation). The graph runs on a stream of its own, ordered both ways with the
@@ -49,7 +49,7 @@ class CapturedStep:
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.pool = cupy.cuda.MemoryPool()
         self.batch = self.x.shape[0]
-        self.gpu.prepare_capture(self.stream, self.batch)  # the stream's cuBLAS workspace
+        self.gpu.prepare_capture(self.stream)  # the stream's cuBLAS workspace
         self._warm_up()
         self._capture()
 
@@ -98,7 +98,7 @@ class CapturedStep:
                                 for s in opt.state]
         host_steps = [s["step"] for s in opt.state]
         cupy.cuda.get_current_stream().synchronize()
-        self.gemm_route = self.gpu.prepare_capture(self.stream, self.batch)
+        self.gemm_route = self.gpu.prepare_capture(self.stream)
         captured = False
         try:
             with self.stream, capture_mode(), cupy.cuda.using_allocator(self.pool.malloc):

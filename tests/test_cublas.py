@@ -106,11 +106,40 @@ def test_workspace_size_from_the_environment():
         cublas.workspace_bytes({"NNOPT_CUBLAS_WORKSPACE": "4MB"})
 
 
-def test_captured_steps_of_small_batches_get_no_workspace():
-    from nnopt.fast.plan import capture_workspace_bytes
-    assert [capture_workspace_bytes(b, None, 32) for b in (1, 64, 65, 8192)] == [0, 0, 32, 32]
-    assert capture_workspace_bytes(None, None, 32) == 32  # not a captured step
-    assert capture_workspace_bytes(64, 16, 32) == 16 and capture_workspace_bytes(4096, 0, 32) == 0
+@pytest.mark.parametrize("m, n, k, sms, pays", [
+    (64, 128, 784, 132, True),     # batch 64, first layer: 8 tiles, a long k
+    (64, 64, 128, 132, False),     # the other products of that step: k too short
+    (784, 128, 64, 132, False),    # a weight gradient at batch 64
+    (8192, 128, 784, 132, False),  # 1024 tiles: the GPU is full without splitting
+    (128, 64, 8192, 132, True),    # a weight gradient at batch 8192: 8 tiles, k = the batch
+    (64, 128, 784, 8, False),      # a GPU that 8 tiles fill
+])
+def test_split_k_only_where_it_pays(m, n, k, sms, pays):
+    from nnopt.fast.plan import split_k_pays
+    assert split_k_pays(m, n, k, sms) is pays
+
+
+def test_each_product_binds_the_workspace_it_needs_once():
+    """gemm(split_k=False) gives cuBLAS no workspace (one kernel per product), True the
+    stream's; cublasSetWorkspace runs only where that changes (it is a host-side setting,
+    allowed inside a capture, and nothing is allocated)."""
+    lib, sizes = FakeLib(), []
+    lib.cublasSetWorkspace_v2 = lambda handle, pointer, size: sizes.append(size.value) or 0
+    handle = cublas.Handle(lib, allocate, workspace_bytes=64)
+    handle.set_stream(1234)
+    a, b, c = (np.ones((2, 2), np.float32) for _ in range(3))
+    p = lambda x: x.ctypes.data  # noqa: E731
+    expected = [64, 64]  # the NULL stream's, then 1234's
+    assert sizes == expected
+    for split_k, binds in ((False, 0), (False, None), (True, 64), (True, None), (False, 0)):
+        handle.gemm(False, p(a), p(b), p(c), 2, 2, 2, split_k=split_k)
+        expected += [] if binds is None else [binds]  # None: already bound, no call
+        assert sizes == expected
+        np.testing.assert_array_equal(c, 2)
+    handle.set_stream(99)  # cublasSetStream drops the workspace: bound again
+    handle.set_stream(1234)
+    handle.gemm(False, p(a), p(b), p(c), 2, 2, 2, split_k=True)
+    assert sizes[-1] == 64 and handle.bound[1] == 64
 
 
 def test_status_errors_are_named():

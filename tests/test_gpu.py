@@ -172,11 +172,11 @@ class EagerAndCaptured:
         self.loss_fn = nnopt.SoftmaxCrossEntropy()
         self.captured = CapturedStep(self.graph_model, self.graph_opt,
                                      nnopt.SoftmaxCrossEntropy(), (batch, sizes[0]), (batch,))
-        # the eager step's products on a stream with the graph's cuBLAS workspace setting
-        # (none for small batches): the same GEMM algorithms on both sides (see step)
+        # the eager step's products on a stream prepared as the graph's, through the same
+        # handle and workspace rule: the same GEMM algorithms on both sides (see step)
         import cupy
         self.eager_stream = cupy.cuda.Stream()
-        nnopt.fast.gpu_kernels().prepare_capture(self.eager_stream, batch)
+        nnopt.fast.gpu_kernels().prepare_capture(self.eager_stream)
 
     def step(self, rng):
         """One step of each on the same fresh batch; their losses agree. Returns it."""
@@ -213,19 +213,35 @@ def test_captured_step_matches_eager(xp, gpu, rng, name):
     assert pair.graph_opt.state[0]["step"] == pair.eager_opt.state[0]["step"] == 5
 
 
-def test_captured_steps_of_small_batches_run_cublas_without_a_workspace(xp, gpu, monkeypatch):
-    """Without a workspace cuBLAS cannot split a product into a GEMM and a reduction kernel:
-    faster at batch 64 (bench_gpu), slower from batch 1024 on."""
+@pytest.mark.parametrize("configured", [None, "0"])
+def test_captured_products_split_k_only_where_it_pays(xp, gpu, monkeypatch, configured):
+    """Each captured product gets the stream's cuBLAS workspace (so cuBLAS may split k over
+    a GEMM and a reduction kernel) only where plan.split_k_pays says so: on an H100/H200 the
+    textbook network's first product at batch 64 (64x784 @ 784x128), none of the others.
+    NNOPT_CUBLAS_WORKSPACE=0: no workspace for the stream, so none for any product."""
     from nnopt.fast import plan
     from nnopt.graph import CapturedStep
-    monkeypatch.delenv("NNOPT_CUBLAS_WORKSPACE", raising=False)
-    handle, sizes = gpu.cublas_handle(), {}
-    for batch in (plan.NO_WORKSPACE_MAX_BATCH, plan.NO_WORKSPACE_MAX_BATCH + 1):
-        model = nnopt.mlp([20, 8, 3], batchnorm=True, seed=0, device=xp)
-        step = CapturedStep(model, optim.SGD(model, lr=0.1), nnopt.SoftmaxCrossEntropy(),
-                            (batch, 20), (batch,))
-        sizes[batch] = handle.workspaces[step.stream.ptr][2]
-    assert list(sizes.values()) == [0, handle.workspace_bytes] and handle.workspace_bytes > 0
+    if configured is None:
+        monkeypatch.delenv("NNOPT_CUBLAS_WORKSPACE", raising=False)
+    else:
+        monkeypatch.setenv("NNOPT_CUBLAS_WORKSPACE", configured)
+    handle, calls = gpu.cublas_handle(), []
+    gemm = handle.gemm
+
+    def recording(double, a, b, c, m, n, k, trans_a=False, trans_b=False, split_k=True):
+        gemm(double, a, b, c, m, n, k, trans_a, trans_b, split_k)
+        calls.append(((m, n, k), split_k, handle.bound[1]))
+    monkeypatch.setattr(handle, "gemm", recording)
+    model = nnopt.mlp([784, 128, 64, 32, 16, 10], batchnorm=True, seed=0, device=xp)
+    step = CapturedStep(model, optim.SGD(model, lr=0.1), nnopt.SoftmaxCrossEntropy(),
+                        (64, 784), (64,))
+    workspace = handle.workspaces[step.stream.ptr][2]
+    assert calls and workspace == (handle.workspace_bytes if configured is None else 0)
+    for shape, split_k, bound in calls:
+        wanted = plan.split_k_pays(*shape, gpu.sms()) if configured is None else True
+        assert split_k == wanted and bound == (workspace if split_k else 0), (shape, split_k)
+    if configured is None and gpu.sms() >= 100:  # the GPUs the rule was measured on
+        assert {shape for shape, split_k, _ in calls if split_k} == {(64, 128, 784)}
 
 
 def test_captured_step_follows_a_changed_learning_rate(xp, gpu, rng):

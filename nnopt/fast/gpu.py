@@ -116,15 +116,13 @@ def cublas_handle():
     return HANDLES.get(cupy.cuda.Device().id, _make_handle)
 
 
-def prepare_capture(stream, batch=None):
+def prepare_capture(stream):
     """Before anything runs on ``stream`` for a capture (its warm-up included): the handle
-    made and bound to ``stream`` with the stream's workspace, sized for a step of ``batch``
-    rows (``plan.capture_workspace_bytes``; cuBLAS must neither allocate nor change streams
-    while capturing). Returns the GEMM route the capture will take."""
+    made and bound to ``stream`` with the stream's workspace (cuBLAS must neither allocate
+    nor change streams while capturing). Returns the GEMM route the capture will take."""
     handle = cublas_handle()
-    if handle is not None:
-        handle.set_stream(stream.ptr, plan.capture_workspace_bytes(
-            batch, cublas.workspace_bytes(), handle.workspace_bytes))
+    if handle is not None:  # $NNOPT_CUBLAS_WORKSPACE, where set, sizes a new stream's
+        handle.set_stream(stream.ptr, cublas.workspace_bytes())
     return HANDLES.route(cupy.cuda.Device().id)
 
 
@@ -144,8 +142,10 @@ def graph_gemm(a, b, trans_a=False, trans_b=False, out=None):
         c[...] = 0
     elif m and n:
         handle.set_stream(cupy.cuda.get_current_stream().ptr)
+        configured = cublas.workspace_bytes()
         handle.gemm(a.dtype == cupy.float64, _pointer(a), _pointer(b), _pointer(c), m, n, k,
-                    trans_a, trans_b)
+                    trans_a, trans_b, split_k=(plan.split_k_pays(m, n, k, sms())
+                                               if configured is None else True))
     return _into(out, c)
 
 

@@ -8,7 +8,8 @@ WAVES = 4              # grid-stride kernels: blocks for this many full waves at
 BN_MIN_ROWS = 16       # rows per chunk of the split BN kernels, at least
 BN_MAX_CHUNKS = 256    # partial sums per feature that the finalize kernel adds, at most
 BN_SPLIT_MIN_ROWS = 512  # below, the one-launch kernel's threads walk <= 64 rows each
-NO_WORKSPACE_MAX_BATCH = 64  # captured steps of batches up to this: cuBLAS without workspace
+SPLIT_K_MIN_INNER = 512  # products with a shorter inner dimension never split it (split_k_pays)
+SPLIT_K_TILE = 32        # the output tile of cuBLAS's small-matrix kernels (32x32, H200 profile)
 BN_VECTORS = True      # the split path's 16-byte loads (bench_gpu measures them against 4-byte ones)
 CE_THREADS = 256       # softmax cross-entropy: threads per block (NNOPT_CE_THREADS), a row each
 CE_MAX_BLOCKS = 4096   # ... and blocks at most (rows beyond: grid-stride)
@@ -62,13 +63,15 @@ def feature_tile_grid(n):
     return (-(-n // 32),), (32, 8)
 
 
-def capture_workspace_bytes(batch, configured, default):
-    """The cuBLAS workspace of a captured step's stream: ``configured`` where the user set one
-    ($NNOPT_CUBLAS_WORKSPACE), else none up to NO_WORKSPACE_MAX_BATCH rows, else ``default``.
-    Measured on an H200 (bench_gpu's workspace variants, one run, textbook network): at
-    batch 64 cuBLAS splits most products into a GEMM and a reduction kernel, and the step
-    took 95 / 104 us (plain / BN) without a workspace against 106 / 114 us with one; at
-    1024 and 8192 the split-K kernels pay (143 vs 207 us, 271 vs 1082 us plain)."""
-    if configured is not None:
-        return configured
-    return 0 if batch is not None and batch <= NO_WORKSPACE_MAX_BATCH else default
+def split_k_pays(m, n, k, sms):
+    """Whether a captured product (m, n) = (m, k) @ (k, n) may take cuBLAS's split-K
+    algorithms: a GEMM writing partial products of slices of k into the workspace, then a
+    reduction kernel (two graph nodes). Only where the output has fewer 32x32 tiles than
+    the GPU has multiprocessors (so one CTA per tile leaves most of them idle) and k is
+    long enough for the split to pay for its second kernel. Measured on an H200 (textbook
+    network, batch 64, Nsight Compute per kernel): the first layer's 64x784 @ 784x128 took
+    32 us without a workspace and 7 + 3 us split; every other product of that step (k <= 128)
+    took 4-5 us alone against 7-8 us split. ``$NNOPT_CUBLAS_WORKSPACE`` overrides the rule
+    (0: no product splits; any other size: cuBLAS chooses for every product)."""
+    tiles = -(-m // SPLIT_K_TILE) * -(-n // SPLIT_K_TILE)
+    return k >= SPLIT_K_MIN_INNER and tiles < sms
