@@ -189,6 +189,8 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
                 runners[f"gpu_graph_{tag}"] = GraphRunner(bn, batch, sizes)
                 if batch == 64:  # the fused blocks against the textbook's layers (issue 14)
                     runners[f"gpu_graph_layers_{tag}"] = GraphRunner(bn, batch, sizes, fused=False)
+                if plan.fuses_product(batch):  # the blocks' products as cuBLAS GEMMs instead
+                    runners[f"gpu_graph_cublas_{tag}"] = with_cublas_products(bn, batch, sizes)
                 for name, nbytes in WORKSPACE_VARIANTS.items():  # uniform cuBLAS settings
                     runners[f"gpu_graph_{name}_{tag}"] = with_workspace(nbytes, bn, batch, sizes)
             except Exception as exc:  # report, do not hide
@@ -217,11 +219,14 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
             if f"gpu_graph_{name}_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
                 row[f"{name}_vs_graph_{tag}"] = (row[f"gpu_graph_{name}_{tag}_s"]
                                                  / row[f"gpu_graph_{tag}_s"])
+        if f"gpu_graph_cublas_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
+            row[f"fused_products_vs_cublas_{tag}"] = (row[f"gpu_graph_{tag}_s"]
+                                                      / row[f"gpu_graph_cublas_{tag}_s"])
         if f"gpu_graph_layers_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
             row[f"graph_fused_vs_layers_{tag}"] = (row[f"gpu_graph_{tag}_s"]
                                                    / row[f"gpu_graph_layers_{tag}_s"])
-    for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "torch_gpu", "torch_graph",
-                   *(f"gpu_graph_{name}" for name in WORKSPACE_VARIANTS)):
+    for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "gpu_graph_cublas",
+                   "torch_gpu", "torch_graph", *(f"gpu_graph_{name}" for name in WORKSPACE_VARIANTS)):
         if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
             row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
     if "gpu_graph_bn_s" in row:
@@ -255,6 +260,16 @@ def with_workspace(nbytes, bn, batch, sizes):
             del os.environ["NNOPT_CUBLAS_WORKSPACE"]
         else:
             os.environ["NNOPT_CUBLAS_WORKSPACE"] = saved
+
+
+def with_cublas_products(bn, batch, sizes):
+    """A GraphRunner whose blocks run their products as cuBLAS GEMMs beside their passes
+    (plan.FUSED_PRODUCTS off while it is captured), measured beside the fused kernels."""
+    plan.FUSED_PRODUCTS = False
+    try:
+        return GraphRunner(bn, batch, sizes)
+    finally:
+        plan.FUSED_PRODUCTS = True
 
 
 def graph_table(rows):
@@ -348,6 +363,10 @@ def main(argv=None):
                                           "gpu_graph_bn_overhead_%", "torch_gpu_bn_overhead_%",
                                           "torch_graph_bn_overhead_%", "graph_speedup_bn",
                                           "gpu_speedup_bn"]))
+    print(common.table(results["train"], ["batch", "fused_products_vs_cublas_plain",
+                                          "fused_products_vs_cublas_bn", "ws_vs_graph_plain",
+                                          "nows_vs_graph_plain", "ws_vs_graph_bn",
+                                          "nows_vs_graph_bn"]))
     results["graph_table"] = graph_table(results["train"])
     print(results["graph_table"])
     results["verdict"] = verdict(results["train"])

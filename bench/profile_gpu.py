@@ -42,7 +42,7 @@ def run(batch, bn, steps=30):
     print(json.dumps({"batch": batch, "bn": bn, "replay_us": wall_us}))
 
 
-KINDS = (("split-K reduce", ("splitKreduce",)),
+KINDS = (("split-K reduce", ("splitKreduce",)), ("fused product", ("linear_forward", "linear_backward")),
          ("gemm", ("gemm", "sm90_", "sm80_", "cutlass", "xmma", "ampere", "splitk", "Kernel")),
          ("bn", ("bn_",)), ("activation", ("activation", "bias_")), ("loss", ("softmax",)),
          ("optimizer", ("sgd_", "adam", "momentum", "nag_", "rmsprop", "adagrad", "adadelta")),

@@ -411,3 +411,208 @@ extern "C" __global__ void bias_grad_finalize_##S(const double* __restrict__ par
 
 NNOPT_BN_SPLIT(float, f32)
 NNOPT_BN_SPLIT(double, f64)
+
+// --- Small batches: the product fused in (nnopt.block, m <= FUSED_MAX_ROWS) ---------------
+// At the textbook's batch of 64 a block's product and its BN pass are two tiny kernels,
+// each mostly launch and memory latency. linear_forward computes h = a @ w for a tile of
+// TILE features and all m rows in one block (its ROWS x TILE threads, each holding
+// FUSED_RPT rows of one feature in registers), then runs the block's epilogue on those
+// registers: BN's statistics, z and the activation (has_bn), or the bias and activation.
+// linear_backward computes the gradient reaching a block from the next one, dy = g @ w^T
+// (g: the next block's dh, w: its weights), and runs BN's backward (or the activation's
+// and the bias gradient) on it. The products walk k in KT-wide tiles staged in shared
+// memory. A long k is cut into gridDim.y slices of `slice` (nnopt.fast.plan.fused_slices):
+// each block writes its slice's product to partial[slice][m][n]; the last block of a
+// feature tile to finish (counted in counters[tile], which it sets back to 0 for the next
+// launch) adds the slices in order, so the sum is the same every run, and runs the epilogue.
+#define FUSED_MAX_ROWS 64
+#define FUSED_RPT (FUSED_MAX_ROWS / ROWS)
+#define KT 32
+
+// acc[r] = sum over k in [k_begin, k_end) of a[i][k] b(k, j), i = threadIdx.y + ROWS r,
+// j = j0 + threadIdx.x; a is (m, k) row-major; b(k, j) = b[k * n + j] (a block's weights,
+// (k, n)) or, TRANS_B, b[j * k + k'] (the next block's weights, (n, k), transposed).
+template <typename T, bool TRANS_B>
+__device__ __forceinline__ void product_tile(const T* __restrict__ a, const T* __restrict__ b,
+                                             int m, int n, int k, int j0, int k_begin,
+                                             int k_end, T (&acc)[FUSED_RPT],
+                                             T (&as)[FUSED_MAX_ROWS][KT],
+                                             T (&bs)[KT][TILE + 1]) {
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int r = 0; r < FUSED_RPT; ++r) acc[r] = T(0);
+    for (int k0 = k_begin; k0 < k_end; k0 += KT) {
+        const bool in_k = k0 + tx < k_end;
+        for (int r = 0; r < FUSED_RPT; ++r) {  // coalesced along k
+            const int i = ty + ROWS * r;
+            as[i][tx] = in_k && i < m ? a[(long long)i * k + k0 + tx] : T(0);
+        }
+        if (!TRANS_B) {  // b(k, j) rows: coalesced along j
+            for (int kk = ty; kk < KT; kk += ROWS) {
+                bs[kk][tx] = k0 + kk < k_end && j0 + tx < n ? b[(long long)(k0 + kk) * n + j0 + tx]
+                                                            : T(0);
+            }
+        } else {  // rows of the next block's weights: coalesced along k
+            for (int jj = ty; jj < TILE; jj += ROWS) {
+                bs[tx][jj] = in_k && j0 + jj < n ? b[(long long)(j0 + jj) * k + k0 + tx] : T(0);
+            }
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int kk = 0; kk < KT; ++kk) {
+            const T bv = bs[kk][tx];
+            for (int r = 0; r < FUSED_RPT; ++r) acc[r] += as[ty + ROWS * r][kk] * bv;
+        }
+        __syncthreads();
+    }
+}
+
+// The product of this block's slice of k into acc; with several slices, false for every
+// block but the last of its feature tile, which gets the whole sum (slices added in order).
+template <typename T, bool TRANS_B>
+__device__ __forceinline__ bool fused_product(const T* __restrict__ a, const T* __restrict__ b,
+                                              T* partial, int* counters, int slice, int m,
+                                              int n, int k, T (&acc)[FUSED_RPT],
+                                              T (&as)[FUSED_MAX_ROWS][KT],
+                                              T (&bs)[KT][TILE + 1]) {
+    __shared__ int last;
+    const int j = blockIdx.x * TILE + threadIdx.x, slices = gridDim.y;
+    const int k_begin = blockIdx.y * slice, k_end = k_begin + slice < k ? k_begin + slice : k;
+    product_tile<T, TRANS_B>(a, b, m, n, k, blockIdx.x * TILE, k_begin, k_end, acc, as, bs);
+    if (slices == 1) return true;
+    for (int r = 0; r < FUSED_RPT; ++r) {
+        const int i = threadIdx.y + ROWS * r;
+        if (i < m && j < n) partial[((long long)blockIdx.y * m + i) * n + j] = acc[r];
+    }
+    __threadfence();  // the slice's sums visible to every block before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        last = atomicAdd(&counters[blockIdx.x], 1) == slices - 1;
+    }
+    __syncthreads();
+    if (!last) return false;
+    for (int r = 0; r < FUSED_RPT; ++r) {
+        const int i = threadIdx.y + ROWS * r;
+        acc[r] = T(0);
+        if (i < m && j < n) {
+            for (int s = 0; s < slices; ++s) {
+                acc[r] += __ldcg(&partial[((long long)s * m + i) * n + j]);
+            }
+        }
+    }
+    if (threadIdx.x == 0 && threadIdx.y == 0) counters[blockIdx.x] = 0;
+    return true;
+}
+
+#define NNOPT_FUSED(T, S)                                                                     \
+extern "C" __global__ void linear_forward_##S(const T* __restrict__ a,                        \
+        const T* __restrict__ w, T* partial, int* counters, int slice, int m, int n, int k,   \
+        int has_bn, const T* gamma, const T* beta, T eps, T momentum, int unbiased,           \
+        T* running_mean, T* running_var, T* mean_out, T* inv_std_out, const T* bias,          \
+        int has_bias, int activation, T* h, T* y) {                                          \
+    __shared__ T as[FUSED_MAX_ROWS][KT];                                                     \
+    __shared__ T bs[KT][TILE + 1];                                                           \
+    __shared__ double sums[2][ROWS][TILE];                                                   \
+    __shared__ T scale[TILE], offset[TILE];                                                  \
+    T acc[FUSED_RPT];                                                                        \
+    if (!fused_product<T, false>(a, w, partial, counters, slice, m, n, k, acc, as, bs)) return;  \
+    const int j = blockIdx.x * TILE + threadIdx.x;                                           \
+    const bool active = j < n, lead = threadIdx.y == 0 && active;                            \
+    if (!has_bn) {  /* y = act(h + bias) */                                                  \
+        const T b = active && has_bias ? bias[j] : T(0);                                     \
+        for (int r = 0; r < FUSED_RPT; ++r) {                                                \
+            const int i = threadIdx.y + ROWS * r;                                            \
+            if (i < m && active) y[(long long)i * n + j] = activate<T>(acc[r] + b, activation);  \
+        }                                                                                    \
+        return;                                                                              \
+    }                                                                                        \
+    if (threadIdx.y == 0) scale[threadIdx.x] = acc[0];  /* row 0: the sums' shift */         \
+    __syncthreads();                                                                         \
+    const double shift = (double)scale[threadIdx.x];                                         \
+    double s[2] = {0.0, 0.0};                                                                \
+    for (int r = 0; r < FUSED_RPT; ++r) {                                                    \
+        if (threadIdx.y + ROWS * r < m) {                                                    \
+            const double d = (double)acc[r] - shift;                                         \
+            s[0] += d;                                                                       \
+            s[1] += d * d;                                                                   \
+        }                                                                                    \
+    }                                                                                        \
+    add_row_sums<2>(sums, s);  /* its barrier: every shift read before scale is rewritten */ \
+    if (lead) {                                                                              \
+        T run_mean = running_mean[j], run_var = running_var[j];                              \
+        batchnorm_forward_feature<T>(s[0], s[1], shift, m, eps, momentum, unbiased, gamma[j], \
+                                     beta[j], has_bias ? bias[j] : T(0), run_mean, run_var,  \
+                                     mean_out[j], inv_std_out[j], scale[threadIdx.x],        \
+                                     offset[threadIdx.x]);                                   \
+        running_mean[j] = run_mean;                                                          \
+        running_var[j] = run_var;                                                            \
+    }                                                                                        \
+    __syncthreads();                                                                         \
+    for (int r = 0; r < FUSED_RPT; ++r) {                                                    \
+        const int i = threadIdx.y + ROWS * r;                                                \
+        if (i < m && active) {                                                               \
+            const long long at = (long long)i * n + j;                                       \
+            h[at] = acc[r];                                                                  \
+            y[at] = activate<T>(acc[r] * scale[threadIdx.x] + offset[threadIdx.x], activation);  \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+extern "C" __global__ void linear_backward_##S(const T* __restrict__ g,                       \
+        const T* __restrict__ w_next, T* partial, int* counters, int slice, int m, int n,     \
+        int k, int has_bn, const T* h, const T* y, const T* gamma, const T* mean,             \
+        const T* inv_std, T* dgamma, T* dbeta, T* dbias, int has_bias, int activation,       \
+        T* dh) {                                                                             \
+    __shared__ T as[FUSED_MAX_ROWS][KT];                                                     \
+    __shared__ T bs[KT][TILE + 1];                                                           \
+    __shared__ double sums[2][ROWS][TILE];                                                   \
+    __shared__ T coef[3][TILE];                                                              \
+    T acc[FUSED_RPT];                                                                        \
+    if (!fused_product<T, true>(g, w_next, partial, counters, slice, m, n, k, acc, as, bs)) {  \
+        return;                                                                              \
+    }                                                                                        \
+    const int j = blockIdx.x * TILE + threadIdx.x;                                           \
+    const bool active = j < n, lead = threadIdx.y == 0 && active;                            \
+    const T mu = has_bn && active ? mean[j] : T(0);                                          \
+    T centered[FUSED_RPT];                                                                   \
+    double s[2] = {0.0, 0.0};                                                                \
+    for (int r = 0; r < FUSED_RPT; ++r) {  /* acc: dy, then the activation's input grad */  \
+        const int i = threadIdx.y + ROWS * r;                                                \
+        centered[r] = T(0);                                                                  \
+        if (i < m && active) {                                                               \
+            const long long at = (long long)i * n + j;                                       \
+            acc[r] = activation_grad<T>(acc[r], activation == NNOPT_IDENTITY ? T(0) : y[at],  \
+                                        activation);                                         \
+            s[0] += (double)acc[r];                                                          \
+            if (has_bn) {                                                                    \
+                centered[r] = h[at] - mu;                                                    \
+                s[1] += (double)acc[r] * ((double)h[at] - (double)mu);                       \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    add_row_sums<2>(sums, s);                                                                \
+    if (!has_bn) {  /* dh = the activation's input grad; its column sums: the bias grad */  \
+        if (lead && has_bias) dbias[j] += (T)s[0];                                           \
+        for (int r = 0; r < FUSED_RPT; ++r) {                                                \
+            const int i = threadIdx.y + ROWS * r;                                            \
+            if (i < m && active) dh[(long long)i * n + j] = acc[r];                          \
+        }                                                                                    \
+        return;                                                                              \
+    }                                                                                        \
+    if (lead) {                                                                              \
+        T dg = dgamma[j], db = dbeta[j];                                                     \
+        batchnorm_backward_feature<T>(s[0], s[1], m, gamma[j], inv_std[j], coef[0][threadIdx.x], \
+                                      coef[1][threadIdx.x], coef[2][threadIdx.x], dg, db);   \
+        dgamma[j] = dg;                                                                      \
+        dbeta[j] = db;                                                                       \
+    }                                                                                        \
+    __syncthreads();                                                                         \
+    for (int r = 0; r < FUSED_RPT; ++r) {                                                    \
+        const int i = threadIdx.y + ROWS * r;                                                \
+        if (i < m && active) {                                                               \
+            dh[(long long)i * n + j] = coef[0][threadIdx.x] * acc[r]                         \
+                - coef[1][threadIdx.x] * centered[r] - coef[2][threadIdx.x];                 \
+        }                                                                                    \
+    }                                                                                        \
+}
+
+NNOPT_FUSED(float, f32)
+NNOPT_FUSED(double, f64)

@@ -13,6 +13,13 @@ step costs. A :class:`Block` owns the three layers and, on NumPy (numba kernels)
   backward and :math:`d\gamma, d\beta` (without BN: the bias gradient), giving
   :math:`dh`; then the two products :math:`dW = x^T dh` and :math:`dx = dh\,W^T`.
 
+On the GPU, for batches of at most 64 rows (``nnopt.fast.plan.fuses_product``), the
+products join the passes too: forward, one kernel computes :math:`h = xW` and runs the
+pass on it; backward, a block leaves its input gradient :math:`dh\,W^T` to the block
+before it (a :class:`DeferredInputGrad`, where ``nnopt.Sequential`` wires blocks in a
+row), whose own backward kernel computes it and runs its pass on it. Only the weight
+gradients :math:`x^T dh` remain cuBLAS products.
+
 The layers themselves stay as they are, the readable reference: everywhere else
 (array-api-strict, torch, inference mode, synchronized BN, ``use_fast_path=False``) the
 block simply calls them in order, and the tests hold the fused passes to them.
@@ -32,6 +39,27 @@ from .layers import ACTIVATIONS, Layer, Linear, check_dtype, check_input
 
 #: nnopt.layers' activation classes by the name the fused kernels know them by
 ACTIVATION_NAMES = {cls: name for name, cls in ACTIVATIONS.items()}
+
+
+class DeferredInputGrad:
+    """A block's input gradient ``dh @ weight.T``, not yet computed: what a block's
+    backward returns to the block before it (``defer_input_grad``), which computes the
+    product inside its own backward kernel where it can, or calls :meth:`materialize`."""
+
+    def __init__(self, fast, dh, weight, out):
+        self.fast, self.dh, self.weight, self.out = fast, dh, weight, out
+
+    @property
+    def shape(self):
+        return (self.dh.shape[0], self.weight.shape[0])
+
+    def materialize(self):
+        return self.fast.product(self.dh, self.weight.T, out=self.out)
+
+
+def _fuses_product(fast, m):
+    """Whether ``fast`` (nnopt.fast.gpu) runs a block's product over m rows fused."""
+    return getattr(fast, "fuses_product", None) is not None and fast.fuses_product(m)
 
 
 class Block(Layer):
@@ -57,6 +85,7 @@ class Block(Layer):
         self.scratch = None   # the fused passes' reusable buffers, made on first use
         self.saved = None     # what a fused forward leaves for backward; None after a layered one
         self.grads_written = None  # the storage's zero_count when this block last wrote its gradients
+        self.defer_input_grad = False  # set by nnopt.Sequential where a block comes before this one
 
     @property
     def needs_input_grad(self):
@@ -91,20 +120,35 @@ class Block(Layer):
             self.scratch = fast.Scratch()
         code = fast.ACTIVATION_CODES[self.activation_name]
         h = self.scratch.get("h", shape=(x.shape[0], linear.n_out), dtype=x.dtype)
-        h = fast.product(x, linear.W.data, out=h)
+        fused = _fuses_product(fast, x.shape[0])
         if bn is None:
             # In place: the backward needs the activated output alone.
-            y = fast.activation_forward(h, linear.b.data, code, out=h)
+            if fused:
+                y = fast.linear_activation_forward(x, linear.W.data, linear.b.data, code,
+                                                   self.scratch, out=h)
+            else:
+                h = fast.product(x, linear.W.data, out=h)
+                y = fast.activation_forward(h, linear.b.data, code, out=h)
             self.saved = (fast, code, x, None, y, None, None)
             return y
-        y, mean, inv_std = fast.bn_forward(
-            h, bn.gamma.data, bn.beta.data, bn.eps, bn.momentum, bn.unbiased,
-            bn.buffers["running_mean"], bn.buffers["running_var"],
-            out=self.scratch.get("y", h), bias=linear.b.data, activation=code)
+        bn_args = (bn.gamma.data, bn.beta.data, bn.eps, bn.momentum, bn.unbiased,
+                   bn.buffers["running_mean"], bn.buffers["running_var"])
+        if fused:
+            y, mean, inv_std = fast.linear_bn_forward(
+                x, linear.W.data, *bn_args, self.scratch, h=h, out=self.scratch.get("y", h),
+                bias=linear.b.data, activation=code)
+        else:
+            h = fast.product(x, linear.W.data, out=h)
+            y, mean, inv_std = fast.bn_forward(h, *bn_args, out=self.scratch.get("y", h),
+                                               bias=linear.b.data, activation=code)
         self.saved = (fast, code, x, h, y, mean, inv_std)
         return y
 
     def backward(self, dy):
+        deferred = isinstance(dy, DeferredInputGrad)
+        if deferred and not (self.saved is not None and dy.fast is self.saved[0]
+                             and _fuses_product(dy.fast, dy.dh.shape[0])):
+            dy, deferred = dy.materialize(), False
         if self.saved is None:
             for layer in reversed(self.layers):
                 dy = layer.backward(dy)
@@ -114,15 +158,26 @@ class Block(Layer):
         linear, bn = self.linear, self.batchnorm
         dh = self.scratch.get("dh", y)
         if bn is None:
-            fast.activation_backward(dy, y, code, dbias=linear.b.grad, out=dh)
+            if deferred:
+                fast.linear_activation_backward(dy.dh, dy.weight, y, code, self.scratch,
+                                                dbias=linear.b.grad, out=dh)
+            else:
+                fast.activation_backward(dy, y, code, dbias=linear.b.grad, out=dh)
         else:
             # linear.b.grad: zero by construction (module docstring), nothing to add
-            fast.bn_backward(dy, h, bn.gamma.data, mean, inv_std, bn.gamma.grad, bn.beta.grad,
-                             out=dh, y=y, activation=code)
+            bn_args = (bn.gamma.data, mean, inv_std, bn.gamma.grad, bn.beta.grad)
+            if deferred:
+                fast.linear_bn_backward(dy.dh, dy.weight, h, y, *bn_args, self.scratch,
+                                        out=dh, activation=code)
+            else:
+                fast.bn_backward(dy, h, *bn_args, out=dh, y=y, activation=code)
         self._add_weight_grad(fast, x, dh)
         if not linear.needs_input_grad:
             return None
-        return fast.product(dh, linear.W.data.T, out=self.scratch.get("dx", x))
+        out = self.scratch.get("dx", x)
+        if self.defer_input_grad and _fuses_product(fast, x.shape[0]):
+            return DeferredInputGrad(fast, dh, linear.W.data, out)
+        return fast.product(dh, linear.W.data.T, out=out)
 
     def _add_weight_grad(self, fast, x, dh):
         """W.grad += x^T dh; written directly when the gradients were zeroed since this

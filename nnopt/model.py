@@ -47,6 +47,11 @@ class Sequential:
         if self.steps:
             # Nobody needs dJ/dx of the input data: skip that matmul.
             self.steps[0].needs_input_grad = False
+        for before, step in zip(self.steps, self.steps[1:]):
+            # A block may leave its input gradient's product to the block before it, which
+            # can fuse it into its own backward pass (nnopt.block.DeferredInputGrad).
+            if isinstance(step, Block) and isinstance(before, Block):
+                step.defer_input_grad = True
 
     def forward(self, x, train: bool | None = None):
         """The network's output; ``train`` defaults to the model's mode (``self.training``)."""

@@ -6,7 +6,8 @@
 //   - __syncthreads: a barrier over the block's threads; kernels that use it run the
 //     threads of a block as fibers switched at each barrier (nnopt_run_block), the others
 //     run their threads one after the other;
-//   - float4/double2 (16-byte vector loads), CUDA's qualifiers defined away.
+//   - float4/double2 (16-byte vector loads), CUDA's qualifiers defined away;
+//   - __threadfence, atomicAdd on int and __ldcg, trivially (one block at a time).
 #ifndef NNOPT_HOST_CUDA_H
 #define NNOPT_HOST_CUDA_H
 #include <ucontext.h>
@@ -28,6 +29,16 @@ static thread_local Dim3 blockIdx, threadIdx, gridDim, blockDim;
 
 #define __device__
 #define __forceinline__ inline
+
+// One block runs at a time, its threads one after another between barriers: memory is
+// always coherent and an atomic is a plain read-modify-write.
+static inline void __threadfence() {}
+static inline int atomicAdd(int* address, int value) {
+    const int old = *address;
+    *address += value;
+    return old;
+}
+template <typename T> static inline T __ldcg(const T* address) { return *address; }
 #define __global__
 #define __shared__ static
 

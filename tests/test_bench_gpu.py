@@ -73,5 +73,7 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
         assert row[f"gpu_graph_{tag}_s"] > 0 and row[f"graph_fused_vs_layers_{tag}"] > 0
         # beside nnopt's per-product workspace rule: the workspace for every product, and none
         assert row[f"ws_vs_graph_{tag}"] > 0 and row[f"nows_vs_graph_{tag}"] > 0
+        # the blocks' products fused into their kernels, beside the same step with cuBLAS's
+        assert row[f"fused_products_vs_cublas_{tag}"] > 0
     assert "gpu_graph_bn_overhead_%" in row and "graph_speedup_bn" in row
     assert "batch 64, width textbook" in bench_gpu.verdict(rows)

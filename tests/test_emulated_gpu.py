@@ -219,6 +219,64 @@ def test_split_path_takes_16_byte_loads_where_it_can(gpu, cupy_stand_in, monkeyp
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, k, n, k_next", [(64, 784, 128, 64), (37, 300, 33, 70), (2, 5, 3, 1)])
+@pytest.mark.parametrize("sms", [2, 132])
+@pytest.mark.parametrize("activation", ["identity", "relu", "sigmoid"])
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_fused_product_launchers_match_reference(gpu, cupy_stand_in, monkeypatch, rng, m, k, n,
+                                                 k_next, sms, activation, batchnorm, dtype):
+    """linear_*_forward: h = x @ w and the block's pass in one launch; linear_*_backward:
+    dy = g @ w_next^T (the next block's deferred input gradient) and the block's backward
+    pass in one. With 132 multiprocessors a long k is cut into slices whose sums the last
+    block of each feature tile adds in order (plan.fused_slices): the same bits on every
+    launch, and the tiles' counters back at zero after each."""
+    from nnopt.fast import plan
+    from nnopt.fast.shared import Scratch
+    monkeypatch.setattr(gpu, "sms", lambda: sms)
+    c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+    x, w = c(rng.normal(size=(m, k))), c(rng.normal(size=(k, n)) / np.sqrt(k))
+    g, w_next = c(rng.normal(size=(m, k_next))), c(rng.normal(size=(n, k_next)))
+    gamma, beta, bias = c(rng.uniform(0.5, 2, n)), c(rng.normal(size=n)), c(rng.normal(size=n))
+    code, scratch = gpu.ACTIVATION_CODES[activation], Scratch()
+    h_ref, dy_ref = x.astype(np.float64) @ w, g.astype(np.float64) @ w_next.T.astype(np.float64)
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    runs = []
+    for _ in range(2):
+        if batchnorm:
+            run_mean, run_var = c(np.zeros(n)), c(np.ones(n))
+            h = c(np.full((m, n), np.nan))
+            y, mean, inv_std = gpu.linear_bn_forward(x, w, gamma, beta, 1e-5, 0.9, False,
+                                                     run_mean, run_var, scratch, h=h, bias=bias,
+                                                     activation=code)
+            dgamma, dbeta = c(np.zeros(n)), c(np.zeros(n))
+            dh = gpu.linear_bn_backward(g, w_next, h, y, gamma, mean, inv_std, dgamma, dbeta,
+                                        scratch, activation=code)
+            y_ref, batch_mean, var_ref, dh_ref, dgamma_ref, dbeta_ref = block_reference(
+                h_ref, gamma, beta, bias, dy_ref, activation)
+            pairs = [(h, h_ref), (y, y_ref), (dh, dh_ref), (dgamma, dgamma_ref),
+                     (dbeta, dbeta_ref), (run_mean, 0.1 * batch_mean),
+                     (run_var, 0.9 + 0.1 * var_ref)]
+        else:
+            layer = ACTIVATIONS[activation]() if activation != "identity" else None
+            y_ref = layer.forward(h_ref + bias) if layer else h_ref + bias
+            y = gpu.linear_activation_forward(x, w, bias, code, scratch)
+            dbias = c(np.ones(n))
+            dh = gpu.linear_activation_backward(g, w_next, y, code, scratch, dbias=dbias)
+            dh_ref = layer.backward(dy_ref) if layer else dy_ref
+            pairs = [(y, y_ref), (dh, dh_ref), (dbias, 1 + dh_ref.sum(axis=0))]
+        for got, want in pairs:
+            assert close(got, want, 10 * rtol)
+        runs.append([np.array(got) for got, _ in pairs])
+    for first, second in zip(*runs):
+        np.testing.assert_array_equal(first, second)
+    slices = plan.fused_slices(n, k, sms)[0]
+    assert (slices > 1) == (sms == 132 and k > plan.FUSED_MIN_SLICE)
+    if slices > 1:
+        assert scratch.get("linear_forward_partial", shape=(slices, m, n), dtype=dtype).shape
+        assert not np.any(scratch.arrays["counters"][0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
 @pytest.mark.parametrize("m, n", [(23, 9), (600, 9), (600, 12)])
 def test_activation_launchers_match_the_layers(gpu, cupy_stand_in, rng, dtype, activation, m,
@@ -374,8 +432,11 @@ def test_fused_block_on_the_emulated_gpu_matches_its_layers(gpu, monkeypatch, rn
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_fused_block_inside_a_capture_takes_the_capturable_gemm(cupy_stand_in, monkeypatch,
                                                                 rng, batchnorm):
-    """While capturing, a block's products go through graph_gemm, transposed views as
-    transpose flags; without cuBLAS (turned off here), nnopt's tiled kernel."""
+    """While capturing, a block's products (unfused: plan.FUSED_PRODUCTS off) go through
+    graph_gemm, transposed views as transpose flags; without cuBLAS (turned off here),
+    nnopt's tiled kernel."""
+    from nnopt.fast import plan
+    monkeypatch.setattr(plan, "FUSED_PRODUCTS", False)
     monkeypatch.setenv("NNOPT_CUBLAS", "off")
     gpu = emulated_gpu.load_gpu_module(cupy_stand_in)  # its own handle cache: warns once
     start = len(cupy_stand_in.launches)
@@ -411,13 +472,20 @@ def train_steps(monkeypatch, fast_for, name, options, batchnorm, fused, dtype, s
     return {k: np.array(v, dtype=np.float64) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("batchnorm, fused", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("batchnorm, fused, fused_products", [
+    (True, True, True), (True, True, False), (True, False, True), (False, True, True),
+    (False, True, False)])
 @pytest.mark.parametrize("name, options", CASES)
 def test_training_steps_on_the_emulated_gpu_match_the_reference(gpu, cupy_stand_in, monkeypatch,
-                                                                name, options, batchnorm, fused):
+                                                                name, options, batchnorm, fused,
+                                                                fused_products):
     """The eager GPU training step of nnopt.train --device gpu (blocks or layers, BN layer
     kernels, ReLU, every optimizer's launcher on the flat buffers), in float64, against the
-    reference math."""
+    reference math. Blocks at this batch of 40 fuse their products into their passes
+    (linear_forward, and linear_backward taking the next block's deferred input gradient),
+    unless plan.FUSED_PRODUCTS is off."""
+    from nnopt.fast import plan
+    monkeypatch.setattr(plan, "FUSED_PRODUCTS", fused_products)
     want = train_steps(monkeypatch, lambda *arrays: None, name, options, batchnorm, fused,
                        "float64")
     start = len(cupy_stand_in.launches)
@@ -427,7 +495,9 @@ def test_training_steps_on_the_emulated_gpu_match_the_reference(gpu, cupy_stand_
     rule = optim.create(name, FlatParameters.from_arrays(nnopt.get_namespace("cpu"), "float64",
                                                          w=np.zeros(1)), **options)
     assert f"{rule.rule_name(rule.param_groups[0])}_f64" in launched
-    assert ("bn_forward_f64" in launched) == batchnorm
+    products_fused = fused and fused_products
+    assert ("bn_forward_f64" in launched) == (batchnorm and not products_fused)
+    assert ("linear_forward_f64" in launched) == ("linear_backward_f64" in launched) == products_fused
     assert ("activation_backward_f64" in launched) == fused  # the last FC: a block too
     assert "softmax_cross_entropy_f64_i64" in launched
     assert want.keys() == got.keys()

@@ -25,7 +25,7 @@ from .shared import Scratch as HostScratch
 from .shared import weight_decay_scalars
 from . import plan
 from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_lanes, bn_plan, bn_split_grid,
-                   elementwise_blocks, feature_tile_grid)
+                   elementwise_blocks, feature_tile_grid, fused_slices, fuses_product)
 
 
 @lru_cache(maxsize=None)
@@ -297,6 +297,86 @@ def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
     function("batchnorm.cu", f"activation_backward_{suffix}")(
         *feature_tile_grid(n),
         (dy, y, act, dh, dbias, has_bias, i32(m), i32(n)))
+    return dh
+
+
+# --- small batches: a block's product fused into its passes (batchnorm.cu, linear_*) -------
+# ``fuses_product(m)`` says where (every row of a feature tile in one CUDA block). Forward,
+# h = x @ W and the block's epilogue in one launch; backward, the gradient arriving from
+# the next block, g @ W_next^T, and this block's BN (or activation) backward in one launch.
+def _fused_launch(name, a, b, n, scratch, args):
+    """Launch ``name``_<f32|f64> over n features of the product of a (m, k) and b: k cut
+    into slices (plan.fused_slices) whose sums go through scratch's partial buffer and
+    per-tile counters (zero between launches: each tile's last block resets its own)."""
+    a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
+    m, k = a.shape
+    slices, slice_ = fused_slices(n, k, sms())
+    tiles = -(-n // 32)
+    if slices > 1:
+        partial = scratch.get(f"{name}_partial", shape=(slices, m, n), dtype=a.dtype)
+        kept = scratch.arrays.get("counters")
+        if not kept or kept[0].size < tiles:
+            scratch.arrays["counters"] = kept = [cupy.zeros(tiles, dtype=cupy.int32)]
+        counters = kept[0]
+    else:
+        partial, counters = a.reshape(-1)[:0], cupy.empty(0, dtype=cupy.int32)
+    i32 = np.int32
+    function("batchnorm.cu", f"{name}_{_suffix(a)}")(
+        (tiles, slices), (32, 8),
+        (a, b, partial, counters, i32(slice_), i32(m), i32(n), i32(k), *args))
+
+
+def linear_activation_forward(x, w, bias, activation, scratch, out=None):
+    """act(x @ w + bias) in one launch (a block without BN)."""
+    n = w.shape[1]
+    y = cupy.empty((x.shape[0], n), dtype=x.dtype) if out is None else out
+    none = y.reshape(-1)[:0]
+    bias, has_bias = _bias_args(y, bias)
+    s = _s(y, 0, 0)
+    _fused_launch("linear_forward", x, w, n, scratch,
+                  (np.int32(0), none, none, *s, np.int32(0), none, none, none, none, bias,
+                   has_bias, np.int32(activation), none, y))
+    return y
+
+
+def linear_bn_forward(x, w, gamma, beta, eps, momentum, unbiased, running_mean, running_var,
+                      scratch, h=None, out=None, bias=None, activation=IDENTITY):
+    """h = x @ w, then bn_forward(h, ...)'s outputs, in one launch: (y, mean, inv_std); h
+    (BN's input, which the backward reads) is written too."""
+    m, n = x.shape[0], w.shape[1]
+    h = cupy.empty((m, n), dtype=x.dtype) if h is None else h
+    y = cupy.empty_like(h) if out is None else out
+    mean, inv_std = cupy.empty(n, dtype=x.dtype), cupy.empty(n, dtype=x.dtype)
+    bias, has_bias = _bias_args(h, bias)
+    _fused_launch("linear_forward", x, w, n, scratch,
+                  (np.int32(1), gamma, beta, *_s(h, eps, momentum), np.int32(unbiased),
+                   running_mean, running_var, mean, inv_std, bias, has_bias,
+                   np.int32(activation), h, y))
+    return y, mean, inv_std
+
+
+def linear_activation_backward(g, w_next, y, activation, scratch, dbias=None, out=None):
+    """The gradient of a block's product (without BN) from the next block's: dy = g @
+    w_next^T, then activation_backward(dy, y, ...) (the bias gradient added to dbias), in
+    one launch."""
+    dh = cupy.empty_like(y) if out is None else out
+    none = dh.reshape(-1)[:0]
+    dbias, has_bias = _bias_args(y, dbias)
+    _fused_launch("linear_backward", g, w_next, y.shape[1], scratch,
+                  (np.int32(0), none, y, none, none, none, none, none, dbias, has_bias,
+                   np.int32(activation), dh))
+    return dh
+
+
+def linear_bn_backward(g, w_next, h, y, gamma, mean, inv_std, dgamma, dbeta, scratch,
+                       out=None, activation=IDENTITY):
+    """dy = g @ w_next^T (g: the next block's dh), then bn_backward(dy, h, ..., y=y) in
+    one launch; returns dh (dgamma, dbeta accumulated)."""
+    dh = cupy.empty_like(h) if out is None else out
+    none = dh.reshape(-1)[:0]
+    _fused_launch("linear_backward", g, w_next, h.shape[1], scratch,
+                  (np.int32(1), h, y, gamma, mean, inv_std, dgamma, dbeta, none, np.int32(0),
+                   np.int32(activation), dh))
     return dh
 
 

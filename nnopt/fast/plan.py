@@ -11,6 +11,11 @@ BN_SPLIT_MIN_ROWS = 512  # below, the one-launch kernel's threads walk <= 64 row
 SPLIT_K_MIN_INNER = 512  # products with a shorter inner dimension never split it (split_k_pays)
 SPLIT_K_TILE = 32        # the output tile of cuBLAS's small-matrix kernels (32x32, H200 profile)
 BN_VECTORS = True      # the split path's 16-byte loads (bench_gpu measures them against 4-byte ones)
+FUSED_MAX_ROWS = 64     # batches up to this: a block's product fused into its passes (batchnorm.cu)
+FUSED_PRODUCTS = True   # ... switched off: cuBLAS products beside the passes (bench_gpu measures both)
+FUSED_K_TILE = 32       # k staged in shared memory this many at a time (batchnorm.cu's KT)
+FUSED_MIN_SLICE = 128   # a fused product's k is cut into slices of at least this many
+FUSED_MAX_SLICES = 8    # ... and at most this many (the last block adds them in order)
 CE_THREADS = 256       # softmax cross-entropy: threads per block (NNOPT_CE_THREADS), a row each
 CE_MAX_BLOCKS = 4096   # ... and blocks at most (rows beyond: grid-stride)
 
@@ -75,3 +80,21 @@ def split_k_pays(m, n, k, sms):
     (0: no product splits; any other size: cuBLAS chooses for every product)."""
     tiles = -(-m // SPLIT_K_TILE) * -(-n // SPLIT_K_TILE)
     return k >= SPLIT_K_MIN_INNER and tiles < sms
+
+
+def fuses_product(m):
+    """Whether a block's product over m rows runs fused into its passes: every row of a
+    feature tile in one CUDA block (batchnorm.cu, linear_forward / linear_backward)."""
+    return FUSED_PRODUCTS and 1 <= m <= FUSED_MAX_ROWS
+
+
+def fused_slices(n, k, sms):
+    """(slices, slice) of a fused product's k: one slice where k is short, else enough
+    slices of at least FUSED_MIN_SLICE (a multiple of FUSED_K_TILE) for the feature tiles
+    times the slices to spread over the multiprocessors, at most FUSED_MAX_SLICES (the
+    last block of a tile adds them). Textbook network at batch 64 on 132 SMs: the first
+    layer's k = 784 in 7 slices of 128 (28 blocks), every other product in one."""
+    tiles = -(-n // 32)
+    wanted = max(1, min(FUSED_MAX_SLICES, sms // tiles))
+    slice_ = -(-max(FUSED_MIN_SLICE, -(-k // wanted)) // FUSED_K_TILE) * FUSED_K_TILE
+    return -(-max(k, 1) // slice_), slice_
