@@ -427,11 +427,38 @@ NNOPT_BN_SPLIT(double, f64)
 // launch) adds the slices in order, so the sum is the same every run, and runs the epilogue.
 #define FUSED_MAX_ROWS 64
 #define FUSED_RPT (FUSED_MAX_ROWS / ROWS)
-#define KT 32
+#define KT 32  // == TILE: a k tile of b is KT x TILE, FUSED_BQ values per thread
+
+// A KT-wide tile of k as each thread loads it into registers: a[i][k0 + tx] for its rows
+// i = threadIdx.y + ROWS r (coalesced along k), and KT / ROWS values of b(k, j) (coalesced
+// along j, or along k for TRANS_B). Zero outside a, b and the slice.
+#define FUSED_BQ (KT / ROWS)
+template <typename T, bool TRANS_B>
+__device__ __forceinline__ void load_k_tile(const T* __restrict__ a, const T* __restrict__ b,
+                                            int m, int n, int k, int j0, int k0, int k_end,
+                                            T (&ar)[FUSED_RPT], T (&br)[FUSED_BQ]) {
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const bool in_k = k0 + tx < k_end;
+    for (int r = 0; r < FUSED_RPT; ++r) {
+        const int i = ty + ROWS * r;
+        ar[r] = in_k && i < m ? a[(long long)i * k + k0 + tx] : T(0);
+    }
+    for (int q = 0; q < FUSED_BQ; ++q) {
+        const int other = ty + ROWS * q;  // k within the tile, or (TRANS_B) the feature
+        if (!TRANS_B) {
+            br[q] = k0 + other < k_end && j0 + tx < n ? b[(long long)(k0 + other) * n + j0 + tx]
+                                                      : T(0);
+        } else {
+            br[q] = in_k && j0 + other < n ? b[(long long)(j0 + other) * k + k0 + tx] : T(0);
+        }
+    }
+}
 
 // acc[r] = sum over k in [k_begin, k_end) of a[i][k] b(k, j), i = threadIdx.y + ROWS r,
 // j = j0 + threadIdx.x; a is (m, k) row-major; b(k, j) = b[k * n + j] (a block's weights,
-// (k, n)) or, TRANS_B, b[j * k + k'] (the next block's weights, (n, k), transposed).
+// (k, n)) or, TRANS_B, b[j * k + k'] (the next block's weights, (n, k), transposed). The
+// next tile is loaded into registers while the current one is multiplied (its memory
+// latency hidden behind the arithmetic), then staged in shared memory.
 template <typename T, bool TRANS_B>
 __device__ __forceinline__ void product_tile(const T* __restrict__ a, const T* __restrict__ b,
                                              int m, int n, int k, int j0, int k_begin,
@@ -439,24 +466,17 @@ __device__ __forceinline__ void product_tile(const T* __restrict__ a, const T* _
                                              T (&as)[FUSED_MAX_ROWS][KT],
                                              T (&bs)[KT][TILE + 1]) {
     const int tx = threadIdx.x, ty = threadIdx.y;
+    T ar[FUSED_RPT], br[FUSED_BQ];
     for (int r = 0; r < FUSED_RPT; ++r) acc[r] = T(0);
+    if (k_begin < k_end) load_k_tile<T, TRANS_B>(a, b, m, n, k, j0, k_begin, k_end, ar, br);
     for (int k0 = k_begin; k0 < k_end; k0 += KT) {
-        const bool in_k = k0 + tx < k_end;
-        for (int r = 0; r < FUSED_RPT; ++r) {  // coalesced along k
-            const int i = ty + ROWS * r;
-            as[i][tx] = in_k && i < m ? a[(long long)i * k + k0 + tx] : T(0);
-        }
-        if (!TRANS_B) {  // b(k, j) rows: coalesced along j
-            for (int kk = ty; kk < KT; kk += ROWS) {
-                bs[kk][tx] = k0 + kk < k_end && j0 + tx < n ? b[(long long)(k0 + kk) * n + j0 + tx]
-                                                            : T(0);
-            }
-        } else {  // rows of the next block's weights: coalesced along k
-            for (int jj = ty; jj < TILE; jj += ROWS) {
-                bs[tx][jj] = in_k && j0 + jj < n ? b[(long long)(j0 + jj) * k + k0 + tx] : T(0);
-            }
+        for (int r = 0; r < FUSED_RPT; ++r) as[ty + ROWS * r][tx] = ar[r];
+        for (int q = 0; q < FUSED_BQ; ++q) {
+            if (!TRANS_B) bs[ty + ROWS * q][tx] = br[q];
+            else bs[tx][ty + ROWS * q] = br[q];
         }
         __syncthreads();
+        if (k0 + KT < k_end) load_k_tile<T, TRANS_B>(a, b, m, n, k, j0, k0 + KT, k_end, ar, br);
 #pragma unroll 8
         for (int kk = 0; kk < KT; ++kk) {
             const T bv = bs[kk][tx];

@@ -312,3 +312,37 @@ def test_fused_block_on_gpu_matches_its_layers(xp, gpu, rng, shape, dtype, batch
     for name, want in grads_ref.items():
         if not (batchnorm and name == "fc1.b"):  # zero by construction in the block
             assert np.max(np.abs(grads[name] - want)) <= tol * scale(want), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("sms", [None, 132])
+def test_fused_products_match_cublas_products(xp, gpu, rng, monkeypatch, dtype, batchnorm, sms):
+    """At batch 64 a chain of blocks fuses each product into its passes: linear_forward,
+    and linear_backward computing the next block's deferred input gradient. One training
+    step's outputs, running statistics and gradients against the same step with the
+    products as separate GEMMs (plan.FUSED_PRODUCTS off); sms=132: the first product's k
+    = 784 cut into slices, whatever this GPU's count."""
+    from nnopt.fast import plan
+    if sms is not None:
+        monkeypatch.setattr(gpu, "sms", lambda: sms)
+    x = dev(xp, rng.normal(size=(64, 784)).astype(dtype))
+    labels = dev(xp, rng.integers(0, 10, 64))
+    results = []
+    for fused_products in (True, False):
+        monkeypatch.setattr(plan, "FUSED_PRODUCTS", fused_products)
+        model = nnopt.mlp([784, 128, 64, 32, 16, 10], batchnorm=batchnorm, seed=5, device=xp,
+                          dtype=dtype)
+        model.zero_grad()
+        loss = float(model.loss_and_backward(x, labels, nnopt.SoftmaxCrossEntropy()))
+        assert all(step.saved is not None for step in model.steps)
+        results.append((loss, {k: host(v) for k, v in model.state_dict().items()},
+                        {p.name: host(p.grad) for p in model.parameters()}))
+    (loss, state, grads), (loss_ref, state_ref, grads_ref) = results
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    assert loss == pytest.approx(loss_ref, rel=tol)
+    scale = lambda a: max(float(np.max(np.abs(a))), 1.0)  # noqa: E731
+    for name in state_ref:
+        assert np.max(np.abs(state[name] - state_ref[name])) <= tol * scale(state_ref[name]), name
+    for name in grads_ref:
+        assert np.max(np.abs(grads[name] - grads_ref[name])) <= 10 * tol * scale(grads_ref[name]), name
