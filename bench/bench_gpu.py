@@ -189,10 +189,9 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
                 runners[f"gpu_graph_{tag}"] = GraphRunner(bn, batch, sizes)
                 if batch == 64:  # the fused blocks against the textbook's layers (issue 14)
                     runners[f"gpu_graph_layers_{tag}"] = GraphRunner(bn, batch, sizes, fused=False)
-                if plan.fuses_product(batch):  # the blocks' products as cuBLAS GEMMs instead
-                    runners[f"gpu_graph_cublas_{tag}"] = with_cublas_products(bn, batch, sizes)
-                for name, nbytes in WORKSPACE_VARIANTS.items():  # uniform cuBLAS settings
-                    runners[f"gpu_graph_{name}_{tag}"] = with_workspace(nbytes, bn, batch, sizes)
+                for name, (_, applies, _, _) in GRAPH_VARIANTS.items():  # nnopt's other choices
+                    if applies(batch):
+                        runners[f"gpu_graph_{name}_{tag}"] = variant_runner(name, bn, batch, sizes)
             except Exception as exc:  # report, do not hide
                 row["graph_error"] = f"{type(exc).__name__}: {exc}"
         if torch is not None:
@@ -215,18 +214,15 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     for tag in ("plain", "bn"):
         if f"gpu_graph_{tag}_s" in row and f"torch_graph_{tag}_s" in row:
             row[f"graph_vs_torch_graph_{tag}"] = row[f"gpu_graph_{tag}_s"] / row[f"torch_graph_{tag}_s"]
-        for name in WORKSPACE_VARIANTS:
+        for name in GRAPH_VARIANTS:
             if f"gpu_graph_{name}_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
                 row[f"{name}_vs_graph_{tag}"] = (row[f"gpu_graph_{name}_{tag}_s"]
                                                  / row[f"gpu_graph_{tag}_s"])
-        if f"gpu_graph_cublas_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
-            row[f"fused_products_vs_cublas_{tag}"] = (row[f"gpu_graph_{tag}_s"]
-                                                      / row[f"gpu_graph_cublas_{tag}_s"])
         if f"gpu_graph_layers_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
             row[f"graph_fused_vs_layers_{tag}"] = (row[f"gpu_graph_{tag}_s"]
                                                    / row[f"gpu_graph_layers_{tag}_s"])
-    for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "gpu_graph_cublas",
-                   "torch_gpu", "torch_graph", *(f"gpu_graph_{name}" for name in WORKSPACE_VARIANTS)):
+    for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "torch_gpu", "torch_graph",
+                   *(f"gpu_graph_{name}" for name in GRAPH_VARIANTS)):
         if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
             row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
     if "gpu_graph_bn_s" in row:
@@ -238,53 +234,61 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     return row
 
 
-# The captured step with one cuBLAS workspace setting for every product, measured beside
-# nnopt's per-product rule (nnopt.fast.plan.split_k_pays): "ws", the workspace for all
-# (cuBLAS may split any product into a GEMM and a reduction kernel); "nows", none for any.
-WORKSPACE_VARIANTS = {"ws": "default", "nows": 0}
+# The captured step as nnopt would run it with one of its choices undone, measured beside
+# its own: name -> (what changes, at which batches, the setting: a plan attribute or an
+# environment variable, and its value while the variant is captured).
+GRAPH_VARIANTS = {
+    # cuBLAS's workspace for every product (it may split any into a GEMM and a reduction
+    # kernel), or none for any, instead of plan.split_k_pays's choice per product
+    "ws": ("workspace for all", lambda batch: True, "$NNOPT_CUBLAS_WORKSPACE", "default"),
+    "nows": ("no workspace", lambda batch: True, "$NNOPT_CUBLAS_WORKSPACE", "0"),
+    # the blocks' products as cuBLAS GEMMs beside their passes, not fused into them
+    "cublas": ("cuBLAS products", lambda batch: plan.fuses_product(batch), "FUSED_PRODUCTS",
+               False),
+    # the weight gradients on the main stream, not beside it
+    "serial": ("serial dW", lambda batch: True, "OVERLAP_WEIGHT_GRADS", False),
+}
 
 
-def with_workspace(nbytes, bn, batch, sizes):
-    """A GraphRunner whose stream gets ``nbytes`` of cuBLAS workspace ("default": the
-    handle's) for every product, through $NNOPT_CUBLAS_WORKSPACE while it is captured."""
+def variant_runner(name, bn, batch, sizes):
+    """A GraphRunner captured with GRAPH_VARIANTS[name]'s setting (restored after)."""
     import os
 
     from nnopt import cublas
-    saved = os.environ.get("NNOPT_CUBLAS_WORKSPACE")
-    os.environ["NNOPT_CUBLAS_WORKSPACE"] = str(cublas.WORKSPACE_BYTES if nbytes == "default"
-                                               else nbytes)
+    _, _, setting, value = GRAPH_VARIANTS[name]
+    if setting.startswith("$"):
+        key = setting[1:]
+        saved = os.environ.get(key)
+        os.environ[key] = str(cublas.WORKSPACE_BYTES) if value == "default" else value
+        try:
+            return GraphRunner(bn, batch, sizes)
+        finally:
+            if saved is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = saved
+    saved = getattr(plan, setting)
+    setattr(plan, setting, value)
     try:
         return GraphRunner(bn, batch, sizes)
     finally:
-        if saved is None:
-            del os.environ["NNOPT_CUBLAS_WORKSPACE"]
-        else:
-            os.environ["NNOPT_CUBLAS_WORKSPACE"] = saved
-
-
-def with_cublas_products(bn, batch, sizes):
-    """A GraphRunner whose blocks run their products as cuBLAS GEMMs beside their passes
-    (plan.FUSED_PRODUCTS off while it is captured), measured beside the fused kernels."""
-    plan.FUSED_PRODUCTS = False
-    try:
-        return GraphRunner(bn, batch, sizes)
-    finally:
-        plan.FUSED_PRODUCTS = True
+        setattr(plan, setting, saved)
 
 
 def graph_table(rows):
     """The captured-step table of the issue: per-step microseconds, textbook network, SGD;
-    nnopt's graph also with one cuBLAS workspace setting for every product
-    (WORKSPACE_VARIANTS: "ws" with one, "nows" without)."""
-    lines = ["| batch | BN | torch eager | torch graph | nnopt graph | nnopt, workspace for all "
-             "| nnopt, none | nnopt / torch graph |", "|---:|:---:|---:|---:|---:|---:|---:|---:|"]
+    nnopt's graph also with each of its choices undone (GRAPH_VARIANTS)."""
+    lines = ["| batch | BN | torch eager | torch graph | nnopt graph | "
+             + " | ".join(f"nnopt, {label}" for label, *_ in GRAPH_VARIANTS.values())
+             + " | nnopt / torch graph |",
+             "|---:|:---:|---:|---:|---:|" + "---:|" * len(GRAPH_VARIANTS) + "---:|"]
     us = lambda r, k: f"{r[k] * 1e6:.0f}" if k in r else "-"  # noqa: E731
     for r in rows:
         if r.get("width") != "textbook":
             continue
         for tag, label in (("plain", "no"), ("bn", "yes")):
             ratio = r.get(f"graph_vs_torch_graph_{tag}")
-            others = " | ".join(us(r, f"gpu_graph_{name}_{tag}_s") for name in WORKSPACE_VARIANTS)
+            others = " | ".join(us(r, f"gpu_graph_{name}_{tag}_s") for name in GRAPH_VARIANTS)
             lines.append(f"| {r['batch']} | {label} | {us(r, f'torch_gpu_{tag}_s')} | "
                          f"{us(r, f'torch_graph_{tag}_s')} | {us(r, f'gpu_graph_{tag}_s')} | "
                          f"{others} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
@@ -363,10 +367,10 @@ def main(argv=None):
                                           "gpu_graph_bn_overhead_%", "torch_gpu_bn_overhead_%",
                                           "torch_graph_bn_overhead_%", "graph_speedup_bn",
                                           "gpu_speedup_bn"]))
-    print(common.table(results["train"], ["batch", "fused_products_vs_cublas_plain",
-                                          "fused_products_vs_cublas_bn", "ws_vs_graph_plain",
-                                          "nows_vs_graph_plain", "ws_vs_graph_bn",
-                                          "nows_vs_graph_bn"]))
+    print("each variant's step time over nnopt's (above 1: nnopt's choice is faster)")
+    print(common.table(results["train"], ["batch", *(f"{name}_vs_graph_{tag}"
+                                                     for name in GRAPH_VARIANTS
+                                                     for tag in ("plain", "bn"))]))
     results["graph_table"] = graph_table(results["train"])
     print(results["graph_table"])
     results["verdict"] = verdict(results["train"])

@@ -86,6 +86,9 @@ class Block(Layer):
         self.saved = None     # what a fused forward leaves for backward; None after a layered one
         self.grads_written = None  # the storage's zero_count when this block last wrote its gradients
         self.defer_input_grad = False  # set by nnopt.Sequential where a block comes before this one
+        # set by nnopt.Sequential, which joins the side stream at the end of its backward
+        self.weight_grad_beside = False
+        self.joins = None  # the join of the side stream this block's weight gradient ran on
 
     @property
     def needs_input_grad(self):
@@ -182,13 +185,32 @@ class Block(Layer):
     def _add_weight_grad(self, fast, x, dh):
         """W.grad += x^T dh; written directly when the gradients were zeroed since this
         block last wrote them (one pass over W.grad fewer, the common case of a step;
-        FlatParameters.zero_count)."""
+        FlatParameters.zero_count). Inside a model on the GPU, on a side stream
+        (nnopt.fast.gpu.beside_main): the rest of the backward pass does not wait for it;
+        the model joins it at the end of its backward (:meth:`join_weight_grad`)."""
         grad, storage = self.linear.W.grad, self.linear.W.storage
-        if storage is not None and storage.zero_count != self.grads_written:
-            fast.product(x.T, dh, out=grad)
+        direct = storage is not None and storage.zero_count != self.grads_written
+
+        def work():
+            if direct:
+                fast.product(x.T, dh, out=grad)
+            else:
+                total = grad  # in place (grad itself would be local to work)
+                total += fast.product(x.T, dh, out=self.scratch.get("dW", grad))
+        beside = getattr(fast, "beside_main", None) if self.weight_grad_beside else None
+        if beside is None:
+            work()
         else:
-            grad += fast.product(x.T, dh, out=self.scratch.get("dW", grad))
+            beside(work)
+            self.joins = fast.join_side
         self._note_grads_written()
+
+    def join_weight_grad(self):
+        """Wait (on the current stream) for this block's weight gradient where it ran on a
+        side stream."""
+        if self.joins is not None:
+            self.joins()
+            self.joins = None
 
     def _note_grads_written(self):
         storage = self.linear.W.storage

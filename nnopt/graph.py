@@ -8,7 +8,9 @@ it (Adam's bias corrections are computed there; the others' scalars are constant
 graph, one node fewer); matrix products run cuBLAS through a handle of nnopt's own (CuPy refuses
 cuBLAS calls during capture; nnopt.cublas), bound to the capture stream with its workspace
 before the capture begins (each product given it or not: cuBLAS's split-K pairs only where
-they pay, nnopt.fast.plan.split_k_pays), or nnopt's tiled GEMM where cuBLAS cannot load; every
+they pay, nnopt.fast.plan.split_k_pays), or nnopt's tiled GEMM where cuBLAS cannot load
+(the weight-gradient products on a side stream of the capture stream, forked and joined by
+events: parallel branches of the graph, nnopt.fast.gpu.beside_main); every
 temporary comes from a private memory pool that only the graph uses, so its addresses stay valid between replays (the warm-up step's buffers too, and the
 step holds every scratch buffer the graph writes into, so none is ever handed back to an
 eager allocation). The graph runs on a stream of its own, ordered both ways with the

@@ -47,6 +47,9 @@ class Sequential:
         if self.steps:
             # Nobody needs dJ/dx of the input data: skip that matmul.
             self.steps[0].needs_input_grad = False
+        for step in self.steps:
+            if isinstance(step, Block):  # joined at the end of backward
+                step.weight_grad_beside = True
         for before, step in zip(self.steps, self.steps[1:]):
             # A block may leave its input gradient's product to the block before it, which
             # can fuse it into its own backward pass (nnopt.block.DeferredInputGrad).
@@ -75,6 +78,9 @@ class Sequential:
     def backward(self, dy):
         for step in reversed(self.steps):
             dy = step.backward(dy)
+        for step in self.steps:  # weight gradients computed beside the main stream (GPU)
+            if isinstance(step, Block):
+                step.join_weight_grad()
         return dy
 
     def loss_and_backward(self, x, target, loss):

@@ -388,14 +388,25 @@ class Launches(list):
     """Every launch, as (name, grid, block, scalars, addresses); while a stream captures,
     ``recording`` collects the work instead of running it, and ``kept`` the arrays the
     graph owns (allocated while capturing, or handed to cuBLAS by address), as a graph's
-    memory pool keeps them on a GPU."""
-    recording = kept = None
+    memory pool keeps them on a GPU. ``members``: the streams in the capture (the origin,
+    and those that waited for an event recorded on a member), each with [launches, how
+    many of them the origin has waited for]: a launch on any other stream would run at
+    once on a GPU, outside the graph, and a member's work the origin never waited for
+    fails the capture's end (cudaErrorStreamCaptureUnjoined); both are LaunchErrors."""
+    recording = kept = members = origin = None
+    streams = None  # the stand-in's streams, the current one last
 
     def run(self, work):
         if self.recording is None:
             work()
-        else:
-            self.recording.append(work)
+            return
+        stream = self.streams[-1]
+        if stream not in self.members:
+            raise LaunchError("a launch on a stream outside the capture (it would run at once "
+                              "on a GPU, not in the graph): make the stream wait for an event "
+                              "recorded on a capturing stream first")
+        self.members[stream][0] += 1
+        self.recording.append(work)
 
     def keep(self, array):
         if self.kept is not None:
@@ -427,24 +438,47 @@ class Stream:
         return False
 
     def begin_capture(self, mode=None):
-        if self.cp.launches.recording is not None:
+        launches = self.cp.launches
+        if launches.recording is not None:
             raise NotEmulated("a capture inside a capture")
-        self.cp.launches.recording, self.cp.launches.kept = [], []
+        launches.recording, launches.kept = [], []
+        launches.members, launches.origin = {self: [0, 0]}, self
 
     def end_capture(self):
         launches = self.cp.launches
+        unjoined = [s for s, (done, joined) in launches.members.items()
+                    if s is not self and done != joined]
         graph = Graph(launches.recording, launches.kept)
-        launches.recording = launches.kept = None
+        launches.recording = launches.kept = launches.members = launches.origin = None
+        if unjoined:
+            raise LaunchError(f"end_capture: {len(unjoined)} stream(s) of the capture ran work "
+                              "the capturing stream never waited for (on a GPU: "
+                              "cudaErrorStreamCaptureUnjoined)")
         return graph
 
     def synchronize(self):
         pass
 
     def record(self, event=None):
-        return event
+        members = self.cp.launches.members
+        return Event(self, members[self][0] if members and self in members else None)
 
     def wait_event(self, event):
-        pass
+        members = self.cp.launches.members
+        if not members or not isinstance(event, Event) or event.stream not in members:
+            return
+        members.setdefault(self, [0, 0])  # the stream joins the capture
+        if self is self.cp.launches.origin and event.launches is not None:
+            state = members[event.stream]
+            state[1] = max(state[1], event.launches)
+
+
+@dataclass
+class Event:
+    """A recorded point of a stand-in stream: how many of its launches in the capture came
+    before it (None outside a capture)."""
+    stream: object
+    launches: object
 
 
 def emulated_cupy(multiprocessors=2):
@@ -475,6 +509,7 @@ def emulated_cupy(multiprocessors=2):
             self.attributes = {"MultiProcessorCount": multiprocessors}
 
     cp.streams = [Stream(cp, ptr=0)]  # the current stream last; 0: the NULL stream
+    cp.launches.streams = cp.streams
     cp.cuda = types.SimpleNamespace(
         Device=Device, Stream=lambda non_blocking=False: Stream(cp, non_blocking),
         get_current_stream=lambda: cp.streams[-1],

@@ -96,6 +96,40 @@ extern "C" __global__ void reverse_f64(double* a) { reverse<double>(a); }
         cupy_stand_in.RawModule(code=hidden).get_function("reverse_f64")((1,), (64,), (a,))
 
 
+def test_captures_follow_cudas_stream_rules():
+    """While a stream captures, a launch on a stream that has not joined the capture (by
+    waiting for an event recorded on a member) is a LaunchError (on a GPU it would run at
+    once, outside the graph), and so is ending the capture before the capturing stream
+    waited for a member's work (cudaErrorStreamCaptureUnjoined). Joined both ways, the
+    side stream's launch is part of the graph."""
+    cp = emulated_gpu.emulated_cupy()
+    sgd = cp.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f64")
+    p, g = cp.zeros(4, np.float64), cp.zeros(4, np.float64)
+    g[...] = 1
+    args = (p, g, np.float64(1), np.float64(0), np.float64(1), np.int64(4))
+    main, side = cp.cuda.Stream(), cp.cuda.Stream()
+    for joined_back in (None, False, True):
+        with main:
+            main.begin_capture()
+            if joined_back is None:  # never joined
+                with side, pytest.raises(emulated_gpu.LaunchError, match="outside the capture"):
+                    sgd((1,), (4,), args)
+                main.end_capture()
+                continue
+            side.wait_event(main.record())
+            with side:
+                sgd((1,), (4,), args)
+            if joined_back:
+                main.wait_event(side.record())
+                graph = main.end_capture()
+            else:
+                with pytest.raises(emulated_gpu.LaunchError, match="never waited"):
+                    main.end_capture()
+    assert np.all(p == 0)  # recorded, not run
+    graph.launch(main)
+    assert np.all(p == -1)
+
+
 def test_signatures_are_parsed_from_the_macro_expansions():
     signatures = emulated_gpu.kernel_signatures(kernels.source("batchnorm.cu"))
     params, synchronizes = signatures["bn_forward_f32"]

@@ -118,12 +118,52 @@ def cublas_handle():
 
 def prepare_capture(stream):
     """Before anything runs on ``stream`` for a capture (its warm-up included): the handle
-    made and bound to ``stream`` with the stream's workspace (cuBLAS must neither allocate
-    nor change streams while capturing). Returns the GEMM route the capture will take."""
+    made and given its workspace on ``stream``'s side stream (:func:`beside_main`), then
+    bound to ``stream`` with its own (cuBLAS must not allocate while capturing; it may
+    change streams then). Returns the GEMM route the capture will take."""
     handle = cublas_handle()
     if handle is not None:  # $NNOPT_CUBLAS_WORKSPACE, where set, sizes a new stream's
+        handle.set_stream(side_stream(stream).ptr, cublas.workspace_bytes())
         handle.set_stream(stream.ptr, cublas.workspace_bytes())
     return HANDLES.route(cupy.cuda.Device().id)
+
+
+# --- work beside the main stream ---------------------------------------------------------------
+# A block's weight gradient x^T dh is needed by nothing until the optimizer step, and its
+# input gradient by everything after it: on a side stream the weight-gradient products
+# overlap the rest of the backward pass (in a captured graph: parallel branches).
+_SIDE_STREAMS = {}  # main stream's pointer -> its side stream
+_JOIN_PENDING = {}  # main stream's pointer -> the side stream it has not waited for yet
+
+
+def side_stream(main):
+    """The side stream of ``main`` (one each, made on first use)."""
+    if main.ptr not in _SIDE_STREAMS:
+        _SIDE_STREAMS[main.ptr] = cupy.cuda.Stream(non_blocking=True)
+    return _SIDE_STREAMS[main.ptr]
+
+
+def beside_main(work):
+    """Run ``work()`` (launches) on the current stream's side stream, after everything
+    queued on the current stream so far; :func:`join_side` makes the current stream wait
+    for it. plan.OVERLAP_WEIGHT_GRADS off: on the current stream."""
+    if not plan.OVERLAP_WEIGHT_GRADS:
+        return work()
+    main = cupy.cuda.get_current_stream()
+    side = side_stream(main)
+    side.wait_event(main.record())
+    with side:
+        result = work()
+    _JOIN_PENDING[main.ptr] = side
+    return result
+
+
+def join_side():
+    """The current stream waits for the work :func:`beside_main` put on its side stream."""
+    main = cupy.cuda.get_current_stream()
+    side = _JOIN_PENDING.pop(main.ptr, None)
+    if side is not None:
+        main.wait_event(side.record())
 
 
 def _pointer(a):
