@@ -245,6 +245,10 @@ GRAPH_VARIANTS = {
     # the blocks' products as cuBLAS GEMMs beside their passes, not fused into them
     "cublas": ("cuBLAS products", lambda batch: plan.fuses_product(batch), "FUSED_PRODUCTS",
                False),
+    # the fused products' k cut into slices of 32 (more blocks, each tile's sums added by
+    # its last block) instead of FUSED_MIN_SLICE's: the layers after the first split too
+    "slices32": ("k slices of 32", lambda batch: plan.fuses_product(batch), "FUSED_MIN_SLICE",
+                 32),
     # the weight gradients on the main stream, not beside it
     "serial": ("serial dW", lambda batch: True, "OVERLAP_WEIGHT_GRADS", False),
 }

@@ -477,10 +477,18 @@ __device__ __forceinline__ void product_tile(const T* __restrict__ a, const T* _
         }
         __syncthreads();
         if (k0 + KT < k_end) load_k_tile<T, TRANS_B>(a, b, m, n, k, j0, k0 + KT, k_end, ar, br);
-#pragma unroll 8
-        for (int kk = 0; kk < KT; ++kk) {
-            const T bv = bs[kk][tx];
-            for (int r = 0; r < FUSED_RPT; ++r) acc[r] += as[ty + ROWS * r][kk] * bv;
+        // W consecutive k of a row of as in one 16-byte shared load (the same address for
+        // every thread of a warp: a broadcast), times W values of bs: W times fewer loads
+        const int W = 16 / sizeof(T);
+#pragma unroll 2
+        for (int kk = 0; kk < KT; kk += W) {
+            T bv[W];
+            for (int w = 0; w < W; ++w) bv[w] = bs[kk + w][tx];
+            for (int r = 0; r < FUSED_RPT; ++r) {
+                const NnoptFeatures<T, 16 / sizeof(T)> av =
+                    load_features<T, 16 / sizeof(T)>(as[ty + ROWS * r], kk);
+                for (int w = 0; w < W; ++w) acc[r] += av.e[w] * bv[w];
+            }
         }
         __syncthreads();
     }
@@ -529,7 +537,7 @@ extern "C" __global__ void linear_forward_##S(const T* __restrict__ a,          
         int has_bn, const T* gamma, const T* beta, T eps, T momentum, int unbiased,           \
         T* running_mean, T* running_var, T* mean_out, T* inv_std_out, const T* bias,          \
         int has_bias, int activation, T* h, T* y) {                                          \
-    __shared__ T as[FUSED_MAX_ROWS][KT];                                                     \
+    alignas(16) __shared__ T as[FUSED_MAX_ROWS][KT];  /* rows read 16 bytes at a time */    \
     __shared__ T bs[KT][TILE + 1];                                                           \
     __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ T scale[TILE], offset[TILE];                                                  \
@@ -581,7 +589,7 @@ extern "C" __global__ void linear_backward_##S(const T* __restrict__ g,         
         int k, int has_bn, const T* h, const T* y, const T* gamma, const T* mean,             \
         const T* inv_std, T* dgamma, T* dbeta, T* dbias, int has_bias, int activation,       \
         T* dh) {                                                                             \
-    __shared__ T as[FUSED_MAX_ROWS][KT];                                                     \
+    alignas(16) __shared__ T as[FUSED_MAX_ROWS][KT];  /* rows read 16 bytes at a time */    \
     __shared__ T bs[KT][TILE + 1];                                                           \
     __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ T coef[3][TILE];                                                              \
