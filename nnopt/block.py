@@ -164,6 +164,14 @@ class Block(Layer):
             if deferred:
                 fast.linear_activation_backward(dy.dh, dy.weight, y, code, self.scratch,
                                                 dbias=linear.b.grad, out=dh)
+            elif (self.activation_name == "identity" and self._runs_beside(fast)
+                  and dy.flags.c_contiguous and dy.dtype == y.dtype):
+                # dh is dy itself (the last block: the loss's gradient); what is left, the
+                # bias gradient, is needed by the optimizer alone: beside the main stream
+                copy = dh
+                self._beside(fast, lambda: fast.activation_backward(
+                    dy, y, code, dbias=linear.b.grad, out=copy))
+                dh = dy
             else:
                 fast.activation_backward(dy, y, code, dbias=linear.b.grad, out=dh)
         else:
@@ -197,13 +205,20 @@ class Block(Layer):
             else:
                 total = grad  # in place (grad itself would be local to work)
                 total += fast.product(x.T, dh, out=self.scratch.get("dW", grad))
-        beside = getattr(fast, "beside_main", None) if self.weight_grad_beside else None
-        if beside is None:
-            work()
-        else:
-            beside(work)
-            self.joins = fast.join_side
+        self._beside(fast, work)
         self._note_grads_written()
+
+    def _runs_beside(self, fast):
+        return self.weight_grad_beside and getattr(fast, "beside_main", None) is not None
+
+    def _beside(self, fast, work):
+        """work() on the side stream where this block runs its weight gradient there, else
+        now on the current stream."""
+        if not self._runs_beside(fast):
+            work()
+            return
+        fast.beside_main(work)
+        self.joins = fast.join_side
 
     def join_weight_grad(self):
         """Wait (on the current stream) for this block's weight gradient where it ran on a
