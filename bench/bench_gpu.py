@@ -162,14 +162,17 @@ def bench_bn(xp, torch, tdev, sync, shapes):
     return rows
 
 
-def bench_train(torch, configs, dry_run):
-    """Per-step time of every (batch, width) config: CPU and GPU, BN on/off, graph on/off."""
+def bench_train(torch, configs, dry_run, on_row=lambda rows: None):
+    """Per-step time of every (batch, width) config: CPU and GPU, BN on/off, graph on/off.
+    ``on_row(rows)`` after each config (the caller writes what it has: a run cut short by
+    its time limit keeps the configs it finished)."""
     rows = []
     gpu = "cpu" if dry_run else "gpu"
     tdev = "cpu" if dry_run else "cuda"
     for batch, width, with_cpu in configs:
         try:
             rows.append(_train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run))
+            on_row(rows)
         except Exception as exc:  # record it and go on with the other configurations
             print(f"batch {batch} width {width}: {type(exc).__name__}: {exc}", flush=True)
     return rows
@@ -366,7 +369,10 @@ def main(argv=None):
     write()
     print(common.table(results["bn"], ["shape", "nnopt_s", "torch_s", "vs_torch", "nnopt_4byte_s",
                                        "vs_4byte"]))
-    results["train"] = bench_train(torch, configs, args.dry_run)
+    def partial(rows):
+        results["train"] = rows
+        write()
+    results["train"] = bench_train(torch, configs, args.dry_run, on_row=partial)
     print(common.table(results["train"], ["batch", "width", "cpu_bn_overhead_%", "gpu_bn_overhead_%",
                                           "gpu_graph_bn_overhead_%", "torch_gpu_bn_overhead_%",
                                           "torch_graph_bn_overhead_%", "graph_speedup_bn",
