@@ -75,8 +75,12 @@ class CapturedStep:
         self.optimizer.load_state_dict(snapshot[1])
 
     def _body(self):
-        self.model.zero_grad()
-        value = self.model.loss_and_backward(self.x, self.y, self.loss)
+        # model.loss_and_backward, with zero_grad's fill beside the forward pass and the
+        # loss (nothing reads a gradient before backward, which waits for it)
+        self.gpu.beside_main(self.model.zero_grad)
+        value, grad = self.loss.forward_backward(self.model.forward(self.x, train=True), self.y)
+        self.gpu.join_side()
+        self.model.backward(grad)
         self.optimizer.step()
         return value
 
