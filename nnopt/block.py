@@ -18,7 +18,9 @@ products join the passes too: forward, one kernel computes :math:`h = xW` and ru
 pass on it; backward, a block leaves its input gradient :math:`dh\,W^T` to the block
 before it (a :class:`DeferredInputGrad`, where ``nnopt.Sequential`` wires blocks in a
 row), whose own backward kernel computes it and runs its pass on it. Only the weight
-gradients :math:`x^T dh` remain cuBLAS products.
+gradients :math:`x^T dh` remain cuBLAS products; inside a model they run on a side stream
+(``nnopt.fast.gpu.beside_main``), since nothing but the optimizer waits for them, and the
+model joins them at the end of its backward.
 
 The layers themselves stay as they are, the readable reference: everywhere else
 (array-api-strict, torch, inference mode, synchronized BN, ``use_fast_path=False``) the

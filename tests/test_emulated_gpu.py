@@ -539,6 +539,34 @@ def test_training_steps_on_the_emulated_gpu_match_the_reference(gpu, cupy_stand_
         assert close(got[key], want[key], 1e-9), key
 
 
+def test_a_deferred_input_gradient_reaches_a_block_that_runs_its_layers(gpu, monkeypatch):
+    """A block whose BN asks for the reference math (use_fast_path=False) runs its layers:
+    the next block's deferred input gradient reaches it as a DeferredInputGrad, which it
+    computes (materialize) before its layers' backward. The step equals the CPU's."""
+    from nnopt.block import DeferredInputGrad
+
+    def step(model):
+        model.steps[0].batchnorm.use_fast_path = False
+        rng = np.random.default_rng(2)
+        x, y = rng.normal(size=(16, 12)), rng.integers(0, 5, size=16)
+        model.zero_grad()
+        model.loss_and_backward(x, y, nnopt.SoftmaxCrossEntropy())
+        return {p.name: np.array(p.grad) for p in model.parameters()}
+    want = step(nnopt.mlp([12, 8, 6, 5], batchnorm=True, seed=1, dtype="float64"))
+    for module in emulated_gpu.FAST_PATH_USERS:
+        monkeypatch.setattr(__import__(module, fromlist=["_"]), "fast_for",
+                            emulated_gpu.fast_for_emulated(gpu))
+    model = nnopt.mlp([12, 8, 6, 5], batchnorm=True, seed=1, dtype="float64")
+    received = []
+    backward = type(model.steps[0]).backward
+    monkeypatch.setattr(model.steps[0], "backward",
+                        lambda dy: received.append(type(dy)) or backward(model.steps[0], dy))
+    got = step(model)
+    assert received == [DeferredInputGrad] and model.steps[0].saved is None
+    for name in want:
+        assert close(got[name], want[name], 1e-10), name
+
+
 # --- a training run, as python -m nnopt.train --device gpu ------------------------------------
 def test_training_run_on_the_emulated_gpu_follows_the_cpu_run(monkeypatch, tmp_path):
     """The GPU training loop (a captured step replayed for full batches, the last partial
