@@ -2,7 +2,7 @@
 training step on CPU vs GPU with and without BN and CUDA-graph capture, to test the
 textbook's claim that BN's time overhead becomes negligible on a GPU.
 
-    python bench/bench_gpu.py [--quick | --check] [--out FILE.json]
+    python bench/bench_gpu.py [--quick | --check] [--out FILE.json] [--only optim,bn,train]
     python bench/bench_gpu.py --dry-run      # CPU stand-ins, tiny sizes: checks the script
 
 --check is bench/gpu_check.sh's subset (about two minutes on an H200): optimizer steps at
@@ -326,7 +326,13 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="bench/gpu_check.sh's subset")
     ap.add_argument("--dry-run", action="store_true", help="CPU stand-ins for the GPU")
     ap.add_argument("--out", default=str(common.RESULTS / "gpu.json"))
+    ap.add_argument("--only", default="optim,bn,train",
+                    help="comma-separated sections to run (a second device call can rerun one)")
     args = ap.parse_args(argv)
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    unknown = only - {"optim", "bn", "train"}
+    if unknown:
+        ap.error(f"--only: unknown sections {sorted(unknown)}; choose from optim, bn, train")
     xp = get_namespace("cpu" if args.dry_run else "gpu")
     torch = common.torch_or_none()
     if torch is not None and not args.dry_run and not torch.cuda.is_available():
@@ -361,14 +367,19 @@ def main(argv=None):
         import json
         out.write_text(json.dumps({"machine": common.machine(), "device": device_name(xp),
                                    **results}, indent=2, default=str) + "\n")
-    results["optim"] = bench_optim(xp, torch, tdev, sync, sizes)
-    write()
-    print(common.table(results["optim"], ["optimizer", "n", "seconds", "GBps", "copy_GBps",
-                                          "fraction_of_copy_bw", "vs_torch_fused"]))
-    results["bn"] = bench_bn(xp, torch, tdev, sync, shapes)
-    write()
-    print(common.table(results["bn"], ["shape", "nnopt_s", "torch_s", "vs_torch", "nnopt_4byte_s",
-                                       "vs_4byte"]))
+    if "optim" in only:
+        results["optim"] = bench_optim(xp, torch, tdev, sync, sizes)
+        write()
+        print(common.table(results["optim"], ["optimizer", "n", "seconds", "GBps", "copy_GBps",
+                                              "fraction_of_copy_bw", "vs_torch_fused"]))
+    if "bn" in only:
+        results["bn"] = bench_bn(xp, torch, tdev, sync, shapes)
+        write()
+        print(common.table(results["bn"], ["shape", "nnopt_s", "torch_s", "vs_torch",
+                                           "nnopt_4byte_s", "vs_4byte"]))
+    if "train" not in only:
+        return
+
     def partial(rows):
         results["train"] = rows
         write()
