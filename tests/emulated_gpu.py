@@ -529,12 +529,17 @@ def install(monkeypatch):
     """The emulated nnopt.fast.gpu as the fused kernels of every NumPy float array, and the
     stand-in CuPy as ``cupy`` (streams and graphs for nnopt.graph), and nnopt's cuBLAS
     handle on :class:`FakeCublas`, for one test (``monkeypatch`` undoes it): what
-    ``pytest --backend emulated`` runs tests/test_gpu.py with."""
+    ``pytest --backend emulated`` runs tests/test_gpu.py with. The device has
+    ``$NNOPT_EMULATED_SMS`` multiprocessors (2 by default; 132, an H100's or H200's count,
+    gives the launch shapes and plans of those GPUs: CI runs both)."""
+    import os
+
     import nnopt.fast
     import nnopt.graph
     import nnopt.params
     if "gpu" not in _SESSION:
-        _SESSION["cupy"] = cp = emulated_cupy(multiprocessors=2)
+        sms = int(os.environ.get("NNOPT_EMULATED_SMS", "2"))
+        _SESSION["cupy"] = cp = emulated_cupy(multiprocessors=sms)
         _SESSION["gpu"] = load_gpu_module(cp)
     cp, gpu = _SESSION["cupy"], _SESSION["gpu"]
     for module in FAST_PATH_USERS:

@@ -218,9 +218,12 @@ def test_captured_products_split_k_only_where_it_pays(xp, gpu, monkeypatch, conf
     """Each captured product gets the stream's cuBLAS workspace (so cuBLAS may split k over
     a GEMM and a reduction kernel) only where plan.split_k_pays says so: on an H100/H200 the
     textbook network's first product at batch 64 (64x784 @ 784x128), none of the others.
-    NNOPT_CUBLAS_WORKSPACE=0: no workspace for the stream, so none for any product."""
+    NNOPT_CUBLAS_WORKSPACE=0: no workspace for the stream, so none for any product. (The
+    blocks' products as cuBLAS GEMMs: fused into the blocks' kernels, the default at this
+    batch, only the weight gradients would reach cuBLAS.)"""
     from nnopt.fast import plan
     from nnopt.graph import CapturedStep
+    monkeypatch.setattr(plan, "FUSED_PRODUCTS", False)
     if configured is None:
         monkeypatch.delenv("NNOPT_CUBLAS_WORKSPACE", raising=False)
     else:
