@@ -252,6 +252,9 @@ GRAPH_VARIANTS = {
     # its last block) instead of FUSED_MIN_SLICE's: the layers after the first split too
     "slices32": ("k slices of 32", lambda batch: plan.fuses_product(batch), "FUSED_MIN_SLICE",
                  32),
+    # the weight gradients as cuBLAS GEMMs beside the fused backward kernels, not inside them
+    "dw_cublas": ("cuBLAS weight grads", lambda batch: plan.fuses_product(batch),
+                  "FUSED_WEIGHT_GRADS", False),
     # the weight gradients on the main stream, not beside it
     "serial": ("serial dW", lambda batch: True, "OVERLAP_WEIGHT_GRADS", False),
 }

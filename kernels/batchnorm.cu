@@ -496,22 +496,24 @@ __device__ __forceinline__ void product_tile(const T* __restrict__ a, const T* _
     }
 }
 
-// The product of this block's slice of k into acc; with several slices, false for every
-// block but the last of its feature tile, which gets the whole sum (slices added in order).
+// The product of this block's slice of k (slice `index` of `slices`) into acc; with several
+// slices, false for every block but the last of its feature tile, which gets the whole sum
+// (slices added in order).
 template <typename T, bool TRANS_B>
 __device__ __forceinline__ bool fused_product(const T* __restrict__ a, const T* __restrict__ b,
-                                              T* partial, int* counters, int slice, int m,
-                                              int n, int k, T (&acc)[FUSED_RPT],
+                                              T* partial, int* counters, int slices, int index,
+                                              int slice, int m, int n, int k,
+                                              T (&acc)[FUSED_RPT],
                                               T (&as)[FUSED_MAX_ROWS][KT],
                                               T (&bs)[KT][TILE + 1]) {
     __shared__ int last;
-    const int j = blockIdx.x * TILE + threadIdx.x, slices = gridDim.y;
-    const int k_begin = blockIdx.y * slice, k_end = k_begin + slice < k ? k_begin + slice : k;
+    const int j = blockIdx.x * TILE + threadIdx.x;
+    const int k_begin = index * slice, k_end = k_begin + slice < k ? k_begin + slice : k;
     product_tile<T, TRANS_B>(a, b, m, n, k, blockIdx.x * TILE, k_begin, k_end, acc, as, bs);
     if (slices == 1) return true;
     for (int r = 0; r < FUSED_RPT; ++r) {
         const int i = threadIdx.y + ROWS * r;
-        if (i < m && j < n) partial[((long long)blockIdx.y * m + i) * n + j] = acc[r];
+        if (i < m && j < n) partial[((long long)index * m + i) * n + j] = acc[r];
     }
     __threadfence();  // the slice's sums visible to every block before it is counted
     __syncthreads();
@@ -544,7 +546,10 @@ extern "C" __global__ void linear_forward_##S(const T* __restrict__ a,          
     __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ T scale[TILE], offset[TILE];                                                  \
     T acc[FUSED_RPT];                                                                        \
-    if (!fused_product<T, false>(a, w, partial, counters, slice, m, n, k, acc, as, bs)) return;  \
+    if (!fused_product<T, false>(a, w, partial, counters, gridDim.y, blockIdx.y, slice, m, n, \
+                                 k, acc, as, bs)) {                                          \
+        return;                                                                              \
+    }                                                                                        \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
     const bool active = j < n, lead = threadIdx.y == 0 && active;                            \
     if (!has_bn) {  /* y = act(h + bias) */                                                  \
@@ -590,13 +595,18 @@ extern "C" __global__ void linear_backward_##S(const T* __restrict__ g,         
         const T* __restrict__ w_next, T* partial, int* counters, int slice, int m, int n,     \
         int k, int has_bn, const T* h, const T* y, const T* gamma, const T* mean,             \
         const T* inv_std, T* dgamma, T* dbeta, T* dbias, int has_bias, int activation,       \
-        T* dh) {                                                                             \
+        T* dh, const T* x, T* dw, int n_in, int accumulate_dw) {                            \
     alignas(16) __shared__ T as[FUSED_MAX_ROWS][KT];  /* rows read 16 bytes at a time */    \
     __shared__ T bs[KT][TILE + 1];                                                           \
     __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ T coef[3][TILE];                                                              \
+    __shared__ T ds[FUSED_MAX_ROWS][TILE];                                                   \
     T acc[FUSED_RPT];                                                                        \
-    if (!fused_product<T, true>(g, w_next, partial, counters, slice, m, n, k, acc, as, bs)) {  \
+    /* n_in > 0: the weight gradient too, blockIdx.y its rows' TILE-row chunk: k unsliced */ \
+    const bool weights = n_in > 0;                                                           \
+    const bool first = !weights || blockIdx.y == 0;  /* writes dh and the vector grads */    \
+    if (!fused_product<T, true>(g, w_next, partial, counters, weights ? 1 : gridDim.y,        \
+                                weights ? 0 : blockIdx.y, slice, m, n, k, acc, as, bs)) {    \
         return;                                                                              \
     }                                                                                        \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
@@ -620,26 +630,46 @@ extern "C" __global__ void linear_backward_##S(const T* __restrict__ g,         
     }                                                                                        \
     add_row_sums<2>(sums, s);                                                                \
     if (!has_bn) {  /* dh = the activation's input grad; its column sums: the bias grad */  \
-        if (lead && has_bias) dbias[j] += (T)s[0];                                           \
-        for (int r = 0; r < FUSED_RPT; ++r) {                                                \
-            const int i = threadIdx.y + ROWS * r;                                            \
-            if (i < m && active) dh[(long long)i * n + j] = acc[r];                          \
+        if (lead && has_bias && first) dbias[j] += (T)s[0];                                  \
+    } else {                                                                                 \
+        if (lead) {                                                                          \
+            T dg = dgamma[j], db = dbeta[j];                                                 \
+            batchnorm_backward_feature<T>(s[0], s[1], m, gamma[j], inv_std[j],               \
+                                          coef[0][threadIdx.x], coef[1][threadIdx.x],        \
+                                          coef[2][threadIdx.x], dg, db);                     \
+            if (first) {                                                                     \
+                dgamma[j] = dg;                                                              \
+                dbeta[j] = db;                                                               \
+            }                                                                                \
         }                                                                                    \
-        return;                                                                              \
+        __syncthreads();                                                                     \
+        for (int r = 0; r < FUSED_RPT; ++r) {                                                \
+            acc[r] = coef[0][threadIdx.x] * acc[r] - coef[1][threadIdx.x] * centered[r]      \
+                     - coef[2][threadIdx.x];                                                 \
+        }                                                                                    \
     }                                                                                        \
-    if (lead) {                                                                              \
-        T dg = dgamma[j], db = dbeta[j];                                                     \
-        batchnorm_backward_feature<T>(s[0], s[1], m, gamma[j], inv_std[j], coef[0][threadIdx.x], \
-                                      coef[1][threadIdx.x], coef[2][threadIdx.x], dg, db);   \
-        dgamma[j] = dg;                                                                      \
-        dbeta[j] = db;                                                                       \
-    }                                                                                        \
-    __syncthreads();                                                                         \
     for (int r = 0; r < FUSED_RPT; ++r) {                                                    \
         const int i = threadIdx.y + ROWS * r;                                                \
-        if (i < m && active) {                                                               \
-            dh[(long long)i * n + j] = coef[0][threadIdx.x] * acc[r]                         \
-                - coef[1][threadIdx.x] * centered[r] - coef[2][threadIdx.x];                 \
+        if (i < m && active && first) dh[(long long)i * n + j] = acc[r];                     \
+    }                                                                                        \
+    if (!weights) return;                                                                    \
+    /* dw[p][j] (+)= sum over rows of x[i][p] dh[i][j], p in this block's chunk of rows of */ \
+    /* w: dh staged in ds, the chunk's columns of x in as (free since the product) */       \
+    const int p0 = blockIdx.y * TILE;                                                        \
+    for (int r = 0; r < FUSED_RPT; ++r) {                                                    \
+        const int i = threadIdx.y + ROWS * r;                                                \
+        ds[i][threadIdx.x] = i < m && active ? acc[r] : T(0);                                \
+        as[i][threadIdx.x] = i < m && p0 + threadIdx.x < n_in                                 \
+                             ? x[(long long)i * n_in + p0 + threadIdx.x] : T(0);             \
+    }                                                                                        \
+    __syncthreads();                                                                         \
+    for (int q = 0; q < TILE / ROWS; ++q) {                                                  \
+        const int p = threadIdx.y + ROWS * q;                                                \
+        T sum = T(0);                                                                        \
+        for (int i = 0; i < m; ++i) sum += as[i][p] * ds[i][threadIdx.x];                    \
+        if (p0 + p < n_in && active) {                                                       \
+            const long long at = (long long)(p0 + p) * n + j;                                \
+            dw[at] = accumulate_dw ? dw[at] + sum : sum;                                     \
         }                                                                                    \
     }                                                                                        \
 }

@@ -17,10 +17,11 @@ On the GPU, for batches of at most 64 rows (``nnopt.fast.plan.fuses_product``), 
 products join the passes too: forward, one kernel computes :math:`h = xW` and runs the
 pass on it; backward, a block leaves its input gradient :math:`dh\,W^T` to the block
 before it (a :class:`DeferredInputGrad`, where ``nnopt.Sequential`` wires blocks in a
-row), whose own backward kernel computes it and runs its pass on it. Only the weight
-gradients :math:`x^T dh` remain cuBLAS products; inside a model they run on a side stream
-(``nnopt.fast.gpu.beside_main``), since nothing but the optimizer waits for them, and the
-model joins them at the end of its backward.
+row), whose own backward kernel computes it, runs its pass on it and computes the weight
+gradient :math:`x^T dh` too (each CUDA block 32 of its rows). What remains a cuBLAS
+product (the last block's weight gradient, or any other where its kernel cannot take it)
+runs, inside a model, on a side stream (``nnopt.fast.gpu.beside_main``), since nothing but
+the optimizer waits for it; the model joins it at the end of its backward.
 
 The layers themselves stay as they are, the readable reference: everywhere else
 (array-api-strict, torch, inference mode, synchronized BN, ``use_fast_path=False``) the
@@ -162,10 +163,15 @@ class Block(Layer):
         fast, code, x, h, y, mean, inv_std = self.saved
         linear, bn = self.linear, self.batchnorm
         dh = self.scratch.get("dh", y)
+        # the weight gradient inside the fused backward kernel, where it can run there
+        weight_grad = None
+        if deferred and fast.fuses_weight_grad(linear.n_out, dy.dh.shape[1]):
+            weight_grad = (x, linear.W.grad, not self._writes_weight_grad())
         if bn is None:
             if deferred:
                 fast.linear_activation_backward(dy.dh, dy.weight, y, code, self.scratch,
-                                                dbias=linear.b.grad, out=dh)
+                                                dbias=linear.b.grad, out=dh,
+                                                weight_grad=weight_grad)
             elif (self.activation_name == "identity" and self._runs_beside(fast)
                   and dy.flags.c_contiguous and dy.dtype == y.dtype):
                 # dh is dy itself (the last block: the loss's gradient); what is left, the
@@ -181,10 +187,13 @@ class Block(Layer):
             bn_args = (bn.gamma.data, mean, inv_std, bn.gamma.grad, bn.beta.grad)
             if deferred:
                 fast.linear_bn_backward(dy.dh, dy.weight, h, y, *bn_args, self.scratch,
-                                        out=dh, activation=code)
+                                        out=dh, activation=code, weight_grad=weight_grad)
             else:
                 fast.bn_backward(dy, h, *bn_args, out=dh, y=y, activation=code)
-        self._add_weight_grad(fast, x, dh)
+        if weight_grad is None:
+            self._add_weight_grad(fast, x, dh)
+        else:
+            self._note_grads_written()
         if not linear.needs_input_grad:
             return None
         out = self.scratch.get("dx", x)
@@ -198,8 +207,7 @@ class Block(Layer):
         FlatParameters.zero_count). Inside a model on the GPU, on a side stream
         (nnopt.fast.gpu.beside_main): the rest of the backward pass does not wait for it;
         the model joins it at the end of its backward (:meth:`join_weight_grad`)."""
-        grad, storage = self.linear.W.grad, self.linear.W.storage
-        direct = storage is not None and storage.zero_count != self.grads_written
+        grad, direct = self.linear.W.grad, self._writes_weight_grad()
 
         def work():
             if direct:
@@ -209,6 +217,12 @@ class Block(Layer):
                 total += fast.product(x.T, dh, out=self.scratch.get("dW", grad))
         self._beside(fast, work)
         self._note_grads_written()
+
+    def _writes_weight_grad(self):
+        """Whether W.grad may be written instead of added to: zeroed since this block last
+        wrote it (FlatParameters.zero_count)."""
+        storage = self.linear.W.storage
+        return storage is not None and storage.zero_count != self.grads_written
 
     def _runs_beside(self, fast):
         return self.weight_grad_beside and getattr(fast, "beside_main", None) is not None

@@ -257,13 +257,17 @@ def test_split_path_takes_16_byte_loads_where_it_can(gpu, cupy_stand_in, monkeyp
 @pytest.mark.parametrize("sms", [2, 132])
 @pytest.mark.parametrize("activation", ["identity", "relu", "sigmoid"])
 @pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("weights", [None, "write", "add"])
 def test_fused_product_launchers_match_reference(gpu, cupy_stand_in, monkeypatch, rng, m, k, n,
-                                                 k_next, sms, activation, batchnorm, dtype):
+                                                 k_next, sms, activation, batchnorm, weights,
+                                                 dtype):
     """linear_*_forward: h = x @ w and the block's pass in one launch; linear_*_backward:
     dy = g @ w_next^T (the next block's deferred input gradient) and the block's backward
-    pass in one. With 132 multiprocessors a long k is cut into slices whose sums the last
-    block of each feature tile adds in order (plan.fused_slices): the same bits on every
-    launch, and the tiles' counters back at zero after each."""
+    pass in one, and (weights) the weight gradient x^T dh written or added, each block
+    of the launch taking 32 of its rows. With 132 multiprocessors a long k is cut into
+    slices whose sums the last block of each feature tile adds in order
+    (plan.fused_slices): the same bits on every launch, and the tiles' counters back at
+    zero after each."""
     from nnopt.fast import plan
     from nnopt.fast.shared import Scratch
     monkeypatch.setattr(gpu, "sms", lambda: sms)
@@ -273,6 +277,14 @@ def test_fused_product_launchers_match_reference(gpu, cupy_stand_in, monkeypatch
     gamma, beta, bias = c(rng.uniform(0.5, 2, n)), c(rng.normal(size=n)), c(rng.normal(size=n))
     code, scratch = gpu.ACTIVATION_CODES[activation], Scratch()
     h_ref, dy_ref = x.astype(np.float64) @ w, g.astype(np.float64) @ w_next.T.astype(np.float64)
+    assert gpu.fuses_weight_grad(n, k_next)  # k_next short enough: one slice
+    dw0 = c(rng.normal(size=(k, n)))
+
+    def weight_grad():  # (x, dw, accumulate) for the backward launchers, or None
+        if weights is None:
+            return None
+        dw = dw0.copy()
+        return x, dw, weights == "add"
     rtol = 1e-4 if dtype == np.float32 else 1e-10
     runs = []
     for _ in range(2):
@@ -283,8 +295,9 @@ def test_fused_product_launchers_match_reference(gpu, cupy_stand_in, monkeypatch
                                                      run_mean, run_var, scratch, h=h, bias=bias,
                                                      activation=code)
             dgamma, dbeta = c(np.zeros(n)), c(np.zeros(n))
+            wg = weight_grad()
             dh = gpu.linear_bn_backward(g, w_next, h, y, gamma, mean, inv_std, dgamma, dbeta,
-                                        scratch, activation=code)
+                                        scratch, activation=code, weight_grad=wg)
             y_ref, batch_mean, var_ref, dh_ref, dgamma_ref, dbeta_ref = block_reference(
                 h_ref, gamma, beta, bias, dy_ref, activation)
             pairs = [(h, h_ref), (y, y_ref), (dh, dh_ref), (dgamma, dgamma_ref),
@@ -295,9 +308,13 @@ def test_fused_product_launchers_match_reference(gpu, cupy_stand_in, monkeypatch
             y_ref = layer.forward(h_ref + bias) if layer else h_ref + bias
             y = gpu.linear_activation_forward(x, w, bias, code, scratch)
             dbias = c(np.ones(n))
-            dh = gpu.linear_activation_backward(g, w_next, y, code, scratch, dbias=dbias)
+            wg = weight_grad()
+            dh = gpu.linear_activation_backward(g, w_next, y, code, scratch, dbias=dbias,
+                                                weight_grad=wg)
             dh_ref = layer.backward(dy_ref) if layer else dy_ref
             pairs = [(y, y_ref), (dh, dh_ref), (dbias, 1 + dh_ref.sum(axis=0))]
+        if wg is not None:  # x^T dh, written or added to what was there
+            pairs.append((wg[1], (dw0 if wg[2] else 0) + x.astype(np.float64).T @ dh_ref))
         for got, want in pairs:
             assert close(got, want, 10 * rtol)
         runs.append([np.array(got) for got, _ in pairs])

@@ -344,15 +344,20 @@ def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
 # ``fuses_product(m)`` says where (every row of a feature tile in one CUDA block). Forward,
 # h = x @ W and the block's epilogue in one launch; backward, the gradient arriving from
 # the next block, g @ W_next^T, and this block's BN (or activation) backward in one launch.
-def _fused_launch(name, a, b, n, scratch, args):
+def _fused_launch(name, a, b, n, scratch, args, weight_rows=0):
     """Launch ``name``_<f32|f64> over n features of the product of a (m, k) and b: k cut
     into slices (plan.fused_slices) whose sums go through scratch's partial buffer and
-    per-tile counters (zero between launches: each tile's last block resets its own)."""
+    per-tile counters (zero between launches: each tile's last block resets its own).
+    ``weight_rows``: linear_backward's weight gradient, its rows in chunks of 32 over
+    grid.y (k unsliced)."""
     a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
     m, k = a.shape
     slices, slice_ = fused_slices(n, k, sms())
     tiles = -(-n // 32)
-    if slices > 1:
+    if weight_rows:
+        slices, slice_ = -(-weight_rows // 32), max(k, 1)
+        partial, counters = a.reshape(-1)[:0], cupy.empty(0, dtype=cupy.int32)
+    elif slices > 1:
         partial = scratch.get(f"{name}_partial", shape=(slices, m, n), dtype=a.dtype)
         kept = scratch.arrays.get("counters")
         if not kept or kept[0].size < tiles:
@@ -395,28 +400,50 @@ def linear_bn_forward(x, w, gamma, beta, eps, momentum, unbiased, running_mean, 
     return y, mean, inv_std
 
 
-def linear_activation_backward(g, w_next, y, activation, scratch, dbias=None, out=None):
+def fuses_weight_grad(n, k):
+    """Whether linear_backward over n features with the next block's k computes the weight
+    gradient too (plan.FUSED_WEIGHT_GRADS, and k short enough to run unsliced)."""
+    return plan.FUSED_WEIGHT_GRADS and fused_slices(n, k, sms())[0] == 1
+
+
+def _weight_args(dh, weight_grad):
+    """(x, dw, n_in, accumulate) of linear_backward: weight_grad is None (not fused), or
+    (x, dw, accumulate): dw (+)= x^T dh in the same launch."""
+    none = dh.reshape(-1)[:0]
+    if weight_grad is None:
+        return (none, none, np.int32(0), np.int32(0)), 0
+    x, dw, accumulate = weight_grad
+    x = cupy.ascontiguousarray(x)
+    return (x, dw, np.int32(x.shape[1]), np.int32(bool(accumulate))), x.shape[1]
+
+
+def linear_activation_backward(g, w_next, y, activation, scratch, dbias=None, out=None,
+                               weight_grad=None):
     """The gradient of a block's product (without BN) from the next block's: dy = g @
     w_next^T, then activation_backward(dy, y, ...) (the bias gradient added to dbias), in
-    one launch."""
+    one launch; ``weight_grad=(x, dw, accumulate)`` (where :func:`fuses_weight_grad`):
+    also dw (+)= x^T dh."""
     dh = cupy.empty_like(y) if out is None else out
     none = dh.reshape(-1)[:0]
     dbias, has_bias = _bias_args(y, dbias)
+    weights, rows = _weight_args(dh, weight_grad)
     _fused_launch("linear_backward", g, w_next, y.shape[1], scratch,
                   (np.int32(0), none, y, none, none, none, none, none, dbias, has_bias,
-                   np.int32(activation), dh))
+                   np.int32(activation), dh, *weights), weight_rows=rows)
     return dh
 
 
 def linear_bn_backward(g, w_next, h, y, gamma, mean, inv_std, dgamma, dbeta, scratch,
-                       out=None, activation=IDENTITY):
+                       out=None, activation=IDENTITY, weight_grad=None):
     """dy = g @ w_next^T (g: the next block's dh), then bn_backward(dy, h, ..., y=y) in
-    one launch; returns dh (dgamma, dbeta accumulated)."""
+    one launch; returns dh (dgamma, dbeta accumulated). ``weight_grad=(x, dw,
+    accumulate)`` (where :func:`fuses_weight_grad`): also dw (+)= x^T dh."""
     dh = cupy.empty_like(h) if out is None else out
     none = dh.reshape(-1)[:0]
+    weights, rows = _weight_args(dh, weight_grad)
     _fused_launch("linear_backward", g, w_next, h.shape[1], scratch,
                   (np.int32(1), h, y, gamma, mean, inv_std, dgamma, dbeta, none, np.int32(0),
-                   np.int32(activation), dh))
+                   np.int32(activation), dh, *weights), weight_rows=rows)
     return dh
 
 

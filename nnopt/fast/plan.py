@@ -17,6 +17,7 @@ FUSED_K_TILE = 32       # k staged in shared memory this many at a time (batchno
 FUSED_MIN_SLICE = 128   # a fused product's k is cut into slices of at least this many
 FUSED_MAX_SLICES = 8    # ... and at most this many (the last block adds them in order)
 OVERLAP_WEIGHT_GRADS = True  # a model's weight gradients on a side stream (gpu.beside_main)
+FUSED_WEIGHT_GRADS = True    # ... or, with fused products, inside linear_backward itself
 CE_THREADS = 256       # softmax cross-entropy: threads per block (NNOPT_CE_THREADS), a row each
 CE_MAX_BLOCKS = 4096   # ... and blocks at most (rows beyond: grid-stride)
 
