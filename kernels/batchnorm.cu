@@ -422,7 +422,10 @@ NNOPT_BN_SPLIT(double, f64)
 // registers: BN's statistics, z and the activation (has_bn), or the bias and activation.
 // linear_backward computes the gradient reaching a block from the next one, dy = g @ w^T
 // (g: the next block's dh, w: its weights), and runs BN's backward (or the activation's
-// and the bias gradient) on it. The products walk k in KT-wide tiles staged in shared
+// and the bias gradient) on it; given the block's input x (n_in > 0), also its weight
+// gradient x^T dh: gridDim.y then cuts W's n_in rows into chunks of TILE, each CUDA block
+// recomputing its tile's dh (cheap: k is short there) and only the first writing dh, dgamma,
+// dbeta and the bias gradient. The products walk k in KT-wide tiles staged in shared
 // memory. A long k is cut into gridDim.y slices of `slice` (nnopt.fast.plan.fused_slices):
 // each block writes its slice's product to partial[slice][m][n]; the last block of a
 // feature tile to finish (counted in counters[tile], which it sets back to 0 for the next
