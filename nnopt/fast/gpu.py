@@ -344,6 +344,16 @@ def activation_backward(dy, y, activation=RELU, dbias=None, out=None):
 # ``fuses_product(m)`` says where (every row of a feature tile in one CUDA block). Forward,
 # h = x @ W and the block's epilogue in one launch; backward, the gradient arriving from
 # the next block, g @ W_next^T, and this block's BN (or activation) backward in one launch.
+@lru_cache(maxsize=None)
+def _no_counters_on(device_id):
+    return cupy.empty(0, dtype=cupy.int32)
+
+
+def _no_counters():
+    """An empty int32 array of this device: the counters argument of an unsliced launch."""
+    return _no_counters_on(cupy.cuda.Device().id)
+
+
 def _fused_launch(name, a, b, n, scratch, args, weight_rows=0):
     """Launch ``name``_<f32|f64> over n features of the product of a (m, k) and b: k cut
     into slices (plan.fused_slices) whose sums go through scratch's partial buffer and
@@ -356,15 +366,14 @@ def _fused_launch(name, a, b, n, scratch, args, weight_rows=0):
     tiles = -(-n // 32)
     if weight_rows:
         slices, slice_ = -(-weight_rows // 32), max(k, 1)
-        partial, counters = a.reshape(-1)[:0], cupy.empty(0, dtype=cupy.int32)
-    elif slices > 1:
+    if weight_rows or slices == 1:  # no partial sums, no counters
+        partial, counters = a.reshape(-1)[:0], _no_counters()
+    else:
         partial = scratch.get(f"{name}_partial", shape=(slices, m, n), dtype=a.dtype)
         kept = scratch.arrays.get("counters")
         if not kept or kept[0].size < tiles:
             scratch.arrays["counters"] = kept = [cupy.zeros(tiles, dtype=cupy.int32)]
         counters = kept[0]
-    else:
-        partial, counters = a.reshape(-1)[:0], cupy.empty(0, dtype=cupy.int32)
     i32 = np.int32
     function("batchnorm.cu", f"{name}_{_suffix(a)}")(
         (tiles, slices), (32, 8),
