@@ -462,8 +462,10 @@ __device__ __forceinline__ void load_k_tile(const T* __restrict__ a, const T* __
 // acc[r] = sum over k in [k_begin, k_end) of a[i][k] b(k, j), i = threadIdx.y + ROWS r,
 // j = j0 + threadIdx.x; a is (m, k) row-major; b(k, j) = b[k * n + j] (a block's weights,
 // (k, n)) or, TRANS_B, b[j * k + k'] (the next block's weights, (n, k), transposed). The
-// next tile is loaded into registers while the current one is multiplied (its memory
-// latency hidden behind the arithmetic), then staged in shared memory.
+// loads of FUSED_TILES_IN_FLIGHT tiles (128 of k) are issued together into registers, so
+// they wait out one memory latency, not one each; each tile is then staged in shared
+// memory and multiplied.
+#define FUSED_TILES_IN_FLIGHT 4
 template <typename T, bool TRANS_B>
 __device__ __forceinline__ void product_tile(const T* __restrict__ a, const T* __restrict__ b,
                                              int m, int n, int k, int j0, int k_begin,
@@ -471,31 +473,40 @@ __device__ __forceinline__ void product_tile(const T* __restrict__ a, const T* _
                                              T (&as)[FUSED_MAX_ROWS][KT],
                                              T (&bs)[KT][TILE + 1]) {
     const int tx = threadIdx.x, ty = threadIdx.y;
-    T ar[FUSED_RPT], br[FUSED_BQ];
+    T ar[FUSED_TILES_IN_FLIGHT][FUSED_RPT], br[FUSED_TILES_IN_FLIGHT][FUSED_BQ];
     for (int r = 0; r < FUSED_RPT; ++r) acc[r] = T(0);
-    if (k_begin < k_end) load_k_tile<T, TRANS_B>(a, b, m, n, k, j0, k_begin, k_end, ar, br);
-    for (int k0 = k_begin; k0 < k_end; k0 += KT) {
-        for (int r = 0; r < FUSED_RPT; ++r) as[ty + ROWS * r][tx] = ar[r];
-        for (int q = 0; q < FUSED_BQ; ++q) {
-            if (!TRANS_B) bs[ty + ROWS * q][tx] = br[q];
-            else bs[tx][ty + ROWS * q] = br[q];
-        }
-        __syncthreads();
-        if (k0 + KT < k_end) load_k_tile<T, TRANS_B>(a, b, m, n, k, j0, k0 + KT, k_end, ar, br);
-        // W consecutive k of a row of as in one 16-byte shared load (the same address for
-        // every thread of a warp: a broadcast), times W values of bs: W times fewer loads
-        const int W = 16 / sizeof(T);
-#pragma unroll 2
-        for (int kk = 0; kk < KT; kk += W) {
-            T bv[W];
-            for (int w = 0; w < W; ++w) bv[w] = bs[kk + w][tx];
-            for (int r = 0; r < FUSED_RPT; ++r) {
-                const NnoptFeatures<T, 16 / sizeof(T)> av =
-                    load_features<T, 16 / sizeof(T)>(as[ty + ROWS * r], kk);
-                for (int w = 0; w < W; ++w) acc[r] += av.e[w] * bv[w];
+    for (int g0 = k_begin; g0 < k_end; g0 += KT * FUSED_TILES_IN_FLIGHT) {
+#pragma unroll
+        for (int t = 0; t < FUSED_TILES_IN_FLIGHT; ++t) {
+            if (g0 + t * KT < k_end) {
+                load_k_tile<T, TRANS_B>(a, b, m, n, k, j0, g0 + t * KT, k_end, ar[t], br[t]);
             }
         }
-        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < FUSED_TILES_IN_FLIGHT; ++t) {
+            if (g0 + t * KT < k_end) {  // the same for every thread of the block
+                for (int r = 0; r < FUSED_RPT; ++r) as[ty + ROWS * r][tx] = ar[t][r];
+                for (int q = 0; q < FUSED_BQ; ++q) {
+                    if (!TRANS_B) bs[ty + ROWS * q][tx] = br[t][q];
+                    else bs[tx][ty + ROWS * q] = br[t][q];
+                }
+                __syncthreads();
+                // W consecutive k of a row of as in one 16-byte shared load (the same
+                // address for every thread of a warp: a broadcast), times W values of bs
+                const int W = 16 / sizeof(T);
+#pragma unroll 2
+                for (int kk = 0; kk < KT; kk += W) {
+                    T bv[W];
+                    for (int w = 0; w < W; ++w) bv[w] = bs[kk + w][tx];
+                    for (int r = 0; r < FUSED_RPT; ++r) {
+                        const NnoptFeatures<T, 16 / sizeof(T)> av =
+                            load_features<T, 16 / sizeof(T)>(as[ty + ROWS * r], kk);
+                        for (int w = 0; w < W; ++w) acc[r] += av.e[w] * bv[w];
+                    }
+                }
+                __syncthreads();
+            }
+        }
     }
 }
 
