@@ -3,13 +3,16 @@
 // nnopt.fast.cpu._softmax_cross_entropy, its reference the layer's forward and backward).
 // Blocks of NNOPT_CE_THREADS threads, one row per thread (grid-stride beyond):
 //   prob = softmax(row), grad = (prob - onehot(label)) / m, and the row's loss
-//   -(z[label] - max - log(sum exp(z - max))), summed in double;
+//   -(z[label] - max - log(sum exp(z - max))) (rules.cuh, softmax_cross_entropy_row),
+//   summed in double;
 // each block adds its threads' sums in shared memory in a fixed order. One block writes
 // the mean loss itself; several write their sums to `partial`, and
 // softmax_cross_entropy_finalize adds those in the same fixed order: the same loss every
 // run. A GPU step cannot raise without a synchronization, so a label outside
 // [0, classes) makes the loss NaN (loud, where a one-hot row of zeros would give a finite,
 // meaningless loss) and is counted in *bad.
+#include "rules.cuh"
+
 #define NNOPT_CE_THREADS 256
 
 // Sums sums[] and counts[] of a NNOPT_CE_THREADS-thread block into element 0, in a fixed order.
@@ -41,27 +44,8 @@ extern "C" __global__ void softmax_cross_entropy_##S(const T* logits, const L* l
     for (int i = blockIdx.x * NNOPT_CE_THREADS + threadIdx.x; i < m;                         \
          i += gridDim.x * NNOPT_CE_THREADS) {                                                \
         const long long row = (long long)i * c;                                              \
-        T top = logits[row];                                                                 \
-        for (int k = 1; k < c; ++k) top = logits[row + k] > top ? logits[row + k] : top;     \
-        double sum_exp = 0.0;                                                                \
-        for (int k = 0; k < c; ++k) {                                                        \
-            const T e = exp(logits[row + k] - top);                                          \
-            prob[row + k] = e;                                                               \
-            sum_exp += (double)e;                                                            \
-        }                                                                                    \
-        long long label = (long long)labels[i];                                              \
-        if (label < 0 || label >= c) {                                                       \
-            ++n_bad;                                                                         \
-            label = -1;                                                                      \
-        } else {                                                                             \
-            total -= (double)(logits[row + label] - top) - log(sum_exp);                     \
-        }                                                                                    \
-        const double inv_sum = 1.0 / sum_exp;                                                \
-        for (int k = 0; k < c; ++k) {                                                        \
-            const T p = (T)((double)prob[row + k] * inv_sum);                                \
-            prob[row + k] = p;                                                               \
-            grad[row + k] = (p - (k == label ? T(1) : T(0))) / (T)m;                         \
-        }                                                                                    \
+        total += softmax_cross_entropy_row<T, L>(logits + row, labels[i], c, m, prob + row,  \
+                                                 grad + row, n_bad);                         \
     }                                                                                        \
     sums[threadIdx.x] = total;                                                               \
     counts[threadIdx.x] = n_bad;                                                             \

@@ -202,4 +202,36 @@ NNOPT_DEVICE T activation_grad_at(const T* d, const T* y, long long k, int code)
     return code == NNOPT_IDENTITY ? d[k] : activation_grad<T>(d[k], y[k], code);
 }
 
+// --- softmax cross-entropy, one row of c logits z (kernels/loss.cu, and the fused last
+// block of batchnorm.cu): prob = softmax(z), grad = (prob - onehot(label)) / m; returns
+// the row's loss -(z[label] - max - log(sum exp(z - max))), in double, or 0 with ++bad
+// for a label outside [0, c) (its grad then has no one-hot term).
+template <typename T, typename L>
+NNOPT_DEVICE double softmax_cross_entropy_row(const T* z, L label_in, int c, int m, T* prob,
+                                              T* grad, int& bad) {
+    T top = z[0];
+    for (int k = 1; k < c; ++k) top = z[k] > top ? z[k] : top;
+    double sum_exp = 0.0;
+    for (int k = 0; k < c; ++k) {
+        const T e = exp(z[k] - top);
+        prob[k] = e;
+        sum_exp += (double)e;
+    }
+    long long label = (long long)label_in;
+    double loss = 0.0;
+    if (label < 0 || label >= c) {
+        ++bad;
+        label = -1;
+    } else {
+        loss = -((double)(z[label] - top) - log(sum_exp));
+    }
+    const double inv_sum = 1.0 / sum_exp;
+    for (int k = 0; k < c; ++k) {
+        const T p = (T)((double)prob[k] * inv_sum);
+        prob[k] = p;
+        grad[k] = (p - (k == label ? T(1) : T(0))) / (T)m;
+    }
+    return loss;
+}
+
 #endif
