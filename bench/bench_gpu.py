@@ -255,6 +255,8 @@ GRAPH_VARIANTS = {
     # the weight gradients as cuBLAS GEMMs beside the fused backward kernels, not inside them
     "dw_cublas": ("cuBLAS weight grads", lambda batch: plan.fuses_product(batch),
                   "FUSED_WEIGHT_GRADS", False),
+    # the last block's product in a launch of its own, not inside the loss's
+    "loss_apart": ("loss apart", lambda batch: plan.fuses_product(batch), "FUSED_LOSS", False),
     # the weight gradients on the main stream, not beside it
     "serial": ("serial dW", lambda batch: True, "OVERLAP_WEIGHT_GRADS", False),
 }

@@ -690,3 +690,59 @@ extern "C" __global__ void linear_backward_##S(const T* __restrict__ g,         
 
 NNOPT_FUSED(float, f32)
 NNOPT_FUSED(double, f64)
+
+// The network's last block (a product and a bias: no BN, no activation) and softmax
+// cross-entropy in one launch, one CUDA block, n <= TILE classes: the logits z = a @ w +
+// bias (written: the block's output), then one row per thread through
+// softmax_cross_entropy_row (rules.cuh, as kernels/loss.cu): prob, grad = (prob -
+// onehot) / m, and the mean loss (NaN, with *bad counted, for a label outside the
+// classes), its rows' terms added in a fixed order.
+#define NNOPT_FUSED_CE(T, L, S)                                                               \
+extern "C" __global__ void linear_cross_entropy_##S(const T* __restrict__ a,                  \
+        const T* __restrict__ w, const T* __restrict__ bias, const L* __restrict__ labels,    \
+        T* logits, T* prob, T* grad, T* loss, int* bad, int m, int n, int k) {               \
+    alignas(16) __shared__ T as[FUSED_MAX_ROWS][KT];  /* rows read 16 bytes at a time */    \
+    __shared__ T bs[KT][TILE + 1];                                                           \
+    __shared__ T zs[FUSED_MAX_ROWS][TILE + 1];                                               \
+    __shared__ double sums[2][ROWS][TILE];                                                   \
+    __shared__ double columns[2][TILE];                                                      \
+    T acc[FUSED_RPT];                                                                        \
+    product_tile<T, false>(a, w, m, n, k, 0, 0, k, acc, as, bs);                             \
+    const int tx = threadIdx.x, ty = threadIdx.y;                                            \
+    const T b = tx < n ? bias[tx] : T(0);                                                    \
+    for (int r = 0; r < FUSED_RPT; ++r) {                                                    \
+        const int i = ty + ROWS * r;                                                         \
+        zs[i][tx] = acc[r] + b;                                                              \
+        if (i < m && tx < n) logits[(long long)i * n + tx] = zs[i][tx];                      \
+    }                                                                                        \
+    __syncthreads();                                                                         \
+    const int row = ty * TILE + tx;  /* one row per thread: m <= FUSED_MAX_ROWS */           \
+    double s[2] = {0.0, 0.0};                                                                \
+    if (row < m) {                                                                           \
+        int n_bad = 0;                                                                       \
+        s[0] = softmax_cross_entropy_row<T, L>(zs[row], labels[row], n, m,                   \
+                                               prob + (long long)row * n,                    \
+                                               grad + (long long)row * n, n_bad);            \
+        s[1] = (double)n_bad;                                                                \
+    }                                                                                        \
+    add_row_sums<2>(sums, s);                                                                \
+    if (ty == 0) {                                                                           \
+        columns[0][tx] = s[0];                                                               \
+        columns[1][tx] = s[1];                                                               \
+    }                                                                                        \
+    __syncthreads();                                                                         \
+    if (tx == 0 && ty == 0) {                                                                \
+        double total = 0.0, n_bad = 0.0;                                                     \
+        for (int c = 0; c < TILE; ++c) {                                                     \
+            total += columns[0][c];                                                          \
+            n_bad += columns[1][c];                                                          \
+        }                                                                                    \
+        loss[0] = n_bad > 0.0 ? (T)nan("") : (T)(total / m);                                 \
+        bad[0] = (int)n_bad;                                                                 \
+    }                                                                                        \
+}
+
+NNOPT_FUSED_CE(float, int, f32_i32)
+NNOPT_FUSED_CE(float, long long, f32_i64)
+NNOPT_FUSED_CE(double, int, f64_i32)
+NNOPT_FUSED_CE(double, long long, f64_i64)

@@ -60,6 +60,36 @@ class DeferredInputGrad:
         return self.fast.product(self.dh, self.weight.T, out=self.out)
 
 
+class DeferredOutput:
+    """The output ``x @ weight + bias`` of a network's last block (no BN, no activation),
+    not yet computed: what ``Sequential.forward_to_loss`` hands the loss, which computes it
+    inside its own kernel where it can (softmax cross-entropy on the GPU:
+    ``nnopt.fast.gpu.linear_cross_entropy``), or calls :meth:`materialize`. Either way it
+    lands in ``out``, the block's saved output."""
+
+    def __init__(self, fast, x, weight, bias, out, scratch):
+        self.fast, self.x, self.weight, self.bias = fast, x, weight, bias
+        self.out, self.scratch = out, scratch
+
+    @property
+    def shape(self):
+        return tuple(self.out.shape)
+
+    @property
+    def dtype(self):
+        return self.out.dtype
+
+    def materialize(self):
+        return self.fast.linear_activation_forward(self.x, self.weight, self.bias,
+                                                   self.fast.ACTIVATION_CODES["identity"],
+                                                   self.scratch, out=self.out)
+
+
+def materialized(prediction):
+    """``prediction`` itself, or a DeferredOutput's computed value."""
+    return prediction.materialize() if isinstance(prediction, DeferredOutput) else prediction
+
+
 def _fuses_product(fast, m):
     """Whether ``fast`` (nnopt.fast.gpu) runs a block's product over m rows fused."""
     return getattr(fast, "fuses_product", None) is not None and fast.fuses_product(m)
@@ -149,6 +179,25 @@ class Block(Layer):
                                                bias=linear.b.data, activation=code)
         self.saved = (fast, code, x, h, y, mean, inv_std)
         return y
+
+    def forward_deferred(self, x):
+        """Training-mode forward for a loss: a :class:`DeferredOutput` where this block is
+        a product and a bias (no BN, no activation) whose loss may compute it in its own
+        launch (``fast.fuses_loss``), else ``forward(x)``. The backward then runs as
+        after a fused forward."""
+        fast = self.fused_kernels(x, True)
+        if (fast is None or self.batchnorm is not None or self.activation_name != "identity"
+                or getattr(fast, "fuses_loss", None) is None or len(x.shape) != 2
+                or not fast.fuses_loss(x.shape[0], self.linear.n_out)):
+            return self.forward(x, True)
+        linear = self.linear
+        check_input(linear, x, linear.n_in)
+        check_dtype(linear, x, linear.W)
+        if self.scratch is None:
+            self.scratch = fast.Scratch()
+        out = self.scratch.get("h", shape=(x.shape[0], linear.n_out), dtype=x.dtype)
+        self.saved = (fast, fast.ACTIVATION_CODES["identity"], x, None, out, None, None)
+        return DeferredOutput(fast, x, linear.W.data, linear.b.data, out, self.scratch)
 
     def backward(self, dy):
         deferred = isinstance(dy, DeferredInputGrad)

@@ -8,6 +8,7 @@ r"""Losses. Each returns the mean loss over the batch and keeps what ``backward`
 from __future__ import annotations
 
 from .backend import is_numpy, namespace_of
+from .block import DeferredOutput, materialized
 from .errors import InputError, InputTypeError
 from .fast import fast_for
 
@@ -42,8 +43,9 @@ class Loss:
     respect to the prediction; ``forward_backward`` both, in one call where it can."""
 
     def forward_backward(self, prediction, target):
-        """``(loss, gradient)``; the gradient may be a buffer the next call reuses."""
-        value = self.forward(prediction, target)
+        """``(loss, gradient)``; the gradient may be a buffer the next call reuses.
+        ``prediction`` may be a :class:`nnopt.block.DeferredOutput` (computed here)."""
+        value = self.forward(materialized(prediction), target)
         return value, self.backward()
 
 
@@ -61,16 +63,24 @@ class SoftmaxCrossEntropy(Loss):
         gradient in one pass (numba, or one CUDA launch; no one-hot matrix, no
         temporaries); else forward, then backward. On the GPU the loss stays a 0-d device
         array, and a label outside the classes makes it NaN (raising would need a
-        synchronization each step)."""
-        fast = fast_for(logits) if len(logits.shape) == 2 else None
+        synchronization each step). ``logits`` may be a :class:`nnopt.block.DeferredOutput`
+        (the last block's product, left to this loss): on the GPU it is computed inside
+        the same launch (``fast.linear_cross_entropy``)."""
+        deferred = logits if isinstance(logits, DeferredOutput) else None
+        data = deferred.out if deferred is not None else logits
+        fast = fast_for(data) if len(data.shape) == 2 else None
         if (fast is None or not hasattr(fast, "softmax_cross_entropy")
-                or type(target) is not type(logits) or len(target.shape) != 1
-                or target.dtype.kind not in "iu" or target.shape[0] != logits.shape[0]):
+                or type(target) is not type(data) or len(target.shape) != 1
+                or target.dtype.kind not in "iu" or target.shape[0] != data.shape[0]):
             return super().forward_backward(logits, target)
         if self.scratch is None:
             self.scratch = fast.Scratch()
-        prob, grad = self.scratch.get("prob", logits), self.scratch.get("grad", logits)
-        value, n_bad = fast.softmax_cross_entropy(logits, target, prob, grad)
+        prob, grad = self.scratch.get("prob", data), self.scratch.get("grad", data)
+        if deferred is not None and deferred.fast is fast:
+            value, n_bad = fast.linear_cross_entropy(deferred.x, deferred.weight, deferred.bias,
+                                                     target, deferred.out, prob, grad)
+        else:
+            value, n_bad = fast.softmax_cross_entropy(materialized(logits), target, prob, grad)
         if n_bad:
             check_labels(target, logits.shape[1])  # raises, with the offending label
         self.prob, self.target = prob, None

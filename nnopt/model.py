@@ -83,9 +83,19 @@ class Sequential:
                 step.join_weight_grad()
         return dy
 
+    def forward_to_loss(self, x):
+        """Forward in training mode, for a loss's ``forward_backward``: the last block may
+        leave its output to the loss (a :class:`nnopt.block.DeferredOutput`), which on the
+        GPU computes it inside its own launch."""
+        for step in self.steps[:-1]:
+            x = step.forward(x, True)
+        last = self.steps[-1] if self.steps else None
+        return last.forward_deferred(x) if isinstance(last, Block) else (
+            x if last is None else last.forward(x, True))
+
     def loss_and_backward(self, x, target, loss):
         """Forward in training mode, the loss, backward; returns the loss (a 0-d array)."""
-        value, grad = loss.forward_backward(self.forward(x, train=True), target)
+        value, grad = loss.forward_backward(self.forward_to_loss(x), target)
         self.backward(grad)
         return value
 

@@ -36,8 +36,8 @@ def test_graph_table_and_verdict(bench_gpu):
            "graph_vs_torch_graph_plain": 394 / 199, "gpu_graph_bn_overhead_%": 48.2,
            "torch_graph_bn_overhead_%": 58.3}
     table = bench_gpu.graph_table([row, {"batch": 64, "width": 1024}]).splitlines()
-    assert table[2] == "| 1024 | no | 1432 | 199 | 394 | 380 | 410 | - | - | - | - | 1.98x |"
-    assert table[3] == "| 1024 | yes | - | - | - | - | - | - | - | - | - | - |" and len(table) == 4
+    assert table[2] == "| 1024 | no | 1432 | 199 | 394 | 380 | 410 | - | - | - | - | - | 1.98x |"
+    assert table[3] == "| 1024 | yes | - | - | - | - | - | - | - | - | - | - | - |" and len(table) == 4
     text = bench_gpu.verdict([row])
     assert "It is not for: batch 1024, width textbook (+48.2%; PyTorch's graph +58.3%)" in text
 
@@ -73,7 +73,7 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
         assert row[f"gpu_graph_{tag}_s"] > 0 and row[f"graph_fused_vs_layers_{tag}"] > 0
         # beside nnopt's choices undone one by one: the workspace for every product, none,
         # cuBLAS products instead of fused ones, the weight gradients on the main stream
-        for name in ("ws", "nows", "cublas", "slices32", "dw_cublas", "serial"):
+        for name in ("ws", "nows", "cublas", "slices32", "dw_cublas", "loss_apart", "serial"):
             assert row[f"{name}_vs_graph_{tag}"] > 0, name
     assert "gpu_graph_bn_overhead_%" in row and "graph_speedup_bn" in row
     assert "batch 64, width textbook" in bench_gpu.verdict(rows)

@@ -410,6 +410,67 @@ def test_softmax_cross_entropy_matches_the_layer(gpu, cupy_stand_in, rng, m, c, 
         assert len(names) == 2 and names[0].endswith(kind) and "finalize" in names[1]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, k, n", [(1, 5, 1), (37, 100, 10), (64, 16, 10), (64, 40, 32)])
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
+def test_linear_cross_entropy_matches_the_layers(gpu, cupy_stand_in, rng, m, k, n, dtype,
+                                                 label_dtype):
+    """The last block's logits x @ w + b and softmax cross-entropy in one launch: logits,
+    softmax, gradient and mean loss against the layers; a label outside the classes makes
+    the loss NaN and is counted."""
+    from nnopt.losses import SoftmaxCrossEntropy
+    x, w, b = rng.normal(size=(m, k)), rng.normal(size=(k, n)), rng.normal(size=n)
+    labels = rng.integers(0, n, size=m)
+    logits_ref = x @ w + b
+    layer = SoftmaxCrossEntropy()
+    want = layer.forward(logits_ref, labels)
+    want_grad = layer.backward()
+    c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+    logits, prob, grad = (np.full((m, n), np.nan, dtype) for _ in range(3))
+    start = len(cupy_stand_in.launches)
+    value, n_bad = gpu.linear_cross_entropy(c(x), c(w), c(b), labels.astype(label_dtype),
+                                            logits, prob, grad)
+    names = [launch[0] for launch in cupy_stand_in.launches[start:]]
+    kind = "i32" if label_dtype == np.int32 else "i64"
+    assert names == [f"linear_cross_entropy_{'f32' if dtype == np.float32 else 'f64'}_{kind}"]
+    rtol = 1e-4 if dtype == np.float32 else 1e-12
+    assert n_bad == 0 and value.shape == () and close(value, want, rtol)
+    for got, ref in ((logits, logits_ref), (prob, layer.prob), (grad, want_grad)):
+        assert close(got, ref, rtol)
+    labels[-1] = n  # out of range
+    value, _ = gpu.linear_cross_entropy(c(x), c(w), c(b), labels.astype(label_dtype), logits,
+                                        prob, grad)
+    assert np.isnan(value)
+
+
+def test_other_losses_compute_a_deferred_output(gpu, monkeypatch):
+    """Sequential.forward_to_loss leaves the last block's output to the loss: softmax
+    cross-entropy against one-hot rows (not labels) and MSE compute it first
+    (materialize). The step equals the CPU's."""
+    from nnopt.losses import MSELoss, SoftmaxCrossEntropy
+
+    def step(model, loss):
+        rng = np.random.default_rng(4)
+        x = rng.normal(size=(16, 12))
+        target = np.eye(5)[rng.integers(0, 5, size=16)]
+        model.zero_grad()
+        value = float(model.loss_and_backward(x, target, loss))
+        return value, {p.name: np.array(p.grad) for p in model.parameters()}
+    for make_loss in (SoftmaxCrossEntropy, MSELoss):
+        want = step(nnopt.mlp([12, 8, 5], seed=1, dtype="float64"), make_loss())
+        with monkeypatch.context() as patch:
+            for module in emulated_gpu.FAST_PATH_USERS:
+                patch.setattr(__import__(module, fromlist=["_"]), "fast_for",
+                              emulated_gpu.fast_for_emulated(gpu))
+            model = nnopt.mlp([12, 8, 5], seed=1, dtype="float64")
+            from nnopt.block import DeferredOutput
+            assert isinstance(model.forward_to_loss(np.zeros((16, 12))), DeferredOutput)
+            got = step(model, make_loss())
+        assert got[0] == pytest.approx(want[0], rel=1e-12), make_loss.__name__
+        for name in want[1]:
+            assert close(got[1][name], want[1][name], 1e-10), name
+
+
 @pytest.mark.parametrize("m", [6, 600])
 def test_softmax_cross_entropy_with_a_bad_label_is_nan(gpu, rng, m):
     """Out of range (in the last block, for 600 rows): NaN loss (the GPU cannot raise
@@ -551,7 +612,9 @@ def test_training_steps_on_the_emulated_gpu_match_the_reference(gpu, cupy_stand_
     assert ("bn_forward_f64" in launched) == (batchnorm and not products_fused)
     assert ("linear_forward_f64" in launched) == ("linear_backward_f64" in launched) == products_fused
     assert ("activation_backward_f64" in launched) == fused  # the last FC: a block too
-    assert "softmax_cross_entropy_f64_i64" in launched
+    # the last block's product inside the loss's launch where products are fused
+    assert ("linear_cross_entropy_f64_i64" in launched) == products_fused
+    assert ("softmax_cross_entropy_f64_i64" in launched) == (not products_fused)
     assert want.keys() == got.keys()
     for key in want:
         assert close(got[key], want[key], 1e-9), key

@@ -25,7 +25,8 @@ from .shared import Scratch as HostScratch
 from .shared import weight_decay_scalars
 from . import plan
 from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_lanes, bn_plan, bn_split_grid,
-                   elementwise_blocks, feature_tile_grid, fused_slices, fuses_product)
+                   elementwise_blocks, feature_tile_grid, fused_slices, fuses_loss,
+                   fuses_product)
 
 
 @lru_cache(maxsize=None)
@@ -469,21 +470,42 @@ def product(a, b, out):
 
 
 # --- softmax cross-entropy --------------------------------------------------------------------
+def _labels(labels):
+    """The labels as the kernels take them (int32 or int64, contiguous), and their kind."""
+    if labels.dtype not in (cupy.int32, cupy.int64):
+        labels = labels.astype(cupy.int64)
+    labels = cupy.ascontiguousarray(labels)
+    return labels, ("i32" if labels.dtype == cupy.int32 else "i64")
+
+
+def linear_cross_entropy(x, w, bias, labels, logits, prob, grad):
+    """The last block's logits x @ w + bias (into ``logits``) and softmax_cross_entropy of
+    them, in one launch (where ``fuses_loss``): fills logits, prob and grad; returns (the
+    mean loss as a 0-d device array, 0), a label outside the classes making it NaN."""
+    x, w = cupy.ascontiguousarray(x), cupy.ascontiguousarray(w)
+    labels, kind = _labels(labels)
+    (m, k), n = x.shape, w.shape[1]
+    loss, bad = cupy.empty(1, dtype=x.dtype), cupy.empty(1, dtype=cupy.int32)
+    i32 = np.int32
+    function("batchnorm.cu", f"linear_cross_entropy_{_suffix(x)}_{kind}")(
+        (1, 1), (32, 8), (x, w, bias, labels, logits, prob, grad, loss, bad, i32(m), i32(n),
+                          i32(k)))
+    return loss.reshape(()), 0
+
+
 def softmax_cross_entropy(logits, labels, prob, grad):
     """Fills ``prob`` and ``grad`` (kernels/loss.cu: one launch up to 256 rows, else one
     more to add the blocks' sums in order); returns (the mean loss as a 0-d device array,
     0). A label outside the classes makes the loss NaN instead of being counted here:
     reading a count back would cost a synchronization every step."""
     logits = cupy.ascontiguousarray(logits)
-    if labels.dtype not in (cupy.int32, cupy.int64):
-        labels = labels.astype(cupy.int64)
-    labels = cupy.ascontiguousarray(labels)
+    labels, kind = _labels(labels)
     m, c = logits.shape
     blocks = max(1, min(-(-m // CE_THREADS), CE_MAX_BLOCKS))
     loss, bad = cupy.empty(1, dtype=logits.dtype), cupy.empty(1, dtype=cupy.int32)
     partial = cupy.empty(blocks if blocks > 1 else 0, dtype=cupy.float64)
     partial_bad = cupy.empty(blocks if blocks > 1 else 0, dtype=cupy.int32)
-    kind, suffix, i32 = ("i32" if labels.dtype == cupy.int32 else "i64"), _suffix(logits), np.int32
+    suffix, i32 = _suffix(logits), np.int32
     function("loss.cu", f"softmax_cross_entropy_{suffix}_{kind}")(
         (blocks,), (CE_THREADS,),
         (logits, labels, prob, grad, loss, bad, partial, partial_bad, i32(m), i32(c)))

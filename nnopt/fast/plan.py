@@ -18,6 +18,7 @@ FUSED_MIN_SLICE = 128   # a fused product's k is cut into slices of at least thi
 FUSED_MAX_SLICES = 8    # ... and at most this many (the last block adds them in order)
 OVERLAP_WEIGHT_GRADS = True  # a model's weight gradients on a side stream (gpu.beside_main)
 FUSED_WEIGHT_GRADS = True    # ... or, with fused products, inside linear_backward itself
+FUSED_LOSS = True            # the last block's product inside the softmax cross-entropy's launch
 CE_THREADS = 256       # softmax cross-entropy: threads per block (NNOPT_CE_THREADS), a row each
 CE_MAX_BLOCKS = 4096   # ... and blocks at most (rows beyond: grid-stride)
 
@@ -100,3 +101,10 @@ def fused_slices(n, k, sms):
     wanted = max(1, min(FUSED_MAX_SLICES, sms // tiles))
     slice_ = -(-max(FUSED_MIN_SLICE, -(-k // wanted)) // FUSED_K_TILE) * FUSED_K_TILE
     return -(-max(k, 1) // slice_), slice_
+
+
+def fuses_loss(m, n):
+    """Whether a network's last block over m rows and n classes (a product and a bias) runs
+    inside softmax cross-entropy's launch: every row in one CUDA block, every class of a
+    row in one tile of 32 (batchnorm.cu, linear_cross_entropy)."""
+    return FUSED_LOSS and fuses_product(m) and 1 <= n <= 32
