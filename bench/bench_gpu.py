@@ -5,9 +5,10 @@ textbook's claim that BN's time overhead becomes negligible on a GPU.
     python bench/bench_gpu.py [--quick | --check] [--out FILE.json] [--only optim,bn,train]
     python bench/bench_gpu.py --dry-run      # CPU stand-ins, tiny sizes: checks the script
 
---check is bench/gpu_check.sh's subset (about two minutes on an H200): optimizer steps at
-1e7 and 1e8, BN at every shape, and the captured step of the textbook network at batch 64,
-1024 and 8192 with and without BN against torch eager and torch's own CUDA graph.
+--check is bench/gpu_check.sh's subset (about two minutes on an H200): BN at every shape,
+the captured step of the textbook network at batch 64, 1024 and 8192 with and without BN
+against torch eager and torch's own CUDA graph (and with each of nnopt's choices undone:
+GRAPH_VARIANTS), then optimizer steps at 1e7 and 1e8.
 
 Ratios only, measured in one process against references measured in the same run.
 """
@@ -372,23 +373,30 @@ def main(argv=None):
         import json
         out.write_text(json.dumps({"machine": common.machine(), "device": device_name(xp),
                                    **results}, indent=2, default=str) + "\n")
-    if "optim" in only:
-        results["optim"] = bench_optim(xp, torch, tdev, sync, sizes)
-        write()
-        print(common.table(results["optim"], ["optimizer", "n", "seconds", "GBps", "copy_GBps",
-                                              "fraction_of_copy_bw", "vs_torch_fused"]))
+    # BN, then the training step, then the optimizers (their goals are met): a run cut
+    # short by its time limit loses the least wanted numbers (each section is written as
+    # it ends)
     if "bn" in only:
         results["bn"] = bench_bn(xp, torch, tdev, sync, shapes)
         write()
         print(common.table(results["bn"], ["shape", "nnopt_s", "torch_s", "vs_torch",
                                            "nnopt_4byte_s", "vs_4byte"]))
-    if "train" not in only:
-        return
+    if "train" in only:
+        train_section(results, write, torch, configs, args.dry_run, out)
+    if "optim" in only:
+        results["optim"] = bench_optim(xp, torch, tdev, sync, sizes)
+        write()
+        print(common.table(results["optim"], ["optimizer", "n", "seconds", "GBps", "copy_GBps",
+                                              "fraction_of_copy_bw", "vs_torch_fused"]))
 
+
+def train_section(results, write, torch, configs, dry_run, out):
+    """The training-step section: rows written after each config, then the tables, the
+    BN verdict and the plot."""
     def partial(rows):
         results["train"] = rows
         write()
-    results["train"] = bench_train(torch, configs, args.dry_run, on_row=partial)
+    results["train"] = bench_train(torch, configs, dry_run, on_row=partial)
     print(common.table(results["train"], ["batch", "width", "cpu_bn_overhead_%", "gpu_bn_overhead_%",
                                           "gpu_graph_bn_overhead_%", "torch_gpu_bn_overhead_%",
                                           "torch_graph_bn_overhead_%", "graph_speedup_bn",

@@ -4,8 +4,9 @@
 # each with its own time limit so a hang cannot eat the rest:
 #   1. machine + install: carried wheels (.whl/: array-api-compat, absent there), nnopt -e  ~20 s
 #   2. tests/test_gpu.py on the cupy backend (kernels, cuBLAS in the graph, graph vs eager) <= 110 s
-#   3. bench/bench_gpu.py --check: optimizer bandwidth (1e7, 1e8), BN at every shape,
-#      captured step vs torch eager and torch's CUDA graph at batch 64/1024/8192       <= 110 s
+#   3. bench/bench_gpu.py --check: BN at every shape, the captured step vs torch eager and
+#      torch's CUDA graph at batch 64/1024/8192 (and nnopt's choices undone, one by one),
+#      then optimizer bandwidth (1e7, 1e8)                                              <= 110 s
 #   4. one epoch of python -m nnopt.train --device gpu                                   <= 40 s
 #   5. the rest of the test suite on the cupy backend, with what time is left            <= 60 s
 # Writes to $OUT: gpu_check.log, pytest_gpu.xml, pytest_rest.xml, gpu.json, gpu.png,
@@ -31,9 +32,10 @@ left() { local l=$(( BUDGET - $(elapsed) )); (( l > $1 )) && l=$1; (( l < 1 )) &
 
 cat <<'PLAN'
 plan: 1 install (carried wheels, nnopt -e) | 2 tests/test_gpu.py --backend cupy (<=110 s)
-      3 bench_gpu.py --check: optimizers at 1e7/1e8 vs copy bandwidth and torch fused Adam,
-        BN fwd+bwd 64x16..4096x4096 vs torch, captured step b64/1024/8192 +-BN vs torch
-        eager and torch CUDA graph (<=110 s) | 4 one GPU training epoch (<=40 s)
+      3 bench_gpu.py --check: BN fwd+bwd 64x16..4096x4096 vs torch (and 4-byte loads),
+        captured step b64/1024/8192 +-BN vs torch eager and torch CUDA graph (and each of
+        nnopt's choices undone), optimizers at 1e7/1e8 vs copy bandwidth and torch fused
+        Adam (<=110 s) | 4 one GPU training epoch (<=40 s)
       5 rest of the suite --backend cupy (time left) | total under 5 minutes
 PLAN
 
