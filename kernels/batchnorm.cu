@@ -35,6 +35,7 @@
 // bias-gradient sums; bias_grad_finalize: the chunks added in order): one thread per
 // feature walking 8192 rows would leave the GPU idle in the network's last layer.
 #include "rules.cuh"
+#include "vectors.cuh"
 
 #define TILE 32
 #define ROWS 8
@@ -150,33 +151,11 @@ NNOPT_BN(double, f64)
 
 // The split path's row walks, one thread over W consecutive features of its chunk's rows:
 // W = 1, or (entry points *_f32x4 / *_f64x2, where n is a multiple of W and every array
-// 16-byte aligned) W = 4 float32 / 2 float64 loaded and stored as one 16-byte vector, a
-// quarter / half of the load instructions for the same bytes. Each walk unrolls 8 rows, so
-// up to 8 rows' loads are in flight per thread: with a quarter of the threads (float32),
-// 16-byte walks still keep twice the bytes in flight that 4-byte walks unrolled 4 did.
-template <typename T, int W> struct NnoptVector;
-template <typename T> struct NnoptVector<T, 1> { typedef T type; };
-template <> struct NnoptVector<float, 4> { typedef float4 type; };
-template <> struct NnoptVector<double, 2> { typedef double2 type; };
-
-template <typename T, int W> union NnoptFeatures {
-    typename NnoptVector<T, W>::type v;
-    T e[W];
-};
-
-template <typename T, int W>
-__device__ __forceinline__ NnoptFeatures<T, W> load_features(const T* __restrict__ a,
-                                                             long long k) {
-    NnoptFeatures<T, W> f;
-    f.v = *reinterpret_cast<const typename NnoptVector<T, W>::type*>(a + k);
-    return f;
-}
-
-template <typename T, int W>
-__device__ __forceinline__ void store_features(T* __restrict__ a, long long k,
-                                               const NnoptFeatures<T, W>& f) {
-    *reinterpret_cast<typename NnoptVector<T, W>::type*>(a + k) = f.v;
-}
+// 16-byte aligned) W = 4 float32 / 2 float64 loaded and stored as one 16-byte vector
+// (vectors.cuh), a quarter / half of the load instructions for the same bytes. Each walk
+// unrolls 8 rows, so up to 8 rows' loads are in flight per thread: with a quarter of the
+// threads (float32), 16-byte walks still keep twice the bytes in flight that 4-byte walks
+// unrolled 4 did.
 
 // activation_grad_at for W features: y is read only where the activation needs it
 template <typename T, int W>

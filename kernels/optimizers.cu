@@ -15,21 +15,14 @@
 #include "rules.cuh"
 
 #ifndef NNOPT_HOST_BUILD  // tests/host_rules.cpp defines nnopt_each as a plain loop
-template <typename T> struct NnoptVec;
-template <> struct NnoptVec<float> { typedef float4 type; };
-template <> struct NnoptVec<double> { typedef double2 type; };
-
-template <typename T> union NnoptLanes {
-    typename NnoptVec<T>::type v;
-    T e[sizeof(typename NnoptVec<T>::type) / sizeof(T)];
-};
+#include "vectors.cuh"
 
 template <int K, typename T, typename F>
 __device__ __forceinline__ void nnopt_each(long long n, F f, T* __restrict__ a0,
                                            const T* __restrict__ a1, T* __restrict__ a2 = nullptr,
                                            T* __restrict__ a3 = nullptr) {
-    typedef typename NnoptVec<T>::type V;
-    const int W = sizeof(V) / sizeof(T);
+    const int W = 16 / sizeof(T);
+    typedef typename NnoptVector<T, W>::type V;
     const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
     unsigned long long bits = (unsigned long long)a0 | (unsigned long long)a1;
@@ -37,7 +30,7 @@ __device__ __forceinline__ void nnopt_each(long long n, F f, T* __restrict__ a0,
     if (K > 3) bits |= (unsigned long long)a3;
     const long long vectors = (bits % sizeof(V)) == 0 ? n / W : 0;
     for (long long v = first; v < vectors; v += stride) {
-        NnoptLanes<T> l0, l1, l2, l3;
+        NnoptFeatures<T, W> l0, l1, l2, l3;
         l0.v = reinterpret_cast<const V*>(a0)[v];
         l1.v = reinterpret_cast<const V*>(a1)[v];
         if (K > 2) l2.v = reinterpret_cast<const V*>(a2)[v];
