@@ -15,6 +15,7 @@ Ratios only, measured in one process against references measured in the same run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -133,12 +134,9 @@ def bench_bn(xp, torch, tdev, sync, shapes):
             layer.forward(x)
             layer.backward(d)
 
-        def fused_4byte():  # the split path's row walks one element per load (plan.BN_VECTORS)
-            plan.BN_VECTORS = False
-            try:
+        def fused_4byte():  # the split path's row walks one element per load
+            with plan_setting("BN_VECTORS", False):
                 fused()
-            finally:
-                plan.BN_VECTORS = True
         times = {"nnopt": fused}
         if shape[0] >= plan.BN_SPLIT_MIN_ROWS:  # the split path
             times["nnopt_4byte"] = fused_4byte
@@ -280,12 +278,19 @@ def variant_runner(name, bn, batch, sizes):
                 del os.environ[key]
             else:
                 os.environ[key] = saved
-    saved = getattr(plan, setting)
-    setattr(plan, setting, value)
-    try:
+    with plan_setting(setting, value):
         return GraphRunner(bn, batch, sizes)
+
+
+@contextlib.contextmanager
+def plan_setting(name, value):
+    """nnopt.fast.plan.<name> set to ``value`` for the block, then restored."""
+    saved = getattr(plan, name)
+    setattr(plan, name, value)
+    try:
+        yield
     finally:
-        setattr(plan, setting, saved)
+        setattr(plan, name, saved)
 
 
 def graph_table(rows):

@@ -52,10 +52,6 @@ class DeferredInputGrad:
     def __init__(self, fast, dh, weight, out):
         self.fast, self.dh, self.weight, self.out = fast, dh, weight, out
 
-    @property
-    def shape(self):
-        return (self.dh.shape[0], self.weight.shape[0])
-
     def materialize(self):
         return self.fast.product(self.dh, self.weight.T, out=self.out)
 
@@ -70,14 +66,6 @@ class DeferredOutput:
     def __init__(self, fast, x, weight, bias, out, scratch):
         self.fast, self.x, self.weight, self.bias = fast, x, weight, bias
         self.out, self.scratch = out, scratch
-
-    @property
-    def shape(self):
-        return tuple(self.out.shape)
-
-    @property
-    def dtype(self):
-        return self.out.dtype
 
     def materialize(self):
         return self.fast.linear_activation_forward(self.x, self.weight, self.bias,

@@ -50,7 +50,6 @@ class CapturedStep:
         self.y = xp.zeros(tuple(y_shape), dtype=y_dtype or xp.int64)
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.pool = cupy.cuda.MemoryPool()
-        self.batch = self.x.shape[0]
         self.gpu.prepare_capture(self.stream)  # the stream's cuBLAS workspace
         self._warm_up()
         self._capture()

@@ -85,7 +85,7 @@ class SoftmaxCrossEntropy(Loss):
             check_labels(target, logits.shape[1])  # raises, with the offending label
         self.prob, self.target = prob, None
         # numba's is a Python float; the GPU's a 0-d device array, left on the device
-        return (value if hasattr(value, "shape") else logits.dtype.type(value)), grad
+        return (value if hasattr(value, "shape") else data.dtype.type(value)), grad
 
     def forward(self, logits, target):
         xp = namespace_of(logits)

@@ -364,9 +364,9 @@ def _fused_launch(name, a, b, n, scratch, args, weight_rows=0):
     a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
     m, k = a.shape
     slices, slice_ = fused_slices(n, k, sms())
-    tiles = -(-n // 32)
+    (tiles,), block = feature_tile_grid(n)
     if weight_rows:
-        slices, slice_ = -(-weight_rows // 32), max(k, 1)
+        slices, slice_ = -(-weight_rows // plan.TILE), max(k, 1)
     if weight_rows or slices == 1:  # no partial sums, no counters
         partial, counters = a.reshape(-1)[:0], _no_counters()
     else:
@@ -377,7 +377,7 @@ def _fused_launch(name, a, b, n, scratch, args, weight_rows=0):
         counters = kept[0]
     i32 = np.int32
     function("batchnorm.cu", f"{name}_{_suffix(a)}")(
-        (tiles, slices), (32, 8),
+        (tiles, slices), block,
         (a, b, partial, counters, i32(slice_), i32(m), i32(n), i32(k), *args))
 
 
@@ -488,8 +488,8 @@ def linear_cross_entropy(x, w, bias, labels, logits, prob, grad):
     loss, bad = cupy.empty(1, dtype=x.dtype), cupy.empty(1, dtype=cupy.int32)
     i32 = np.int32
     function("batchnorm.cu", f"linear_cross_entropy_{_suffix(x)}_{kind}")(
-        (1, 1), (32, 8), (x, w, bias, labels, logits, prob, grad, loss, bad, i32(m), i32(n),
-                          i32(k)))
+        *feature_tile_grid(n), (x, w, bias, labels, logits, prob, grad, loss, bad, i32(m),
+                                i32(n), i32(k)))
     return loss.reshape(()), 0
 
 

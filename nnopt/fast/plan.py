@@ -3,6 +3,7 @@ check them). ``sms`` is the device's multiprocessor count."""
 from __future__ import annotations
 
 THREADS = 256          # threads per block of the elementwise and split-BN kernels
+TILE, ROWS = 32, 8     # batchnorm.cu's feature-tile blocks: 32 features x 8 rows of threads
 THREADS_PER_SM = 2048  # resident threads per multiprocessor (sm_80 ... sm_100)
 WAVES = 4              # grid-stride kernels: blocks for this many full waves at most
 BN_MIN_ROWS = 16       # rows per chunk of the split BN kernels, at least
@@ -68,7 +69,7 @@ def feature_tile_grid(n):
     """(grid, block) of the kernels whose blocks own 32 features with 8 rows of threads
     (batchnorm.cu's TILE and ROWS): the one-launch BN kernels, activation_backward and the
     split path's finalize kernels."""
-    return (-(-n // 32),), (32, 8)
+    return (-(-n // TILE),), (TILE, ROWS)
 
 
 def split_k_pays(m, n, k, sms):
@@ -97,7 +98,7 @@ def fused_slices(n, k, sms):
     times the slices to spread over the multiprocessors, at most FUSED_MAX_SLICES (the
     last block of a tile adds them). Textbook network at batch 64 on 132 SMs: the first
     layer's k = 784 in 7 slices of 128 (28 blocks), every other product in one."""
-    tiles = -(-n // 32)
+    tiles = -(-n // TILE)
     wanted = max(1, min(FUSED_MAX_SLICES, sms // tiles))
     slice_ = -(-max(FUSED_MIN_SLICE, -(-k // wanted)) // FUSED_K_TILE) * FUSED_K_TILE
     return -(-max(k, 1) // slice_), slice_
@@ -107,4 +108,4 @@ def fuses_loss(m, n):
     """Whether a network's last block over m rows and n classes (a product and a bias) runs
     inside softmax cross-entropy's launch: every row in one CUDA block, every class of a
     row in one tile of 32 (batchnorm.cu, linear_cross_entropy)."""
-    return FUSED_LOSS and fuses_product(m) and 1 <= n <= 32
+    return FUSED_LOSS and fuses_product(m) and 1 <= n <= TILE
