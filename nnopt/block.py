@@ -131,8 +131,11 @@ class Block(Layer):
         return fast if fast is not None and hasattr(fast, "activation_forward") else None
 
     def forward(self, x, train=True):
+        return self._forward(x, train, self.fused_kernels(x, train))
+
+    def _forward(self, x, train, fast):
+        """forward with ``fast``, the kernels fused_kernels found for it (None: the layers)."""
         self.saved = None
-        fast = self.fused_kernels(x, train)
         if fast is None:
             for layer in self.layers:
                 x = layer.forward(x, train)
@@ -177,7 +180,7 @@ class Block(Layer):
         if (fast is None or self.batchnorm is not None or self.activation_name != "identity"
                 or getattr(fast, "fuses_loss", None) is None or len(x.shape) != 2
                 or not fast.fuses_loss(x.shape[0], self.linear.n_out)):
-            return self.forward(x, True)
+            return self._forward(x, True, fast)
         linear = self.linear
         check_input(linear, x, linear.n_in)
         check_dtype(linear, x, linear.W)
