@@ -79,8 +79,9 @@ def materialized(prediction):
 
 
 def _fuses_product(fast, m):
-    """Whether ``fast`` (nnopt.fast.gpu) runs a block's product over m rows fused."""
-    return getattr(fast, "fuses_product", None) is not None and fast.fuses_product(m)
+    """Whether ``fast`` (nnopt.fast.gpu; numba's has fuses_product None) runs a block's
+    product over m rows fused."""
+    return fast.fuses_product is not None and fast.fuses_product(m)
 
 
 class Block(Layer):
@@ -130,12 +131,13 @@ class Block(Layer):
         fast = fast_for(x, self.linear.W.data)
         return fast if fast is not None and hasattr(fast, "activation_forward") else None
 
-    def forward(self, x, train=True):
-        return self._forward(x, train, self.fused_kernels(x, train))
-
-    def _forward(self, x, train, fast):
-        """forward with ``fast``, the kernels fused_kernels found for it (None: the layers)."""
+    def forward(self, x, train=True, for_loss=False):
+        """``for_loss`` (training mode; ``Sequential.forward_to_loss``): a
+        :class:`DeferredOutput` where this block is a product and a bias (no BN, no
+        activation) whose loss may compute it in its own launch (``fast.fuses_loss``); the
+        backward then runs as after a fused forward."""
         self.saved = None
+        fast = self.fused_kernels(x, train)
         if fast is None:
             for layer in self.layers:
                 x = layer.forward(x, train)
@@ -147,8 +149,12 @@ class Block(Layer):
             self.scratch = fast.Scratch()
         code = fast.ACTIVATION_CODES[self.activation_name]
         h = self.scratch.get("h", shape=(x.shape[0], linear.n_out), dtype=x.dtype)
-        fused = _fuses_product(fast, x.shape[0])
+        fused = fast.fuses_product is not None and fast.fuses_product(x.shape[0])
         if bn is None:
+            if (for_loss and fast.fuses_loss is not None and self.activation_name == "identity"
+                    and fast.fuses_loss(x.shape[0], linear.n_out)):
+                self.saved = (fast, code, x, None, h, None, None)
+                return DeferredOutput(fast, x, linear.W.data, linear.b.data, h, self.scratch)
             # In place: the backward needs the activated output alone.
             if fused:
                 y = fast.linear_activation_forward(x, linear.W.data, linear.b.data, code,
@@ -171,25 +177,6 @@ class Block(Layer):
         self.saved = (fast, code, x, h, y, mean, inv_std)
         return y
 
-    def forward_deferred(self, x):
-        """Training-mode forward for a loss: a :class:`DeferredOutput` where this block is
-        a product and a bias (no BN, no activation) whose loss may compute it in its own
-        launch (``fast.fuses_loss``), else ``forward(x)``. The backward then runs as
-        after a fused forward."""
-        fast = self.fused_kernels(x, True)
-        if (fast is None or self.batchnorm is not None or self.activation_name != "identity"
-                or getattr(fast, "fuses_loss", None) is None or len(x.shape) != 2
-                or not fast.fuses_loss(x.shape[0], self.linear.n_out)):
-            return self._forward(x, True, fast)
-        linear = self.linear
-        check_input(linear, x, linear.n_in)
-        check_dtype(linear, x, linear.W)
-        if self.scratch is None:
-            self.scratch = fast.Scratch()
-        out = self.scratch.get("h", shape=(x.shape[0], linear.n_out), dtype=x.dtype)
-        self.saved = (fast, fast.ACTIVATION_CODES["identity"], x, None, out, None, None)
-        return DeferredOutput(fast, x, linear.W.data, linear.b.data, out, self.scratch)
-
     def backward(self, dy):
         deferred = isinstance(dy, DeferredInputGrad)
         if deferred and not (self.saved is not None and dy.fast is self.saved[0]
@@ -202,6 +189,9 @@ class Block(Layer):
             return dy
         fast, code, x, h, y, mean, inv_std = self.saved
         linear, bn = self.linear, self.batchnorm
+        # the GPU's launchers, inside a model: what only the optimizer waits for goes on a
+        # side stream (checked once here: a CPU step's hot path stays as it was)
+        beside = self.weight_grad_beside and fast.beside_main is not None
         dh = self.scratch.get("dh", y)
         # the weight gradient inside the fused backward kernel, where it can run there
         weight_grad = None
@@ -212,8 +202,8 @@ class Block(Layer):
                 fast.linear_activation_backward(dy.dh, dy.weight, y, code, self.scratch,
                                                 dbias=linear.b.grad, out=dh,
                                                 weight_grad=weight_grad)
-            elif (self.activation_name == "identity" and self._runs_beside(fast)
-                  and dy.flags.c_contiguous and dy.dtype == y.dtype):
+            elif (beside and self.activation_name == "identity" and dy.flags.c_contiguous
+                  and dy.dtype == y.dtype):
                 # dh is dy itself (the last block: the loss's gradient); what is left, the
                 # bias gradient, is needed by the optimizer alone: beside the main stream
                 copy = dh
@@ -231,32 +221,36 @@ class Block(Layer):
             else:
                 fast.bn_backward(dy, h, *bn_args, out=dh, y=y, activation=code)
         if weight_grad is None:
-            self._add_weight_grad(fast, x, dh)
+            self._add_weight_grad(fast, x, dh, beside)
         else:
             self._note_grads_written()
         if not linear.needs_input_grad:
             return None
         out = self.scratch.get("dx", x)
-        if self.defer_input_grad and _fuses_product(fast, x.shape[0]):
+        if self.defer_input_grad and beside and fast.fuses_product(x.shape[0]):
             return DeferredInputGrad(fast, dh, linear.W.data, out)
         return fast.product(dh, linear.W.data.T, out=out)
 
-    def _add_weight_grad(self, fast, x, dh):
+    def _add_weight_grad(self, fast, x, dh, beside=False):
         """W.grad += x^T dh; written directly when the gradients were zeroed since this
         block last wrote them (one pass over W.grad fewer, the common case of a step;
-        FlatParameters.zero_count). Inside a model on the GPU, on a side stream
+        FlatParameters.zero_count). ``beside``: on the GPU's side stream
         (nnopt.fast.gpu.beside_main): the rest of the backward pass does not wait for it;
         the model joins it at the end of its backward (:meth:`join_weight_grad`)."""
-        grad, direct = self.linear.W.grad, self._writes_weight_grad()
-
-        def work():
-            if direct:
-                fast.product(x.T, dh, out=grad)
-            else:
-                total = grad  # in place (grad itself would be local to work)
-                total += fast.product(x.T, dh, out=self.scratch.get("dW", grad))
-        self._beside(fast, work)
+        storage = self.linear.W.storage  # _writes_weight_grad, inline: a CPU step's hot path
+        direct = storage is not None and storage.zero_count != self.grads_written
+        if beside:
+            self._beside(fast, lambda: self._weight_grad_into(fast, x, dh, direct))
+        else:
+            self._weight_grad_into(fast, x, dh, direct)
         self._note_grads_written()
+
+    def _weight_grad_into(self, fast, x, dh, direct):
+        grad = self.linear.W.grad
+        if direct:
+            fast.product(x.T, dh, out=grad)
+        else:
+            grad += fast.product(x.T, dh, out=self.scratch.get("dW", grad))
 
     def _writes_weight_grad(self):
         """Whether W.grad may be written instead of added to: zeroed since this block last
@@ -264,15 +258,9 @@ class Block(Layer):
         storage = self.linear.W.storage
         return storage is not None and storage.zero_count != self.grads_written
 
-    def _runs_beside(self, fast):
-        return self.weight_grad_beside and getattr(fast, "beside_main", None) is not None
-
     def _beside(self, fast, work):
-        """work() on the side stream where this block runs its weight gradient there, else
-        now on the current stream."""
-        if not self._runs_beside(fast):
-            work()
-            return
+        """work() on the side stream of the GPU's current stream; joined by
+        :meth:`join_weight_grad`."""
         fast.beside_main(work)
         self.joins = fast.join_side
 

@@ -79,7 +79,7 @@ class Sequential:
         for step in reversed(self.steps):
             dy = step.backward(dy)
         for step in self.steps:  # weight gradients computed beside the main stream (GPU)
-            if isinstance(step, Block):
+            if isinstance(step, Block) and step.joins is not None:
                 step.join_weight_grad()
         return dy
 
@@ -90,8 +90,9 @@ class Sequential:
         for step in self.steps[:-1]:
             x = step.forward(x, True)
         last = self.steps[-1] if self.steps else None
-        return last.forward_deferred(x) if isinstance(last, Block) else (
-            x if last is None else last.forward(x, True))
+        if isinstance(last, Block):
+            return last.forward(x, True, for_loss=True)
+        return x if last is None else last.forward(x, True)
 
     def loss_and_backward(self, x, target, loss):
         """Forward in training mode, the loss, backward; returns the loss (a 0-d array)."""
