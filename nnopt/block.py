@@ -240,17 +240,14 @@ class Block(Layer):
         storage = self.linear.W.storage  # _writes_weight_grad, inline: a CPU step's hot path
         direct = storage is not None and storage.zero_count != self.grads_written
         if beside:
-            self._beside(fast, lambda: self._weight_grad_into(fast, x, dh, direct))
-        else:
-            self._weight_grad_into(fast, x, dh, direct)
-        self._note_grads_written()
-
-    def _weight_grad_into(self, fast, x, dh, direct):
+            self._beside(fast, lambda: self._add_weight_grad(fast, x, dh))
+            return
         grad = self.linear.W.grad
         if direct:
             fast.product(x.T, dh, out=grad)
         else:
             grad += fast.product(x.T, dh, out=self.scratch.get("dW", grad))
+        self._note_grads_written()
 
     def _writes_weight_grad(self):
         """Whether W.grad may be written instead of added to: zeroed since this block last
