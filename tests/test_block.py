@@ -7,7 +7,6 @@ import pytest
 import nnopt
 from nnopt import BatchNorm, Block, Linear, Sequential, optim
 from nnopt.fast import cpu_kernels
-from nnopt.fast.threads import BLAS_PARALLEL_MIN_FLOPS, blas_threads_for
 from nnopt.layers import ACTIVATIONS
 from nnopt.losses import SoftmaxCrossEntropy
 from tests.helpers import dev, host, numeric_grad, numeric_param_grad, rel_err
@@ -177,15 +176,6 @@ def test_training_step_allocates_nothing_after_warm_up():
             assert peak < 8 * 1024, f"a step allocated {peak} bytes"  # 64 x 128 x 4 = 32 KiB
     finally:
         tracemalloc.stop()
-
-
-def test_blas_thread_policy_by_size():
-    assert blas_threads_for(64, 784, 128, cores=2) == 1      # the textbook's largest product
-    assert blas_threads_for(1024, 784, 128, cores=2) == 1    # 2.1e8 flops: one thread measured faster
-    assert blas_threads_for(4096, 784, 128, cores=2) == 2    # 8.2e8 flops: two measured faster
-    assert blas_threads_for(4096, 784, 128, cores=16) == 16
-    assert blas_threads_for(1, BLAS_PARALLEL_MIN_FLOPS // 2, 1, cores=4) == 4
-    assert blas_threads_for(1, BLAS_PARALLEL_MIN_FLOPS // 2 - 1, 1, cores=4) == 1
 
 
 def test_training_runs_blocks_by_default_and_layers_on_request():

@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..backend import is_cupy, is_numpy
+from . import threads
 
 ENABLED = os.environ.get("NNOPT_FAST", "1").lower() not in ("0", "false", "no")
 # numba's OpenMP threads spin after each parallel loop by default; in a training step they
@@ -89,10 +90,14 @@ def fast_for(*arrays):
 
 
 def matmul(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b). While a CUDA graph is captured, ``gpu.graph_gemm``: CuPy refuses
-    cuBLAS calls during capture, so cuBLAS runs through nnopt's own handle (nnopt.cublas),
-    or, where it cannot load, nnopt's tiled GEMM kernel."""
+    """op(a) @ op(b); NumPy matrices on the BLAS threads of ``nnopt.fast.threads``. While a
+    CUDA graph is captured, ``gpu.graph_gemm``: CuPy refuses cuBLAS calls during capture, so
+    cuBLAS runs through nnopt's own handle (nnopt.cublas), or, where it cannot load,
+    nnopt's tiled GEMM kernel."""
     if capturing():
         return gpu_kernels().graph_gemm(a, b, trans_a, trans_b)
-    return (a.T if trans_a else a) @ (b.T if trans_b else b)
+    a, b = (a.T if trans_a else a), (b.T if trans_b else b)
+    if type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == b.ndim == 2:
+        return threads.product(a, b, None)
+    return a @ b
 

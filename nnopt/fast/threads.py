@@ -1,30 +1,35 @@
-"""How many threads BLAS gets for one matrix product: one for small products, every core
-for large ones (threadpoolctl sets it).
+"""How many threads BLAS gets for one matrix product (threadpoolctl sets it): the cores
+no other process keeps busy, and every core for large products.
 
-A product on two OpenBLAS threads pays a synchronization between them (about 10 us here)
-that the arithmetic of a small product does not repay; and when another process keeps a
-core busy, every such synchronization waits for a descheduled thread (a training step of
-the textbook network went from 0.6 ms to 2.5 ms with one core busy). A large product
-splits into long runs per thread and gains from each core even then. Where the line lies
-is measured by ``bench/bench_blas_threads.py`` (float32, the textbook's shapes, quiet and
-with one core busy); :data:`BLAS_PARALLEL_MIN_FLOPS` records the result.
+On a quiet machine a second BLAS thread pays from about a MFLOP on (the textbook's first
+layer at batch 64: 205 us on one thread, 118-170 us on two), and costs nothing below
+(OpenBLAS keeps tiny products on one thread itself). But when another process keeps a
+core busy, every synchronization between the two threads waits for a descheduled one:
+the same product took 92 ms on two threads beside a busy loop, against 0.2 ms on one. So
+a product runs on as many threads as there are cores other processes leave free
+(:class:`FreeCores`, from /proc/stat, sampled a few times a second); only a large product,
+whose long runs per thread repay even a shared core, always gets every core. Both were
+measured by ``bench/bench_blas_threads.py`` (float32, the textbook's shapes, quiet and
+with one core busy); :data:`BUSY_PARALLEL_MIN_FLOPS` records the line.
 
-``NNOPT_BLAS_POLICY=0`` in the environment leaves BLAS's thread count alone.
+The policy never raises BLAS above the thread count it found on first use (a
+``threadpool_limits(1)`` or ``OPENBLAS_NUM_THREADS=1`` set before the first product is
+kept). ``NNOPT_BLAS_POLICY=0`` in the environment leaves BLAS's thread count alone.
 """
 from __future__ import annotations
 
+import math
 import os
+import time
 from functools import lru_cache
 
 import numpy as np
 
-#: Products of fewer flops (2 m k n) run on one thread. bench/bench_blas_threads.py on this
-#: project's 2-core machine (bench/results/blas_threads*.json, bench/RESULTS.md "BLAS
-#: threads"): up to 2.1e8 flops (batch 1024's first layer) two threads were slower than one,
-#: 1.4x-7x, quiet or with a core busy, and far slower (tens of ms) for the small products
-#: of a step at batch 64 whenever the second core was taken; from 8.2e8 (batch 4096's)
-#: they were faster, 0.5x-0.8x, quiet and busy alike. The line sits between the two.
-BLAS_PARALLEL_MIN_FLOPS = 1 << 29
+#: Products of at least this many flops (2 m k n) run on every core even while another
+#: process keeps one busy (bench/results/blas_threads_busy.json): up to 2.1e8 flops
+#: (batch 1024's first layer) two threads were then 2x to 900x slower than one; from
+#: 8.2e8 (batch 4096's) 0.5x-0.65x.
+BUSY_PARALLEL_MIN_FLOPS = 1 << 29
 ENABLED = os.environ.get("NNOPT_BLAS_POLICY", "1").lower() not in ("0", "false", "no")
 
 
@@ -37,19 +42,98 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def blas_threads_for(m: int, k: int, n: int, cores: int | None = None) -> int:
-    """Threads for an (m, k) x (k, n) product: 1 below BLAS_PARALLEL_MIN_FLOPS, else all cores."""
-    cores = available_cores() if cores is None else cores
-    return 1 if 2 * m * k * n < BLAS_PARALLEL_MIN_FLOPS else max(1, cores)
+def blas_threads_for(m: int, k: int, n: int, cores: int | None = None,
+                     free: int | None = None) -> int:
+    """Threads for an (m, k) x (k, n) product: every one of ``cores`` from
+    BUSY_PARALLEL_MIN_FLOPS, else the ``free`` ones (no other process keeps them busy;
+    default: all)."""
+    cores = max(1, available_cores() if cores is None else cores)
+    if free is None or 2 * m * k * n >= BUSY_PARALLEL_MIN_FLOPS:
+        return cores
+    return max(1, min(cores, free))
+
+
+class FreeCores:
+    """How many of this process's cores other processes leave free: the busy time of those
+    cores in /proc/stat less this process's own CPU time (its BLAS threads spinning
+    between products are its own, not another's load), over the last ``interval`` seconds.
+
+    Sampled at most once per interval, so a call costs a clock read. One core (the
+    caller's) until the first interval has been measured, and where /proc/stat cannot be
+    read. After a pause of more than ``stale`` seconds (this process waited on something
+    else: in a benchmark's interleaved rounds, the other contenders), the window would
+    measure the others that ran while it waited, not beside it: the last answer stands
+    until a window of this process's own activity has been measured."""
+
+    #: Seconds between samples: a busy process appearing costs at most about this long on
+    #: threads that wait for it.
+    interval = 0.25
+    stale = 0.5
+    #: Another process's use of up to this fraction of a core leaves the core free.
+    slack = 0.25
+
+    def __init__(self, cpus=None, stat_path="/proc/stat", clock=time.monotonic,
+                 own_time=time.process_time):
+        if cpus is None:
+            try:
+                cpus = os.sched_getaffinity(0)
+            except AttributeError:  # not Linux: no /proc/stat either
+                cpus = range(os.cpu_count() or 1)
+        self.cpus = frozenset(cpus)
+        self.stat_path, self.clock, self.own_time = stat_path, clock, own_time
+        self.tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+        self.free = 1
+        self.last = None  # (time, busy seconds of self.cpus, own CPU seconds)
+        self.next_sample = -math.inf
+
+    def __call__(self) -> int:
+        now = self.clock()
+        if now < self.next_sample:
+            return self.free
+        busy = self._busy_seconds()
+        if busy is None:
+            self.next_sample = now + self.interval
+            return self.free
+        sample = (now, busy, self.own_time())
+        last = self.last
+        if last is not None and now - last[0] <= self.stale:
+            others = ((sample[1] - last[1]) - (sample[2] - last[2])) / (now - last[0])
+            self.free = max(1, len(self.cpus) - max(0, math.ceil(others - self.slack)))
+        self.last, self.next_sample = sample, now + self.interval
+        return self.free
+
+    def _busy_seconds(self):
+        """Non-idle seconds of self.cpus since boot, or None."""
+        try:
+            fd = os.open(self.stat_path, os.O_RDONLY)
+            try:  # the per-CPU lines come first; reading no further allocates little
+                text = os.read(fd, 256 * (max(self.cpus) + 2))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            return None
+        ticks = 0
+        for line in text.split(b"\n"):
+            fields = line.split()
+            if not fields or not fields[0].startswith(b"cpu"):
+                break
+            if fields[0] == b"cpu" or int(fields[0][3:]) not in self.cpus:
+                continue
+            # user nice system idle iowait irq softirq steal: all but idle and iowait
+            values = [int(v) for v in fields[1:9]]
+            ticks += sum(values) - values[3] - values[4]
+        return ticks * self.tick
 
 
 class BlasThreads:
     """Sets BLAS's thread count only when it changes (a call into each BLAS library: cheap,
-    but not free at a few products per layer). Finds the libraries on first use."""
+    but not free at a few products per layer). Finds the libraries on first use, and
+    takes their thread count then as the most it will ever set (``ceiling``)."""
 
     def __init__(self):
         self.current = None
         self.libraries = None
+        self.ceiling = available_cores()
 
     def _find(self):
         try:
@@ -59,10 +143,12 @@ class BlasThreads:
         return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
 
     def use(self, threads: int) -> None:
-        if threads == self.current:
-            return
         if self.libraries is None:
             self.libraries = self._find()
+            self.ceiling = max(1, min([self.ceiling] + [lib.num_threads for lib in self.libraries]))
+        threads = min(threads, self.ceiling)
+        if threads == self.current:
+            return
         for lib in self.libraries:
             lib.set_num_threads(threads)
         self.current = threads
@@ -77,8 +163,18 @@ def blas_threads() -> BlasThreads:
     return BlasThreads()
 
 
+@lru_cache(maxsize=None)
+def free_cores() -> FreeCores:
+    return FreeCores()
+
+
 def product(a, b, out):
-    """``a @ b`` into ``out`` (NumPy arrays) with the thread count of :func:`blas_threads_for`."""
-    if ENABLED:
-        blas_threads().use(blas_threads_for(a.shape[0], a.shape[1], b.shape[1]))
+    """``a @ b`` into ``out`` (NumPy arrays) on the threads of :func:`blas_threads_for`."""
+    if ENABLED:  # blas_threads_for, inline: a few products per layer, each microseconds
+        threads, cores = free_cores()(), available_cores()
+        if threads < cores and 2 * a.shape[0] * a.shape[1] * b.shape[1] >= BUSY_PARALLEL_MIN_FLOPS:
+            threads = cores
+        blas = blas_threads()
+        if threads != blas.current:
+            blas.use(threads)
     return np.matmul(a, b, out=out)
