@@ -78,12 +78,6 @@ def materialized(prediction):
     return prediction.materialize() if isinstance(prediction, DeferredOutput) else prediction
 
 
-def _fuses_product(fast, m):
-    """Whether ``fast`` (nnopt.fast.gpu; numba's has fuses_product None) runs a block's
-    product over m rows fused."""
-    return fast.fuses_product is not None and fast.fuses_product(m)
-
-
 class Block(Layer):
     """``Linear`` followed by an optional ``BatchNorm`` and an optional activation layer
     (``nnopt.layers``' ReLU, Sigmoid or Tanh), as one layer.
@@ -132,7 +126,7 @@ class Block(Layer):
         return fast if fast is not None and hasattr(fast, "activation_forward") else None
 
     def forward(self, x, train=True, for_loss=False):
-        """``for_loss`` (training mode; ``Sequential.forward_to_loss``): a
+        """``for_loss`` (training mode; ``Sequential.forward_to_loss``): on the GPU, a
         :class:`DeferredOutput` where this block is a product and a bias (no BN, no
         activation) whose loss may compute it in its own launch (``fast.fuses_loss``); the
         backward then runs as after a fused forward."""
@@ -142,20 +136,44 @@ class Block(Layer):
             for layer in self.layers:
                 x = layer.forward(x, train)
             return x
-        linear, bn = self.linear, self.batchnorm
+        linear = self.linear
         check_input(linear, x, linear.n_in)
         check_dtype(linear, x, linear.W)
         if self.scratch is None:
             self.scratch = fast.Scratch()
+        if fast.ON_GPU:
+            return self._forward_gpu(fast, x, for_loss)
+        return self._forward_cpu(fast, x)
+
+    def _forward_cpu(self, fast, x):
+        """The product (BLAS), then one numba pass: BN's statistics and output and the
+        activation, or the bias and the activation."""
+        linear, bn = self.linear, self.batchnorm
+        code = fast.ACTIVATION_CODES[self.activation_name]
+        h = fast.product(x, linear.W.data,
+                         out=self.scratch.get("h", shape=(x.shape[0], linear.n_out), dtype=x.dtype))
+        if bn is None:  # in place: the backward needs the activated output alone
+            y = fast.activation_forward(h, linear.b.data, code, out=h)
+            self.saved = (fast, code, x, None, y, None, None)
+            return y
+        y, mean, inv_std = fast.bn_forward(h, *self._bn_forward_args(),
+                                           out=self.scratch.get("y", h), bias=linear.b.data,
+                                           activation=code)
+        self.saved = (fast, code, x, h, y, mean, inv_std)
+        return y
+
+    def _forward_gpu(self, fast, x, for_loss):
+        """As on the CPU, but up to ``fast.fuses_product`` rows, the product runs inside
+        the pass's kernel; and the last block may leave its output to the loss."""
+        linear, bn = self.linear, self.batchnorm
         code = fast.ACTIVATION_CODES[self.activation_name]
         h = self.scratch.get("h", shape=(x.shape[0], linear.n_out), dtype=x.dtype)
-        fused = fast.fuses_product is not None and fast.fuses_product(x.shape[0])
+        fused = fast.fuses_product(x.shape[0])
         if bn is None:
-            if (for_loss and fast.fuses_loss is not None and self.activation_name == "identity"
+            if (for_loss and self.activation_name == "identity"
                     and fast.fuses_loss(x.shape[0], linear.n_out)):
                 self.saved = (fast, code, x, None, h, None, None)
                 return DeferredOutput(fast, x, linear.W.data, linear.b.data, h, self.scratch)
-            # In place: the backward needs the activated output alone.
             if fused:
                 y = fast.linear_activation_forward(x, linear.W.data, linear.b.data, code,
                                                    self.scratch, out=h)
@@ -164,36 +182,63 @@ class Block(Layer):
                 y = fast.activation_forward(h, linear.b.data, code, out=h)
             self.saved = (fast, code, x, None, y, None, None)
             return y
-        bn_args = (bn.gamma.data, bn.beta.data, bn.eps, bn.momentum, bn.unbiased,
-                   bn.buffers["running_mean"], bn.buffers["running_var"])
         if fused:
             y, mean, inv_std = fast.linear_bn_forward(
-                x, linear.W.data, *bn_args, self.scratch, h=h, out=self.scratch.get("y", h),
-                bias=linear.b.data, activation=code)
+                x, linear.W.data, *self._bn_forward_args(), self.scratch, h=h,
+                out=self.scratch.get("y", h), bias=linear.b.data, activation=code)
         else:
             h = fast.product(x, linear.W.data, out=h)
-            y, mean, inv_std = fast.bn_forward(h, *bn_args, out=self.scratch.get("y", h),
+            y, mean, inv_std = fast.bn_forward(h, *self._bn_forward_args(),
+                                               out=self.scratch.get("y", h),
                                                bias=linear.b.data, activation=code)
         self.saved = (fast, code, x, h, y, mean, inv_std)
         return y
 
+    def _bn_forward_args(self):
+        bn = self.batchnorm
+        return (bn.gamma.data, bn.beta.data, bn.eps, bn.momentum, bn.unbiased,
+                bn.buffers["running_mean"], bn.buffers["running_var"])
+
     def backward(self, dy):
-        deferred = isinstance(dy, DeferredInputGrad)
-        if deferred and not (self.saved is not None and dy.fast is self.saved[0]
-                             and _fuses_product(dy.fast, dy.dh.shape[0])):
-            dy, deferred = dy.materialize(), False
+        if isinstance(dy, DeferredInputGrad) and not (
+                self.saved is not None and dy.fast is self.saved[0]
+                and dy.fast.fuses_product(dy.dh.shape[0])):
+            dy = dy.materialize()
         if self.saved is None:
             for layer in reversed(self.layers):
                 dy = layer.backward(dy)
             self._note_grads_written()
             return dy
+        if self.saved[0].ON_GPU:
+            return self._backward_gpu(dy)
+        return self._backward_cpu(dy)
+
+    def _backward_cpu(self, dy):
+        """One numba pass through the activation and BN (or the bias), then the two
+        products."""
         fast, code, x, h, y, mean, inv_std = self.saved
         linear, bn = self.linear, self.batchnorm
-        # the GPU's launchers, inside a model: what only the optimizer waits for goes on a
-        # side stream (checked once here: a CPU step's hot path stays as it was)
-        beside = self.weight_grad_beside and fast.beside_main is not None
         dh = self.scratch.get("dh", y)
-        # the weight gradient inside the fused backward kernel, where it can run there
+        if bn is None:
+            fast.activation_backward(dy, y, code, dbias=linear.b.grad, out=dh)
+        else:  # linear.b.grad: zero by construction (module docstring), nothing to add
+            fast.bn_backward(dy, h, bn.gamma.data, mean, inv_std, bn.gamma.grad, bn.beta.grad,
+                             out=dh, y=y, activation=code)
+        self._add_weight_grad(fast, x, dh)
+        if not linear.needs_input_grad:
+            return None
+        return fast.product(dh, linear.W.data.T, out=self.scratch.get("dx", x))
+
+    def _backward_gpu(self, dy):
+        """As on the CPU, but ``dy`` may be the next block's deferred input gradient,
+        computed inside this block's kernel (with the weight gradient too, where
+        ``fast.fuses_weight_grad``); inside a model, what only the optimizer waits for runs
+        on a side stream; and this block's input gradient may be deferred in turn."""
+        fast, code, x, h, y, mean, inv_std = self.saved
+        linear, bn = self.linear, self.batchnorm
+        deferred = isinstance(dy, DeferredInputGrad)
+        beside = self.weight_grad_beside
+        dh = self.scratch.get("dh", y)
         weight_grad = None
         if deferred and fast.fuses_weight_grad(linear.n_out, dy.dh.shape[1]):
             weight_grad = (x, linear.W.grad, not self._writes_weight_grad())
@@ -213,7 +258,6 @@ class Block(Layer):
             else:
                 fast.activation_backward(dy, y, code, dbias=linear.b.grad, out=dh)
         else:
-            # linear.b.grad: zero by construction (module docstring), nothing to add
             bn_args = (bn.gamma.data, mean, inv_std, bn.gamma.grad, bn.beta.grad)
             if deferred:
                 fast.linear_bn_backward(dy.dh, dy.weight, h, y, *bn_args, self.scratch,
@@ -237,13 +281,11 @@ class Block(Layer):
         FlatParameters.zero_count). ``beside``: on the GPU's side stream
         (nnopt.fast.gpu.beside_main): the rest of the backward pass does not wait for it;
         the model joins it at the end of its backward (:meth:`join_weight_grad`)."""
-        storage = self.linear.W.storage  # _writes_weight_grad, inline: a CPU step's hot path
-        direct = storage is not None and storage.zero_count != self.grads_written
         if beside:
             self._beside(fast, lambda: self._add_weight_grad(fast, x, dh))
             return
         grad = self.linear.W.grad
-        if direct:
+        if self._writes_weight_grad():
             fast.product(x.T, dh, out=grad)
         else:
             grad += fast.product(x.T, dh, out=self.scratch.get("dW", grad))

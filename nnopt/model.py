@@ -47,9 +47,9 @@ class Sequential:
         if self.steps:
             # Nobody needs dJ/dx of the input data: skip that matmul.
             self.steps[0].needs_input_grad = False
-        for step in self.steps:
-            if isinstance(step, Block):  # joined at the end of backward
-                step.weight_grad_beside = True
+        self.blocks = [step for step in self.steps if isinstance(step, Block)]
+        for block in self.blocks:  # joined at the end of backward
+            block.weight_grad_beside = True
         for before, step in zip(self.steps, self.steps[1:]):
             # A block may leave its input gradient's product to the block before it, which
             # can fuse it into its own backward pass (nnopt.block.DeferredInputGrad).
@@ -78,9 +78,9 @@ class Sequential:
     def backward(self, dy):
         for step in reversed(self.steps):
             dy = step.backward(dy)
-        for step in self.steps:  # weight gradients computed beside the main stream (GPU)
-            if isinstance(step, Block) and step.joins is not None:
-                step.join_weight_grad()
+        for block in self.blocks:  # weight gradients computed beside the main stream (GPU)
+            if block.joins is not None:
+                block.join_weight_grad()
         return dy
 
     def forward_to_loss(self, x):

@@ -24,9 +24,7 @@ from ..optim.adaptive import adam_kernel_scalars as adam_kernel_scalars_py
 from .shared import ACTIVATION_CODES, IDENTITY, RELU, SIGMOID, TANH, Scratch  # noqa: F401
 from .threads import product  # noqa: F401  (a block's products: nnopt.block)
 
-# What only nnopt.fast.gpu offers a block (products fused into its kernels, the loss's
-# launch, a side stream): None here, so a block checks an attribute, not a missing name.
-fuses_product = fuses_loss = beside_main = None
+ON_GPU = False  # a block's CPU path (nnopt.block): no products inside kernels, no streams
 
 PARALLEL_MIN = 1 << 18  # elements; smaller work stays on one thread
 # error_model="numpy": a division by zero gives inf/nan as NumPy (and the reference) does,

@@ -28,6 +28,8 @@ from .plan import (CE_MAX_BLOCKS, CE_THREADS, THREADS, bn_lanes, bn_plan, bn_spl
                    elementwise_blocks, feature_tile_grid, fused_slices, fuses_loss,
                    fuses_product)
 
+ON_GPU = True  # a block's GPU path (nnopt.block): products in kernels, a side stream
+
 
 @lru_cache(maxsize=None)
 def module(name: str):

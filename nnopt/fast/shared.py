@@ -29,14 +29,16 @@ class Scratch:
 
     def get(self, name, like=None, shape=None, dtype=None):
         """A free buffer of ``like``'s shape and dtype (or of ``shape`` and ``dtype``)."""
-        shape = tuple(like.shape) if like is not None else tuple(shape)
-        dtype = np.dtype(like.dtype if like is not None else dtype)
-        kept = self.arrays.setdefault(name, [])
+        if like is not None:
+            shape, dtype = like.shape, like.dtype
+        kept = self.arrays.get(name)
+        if kept is None:
+            kept = self.arrays[name] = []
         for array in kept:
             # References: the list, the loop variable, getrefcount's argument; more = in use.
             if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) <= 3:
                 return array
-        array = self.empty(shape, dtype)
+        array = self.empty(tuple(shape), np.dtype(dtype))
         if len(kept) >= self.KEEP:  # sizes changed, or callers keep outputs: start afresh
             kept.clear()
         kept.append(array)
