@@ -2,15 +2,16 @@
 no other process keeps busy, and every core for large products.
 
 On a quiet machine a second BLAS thread pays from about a MFLOP on (the textbook's first
-layer at batch 64: 205 us on one thread, 118-170 us on two), and costs nothing below
+layer at batch 64: 155-165 us on one thread, 86-97 us on two) and costs nothing below
 (OpenBLAS keeps tiny products on one thread itself). But when another process keeps a
 core busy, every synchronization between the two threads waits for a descheduled one:
-the same product took 92 ms on two threads beside a busy loop, against 0.2 ms on one. So
-a product runs on as many threads as there are cores other processes leave free
-(:class:`FreeCores`, from /proc/stat, sampled a few times a second); only a large product,
-whose long runs per thread repay even a shared core, always gets every core. Both were
-measured by ``bench/bench_blas_threads.py`` (float32, the textbook's shapes, quiet and
-with one core busy); :data:`BUSY_PARALLEL_MIN_FLOPS` records the line.
+beside a busy loop, two threads took up to 37x one thread's time (64x64 by 64x128: 1.1 ms
+against 31 us), erratically from one product to the next. So a product runs on as many
+threads as there are cores other processes leave free (:class:`FreeCores`, from
+/proc/stat, sampled a few times a second); only a large product, whose long runs per
+thread repay even a shared core, always gets every core. Both were measured by
+``bench/bench_blas_threads.py`` (float32, the textbook's shapes, quiet and with one core
+busy); :data:`BUSY_PARALLEL_MIN_FLOPS` records the line.
 
 The policy never raises BLAS above the thread count it found on first use (a
 ``threadpool_limits(1)`` or ``OPENBLAS_NUM_THREADS=1`` set before the first product is
@@ -27,8 +28,8 @@ import numpy as np
 
 #: Products of at least this many flops (2 m k n) run on every core even while another
 #: process keeps one busy (bench/results/blas_threads_busy.json): up to 2.1e8 flops
-#: (batch 1024's first layer) two threads were then 2x to 900x slower than one; from
-#: 8.2e8 (batch 4096's) 0.5x-0.65x.
+#: (batch 1024's first layer) two threads were then 0.7x to 4x one thread's time (up to
+#: 37x at 1e6 flops); at 8.2e8 (batch 4096's) 0.58x-1.02x.
 BUSY_PARALLEL_MIN_FLOPS = 1 << 29
 ENABLED = os.environ.get("NNOPT_BLAS_POLICY", "1").lower() not in ("0", "false", "no")
 
