@@ -135,3 +135,31 @@ def test_product_is_the_matrix_product(shape, monkeypatch):
     result = threads.product(a, b, out)
     assert result is out
     np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_is_the_smallest_on_the_path(tmp_path):
+    write(tmp_path / "self", "0::/user.slice/job\n")
+    write(tmp_path / "fs" / "cpu.max", "max 100000\n")
+    write(tmp_path / "fs" / "user.slice" / "cpu.max", "150000 100000\n")  # 1.5 CPUs
+    write(tmp_path / "fs" / "user.slice" / "job" / "cpu.max", "400000 100000\n")
+    assert threads.cgroup_cpu_quota(tmp_path / "self", str(tmp_path / "fs")) == 1.5
+
+
+def test_cgroup_v1_quota_and_no_quota(tmp_path):
+    write(tmp_path / "self", "4:memory:/x\n3:cpu,cpuacct:/docker/abc\n")
+    folder = tmp_path / "fs" / "cpu,cpuacct" / "docker" / "abc"
+    write(folder / "cpu.cfs_quota_us", "200000\n")
+    write(folder / "cpu.cfs_period_us", "100000\n")
+    write(tmp_path / "fs" / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
+    write(tmp_path / "fs" / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    assert threads.cgroup_cpu_quota(tmp_path / "self", str(tmp_path / "fs")) == 2.0
+    write(folder / "cpu.cfs_quota_us", "-1\n")
+    assert threads.cgroup_cpu_quota(tmp_path / "self", str(tmp_path / "fs")) is None
+    write(folder / "cpu.cfs_quota_us", "garbage\n")
+    assert threads.cgroup_cpu_quota(tmp_path / "self", str(tmp_path / "fs")) is None
+    assert threads.cgroup_cpu_quota(tmp_path / "missing", str(tmp_path / "fs")) is None

@@ -36,11 +36,71 @@ ENABLED = os.environ.get("NNOPT_BLAS_POLICY", "1").lower() not in ("0", "false",
 
 @lru_cache(maxsize=None)
 def available_cores() -> int:
-    """The cores this process may run on (at its first call)."""
+    """The cores this process may run on (at its first call): its CPU affinity, capped by
+    its cgroup's CPU quota (a container's ``--cpus``), where it has one."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cores if quota is None else max(1, min(cores, int(quota)))
+
+
+def cgroup_cpu_quota(self_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """The CPUs this process's cgroup may use per period (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us / cpu.cfs_period_us``), the smallest on its path up to the root; None
+    without a quota. Threads beyond it are throttled together: a BLAS product on more
+    threads than the quota waits for each of them in turn."""
+    try:
+        with open(self_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":
+            mounts, read = [root], _cpu_max
+        elif "cpu" in controllers.split(","):
+            mounts, read = [os.path.join(root, controllers), os.path.join(root, "cpu")], _cfs_quota
+        else:
+            continue
+        mount = next((m for m in mounts if os.path.isdir(m)), None)
+        if mount is None:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts) + 1):  # a parent's quota binds its children too
+            quota = read(os.path.join(mount, *parts[:depth]))
+            if quota is not None:
+                quotas.append(quota)
+    return min(quotas) if quotas else None
+
+
+def _read_numbers(path):
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except OSError:
+        return None
+
+
+def _cpu_max(folder):
+    """cgroup v2: "max 100000" or "<quota> <period>"."""
+    fields = _read_numbers(os.path.join(folder, "cpu.max"))
+    try:
+        return int(fields[0]) / int(fields[1])
+    except (TypeError, IndexError, ValueError, ZeroDivisionError):  # none, or "max"
+        return None
+
+
+def _cfs_quota(folder):
+    """cgroup v1: quota -1 means none."""
+    quota = _read_numbers(os.path.join(folder, "cpu.cfs_quota_us"))
+    period = _read_numbers(os.path.join(folder, "cpu.cfs_period_us"))
+    try:
+        return int(quota[0]) / int(period[0]) if int(quota[0]) > 0 else None
+    except (TypeError, IndexError, ValueError, ZeroDivisionError):
+        return None
 
 
 def blas_threads_for(m: int, k: int, n: int, cores: int | None = None,
