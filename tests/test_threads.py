@@ -44,8 +44,14 @@ class FakeMachine:
         self.own += own
         self.write()
 
-    def cores(self, cpus=(0, 1)):
-        free = FreeCores(cpus, self.path, clock=lambda: self.now, own_time=lambda: self.own)
+    def cores(self, cpus=(0, 1), running=None):
+        """FreeCores on this machine; ``running``: /proc/loadavg's count of running tasks
+        (None: no such file)."""
+        loadavg = self.path.parent / "loadavg"
+        if running is not None:
+            loadavg.write_text(f"0.52 0.95 1.06 {running}/345 31564\n")
+        free = FreeCores(cpus, self.path, clock=lambda: self.now, own_time=lambda: self.own,
+                         loadavg_path=loadavg)
         free.tick = 0.01
         return free
 
@@ -53,7 +59,7 @@ class FakeMachine:
 def test_free_cores_leave_out_this_processes_own_time(tmp_path):
     machine = FakeMachine(tmp_path / "stat")
     free = machine.cores()
-    assert free() == 1  # nothing measured yet: as if a core were taken
+    assert free() == 1  # nothing measured, no /proc/loadavg: as if a core were taken
     machine.advance(0.5, busy=[1.0, 1.0], own=1.0)  # both cores busy, all of it ours
     assert free() == 2
     machine.advance(0.5, busy=[1.0, 1.0], own=0.5)  # half of it another process's
@@ -84,17 +90,24 @@ def test_free_cores_sample_once_per_interval(tmp_path):
     assert free() == 2
 
 
-def test_free_cores_after_a_pause_wait_for_a_fresh_window(tmp_path):
+def test_free_cores_without_a_window_count_the_tasks_running_now(tmp_path):
     machine = FakeMachine(tmp_path / "stat")
-    free = machine.cores()
+    assert machine.cores(running=1)() == 2  # the caller alone
+    assert machine.cores(running=2)() == 1  # and one more
+    assert machine.cores(running=9)() == 1
+
+
+def test_free_cores_after_a_pause_do_not_count_who_ran_meanwhile(tmp_path):
+    machine = FakeMachine(tmp_path / "stat")
+    free = machine.cores(running=1)
     free()
     machine.advance(free.interval, busy=[1.0, 1.0], own=2 * free.interval)
     assert free() == 2
     # this process waits 3 s while another one runs on both cores (a benchmark's rounds)
     machine.advance(3.0, busy=[1.0, 1.0], own=0.0)
-    assert free() == 2  # what ran while this process waited says nothing about beside it
+    assert free() == 2  # what ran while it waited says nothing: the caller runs alone now
     machine.advance(free.interval, busy=[1.0, 1.0], own=free.interval)
-    assert free() == 1  # ... but a window of its own activity does
+    assert free() == 1  # ... but a window of its own activity beside a busy core does
 
 
 def test_free_cores_without_proc_stat_keep_one_thread(tmp_path):
@@ -163,3 +176,30 @@ def test_cgroup_v1_quota_and_no_quota(tmp_path):
     write(folder / "cpu.cfs_quota_us", "garbage\n")
     assert threads.cgroup_cpu_quota(tmp_path / "self", str(tmp_path / "fs")) is None
     assert threads.cgroup_cpu_quota(tmp_path / "missing", str(tmp_path / "fs")) is None
+
+
+def test_a_forked_child_takes_its_own_limit(monkeypatch):
+    """A worker forked after the parent's first product (nnopt.experiments' pool) and
+    limited to one thread stays at one: the parent's policy state is not inherited."""
+    import multiprocessing
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    threads.blas_threads().use(1)  # the parent found the libraries (limit 2 or more), set 1
+    try:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1, initializer=_limit_to_one_thread) as pool:
+            assert pool.apply(_threads_after_a_product) == [1]
+    finally:
+        threads.blas_threads().forget()
+
+
+def _limit_to_one_thread():
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
+
+
+def _threads_after_a_product():
+    from threadpoolctl import threadpool_info
+    a = np.ones((1024, 1024))
+    threads.product(a, a, np.empty_like(a))  # 2.1e9 flops: the policy's every core
+    return sorted({i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"})

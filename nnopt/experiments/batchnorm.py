@@ -93,7 +93,8 @@ def step_times(ctx, rounds=7, steps=30, warmup=10):
     """Steady-state time of one training step with and without BN: both networks are
     built and warmed up (kernels compiled, caches filled), then timed in interleaved rounds
     of ``steps`` steps whose order alternates, so a burst of load from elsewhere hits both.
-    Returns {bn: [seconds per step, one per round]}."""
+    Returns {bn: [seconds per step, one per round], "conditions": the BLAS threads and
+    fast paths they ran with}: taken here, since ``all`` reports them from another process."""
     from ..losses import SoftmaxCrossEntropy
     data = datasets.load(ctx.dataset, ctx.data_dir)
     xp = get_namespace(ctx.device)
@@ -122,6 +123,7 @@ def step_times(ctx, rounds=7, steps=30, warmup=10):
             times[bn].append(timed(bn, steps, warmup))
     for stepper in steppers.values():
         stepper.release()
+    times["conditions"] = f"BLAS threads {blas_threads()}, fast paths {fast_path_state()}"
     return times
 
 
@@ -281,7 +283,7 @@ def run(ctx, done=None, times=None) -> Section:
 
     times = timed_steps(ctx) if times is None else times
     overheads = [100 * (b / a - 1) for a, b in zip(times[False], times[True])]
-    conditions = f"BLAS threads {blas_threads()}, fast paths {fast_path_state()}"
+    conditions = times["conditions"]
     section.text(f"**Time per step** (steady state, batch 64, {len(overheads)} interleaved rounds "
                  f"of {TIMING[ctx.quick][1]} steps, median; {conditions}): "
                  f"{statistics.median(times[True]) * 1e3:.2f} ms with BN vs "

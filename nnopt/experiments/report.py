@@ -145,9 +145,13 @@ def blas_threads() -> str:
     try:
         from threadpoolctl import threadpool_info
         counts = sorted({i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"})
-        return "/".join(map(str, counts)) or "unknown"
+        counts = "/".join(map(str, counts)) or "unknown"
     except ImportError:
         return "unknown (threadpoolctl not installed)"
+    from ..fast import threads
+    if threads.ENABLED:  # nnopt sets them per product: by its size and the machine's load
+        return f"{counts} (nnopt's policy: the free cores)"
+    return counts
 
 
 def versions() -> str:

@@ -119,12 +119,12 @@ class FreeCores:
     cores in /proc/stat less this process's own CPU time (its BLAS threads spinning
     between products are its own, not another's load), over the last ``interval`` seconds.
 
-    Sampled at most once per interval, so a call costs a clock read. One core (the
-    caller's) until the first interval has been measured, and where /proc/stat cannot be
-    read. After a pause of more than ``stale`` seconds (this process waited on something
-    else: in a benchmark's interleaved rounds, the other contenders), the window would
-    measure the others that ran while it waited, not beside it: the last answer stands
-    until a window of this process's own activity has been measured."""
+    Sampled at most once per interval, so a call costs a clock read. Where no window of
+    this process's activity is at hand (its first call, or after a pause of more than
+    ``stale`` seconds, when the window would count the others that ran while it waited,
+    such as a benchmark's other contenders), the tasks running at that moment stand in
+    (/proc/loadavg, less the caller) until the next window. One core where neither can be
+    read."""
 
     #: Seconds between samples: a busy process appearing costs at most about this long on
     #: threads that wait for it.
@@ -134,14 +134,15 @@ class FreeCores:
     slack = 0.25
 
     def __init__(self, cpus=None, stat_path="/proc/stat", clock=time.monotonic,
-                 own_time=time.process_time):
+                 own_time=time.process_time, loadavg_path="/proc/loadavg"):
         if cpus is None:
             try:
                 cpus = os.sched_getaffinity(0)
             except AttributeError:  # not Linux: no /proc/stat either
                 cpus = range(os.cpu_count() or 1)
         self.cpus = frozenset(cpus)
-        self.stat_path, self.clock, self.own_time = stat_path, clock, own_time
+        self.stat_path, self.loadavg_path = stat_path, loadavg_path
+        self.clock, self.own_time = clock, own_time
         self.tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
         self.free = 1
         self.last = None  # (time, busy seconds of self.cpus, own CPU seconds)
@@ -151,17 +152,32 @@ class FreeCores:
         now = self.clock()
         if now < self.next_sample:
             return self.free
+        self.next_sample = now + self.interval
         busy = self._busy_seconds()
         if busy is None:
-            self.next_sample = now + self.interval
             return self.free
-        sample = (now, busy, self.own_time())
-        last = self.last
+        sample, last = (now, busy, self.own_time()), self.last
+        self.last = sample
         if last is not None and now - last[0] <= self.stale:
             others = ((sample[1] - last[1]) - (sample[2] - last[2])) / (now - last[0])
-            self.free = max(1, len(self.cpus) - max(0, math.ceil(others - self.slack)))
-        self.last, self.next_sample = sample, now + self.interval
+            self.free = self._free_beside(others - self.slack)
+        else:
+            running = self._running_now()
+            if running is not None:
+                self.free = self._free_beside(running - 1)
         return self.free
+
+    def _free_beside(self, others):
+        return max(1, len(self.cpus) - max(0, math.ceil(others)))
+
+    def _running_now(self):
+        """Tasks running or runnable on the machine now, the caller included (/proc/loadavg's
+        fourth field, "running/total"), or None."""
+        try:
+            with open(self.loadavg_path, "rb") as f:
+                return int(f.read().split()[3].split(b"/")[0])
+        except (OSError, IndexError, ValueError):
+            return None
 
     def _busy_seconds(self):
         """Non-idle seconds of self.cpus since boot, or None."""
@@ -227,6 +243,18 @@ def blas_threads() -> BlasThreads:
 @lru_cache(maxsize=None)
 def free_cores() -> FreeCores:
     return FreeCores()
+
+
+def reset() -> None:
+    """Forget what the policy found: the BLAS libraries' thread limit, the last thread count
+    set and the load windows. Run in a forked child, whose CPU time starts afresh and which
+    may set its own limit (a worker's ``threadpool_limits(1)``) before its first product."""
+    blas_threads.cache_clear()
+    free_cores.cache_clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=reset)
 
 
 def product(a, b, out):
