@@ -1,5 +1,6 @@
-"""Where a second BLAS thread starts to pay: the measurement behind
-``nnopt.fast.threads.BLAS_PARALLEL_MIN_FLOPS``.
+"""Where a second BLAS thread pays, on a quiet machine and beside a busy core: the
+measurement behind ``nnopt.fast.threads`` (every free core on a quiet machine; with a core
+taken, one thread below ``BUSY_PARALLEL_MIN_FLOPS``).
 
     python bench/bench_blas_threads.py [--busy]
 
