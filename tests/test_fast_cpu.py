@@ -77,8 +77,8 @@ def test_large_inputs_take_the_threaded_paths(monkeypatch, rng):
     """The sizes above use numba's threads: the parallel flag reaches ``launch``."""
     calls = []
     original = fast.launch
-    monkeypatch.setattr(fast, "launch", lambda kernel, parallel, *a: (
-        calls.append(parallel), original(kernel, parallel, *a))[1])
+    monkeypatch.setattr(fast, "launch", lambda kernel, parallel, *a, **k: (
+        calls.append(parallel), original(kernel, parallel, *a, **k))[1])
     n = fast.PARALLEL_MIN + 1
     storage, opt = make("adam", n, "float32", True, rng.normal(size=n))
     storage.grad[...] = 1.0
