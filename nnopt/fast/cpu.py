@@ -86,8 +86,9 @@ class Kernel:
 
 def launch(kernel, parallel, *args, activation=-1):
     """Run ``kernel`` on numba's threads when ``parallel``, else on this thread alone;
-    ``activation``: its twin compiled for that code (Kernel)."""
-    return kernel.compiled(parallel, activation)(*args)
+    ``activation``: on this thread, its twin compiled for that code (Kernel). The threaded
+    twins stay general: large arrays are memory-bound, and each twin is compiled anew."""
+    return kernel.compiled(parallel, -1 if parallel else activation)(*args)
 
 
 # --- update rules, one element at a time ---------------------------------------------------
