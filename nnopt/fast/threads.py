@@ -105,13 +105,12 @@ def _cfs_quota(folder):
 
 def blas_threads_for(m: int, k: int, n: int, cores: int | None = None,
                      free: int | None = None) -> int:
-    """Threads for an (m, k) x (k, n) product: every one of ``cores`` from
-    BUSY_PARALLEL_MIN_FLOPS, else the ``free`` ones (no other process keeps them busy;
-    default: all)."""
+    """Threads for an (m, k) x (k, n) product: the ``free`` ones of ``cores`` (no other
+    process keeps them busy; default: all), every one from BUSY_PARALLEL_MIN_FLOPS."""
     cores = max(1, available_cores() if cores is None else cores)
-    if free is None or 2 * m * k * n >= BUSY_PARALLEL_MIN_FLOPS:
+    if free is None or free >= cores or 2 * m * k * n >= BUSY_PARALLEL_MIN_FLOPS:
         return cores
-    return max(1, min(cores, free))
+    return max(1, free)
 
 
 class FreeCores:
@@ -259,10 +258,8 @@ if hasattr(os, "register_at_fork"):
 
 def product(a, b, out):
     """``a @ b`` into ``out`` (NumPy arrays) on the threads of :func:`blas_threads_for`."""
-    if ENABLED:  # blas_threads_for, inline: a few products per layer, each microseconds
-        threads, cores = free_cores()(), available_cores()
-        if threads < cores and 2 * a.shape[0] * a.shape[1] * b.shape[1] >= BUSY_PARALLEL_MIN_FLOPS:
-            threads = cores
+    if ENABLED:
+        threads = blas_threads_for(a.shape[0], a.shape[1], b.shape[1], free=free_cores()())
         blas = blas_threads()
         if threads != blas.current:
             blas.use(threads)
