@@ -76,7 +76,7 @@ def cgroup_cpu_quota(self_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
     return min(quotas) if quotas else None
 
 
-def _read_numbers(path):
+def _read_fields(path):
     try:
         with open(path) as f:
             return f.read().split()
@@ -86,7 +86,7 @@ def _read_numbers(path):
 
 def _cpu_max(folder):
     """cgroup v2: "max 100000" or "<quota> <period>"."""
-    fields = _read_numbers(os.path.join(folder, "cpu.max"))
+    fields = _read_fields(os.path.join(folder, "cpu.max"))
     try:
         return int(fields[0]) / int(fields[1])
     except (TypeError, IndexError, ValueError, ZeroDivisionError):  # none, or "max"
@@ -95,8 +95,8 @@ def _cpu_max(folder):
 
 def _cfs_quota(folder):
     """cgroup v1: quota -1 means none."""
-    quota = _read_numbers(os.path.join(folder, "cpu.cfs_quota_us"))
-    period = _read_numbers(os.path.join(folder, "cpu.cfs_period_us"))
+    quota = _read_fields(os.path.join(folder, "cpu.cfs_quota_us"))
+    period = _read_fields(os.path.join(folder, "cpu.cfs_period_us"))
     try:
         return int(quota[0]) / int(period[0]) if int(quota[0]) > 0 else None
     except (TypeError, IndexError, ValueError, ZeroDivisionError):
