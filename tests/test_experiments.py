@@ -154,6 +154,7 @@ def test_bn_claims_carry_their_measurements(quick_run):
     assert fewer.measured["n_seeds"] == 2 and len(fewer.held_per_seed) == 2
     assert claims["bn_cpu_time_cost"].measured["n_seeds"] == 5  # interleaved rounds
     assert "fast paths" in claims["bn_cpu_time_cost"].reason
+    assert "5 rounds" in claims["bn_cpu_time_cost"].reason  # counted as rounds, not seeds
 
 
 def test_adadelta_check_can_fail():

@@ -57,11 +57,12 @@ def spread(values, quantity="") -> dict:
             "n_seeds": len(values), "not_reached": len(values) - len(finite)}
 
 
-def describe(m: dict, unit="", digits=0) -> str:
-    """'median 1,250 (range 1,050-1,700, 8 seeds; 2 not reached)'."""
+def describe(m: dict, unit="", digits=0, counted="seeds") -> str:
+    """'median 1,250 (range 1,050-1,700, 8 seeds; 2 not reached)'; ``counted`` names what
+    the values are one per (seeds, rounds)."""
     def num(v):
         return "not reached" if v is None else f"{v:,.{digits}f}{unit}"
-    text = f"median {num(m['median'])} (range {num(m['min'])} to {num(m['max'])}, {m['n_seeds']} seeds"
+    text = f"median {num(m['median'])} (range {num(m['min'])} to {num(m['max'])}, {m['n_seeds']} {counted}"
     if m.get("not_reached"):
         text += f"; {m['not_reached']} not reached"
     return text + ")"
