@@ -313,6 +313,26 @@ def graph_table(rows):
     return "\n".join(lines)
 
 
+def advice(rows, margin=0.95):
+    """Where one of nnopt's choices lost to its undoing (GRAPH_VARIANTS) in this run: the
+    setting to change and the batches it would pay at, one line each. A variant counts as
+    faster at a batch when it took at most ``margin`` of nnopt's step time, with and
+    without BN alike (one winning alone is within a run's noise)."""
+    lines = []
+    for name, (label, _, setting, value) in GRAPH_VARIANTS.items():
+        wins = []
+        for r in rows:
+            if r.get("width") != "textbook":
+                continue
+            ratios = [r.get(f"{name}_vs_graph_{tag}") for tag in ("plain", "bn")]
+            if all(v is not None and v <= margin for v in ratios):
+                wins.append(f"batch {r['batch']} ({ratios[0]:.2f}x, {ratios[1]:.2f}x with BN)")
+        if wins:
+            lines.append(f"{label}: {setting} = {value!r} was faster at " + ", ".join(wins))
+    return lines or [f"no variant took <= {margin:.2f}x of nnopt's step with and without BN: "
+                     "keep every choice"]
+
+
 def verdict(rows, threshold=10.0):
     holds, fails = [], []
     for r in rows:
@@ -410,6 +430,8 @@ def train_section(results, write, torch, configs, dry_run, out):
     print(common.table(results["train"], ["batch", *(f"{name}_vs_graph_{tag}"
                                                      for name in GRAPH_VARIANTS
                                                      for tag in ("plain", "bn"))]))
+    results["advice"] = advice(results["train"])
+    print("\n".join(results["advice"]))
     results["graph_table"] = graph_table(results["train"])
     print(results["graph_table"])
     results["verdict"] = verdict(results["train"])

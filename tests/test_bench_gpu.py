@@ -42,6 +42,18 @@ def test_graph_table_and_verdict(bench_gpu):
     assert "It is not for: batch 1024, width textbook (+48.2%; PyTorch's graph +58.3%)" in text
 
 
+def test_advice_names_the_setting_where_a_variant_won_with_and_without_bn(bench_gpu):
+    rows = [{"batch": 64, "width": "textbook", "cublas_vs_graph_plain": 0.80,
+             "cublas_vs_graph_bn": 0.90, "serial_vs_graph_plain": 0.90,
+             "serial_vs_graph_bn": 1.02},
+            {"batch": 1024, "width": "textbook", "cublas_vs_graph_plain": 0.99,
+             "cublas_vs_graph_bn": 0.70},
+            {"batch": 64, "width": 1024, "nows_vs_graph_plain": 0.5, "nows_vs_graph_bn": 0.5}]
+    assert bench_gpu.advice(rows) == [
+        "cuBLAS products: FUSED_PRODUCTS = False was faster at batch 64 (0.80x, 0.90x with BN)"]
+    assert bench_gpu.advice(rows[1:])[0].startswith("no variant took <= 0.95x")
+
+
 def test_module_stays_importable_without_cupy(bench_gpu):
     assert "cupy" not in sys.modules or sys.modules["cupy"] is not None
 
