@@ -10,6 +10,9 @@ the captured step of the textbook network at batch 64, 1024 and 8192 with and wi
 against torch eager and torch's own CUDA graph (and with each of nnopt's choices undone:
 GRAPH_VARIANTS), then optimizer steps at 1e7 and 1e8.
 
+--only reruns some sections: the others stay in --out as they were (with their dates in
+"measured") when that file is from the same device.
+
 Ratios only, measured in one process against references measured in the same run.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -356,7 +360,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true", help="bench/gpu_check.sh's subset")
     ap.add_argument("--dry-run", action="store_true", help="CPU stand-ins for the GPU")
-    ap.add_argument("--out", default=str(common.RESULTS / "gpu.json"))
+    ap.add_argument("--out", help="the JSON to write (default bench/results/gpu.json; "
+                    "with --dry-run, a file in the system's temporary folder)")
     ap.add_argument("--only", default="optim,bn,train",
                     help="comma-separated sections to run (a second device call can rerun one)")
     args = ap.parse_args(argv)
@@ -390,13 +395,19 @@ def main(argv=None):
         (64, None, True), (1024, None, True), (8192, None, True), (64, 1024, True),
         (1024, 1024, True), (8192, 1024, False), (64, 4096, False), (1024, 4096, False),
         (8192, 4096, False)]
-    out = Path(args.out)
+    # a dry run never writes over the GPU's results
+    out = Path(args.out or (Path(tempfile.gettempdir()) / "nnopt_gpu_dry_run.json" if args.dry_run
+                            else common.RESULTS / "gpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = {}
+    device = device_name(xp)
+    results = kept_sections(out, device, only)
 
     def write():  # after every section, so a run cut short still leaves its numbers
         import json
-        out.write_text(json.dumps({"machine": common.machine(), "device": device_name(xp),
+        for name in only & set(SECTIONS):
+            if any(key in results for key in SECTIONS[name]):
+                results.setdefault("measured", {})[name] = common.machine()["date"]
+        out.write_text(json.dumps({"machine": common.machine(), "device": device,
                                    **results}, indent=2, default=str) + "\n")
     # BN, then the training step, then the optimizers (their goals are met): a run cut
     # short by its time limit loses the least wanted numbers (each section is written as
@@ -413,6 +424,33 @@ def main(argv=None):
         write()
         print(common.table(results["optim"], ["optimizer", "n", "seconds", "GBps", "copy_GBps",
                                               "fraction_of_copy_bw", "vs_torch_fused"]))
+
+
+#: the keys of the JSON each section writes
+SECTIONS = {"bn": ("bn",), "train": ("train", "advice", "graph_table", "verdict"),
+            "optim": ("optim",)}
+
+
+def kept_sections(out, device, only):
+    """The sections of an earlier run in ``out`` that this run does not measure, so that
+    rerunning one section (``--only``) keeps the others; kept only when that run was on the
+    same device (another card's numbers beside this one's would read as one run)."""
+    import json
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {}
+    if earlier.get("device") != device:
+        print(f"note: {out} holds a run on {earlier.get('device')!r}, not {device!r}: "
+              "it is replaced, not merged")
+        return {}
+    kept = {key: earlier[key] for name, keys in SECTIONS.items() if name not in only
+            for key in keys if key in earlier}
+    dates = {name: date for name, date in earlier.get("measured", {}).items()
+             if name not in only and any(key in kept for key in SECTIONS.get(name, ()))}
+    if kept:
+        print(f"keeping from {out}: {', '.join(sorted(dates) or sorted(kept))} (measured earlier)")
+    return {**kept, **({"measured": dates} if dates else {})}
 
 
 def train_section(results, write, torch, configs, dry_run, out):

@@ -4,9 +4,9 @@
 # each with its own time limit so a hang cannot eat the rest:
 #   1. machine + install: carried wheels (.whl/: array-api-compat, absent there), nnopt -e  ~20 s
 #   2. tests/test_gpu.py on the cupy backend (kernels, cuBLAS in the graph, graph vs eager) <= 110 s
-#   3. bench/bench_gpu.py --check: BN at every shape, the captured step vs torch eager and
-#      torch's CUDA graph at batch 64/1024/8192 (and nnopt's choices undone, one by one),
-#      then optimizer bandwidth (1e7, 1e8)                                              <= 110 s
+#   3. bench/bench_gpu.py --check, a process per section: BN at every shape (<= 25 s), the
+#      captured step vs torch eager and torch's CUDA graph at batch 64/1024/8192 (and
+#      nnopt's choices undone, one by one; <= 70 s), optimizer bandwidth (1e7, 1e8; <= 25 s)
 #   4. one epoch of python -m nnopt.train --device gpu                                   <= 40 s
 #   5. the rest of the test suite on the cupy backend, with what time is left            <= 60 s
 # Writes to $OUT: gpu_check.log, pytest_gpu.xml, pytest_rest.xml, gpu.json, gpu.png,
@@ -32,10 +32,10 @@ left() { local l=$(( BUDGET - $(elapsed) )); (( l > $1 )) && l=$1; (( l < 1 )) &
 
 cat <<'PLAN'
 plan: 1 install (carried wheels, nnopt -e) | 2 tests/test_gpu.py --backend cupy (<=110 s)
-      3 bench_gpu.py --check: BN fwd+bwd 64x16..4096x4096 vs torch (and 4-byte loads),
-        captured step b64/1024/8192 +-BN vs torch eager and torch CUDA graph (and each of
-        nnopt's choices undone), optimizers at 1e7/1e8 vs copy bandwidth and torch fused
-        Adam (<=110 s) | 4 one GPU training epoch (<=40 s)
+      3 bench_gpu.py --check, a process per section: BN fwd+bwd 64x16..4096x4096 vs torch
+        (and 4-byte loads; <=25 s) | captured step b64/1024/8192 +-BN vs torch eager and
+        torch CUDA graph (and each of nnopt's choices undone; <=70 s) | optimizers at
+        1e7/1e8 vs copy bandwidth and torch fused Adam (<=25 s) | 4 one GPU epoch (<=40 s)
       5 rest of the suite --backend cupy (time left) | total under 5 minutes
 PLAN
 
@@ -68,9 +68,15 @@ timeout "$(left 110)" python3 -m pytest -q -p no:cacheprovider --backend cupy -o
   --durations=10 --junitxml="$OUT/pytest_gpu.xml" -k "not one_epoch" tests/test_gpu.py
 rc=$?; record test_gpu $rc; (( rc )) && echo "GPU TESTS FAILED (rc $rc)"
 
-step "3. GPU benchmarks (bench_gpu.py --check)"
-timeout "$(left 110)" python3 bench/bench_gpu.py --check --out "$OUT/gpu.json"
-rc=$?; record bench $rc; (( rc )) && echo "BENCH FAILED (rc $rc)"
+step "3. GPU benchmarks (bench_gpu.py --check), a process per section"
+# a fault in one section (a CUDA error poisons its process's context) costs only that
+# section; each adds its numbers to the same gpu.json
+for section in bn:25 train:70 optim:25; do
+  name=${section%%:*}
+  timeout "$(left "${section##*:}")" python3 bench/bench_gpu.py --check --only "$name" \
+    --out "$OUT/gpu.json"
+  rc=$?; record "bench_$name" $rc; (( rc )) && echo "BENCH $name FAILED (rc $rc)"
+done
 
 step "4. one epoch of python -m nnopt.train --device gpu (CUDA graph)"
 timeout "$(left 40)" python3 -m nnopt.train --device gpu --epochs 1 --target-loss 0 \

@@ -29,6 +29,36 @@ def test_dry_run_writes_every_section(bench_gpu, tmp_path, capsys):
     assert "| batch | BN |" in capsys.readouterr().out
 
 
+def test_rerunning_one_section_keeps_the_others(bench_gpu, tmp_path):
+    out = tmp_path / "gpu.json"
+    bench_gpu.main(["--dry-run", "--only", "bn,optim", "--out", str(out)])
+    first = json.loads(out.read_text())
+    bench_gpu.main(["--dry-run", "--only", "optim", "--out", str(out)])
+    second = json.loads(out.read_text())
+    assert second["bn"] == first["bn"] and second["measured"]["bn"] == first["measured"]["bn"]
+    assert {"bn", "optim"} <= set(second["measured"]) and "train" not in second
+
+
+def test_a_run_on_another_device_is_replaced_not_merged(bench_gpu, tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    out.write_text(json.dumps({"device": "NVIDIA H200", "bn": [{"shape": "64x16"}],
+                               "measured": {"bn": "2026-11-27T13:34:00"}}))
+    bench_gpu.main(["--dry-run", "--only", "optim", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert "bn" not in result and set(result["measured"]) == {"optim"}
+    assert "replaced, not merged" in capsys.readouterr().out
+
+
+def test_dry_run_leaves_the_committed_results_alone(bench_gpu, monkeypatch, tmp_path):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    committed = BENCH / "results" / "gpu.json"
+    before = committed.read_bytes() if committed.exists() else None
+    bench_gpu.main(["--dry-run", "--only", "optim"])
+    assert (tmp_path / "nnopt_gpu_dry_run.json").exists()
+    assert (committed.read_bytes() if committed.exists() else None) == before
+
+
 def test_graph_table_and_verdict(bench_gpu):
     row = {"batch": 1024, "width": "textbook", "torch_gpu_plain_s": 1432e-6,
            "torch_graph_plain_s": 199e-6, "gpu_graph_plain_s": 394e-6,
