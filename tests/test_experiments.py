@@ -10,8 +10,8 @@ import math
 from nnopt.experiments import (EXPERIMENTS, __main__ as cli, batchnorm, curvefit, regression,
                                run_sections)
 from nnopt.experiments.initialization import activations, per_sample_spread, zero_init_demo
-from nnopt.experiments.report import (Context, Section, figure_module, place, sooner, spread,
-                                      verdict_of, write)
+from nnopt.experiments.report import (Context, Section, figure_module, held_bounds, place,
+                                      sooner, spread, verdict_of, write)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,33 @@ def test_claim_verdict_computed_from_seeds():
     assert section.claim("b", "c", "tb", spread([1]), [True, True, True, False], "r").verdict == "yes"
 
 
+@pytest.mark.parametrize("held, n, verdict, is_settled", [
+    (8, 8, "yes", True), (7, 8, "yes", False), (6, 8, "yes", False), (3, 3, "yes", False),
+    (0, 8, "no", True), (1, 8, "no", False), (3, 8, "partly", False), (48, 96, "partly", True),
+    (24, 24, "yes", True)])
+def test_verdict_settled_only_when_the_bounds_stay_in_its_band(held, n, verdict, is_settled):
+    section = Section("t")
+    claim = section.claim("c", "c", "tb", spread([1]), [True] * held + [False] * (n - held), "r")
+    assert claim.verdict == verdict and claim.settled is is_settled
+    low, high = claim.bounds
+    assert 0 <= low < held / n < high <= 1 or held in (0, n)
+    assert claim.verdict_text.endswith("(unsettled)") is not is_settled
+    assert claim.to_json()["settled"] is is_settled
+
+
+def test_held_bounds_match_wilsons_interval():
+    # Wilson's 80% two-sided interval for 7 of 8 (z = 1.2816), worked by hand
+    low, high = held_bounds([True] * 7 + [False])
+    assert low == pytest.approx(0.6604, abs=2e-4) and high == pytest.approx(0.9618, abs=2e-4)
+    assert held_bounds([None, None]) is None
+
+
+def test_a_fixed_set_of_configurations_has_no_bounds():
+    claim = Section("t").claim("g", "c", "tb", spread([1]), [True, False, True], "r", sampled=False)
+    assert claim.verdict == "partly" and claim.bounds is None and claim.settled is None
+    assert claim.verdict_text == "partly"
+
+
 def test_gpu_claim_reads_results_when_present(tmp_path):
     text, held, measured = batchnorm.gpu_evidence(tmp_path / "gpu.json")
     assert "not measured on a GPU yet" in text and held == [] and verdict_of(held)[0] == "n/a"
@@ -155,6 +182,16 @@ def test_bn_claims_carry_their_measurements(quick_run):
     assert claims["bn_cpu_time_cost"].measured["n_seeds"] == 5  # interleaved rounds
     assert "fast paths" in claims["bn_cpu_time_cost"].reason
     assert "5 rounds" in claims["bn_cpu_time_cost"].reason  # counted as rounds, not seeds
+
+
+def test_only_sampled_claims_carry_bounds(quick_run):
+    claims = {c.id: c for c in quick_run[2].values()}
+    for fixed in ("bowl_sgd_zigzag", "bowl_momentum_overshoot", "bowl_adaptive_direct",
+                  "zero_init_symmetry", "bn_gpu_negligible"):
+        assert claims[fixed].bounds is None and claims[fixed].settled is None
+    # two seeds held cannot settle a rate: the report says so
+    assert claims["momentum_sooner_than_sgd"].settled is False
+    assert "(unsettled)" in claims["momentum_sooner_than_sgd"].verdict_text
 
 
 def test_adadelta_check_can_fail():

@@ -60,7 +60,10 @@ def main(argv=None) -> int:
     path = write(ctx, sections, time.perf_counter() - started)
     for section in sections:
         for c in section.claims:
-            print(f"  [{c.verdict:>6}] {c.claim} (held in {c.held_text}): {c.reason}")
+            mark = "?" if c.settled is False else " "
+            print(f"  [{c.verdict:>6}{mark}] {c.claim} (held in {c.held_text}): {c.reason}")
+    if any(c.settled is False for section in sections for c in section.claims):
+        print("  ?: unsettled (other seeds may give another verdict; more seeds: --seeds)")
     print(f"report: {path} ({time.perf_counter() - started:.1f} s)")
     return 0
 

@@ -250,18 +250,18 @@ def run(ctx) -> Section:
     flips = int(np.sum(np.diff(np.sign(sgd[:, 1])) != 0))
     section.claim("bowl_sgd_zigzag", "SGD (lr 0.95) zig-zags across the narrow axis", "zig-zag",
                   spread([flips], "sign changes of y"), [flips >= len(sgd) // 2],
-                  f"y changes sign {flips} times in {len(sgd) - 1} steps (deterministic)")
+                  f"y changes sign {flips} times in {len(sgd) - 1} steps (deterministic)", sampled=False)
     overshoot = float(paths["Momentum lr 0.1"][:, 0].max())
     section.claim("bowl_momentum_overshoot", "Momentum overshoots the centre and is pulled back",
                   "overshoots", spread([overshoot], "largest x"), [overshoot > 0.5],
-                  f"x reaches {overshoot:+.2f} past the minimum at 0 (deterministic)")
+                  f"x reaches {overshoot:+.2f} past the minimum at 0 (deterministic)", sampled=False)
     straight = {k: _straightness(paths[k]) for k in ("RMSProp lr 0.5", "Adam lr 0.5", "SGD lr 0.95")}
     section.claim("bowl_adaptive_direct", "RMSProp and Adam take a nearly direct route",
                   "nearly direct", spread([max(straight["RMSProp lr 0.5"], straight["Adam lr 0.5"])],
                                           "path length / distance"),
                   [max(straight["RMSProp lr 0.5"], straight["Adam lr 0.5"]) < straight["SGD lr 0.95"]],
                   ", ".join(f"{k}: {v:.2f}" for k, v in straight.items())
-                  + " (path length / distance covered; 1 = straight; deterministic)")
+                  + " (path length / distance covered; 1 = straight; deterministic)", sampled=False)
 
     # (b) the linear-regression loss over (w, b)
     seeds = ctx.seed_list

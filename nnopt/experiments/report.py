@@ -17,9 +17,15 @@ from pathlib import Path
 
 #: The verdict rule, stated once in every report.
 YES_AT, NO_AT = 0.75, 0.25
+#: A verdict is settled when the rate at which the claim holds lies inside the verdict's
+#: band with 90% confidence on each side: Wilson's score bounds at z = 1.2816 (one-sided 90%).
+SETTLED_Z = 1.2816
 RULE = (f"a claim's verdict is **yes** when it held in at least {YES_AT:.0%} of the seeds, "
         f"**no** when it held in at most {NO_AT:.0%}, **partly** in between, and **n/a** when "
-        "no seed could test it")
+        "no seed could test it. A verdict is *unsettled* when the rate at which the claim "
+        "holds could, with more than 10% odds, lie outside that verdict's band (one-sided 90% "
+        "Wilson bounds of the held fraction): other seeds may then give another verdict, "
+        "and more seeds (`--seeds`) narrow the bounds")
 
 
 def verdict_of(held_per_seed) -> tuple[str, float | None]:
@@ -34,6 +40,31 @@ def verdict_of(held_per_seed) -> tuple[str, float | None]:
     if fraction <= NO_AT:
         return "no", fraction
     return "partly", fraction
+
+
+def held_bounds(held_per_seed, z=SETTLED_Z) -> tuple[float, float] | None:
+    """Wilson's score bounds on the rate at which a claim holds, from one True/False per
+    seed (None entries left out)::
+
+        (p + z^2/2n -+ z sqrt(p(1 - p)/n + z^2/4n^2)) / (1 + z^2/n),   p = held / n
+
+    None when no seed tested the claim."""
+    tested = [bool(h) for h in held_per_seed if h is not None]
+    if not tested:
+        return None
+    n, p = len(tested), sum(tested) / len(tested)
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, (centre - half) / (1 + z * z / n)),
+            min(1.0, (centre + half) / (1 + z * z / n)))
+
+
+def settled(verdict, bounds) -> bool | None:
+    """Whether both bounds lie in ``verdict``'s band (None for n/a)."""
+    if bounds is None:
+        return None
+    low, high = bounds
+    return {"yes": low >= YES_AT, "no": high <= NO_AT,
+            "partly": NO_AT < low and high < YES_AT}[verdict]
 
 
 def sooner(a, b) -> bool:
@@ -78,11 +109,27 @@ class Claim:
     measured: dict
     held_per_seed: list
     reason: str
+    #: False where the held flags are not draws over seeds or rounds (a deterministic
+    #: path, a property exact by construction, the GPU's fixed configurations): there is
+    #: no rate to bound
+    sampled: bool = True
     verdict: str = "n/a"
     held_fraction: float | None = None
+    bounds: tuple | None = None
 
     def __post_init__(self):
         self.verdict, self.held_fraction = verdict_of(self.held_per_seed)
+        if self.sampled:
+            self.bounds = held_bounds(self.held_per_seed)
+
+    @property
+    def settled(self) -> bool | None:
+        return settled(self.verdict, self.bounds)
+
+    @property
+    def verdict_text(self) -> str:
+        text = "**no**" if self.verdict == "no" else self.verdict
+        return text + (" (unsettled)" if self.settled is False else "")
 
     @property
     def held_text(self) -> str:
@@ -93,7 +140,8 @@ class Claim:
         return {"id": self.id, "experiment": self.experiment, "claim": self.claim,
                 "textbook": self.textbook, "measured": self.measured,
                 "held_fraction": self.held_fraction, "verdict": self.verdict,
-                "reason": self.reason}
+                "held_bounds": None if self.bounds is None else [round(b, 3) for b in self.bounds],
+                "settled": self.settled, "reason": self.reason}
 
 
 @dataclass
@@ -114,10 +162,12 @@ class Section:
         self.lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
         self.lines.append("")
 
-    def claim(self, id, claim, textbook, measured, held_per_seed, reason) -> Claim:
+    def claim(self, id, claim, textbook, measured, held_per_seed, reason, sampled=True) -> Claim:
         """Record a claim: ``measured`` from :func:`spread`, one held flag per seed (None
-        where that seed could not test it), ``reason`` what was measured, in words."""
-        made = Claim(id, self.title, claim, textbook, measured, list(held_per_seed), reason)
+        where that seed could not test it), ``reason`` what was measured, in words;
+        ``sampled``: False where the flags are not draws over seeds or rounds."""
+        made = Claim(id, self.title, claim, textbook, measured, list(held_per_seed), reason,
+                     sampled)
         self.claims.append(made)
         return made
 
@@ -183,7 +233,7 @@ def write(ctx: Context, sections, seconds: float, name="report.md") -> Path:
                   "| experiment | claim | textbook | ours | held in | verdict |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {c.experiment} | {c.claim} | {c.textbook} | {c.reason} | {c.held_text} "
-                  f"| {c.verdict if c.verdict != 'no' else '**no**'} |" for c in claims]
+                  f"| {c.verdict_text} |" for c in claims]
         lines.append("")
     for section in sections:
         lines += [f"## {section.title}", "", *section.lines]
