@@ -58,7 +58,7 @@ def held_bounds(held_per_seed, z=SETTLED_Z) -> tuple[float, float] | None:
             min(1.0, (centre + half) / (1 + z * z / n)))
 
 
-def settled(verdict, bounds) -> bool | None:
+def verdict_settled(verdict, bounds) -> bool | None:
     """Whether both bounds lie in ``verdict``'s band (None for n/a)."""
     if bounds is None:
         return None
@@ -124,7 +124,7 @@ class Claim:
 
     @property
     def settled(self) -> bool | None:
-        return settled(self.verdict, self.bounds)
+        return verdict_settled(self.verdict, self.bounds)
 
     @property
     def verdict_text(self) -> str:
