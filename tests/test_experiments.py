@@ -127,6 +127,7 @@ def test_gpu_claim_reads_results_when_present(tmp_path):
                   {"batch": 4096, "gpu_bn_overhead_%": 30.0, "gpu_graph_bn_overhead_%": 5.0}]}))
     text, held, measured = batchnorm.gpu_evidence(tmp_path / "gpu.json")
     assert "NVIDIA H100 80GB HBM3" in text and "2026-12-01" in text
+    assert "4 batch/width configurations)" in text and "seeds" not in text
     assert held == [True, True, False, True] and verdict_of(held) == ("yes", 3 / 4)
     assert measured["median"] == 4.5 and measured["n_seeds"] == 4
 

@@ -150,8 +150,9 @@ def gpu_evidence(path: Path | None):
     card, date = results.get("device", "unknown GPU"), results.get("machine", {}).get("date", "unknown date")
     if not rows:
         return f"{path.name} ({card}, {date}) has no BN overhead rows", [], spread([], "% overhead")
-    text = (f"{card}, measured {date}: BN overhead {describe(spread(overheads), unit='%', digits=1)} "
-            f"over {len(rows)} batch/width configurations (held: below {GPU_NEGLIGIBLE:.0f}%)")
+    text = (f"{card}, measured {date}: BN overhead "
+            f"{describe(spread(overheads), unit='%', digits=1, counted='batch/width configurations')} "
+            f"(held: below {GPU_NEGLIGIBLE:.0f}%)")
     return text, [v < GPU_NEGLIGIBLE for v in overheads], spread(overheads, "% overhead")
 
 
