@@ -10,8 +10,8 @@ import math
 from nnopt.experiments import (EXPERIMENTS, __main__ as cli, batchnorm, curvefit, regression,
                                run_sections)
 from nnopt.experiments.initialization import activations, per_sample_spread, zero_init_demo
-from nnopt.experiments.report import (Context, Section, figure_module, held_bounds, place,
-                                      sooner, spread, verdict_of, write)
+from nnopt.experiments.report import (Context, Section, all_of, figure_module, held_bounds,
+                                      place, sooner, spread, verdict_of, write)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,16 @@ def test_verdict_from_held_fraction(held, want):
 def test_not_reached_is_never_sooner():
     inf = math.inf
     assert sooner(100, 200) and sooner(100, inf)
-    assert not sooner(inf, inf) and not sooner(inf, 100) and not sooner(200, 100)
+    assert sooner(inf, inf) is False and not sooner(inf, 100) and not sooner(200, 100)
     # The old AdaGrad check (a < b <= c) held for 5,650 / never / never; ours does not.
-    assert not (sooner(5650, inf) and sooner(inf, inf))
+    assert all_of(sooner(5650, inf), sooner(inf, inf)) is False
+
+
+def test_a_tie_orders_neither_and_leaves_the_seed_out():
+    assert sooner(440, 440) is None
+    assert all_of(True, None) is None and all_of(None, False) is False and all_of(True, 1) is True
+    held = [sooner(b, a) for a, b in [(484, 440), (440, 440), (396, 616)]]
+    assert held == [True, None, False] and verdict_of(held) == ("partly", 0.5)
 
 
 def test_spread_keeps_not_reached_in_the_order():

@@ -272,11 +272,13 @@ def run(ctx, done=None, times=None) -> Section:
                      "touched 0.12 at a check before stopping at the target), so the runs stop "
                      "at a loss both networks reach.")
     plain, with_bn = its(False), its(True)
+    fewer = [sooner(b, a) for a, b in zip(plain, with_bn)]
+    ties = sum(f is None for f in fewer)
     section.claim("bn_fewer_iterations", "BN reaches the validation target in fewer iterations",
-                  "4,267 vs 5,763", spread(with_bn, "iterations with BN"),
-                  [sooner(b, a) for a, b in zip(plain, with_bn)],
+                  "4,267 vs 5,763", spread(with_bn, "iterations with BN"), fewer,
                   f"{describe(spread(with_bn))} vs {describe(spread(plain))} without BN "
-                  f"(target {target} on {ctx.dataset})")
+                  f"(target {target} on {ctx.dataset}"
+                  + (f"; {ties} seeds tied at the same check, left out)" if ties else ")"))
     for tag, (_, words) in benefits(ctx).items():
         pairs = [(a, b) for a, b in zip(done[len(table):], done[len(table) + 1:])
                  if not a["bn"] and b["bn"] and a["out"].split("/")[-1].startswith(tag)]

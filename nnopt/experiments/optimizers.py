@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from . import curvefit, regression
-from .report import Section, describe, figure_module, save_figure, sooner, spread
+from .report import Section, all_of, describe, figure_module, save_figure, sooner, spread
 
 NOT_REACHED = None
 # (label, optimizer, options, textbook epochs or NOT_REACHED, textbook remark)
@@ -137,7 +137,7 @@ def run(ctx, parts=None) -> Section:
     ada = [e(f"AdaGrad lr {lr}") for lr in (0.7, 0.5, 0.3)]
     section.claim("adagrad_larger_lr_sooner", "AdaGrad: a larger lr gets there sooner (0.7 < 0.5 "
                   "< 0.3)", "1,750 / 3,000 / 8,000", spread(ada[0], "epochs at lr 0.7"),
-                  [sooner(a, b) and sooner(b, c) for a, b, c in zip(*ada)],
+                  [all_of(sooner(a, b), sooner(b, c)) for a, b, c in zip(*ada)],
                   " / ".join(describe(spread(v)) for v in ada))
     # Measured on nnopt's AdaDelta class; the PyTorch variant (lr scales the step) is the
     # control that shows this check can fail.
@@ -152,12 +152,12 @@ def run(ctx, parts=None) -> Section:
     rms = [e(f"RMSProp lr {lr}") for lr in (0.1, 0.01, 0.005)]
     section.claim("rmsprop_rates", "RMSProp: 0.1 never gets there, 0.01 best, 0.005 slower",
                   "as stated", spread(rms[1], "epochs at lr 0.01"),
-                  [a == math.inf and sooner(b, c) for a, b, c in zip(*rms)],
+                  [all_of(a == math.inf, sooner(b, c)) for a, b, c in zip(*rms)],
                   " / ".join(describe(spread(v)) for v in rms))
     adam = [e(f"Adam lr {lr}") for lr in (0.1, 0.01, 0.005, 0.001)]
     section.claim("adam_rates", "Adam: 0.1 fails; 0.01 and 0.005 good; 0.001 slow", "as stated",
                   spread(adam[1], "epochs at lr 0.01"),
-                  [a == math.inf and sooner(b, d) and sooner(c, d) for a, b, c, d in zip(*adam)],
+                  [all_of(a == math.inf, sooner(b, d), sooner(c, d)) for a, b, c, d in zip(*adam)],
                   " / ".join(describe(spread(v)) for v in adam))
     section.text("The course trained on its own fixed data file, initial weights and shuffle, "
                  "which cannot be reproduced here: only orderings and magnitudes carry over, "

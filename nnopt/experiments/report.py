@@ -67,11 +67,24 @@ def verdict_settled(verdict, bounds) -> bool | None:
             "partly": NO_AT < low and high < YES_AT}[verdict]
 
 
-def sooner(a, b) -> bool:
+def sooner(a, b) -> bool | None:
     """``a`` reached its target before ``b`` (counts, ``math.inf`` for "not reached"). A run
     that did not reach the target is never sooner, even than another that did not:
-    "not reached" is not ordered against "not reached"."""
+    "not reached" is not ordered against "not reached". Both reaching it at the same count
+    (at the same check) is a tie that orders neither: None, so that seed is left out of the
+    claim's fraction rather than counted against it."""
+    if a == b < math.inf:
+        return None
     return a < math.inf and a < b
+
+
+def all_of(*held) -> bool | None:
+    """The three-valued AND of held flags: False where any is False, else None (untested)
+    where any is None, else True."""
+    held = [None if h is None else bool(h) for h in held]
+    if False in held:
+        return False
+    return None if None in held else True
 
 
 def spread(values, quantity="") -> dict:
