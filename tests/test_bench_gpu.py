@@ -121,3 +121,5 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
             assert row[f"{name}_vs_graph_{tag}"] > 0, name
     assert "gpu_graph_bn_overhead_%" in row and "graph_speedup_bn" in row
     assert "batch 64, width textbook" in bench_gpu.verdict(rows)
+    advice = bench_gpu.advice(rows)  # reads every variant's ratios of a real row
+    assert advice and all(isinstance(line, str) for line in advice)
