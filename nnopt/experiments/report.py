@@ -2,7 +2,8 @@
 the claims into ``claims.json``.
 
 A claim is checked once per seed; its verdict comes from the fraction of seeds in which
-it held (:data:`RULE`), never from a single run and never as fixed text.
+it held (:data:`RULE`), never from a single run and never as fixed text, and Wilson's
+bounds on that fraction (:func:`held_bounds`) say whether more seeds could change it.
 """
 from __future__ import annotations
 
