@@ -407,8 +407,11 @@ def main(argv=None):
         for name in only & set(SECTIONS):
             if any(key in results for key in SECTIONS[name]):
                 results.setdefault("measured", {})[name] = common.machine()["date"]
-        out.write_text(json.dumps({"machine": common.machine(), "device": device,
-                                   **results}, indent=2, default=str) + "\n")
+        # whole or not at all: a section's process may be killed by its time limit
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps({"machine": common.machine(), "device": device,
+                                       **results}, indent=2, default=str) + "\n")
+        partial.replace(out)
     # BN, then the training step, then the optimizers (their goals are met): a run cut
     # short by its time limit loses the least wanted numbers (each section is written as
     # it ends)
@@ -437,12 +440,20 @@ def kept_sections(out, device, only):
     same device (another card's numbers beside this one's would read as one run)."""
     import json
     try:
-        earlier = json.loads(out.read_text())
-    except (OSError, ValueError):
+        text = out.read_text()
+    except OSError:  # no earlier run
         return {}
-    if earlier.get("device") != device:
-        print(f"note: {out} holds a run on {earlier.get('device')!r}, not {device!r}: "
-              "it is replaced, not merged")
+    try:
+        earlier = json.loads(text)
+        device_before = earlier.get("device")
+    except (ValueError, AttributeError):
+        earlier, device_before = None, "an unreadable file"
+    if device_before != device:
+        # the earlier file is kept beside, never lost
+        aside = out.with_name(f"{out.stem}.previous{out.suffix}")
+        aside.write_text(text)
+        print(f"note: {out} holds a run on {device_before!r}, not {device!r}: it is replaced, "
+              f"not merged (the earlier file is now {aside})")
         return {}
     kept = {key: earlier[key] for name, keys in SECTIONS.items() if name not in only
             for key in keys if key in earlier}

@@ -43,12 +43,18 @@ def test_a_run_on_another_device_is_replaced_not_merged(bench_gpu, tmp_path, cap
     out = tmp_path / "gpu.json"
     out.write_text(json.dumps({"device": "NVIDIA H200", "bn": [{"shape": "64x16"}],
                                "measured": {"bn": "2026-11-27T13:34:00"}}))
+    earlier = out.read_text()
     assert bench_gpu.kept_sections(out, "NVIDIA H100 80GB HBM3", {"optim"}) == {}
     assert "replaced, not merged" in capsys.readouterr().out
+    assert (tmp_path / "gpu.previous.json").read_text() == earlier  # kept beside, not lost
     assert bench_gpu.kept_sections(out, "NVIDIA H200", {"optim"}) == {
         "bn": [{"shape": "64x16"}], "measured": {"bn": "2026-11-27T13:34:00"}}
     assert bench_gpu.kept_sections(out, "NVIDIA H200", {"bn"}) == {}
     assert bench_gpu.kept_sections(tmp_path / "absent.json", "NVIDIA H200", {"bn"}) == {}
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"device": "NVIDIA H200", "bn": [')  # a run cut off mid-write
+    assert bench_gpu.kept_sections(broken, "NVIDIA H200", {"optim"}) == {}
+    assert (tmp_path / "broken.previous.json").read_text() == '{"device": "NVIDIA H200", "bn": ['
 
 
 def test_dry_run_leaves_the_committed_results_alone(bench_gpu, monkeypatch, tmp_path):
