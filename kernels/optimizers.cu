@@ -30,16 +30,15 @@ __device__ __forceinline__ void nnopt_each(long long n, F f, T* __restrict__ a0,
     if (K > 3) bits |= (unsigned long long)a3;
     const long long vectors = (bits % sizeof(V)) == 0 ? n / W : 0;
     for (long long v = first; v < vectors; v += stride) {
-        NnoptFeatures<T, W> l0, l1, l2, l3;
-        l0.v = reinterpret_cast<const V*>(a0)[v];
-        l1.v = reinterpret_cast<const V*>(a1)[v];
-        if (K > 2) l2.v = reinterpret_cast<const V*>(a2)[v];
-        if (K > 3) l3.v = reinterpret_cast<const V*>(a3)[v];
+        NnoptFeatures<T, W> l0 = load_features<T, W>(a0, v * W), l1 = load_features<T, W>(a1, v * W),
+                            l2, l3;
+        if (K > 2) l2 = load_features<T, W>(a2, v * W);
+        if (K > 3) l3 = load_features<T, W>(a3, v * W);
 #pragma unroll
         for (int w = 0; w < W; ++w) f(l0.e[w], l1.e[w], l2.e[w], l3.e[w]);
-        reinterpret_cast<V*>(a0)[v] = l0.v;
-        if (K > 2) reinterpret_cast<V*>(a2)[v] = l2.v;
-        if (K > 3) reinterpret_cast<V*>(a3)[v] = l3.v;
+        store_features<T, W>(a0, v * W, l0);
+        if (K > 2) store_features<T, W>(a2, v * W, l2);
+        if (K > 3) store_features<T, W>(a3, v * W, l3);
     }
     for (long long i = vectors * W + first; i < n; i += stride) {
         T g = a1[i], unused2 = 0, unused3 = 0;

@@ -5,6 +5,13 @@
 #ifndef NNOPT_VECTORS_CUH
 #define NNOPT_VECTORS_CUH
 
+// A 16-byte access to an address that is not a multiple of 16 faults on a GPU ("misaligned
+// address") and poisons the context; the host emulation (tests/host_cuda.h) defines this
+// hook to report it. On the device it is nothing.
+#ifndef NNOPT_VECTOR_ACCESS
+#define NNOPT_VECTOR_ACCESS(address, bytes)
+#endif
+
 template <typename T, int W> struct NnoptVector;
 template <typename T> struct NnoptVector<T, 1> { typedef T type; };
 template <> struct NnoptVector<float, 4> { typedef float4 type; };
@@ -19,6 +26,7 @@ template <typename T, int W>
 __device__ __forceinline__ NnoptFeatures<T, W> load_features(const T* __restrict__ a,
                                                              long long k) {
     NnoptFeatures<T, W> f;
+    NNOPT_VECTOR_ACCESS(a + k, sizeof(f.v));
     f.v = *reinterpret_cast<const typename NnoptVector<T, W>::type*>(a + k);
     return f;
 }
@@ -26,6 +34,7 @@ __device__ __forceinline__ NnoptFeatures<T, W> load_features(const T* __restrict
 template <typename T, int W>
 __device__ __forceinline__ void store_features(T* __restrict__ a, long long k,
                                                const NnoptFeatures<T, W>& f) {
+    NNOPT_VECTOR_ACCESS(a + k, sizeof(f.v));
     *reinterpret_cast<typename NnoptVector<T, W>::type*>(a + k) = f.v;
 }
 

@@ -146,6 +146,9 @@ def kernel_signatures(code):
     return out
 
 
+#: bits of the launchers' return value (tests/host_cuda.h's nnopt_take_misuse)
+UNSYNCHRONIZED, MISALIGNED = 1, 2
+
 _LAUNCHER = """
 extern "C" int nnopt_launch_{name}(unsigned gx, unsigned gy, unsigned bx, unsigned by{params}) {{
     for (unsigned block_y = 0; block_y < gy; ++block_y)
@@ -222,10 +225,14 @@ class Function:
         self.launches.append((self.name, (gx, gy), (bx, by), scalars, addresses))
 
         def run():
-            if self.grid(*(ctypes.c_uint(v) for v in (gx, gy, bx, by)), *values):
+            misuse = self.grid(*(ctypes.c_uint(v) for v in (gx, gy, bx, by)), *values)
+            if misuse & UNSYNCHRONIZED:
                 raise LaunchError(f"{self.name} called __syncthreads while its threads ran "
                                   "one after the other: the emulation missed that it "
                                   "synchronizes")
+            if misuse & MISALIGNED:
+                raise LaunchError(f"{self.name}: a 16-byte load or store at an address that "
+                                  "is not a multiple of 16 (a GPU faults: misaligned address)")
             for i, a in enumerate(args):
                 if isinstance(a, np.ndarray) and not _guards_intact(a):
                     raise LaunchError(f"{self.name}: wrote outside argument {i} "

@@ -43,9 +43,16 @@ template <typename T> static inline T __ldcg(const T* address) { return *address
 #define __shared__ static
 
 // False outside nnopt_run_block: a kernel whose threads run one after the other must not
-// synchronize (the launcher reports it: nnopt_take_misuse).
+// synchronize (the launcher reports it: nnopt_take_misuse, bit NNOPT_UNSYNCHRONIZED).
 static bool nnopt_in_fibers = false;
 static int nnopt_misuse = 0;
+enum { NNOPT_UNSYNCHRONIZED = 1, NNOPT_MISALIGNED = 2 };
+
+// kernels/vectors.cuh's 16-byte loads and stores: on a GPU an address that is not a multiple
+// of the access's size faults; here it only sets NNOPT_MISALIGNED (the host would not care).
+#define NNOPT_VECTOR_ACCESS(address, bytes) \
+    (reinterpret_cast<unsigned long long>(address) % (bytes) ? (void)(nnopt_misuse |= NNOPT_MISALIGNED) \
+                                                             : (void)0)
 
 extern "C" int nnopt_take_misuse() {
     const int misuse = nnopt_misuse;
@@ -78,7 +85,7 @@ static void nnopt_fiber_main() {
 
 static inline void __syncthreads() {
     if (!nnopt_in_fibers) {
-        nnopt_misuse = 1;
+        nnopt_misuse |= NNOPT_UNSYNCHRONIZED;
         return;
     }
     swapcontext(&nnopt_fibers[nnopt_running].context, &nnopt_scheduler);

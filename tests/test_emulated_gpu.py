@@ -73,6 +73,20 @@ def test_writes_outside_an_allocation_are_caught(cupy_stand_in):
              np.int64(7)))  # one element too many
 
 
+def test_a_misaligned_16_byte_access_is_caught(cupy_stand_in):
+    """A GPU faults on a float4 load from an address that is not a multiple of 16; the host
+    would not care, so the emulation checks every vector access (kernels/vectors.cuh)."""
+    partial_sums = cupy_stand_in.RawModule(code=kernels.source("batchnorm.cu")).get_function(
+        "bn_partial_forward_f32x4")
+    m, n = 8, 16
+    base = cupy_stand_in.zeros(m * n + 4, np.float32)
+    partial = cupy_stand_in.zeros((1, 2, n), np.float64)
+    args = lambda x: (x, partial, np.int32(m), np.int32(n), np.int32(m))  # noqa: E731
+    partial_sums((1, 1), (4,), args(base[4:].reshape(m, n)))  # 16 bytes in: aligned
+    with pytest.raises(emulated_gpu.LaunchError, match="misaligned address"):
+        partial_sums((1, 1), (4,), args(base[1:1 + m * n].reshape(m, n)))
+
+
 def test_synchronization_through_a_device_function_is_seen(cupy_stand_in):
     """A kernel whose __syncthreads sits in a function it calls runs its threads together;
     one the emulation ran one after the other would be a LaunchError, not a wrong result."""
