@@ -14,7 +14,11 @@ compiler, CUDA's features emulated by tests/host_cuda.h. A launch then
   at a time, so ``__shared__`` can be a single static copy);
 * checks, for every array the stand-in allocated (``cupy.empty`` and friends: what the
   launchers allocate), that the kernel wrote nothing in the guard bytes either side of it:
-  an out-of-bounds write is a :class:`LaunchError`.
+  an out-of-bounds write is a :class:`LaunchError`;
+* fills those arrays with NaN (-1 as ints) until written, so a read of memory nobody wrote
+  shows in the results, as cupy.empty's garbage would on a GPU (only less quietly);
+* checks every 16-byte vector load and store (kernels/vectors.cuh) for an address that is
+  a multiple of 16: on a GPU a misaligned one faults.
 
 CUDA graphs are emulated at the level nnopt uses them (nnopt.graph.CapturedStep): while a
 stand-in stream captures, kernel launches (and the two array operations a captured step
@@ -56,6 +60,7 @@ _BUILD_DIR = Path(tempfile.mkdtemp(prefix="nnopt-emulated-gpu-"))
 atexit.register(shutil.rmtree, _BUILD_DIR, ignore_errors=True)
 _LIBRARIES: dict = {}
 GUARD_BYTES, GUARD_VALUE = 256, 0xA5
+UNINITIALIZED = 0xFF  # every byte of a fresh stand-in allocation: a quiet NaN, read as any float
 _GUARDED = weakref.WeakValueDictionary()  # the stand-in's allocations, by id
 
 
@@ -347,11 +352,14 @@ class _Unavailable:
 
 
 def _guarded_empty(shape, dtype=float):
-    """An uninitialized array between two guard areas (see _guards_intact)."""
+    """An uninitialized array between two guard areas (see _guards_intact). Its bytes are
+    UNINITIALIZED: NaN in a float (-1 in an int), so a kernel or launcher that reads what
+    nobody wrote yet (cupy.empty's garbage on a GPU) shows in its results."""
     dtype = np.dtype(dtype)
     shape = (shape,) if np.isscalar(shape) else tuple(shape)
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.full(size + 2 * GUARD_BYTES, GUARD_VALUE, dtype=np.uint8)
+    raw[GUARD_BYTES:GUARD_BYTES + size] = UNINITIALIZED
     _GUARDED[id(raw)] = raw
     return raw[GUARD_BYTES:GUARD_BYTES + size].view(dtype).reshape(shape)
 

@@ -73,6 +73,16 @@ def test_writes_outside_an_allocation_are_caught(cupy_stand_in):
              np.int64(7)))  # one element too many
 
 
+def test_reading_what_nobody_wrote_shows_as_nan(cupy_stand_in):
+    """cupy.empty's memory holds garbage on a GPU; the stand-in's holds NaN (-1 as an int),
+    so a kernel that reads it before writing it gives NaN, not a plausible number."""
+    sgd = cupy_stand_in.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f32")
+    p, never_written = cupy_stand_in.zeros(8, np.float32), cupy_stand_in.empty(8, np.float32)
+    assert np.all(np.isnan(never_written)) and np.all(cupy_stand_in.empty(3, np.int32) == -1)
+    sgd((1,), (8,), (p, never_written, np.float32(0.5), np.float32(0), np.float32(1), np.int64(8)))
+    assert np.all(np.isnan(p))
+
+
 def test_a_misaligned_16_byte_access_is_caught(cupy_stand_in):
     """A GPU faults on a float4 load from an address that is not a multiple of 16; the host
     would not care, so the emulation checks every vector access (kernels/vectors.cuh)."""
