@@ -199,11 +199,19 @@ def _library(code):
     return _LIBRARIES[key]
 
 
+#: CUDA's limits on a launch's dimensions (x, y, z): beyond them a GPU refuses the launch
+#: ("invalid configuration argument")
+GRID_LIMITS, BLOCK_LIMITS = (2**31 - 1, 65535, 65535), (1024, 1024, 64)
+
+
 def _dims(shape, what, kernel):
     shape = tuple(int(v) for v in shape)
     if not 1 <= len(shape) <= 3 or any(v < 1 for v in shape) or shape[2:] not in ((), (1,)):
         raise LaunchError(f"{kernel}: {what} {shape} (the emulation takes 1 or 2 dimensions, "
                           "each >= 1)")
+    limits = GRID_LIMITS if what == "grid" else BLOCK_LIMITS
+    if any(v > limit for v, limit in zip(shape, limits)):
+        raise LaunchError(f"{kernel}: {what} {shape} is beyond CUDA's limits {limits[:len(shape)]}")
     return (shape + (1,))[:2]
 
 

@@ -58,6 +58,9 @@ def test_launch_arguments_are_checked_against_the_signature(cupy_stand_in):
         with pytest.raises(emulated_gpu.LaunchError):
             sgd((1,), (4,), args)
         assert np.all(p == -0.5), what
+    for grid, block in (((1, 65536), (8,)), ((1,), (8, 2048))):
+        with pytest.raises(emulated_gpu.LaunchError, match="beyond CUDA's limits"):
+            sgd(grid, block, (p, g, np.float32(0.5), np.float32(0), np.float32(1), np.int64(6)))
     with pytest.raises(emulated_gpu.LaunchError, match="no kernel 'sgd_f16'"):
         cupy_stand_in.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f16")
 
