@@ -24,14 +24,20 @@ CUDA graphs are emulated at the level nnopt uses them (nnopt.graph.CapturedStep)
 stand-in stream captures, kernel launches (and the two array operations a captured step
 makes besides, zero_grad's fill and the device step counters' increment) are recorded
 instead of run, and ``Graph.launch`` runs them again, in order, on the arrays they were
-given. Streams are one queue (everything runs at once, in program order).
+given. Outside a capture, streams are one queue (everything runs at once, in program
+order). A captured graph's replays take turns among three orders its streams' events
+allow (:class:`Graph`): as captured, side streams as late as possible, side streams as
+early as possible; a race between streams (a read the capture never made wait for its
+write) then changes a result. cuBLAS calls are captured on their handle's stream.
 
-What it cannot show: speed, memory-model races beyond ``__syncthreads``, concurrency
-between streams, cuBLAS. Those need the GPU (bench/gpu_check.sh).
+What it cannot show: speed, memory-model races beyond ``__syncthreads``, races between
+streams outside captured graphs or inside one kernel's interleaving, cuBLAS itself. Those
+need the GPU (bench/gpu_check.sh).
 """
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import ctypes
 import hashlib
@@ -309,6 +315,7 @@ class FakeCublas:
 
     def __init__(self, missing=(), run=None):
         self.calls, self.run = [], run
+        self.stream = 0  # the stream the handle runs on (cublasSetStream), by pointer
         for name in cublas.REQUIRED:
             if name not in missing:
                 setattr(self, name, self._make(name))
@@ -316,12 +323,14 @@ class FakeCublas:
     def _make(self, name):
         def call(*args):
             self.calls.append(name)
+            if name == "cublasSetStream_v2":
+                self.stream = args[1].value or 0
             if name.endswith("gemm_v2"):
                 dtype = np.float64 if name == "cublasDgemm_v2" else np.float32
                 if self.run is None:
                     self._gemm(dtype, *args)
                 else:
-                    self.run(lambda: self._gemm(dtype, *args))
+                    self.run(lambda: self._gemm(dtype, *args), self.stream)
             return 0
         return call
 
@@ -407,29 +416,46 @@ def _stand_in_allocators(cp):
     cp.zeros_like = lambda a, dtype=None: zeros(a.shape, a.dtype if dtype is None else dtype)
 
 
+@dataclass
+class Captured:
+    """One piece of captured work: its stream, its place in that stream, what it waits for
+    ({other stream: how many of its launches}, from the events its stream waited for) and
+    the work itself."""
+    stream: object
+    place: int
+    needs: dict
+    work: object
+
+
 class Launches(list):
     """Every launch, as (name, grid, block, scalars, addresses); while a stream captures,
-    ``recording`` collects the work instead of running it, and ``kept`` the arrays the
-    graph owns (allocated while capturing, or handed to cuBLAS by address), as a graph's
-    memory pool keeps them on a GPU. ``members``: the streams in the capture (the origin,
-    and those that waited for an event recorded on a member), each with [launches, how
-    many of them the origin has waited for]: a launch on any other stream would run at
-    once on a GPU, outside the graph, and a member's work the origin never waited for
-    fails the capture's end (cudaErrorStreamCaptureUnjoined); both are LaunchErrors."""
-    recording = kept = members = origin = None
+    ``recording`` collects the work (:class:`Captured`) instead of running it, and ``kept``
+    the arrays the graph owns (allocated while capturing, or handed to cuBLAS by address),
+    as a graph's memory pool keeps them on a GPU. ``members``: the streams in the capture
+    (the origin, and those that waited for an event recorded on a member), each with
+    [launches, how many of them the origin has waited for]: a launch on any other stream
+    would run at once on a GPU, outside the graph, and a member's work the origin never
+    waited for fails the capture's end (cudaErrorStreamCaptureUnjoined); both are
+    LaunchErrors. ``waits``: for each member, the launches of other members it waited for
+    so far."""
+    recording = kept = members = origin = waits = None
     streams = None  # the stand-in's streams, the current one last
+    by_pointer = None  # the stand-in's streams by their ``ptr`` (cuBLAS names its stream so)
 
-    def run(self, work):
+    def run(self, work, stream_ptr=None):
+        """Run ``work`` now, or record it on the current stream (or the stream of
+        ``stream_ptr``: a cuBLAS call runs on its handle's stream) while one captures."""
         if self.recording is None:
             work()
             return
-        stream = self.streams[-1]
+        stream = self.streams[-1] if stream_ptr is None else self.by_pointer[stream_ptr]
         if stream not in self.members:
             raise LaunchError("a launch on a stream outside the capture (it would run at once "
                               "on a GPU, not in the graph): make the stream wait for an event "
                               "recorded on a capturing stream first")
-        self.members[stream][0] += 1
-        self.recording.append(work)
+        state = self.members[stream]
+        self.recording.append(Captured(stream, state[0], dict(self.waits.get(stream, {})), work))
+        state[0] += 1
 
     def keep(self, array):
         if self.kept is not None:
@@ -438,12 +464,53 @@ class Launches(list):
 
 
 class Graph:
-    def __init__(self, work, kept):
-        self.work, self.kept = work, kept
+    """A captured graph. A GPU may run its branches in any order their dependencies allow,
+    so each replay takes another of ORDERS: the order of capture; the capturing stream's
+    work first and the other streams' only when it waits for them ("side streams late":
+    a read of a side stream's result the capture never waited for sees the old value);
+    the other streams' work first ("side streams early": a side stream that overwrites
+    what the capturing stream still reads, or reads what it has not written yet). A race
+    between the streams then shows as a result that differs from the eager step's."""
+    ORDERS = ("capture", "side streams late", "side streams early")
+
+    def __init__(self, work, kept, origin=None):
+        self.work, self.kept, self.origin = work, kept, origin
+        self.replays = 0
 
     def launch(self, stream=None):
-        for work in self.work:
-            work()
+        order = self.ORDERS[self.replays % len(self.ORDERS)]
+        self.replays += 1
+        for captured in schedule(self.work, self.origin, order):
+            captured.work()
+
+
+def schedule(work, origin, order):
+    """``work`` (a capture's :class:`Captured` list) in one of Graph.ORDERS: every stream's
+    own work in its order, each piece after what its stream waited for."""
+    if order == "capture":
+        return list(work)
+    queues = {}
+    for captured in work:
+        queues.setdefault(captured.stream, collections.deque()).append(captured)
+    done = dict.fromkeys(queues, 0)
+
+    def ready(stream):
+        queue = queues[stream]
+        return bool(queue) and all(done.get(other, 0) >= count
+                                   for other, count in queue[0].needs.items())
+    out = []
+    while any(queues.values()):
+        streams = [stream for stream in queues if ready(stream)]
+        if not streams:
+            raise LaunchError("the captured streams wait for each other in a cycle")
+        side = [stream for stream in streams if stream is not origin]
+        if order == "side streams late":
+            pick = origin if origin in streams else side[0]
+        else:
+            pick = side[0] if side else origin
+        out.append(queues[pick].popleft())
+        done[pick] += 1
+    return out
 
 
 class Stream:
@@ -451,6 +518,7 @@ class Stream:
 
     def __init__(self, cp, non_blocking=False, ptr=None):
         self.cp, self.ptr = cp, (id(self) if ptr is None else ptr)
+        cp.launches.by_pointer[self.ptr] = self
 
     def __enter__(self):
         self.cp.streams.append(self)
@@ -464,15 +532,16 @@ class Stream:
         launches = self.cp.launches
         if launches.recording is not None:
             raise NotEmulated("a capture inside a capture")
-        launches.recording, launches.kept = [], []
+        launches.recording, launches.kept, launches.waits = [], [], {}
         launches.members, launches.origin = {self: [0, 0]}, self
 
     def end_capture(self):
         launches = self.cp.launches
         unjoined = [s for s, (done, joined) in launches.members.items()
                     if s is not self and done != joined]
-        graph = Graph(launches.recording, launches.kept)
+        graph = Graph(launches.recording, launches.kept, self)
         launches.recording = launches.kept = launches.members = launches.origin = None
+        launches.waits = None
         if unjoined:
             raise LaunchError(f"end_capture: {len(unjoined)} stream(s) of the capture ran work "
                               "the capturing stream never waited for (on a GPU: "
@@ -491,6 +560,9 @@ class Stream:
         if not members or not isinstance(event, Event) or event.stream not in members:
             return
         members.setdefault(self, [0, 0])  # the stream joins the capture
+        if event.launches is not None:
+            needs = self.cp.launches.waits.setdefault(self, {})
+            needs[event.stream] = max(needs.get(event.stream, 0), event.launches)
         if self is self.cp.launches.origin and event.launches is not None:
             state = members[event.stream]
             state[1] = max(state[1], event.launches)
@@ -531,6 +603,7 @@ def emulated_cupy(multiprocessors=2):
             self.id = device_id
             self.attributes = {"MultiProcessorCount": multiprocessors}
 
+    cp.launches.by_pointer = weakref.WeakValueDictionary()
     cp.streams = [Stream(cp, ptr=0)]  # the current stream last; 0: the NULL stream
     cp.launches.streams = cp.streams
     cp.cuda = types.SimpleNamespace(

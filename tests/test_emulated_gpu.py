@@ -157,6 +157,55 @@ def test_captures_follow_cudas_stream_rules():
     assert np.all(p == -1)
 
 
+@pytest.mark.parametrize("waits_before_reading", [True, False])
+def test_replays_run_the_streams_in_every_order_their_events_allow(waits_before_reading):
+    """A side stream adds 1 to g; the capturing stream then takes g from p. Waiting for the
+    side stream before reading g, every replay order gives what three eager steps give;
+    reading g without waiting is a race, which the replay that runs the side stream late
+    (Graph.ORDERS) turns into a different p."""
+    cp = emulated_gpu.emulated_cupy()
+    sgd = cp.RawModule(code=kernels.source("optimizers.cu")).get_function("sgd_f64")
+    p, g, ones = cp.zeros(4, np.float64), cp.zeros(4, np.float64), cp.zeros(4, np.float64)
+    ones[...] = 1
+    step = lambda a, b, lr: sgd((1,), (4,), (a, b, np.float64(lr), np.float64(0),  # noqa: E731
+                                             np.float64(1), np.int64(4)))
+    main, side = cp.cuda.Stream(), cp.cuda.Stream()
+    with main:
+        main.begin_capture()
+        side.wait_event(main.record())
+        with side:
+            step(g, ones, -1)  # g += 1
+        if waits_before_reading:
+            main.wait_event(side.record())
+        step(p, g, 1)  # p -= g
+        main.wait_event(side.record())
+        graph = main.end_capture()
+    for _ in graph.ORDERS:
+        graph.launch(main)
+    assert np.all(g == 3)
+    # eager: p = -(1 + 2 + 3); the racy replays read g before the side stream's add once
+    assert bool(np.all(p == -6)) is waits_before_reading
+
+
+def test_a_cublas_call_is_captured_on_its_handles_stream():
+    """cuBLAS runs on the stream its handle was given (cublasSetStream), whichever stream
+    CuPy has current: so the emulation records it there."""
+    from nnopt import cublas
+    cp = emulated_gpu.emulated_cupy()
+    main, side = cp.cuda.Stream(), cp.cuda.Stream()
+    handle = cublas.Handle(emulated_gpu.FakeCublas(run=cp.launches.run),
+                           emulated_gpu.host_allocate, workspace_bytes=0)
+    a, c = cp.zeros((2, 2), np.float32), cp.zeros((2, 2), np.float32)
+    handle.set_stream(side.ptr)
+    with main:
+        main.begin_capture()
+        side.wait_event(main.record())
+        handle.gemm(False, a.ctypes.data, a.ctypes.data, c.ctypes.data, 2, 2, 2)
+        main.wait_event(side.record())
+        graph = main.end_capture()
+    assert [captured.stream for captured in graph.work] == [side]
+
+
 def test_signatures_are_parsed_from_the_macro_expansions():
     signatures = emulated_gpu.kernel_signatures(kernels.source("batchnorm.cu"))
     params, synchronizes = signatures["bn_forward_f32"]
