@@ -14,7 +14,8 @@ compiler, CUDA's features emulated by tests/host_cuda.h. A launch then
   at a time, so ``__shared__`` can be a single static copy);
 * checks, for every array the stand-in allocated (``cupy.empty`` and friends: what the
   launchers allocate), that the kernel wrote nothing in the guard bytes either side of it:
-  an out-of-bounds write is a :class:`LaunchError`;
+  an out-of-bounds write is a :class:`LaunchError`; the guard bytes read as NaN
+  (GUARD_PATTERN), so an out-of-bounds read spoils the result;
 * fills those arrays with NaN (-1 as ints) until written, so a read of memory nobody wrote
   shows in the results, as cupy.empty's garbage would on a GPU (only less quietly);
 * checks every 16-byte vector load and store (kernels/vectors.cuh) for an address that is
@@ -65,7 +66,14 @@ CTYPES = {np.int32: ctypes.c_int, np.int64: ctypes.c_longlong, np.float32: ctype
 _BUILD_DIR = Path(tempfile.mkdtemp(prefix="nnopt-emulated-gpu-"))
 atexit.register(shutil.rmtree, _BUILD_DIR, ignore_errors=True)
 _LIBRARIES: dict = {}
-GUARD_BYTES, GUARD_VALUE = 256, 0xA5
+#: The bytes either side of a stand-in allocation, 0xFFF5A5A5FFA5A5A5 repeated from the
+#: array's edge: as float64 a signaling NaN, as float32 a signaling NaN then a quiet one,
+#: as int32 about -6e6 and -7e5. A kernel reading past an array's end gets a value no
+#: result survives; one writing there changes the guard, even by arithmetic on what it
+#: read (a signaling NaN becomes a quiet one: other bits), except in a float32 array's odd
+#: slots past its end.
+GUARD_BYTES = 256
+GUARD_PATTERN = np.array([0xA5, 0xA5, 0xA5, 0xFF, 0xA5, 0xA5, 0xF5, 0xFF], np.uint8)
 UNINITIALIZED = 0xFF  # every byte of a fresh stand-in allocation: a quiet NaN, read as any float
 _GUARDED = weakref.WeakValueDictionary()  # the stand-in's allocations, by id
 
@@ -375,7 +383,8 @@ def _guarded_empty(shape, dtype=float):
     dtype = np.dtype(dtype)
     shape = (shape,) if np.isscalar(shape) else tuple(shape)
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.full(size + 2 * GUARD_BYTES, GUARD_VALUE, dtype=np.uint8)
+    raw, guard = np.empty(size + 2 * GUARD_BYTES, np.uint8), _guard()
+    raw[:GUARD_BYTES] = raw[GUARD_BYTES + size:] = guard  # each in phase with the array
     raw[GUARD_BYTES:GUARD_BYTES + size] = UNINITIALIZED
     _GUARDED[id(raw)] = raw
     return raw[GUARD_BYTES:GUARD_BYTES + size].view(dtype).reshape(shape)
@@ -388,8 +397,13 @@ def _guards_intact(a):
         root = root.base
     if _GUARDED.get(id(root)) is not root:
         return True
-    return bool(np.all(root[:GUARD_BYTES] == GUARD_VALUE)
-                and np.all(root[-GUARD_BYTES:] == GUARD_VALUE))
+    guard = _guard()
+    return bool(np.array_equal(root[:GUARD_BYTES], guard)
+                and np.array_equal(root[-GUARD_BYTES:], guard))
+
+
+def _guard():
+    return np.resize(GUARD_PATTERN, GUARD_BYTES)
 
 
 def _stand_in_allocators(cp):

@@ -86,6 +86,17 @@ def test_reading_what_nobody_wrote_shows_as_nan(cupy_stand_in):
     assert np.all(np.isnan(p))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reading_past_the_end_shows_as_nan(cupy_stand_in, dtype):
+    """The guard bytes past an array read as NaN in either float type, so a kernel that
+    reads beyond its input's end (n too large for g) cannot give a plausible result."""
+    suffix = "f32" if dtype == np.float32 else "f64"
+    sgd = cupy_stand_in.RawModule(code=kernels.source("optimizers.cu")).get_function(f"sgd_{suffix}")
+    p, g = cupy_stand_in.zeros(8, dtype), cupy_stand_in.zeros(5, dtype)
+    sgd((1,), (8,), (p, g, dtype(0.5), dtype(0), dtype(1), np.int64(8)))
+    assert not np.isnan(p[:5]).any() and np.isnan(p[5:]).all()
+
+
 def test_a_misaligned_16_byte_access_is_caught(cupy_stand_in):
     """A GPU faults on a float4 load from an address that is not a multiple of 16; the host
     would not care, so the emulation checks every vector access (kernels/vectors.cuh)."""
