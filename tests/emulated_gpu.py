@@ -24,8 +24,7 @@ compiler, CUDA's features emulated by tests/host_cuda.h. A launch then
 CUDA graphs are emulated at the level nnopt uses them (nnopt.graph.CapturedStep): while a
 stand-in stream captures, kernel launches (and the two array operations a captured step
 makes besides, zero_grad's fill and the device step counters' increment) are recorded
-instead of run, and ``Graph.launch`` runs them again, in order, on the arrays they were
-given. Outside a capture, streams are one queue (everything runs at once, in program
+instead of run, and ``Graph.launch`` runs them again on the arrays they were given. Outside a capture, streams are one queue (everything runs at once, in program
 order). A captured graph's replays take turns among three orders its streams' events
 allow (:class:`Graph`): as captured, side streams as late as possible, side streams as
 early as possible; a race between streams (a read the capture never made wait for its
@@ -432,11 +431,9 @@ def _stand_in_allocators(cp):
 
 @dataclass
 class Captured:
-    """One piece of captured work: its stream, its place in that stream, what it waits for
-    ({other stream: how many of its launches}, from the events its stream waited for) and
-    the work itself."""
+    """One piece of captured work: its stream, what it waits for ({other stream: how many
+    of its launches}, from the events its stream waited for) and the work itself."""
     stream: object
-    place: int
     needs: dict
     work: object
 
@@ -467,9 +464,8 @@ class Launches(list):
             raise LaunchError("a launch on a stream outside the capture (it would run at once "
                               "on a GPU, not in the graph): make the stream wait for an event "
                               "recorded on a capturing stream first")
-        state = self.members[stream]
-        self.recording.append(Captured(stream, state[0], dict(self.waits.get(stream, {})), work))
-        state[0] += 1
+        self.recording.append(Captured(stream, dict(self.waits.get(stream, {})), work))
+        self.members[stream][0] += 1
 
     def keep(self, array):
         if self.kept is not None:
