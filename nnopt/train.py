@@ -28,6 +28,7 @@ import numpy as np
 
 from . import checkpoint, datasets, distributed, optim, runs
 from .backend import asarray, backend_name, get_namespace, is_numpy, synchronize
+from .fast import threads
 from .errors import NnoptError, InputError, check_finite_number, check_int, unknown_name
 from .losses import SoftmaxCrossEntropy
 from .model import mlp
@@ -343,7 +344,17 @@ def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None
 
     Nothing is written before the configuration has been checked (:func:`prepare`). A
     fresh run refuses a folder that holds another run unless ``overwrite``; ``resume``
-    (a checkpoint or run folder) continues that run."""
+    (a checkpoint or run folder) continues that run.
+
+    BLAS runs every product of the run on one fixed thread count (the cores this process
+    may use; nnopt.fast.threads.fixed), not on the count the machine's load suggests: a
+    product's last bits depend on it, and a resumed run repeats the uninterrupted one bit
+    for bit."""
+    with threads.fixed():
+        return _fit(config, resume, log, overwrite, progress_bar, curves)
+
+
+def _fit(config, resume, log, overwrite, progress_bar, curves):
     if config.get("distributed") and distributed.rank() != 0:
         log = lambda *_: None  # noqa: E731  distributed: rank 0 alone logs and writes
     run = prepare(config, log)

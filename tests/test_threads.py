@@ -150,6 +150,32 @@ def test_product_is_the_matrix_product(shape, monkeypatch):
     np.testing.assert_allclose(out, a @ b, rtol=1e-12)
 
 
+def test_inside_fixed_every_product_takes_its_count_whatever_the_load(monkeypatch):
+    monkeypatch.setattr(threads, "ENABLED", True)
+    monkeypatch.setattr(threads, "free_cores", lambda: (lambda: 1))  # a busy machine
+    asked = []
+
+    class Recording:
+        current = None
+
+        def use(self, count):
+            asked.append(count)
+    monkeypatch.setattr(threads, "blas_threads", lambda: Recording())
+    a = np.ones((64, 784), np.float32)
+    b, out = np.ones((784, 128), np.float32), np.empty((64, 128), np.float32)
+    threads.product(a, b, out)
+    with threads.fixed(2):
+        threads.product(a, b, out)
+        with threads.fixed(3):
+            threads.product(a, b, out)
+        threads.product(a, b, out)
+    threads.product(a, b, out)
+    assert asked == [1, 2, 3, 2, 1]
+    with threads.fixed():
+        threads.product(a, b, out)
+    assert asked[-1] == threads.available_cores()
+
+
 def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

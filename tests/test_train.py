@@ -38,6 +38,23 @@ def test_outputs_and_summary(tmp_path):
     assert config["sizes"] == [784, 24, 16, 10] and config["bn"] is True
 
 
+def test_a_run_does_not_depend_on_the_machines_load(tmp_path, monkeypatch):
+    """OpenBLAS's products differ in their last bits between one thread and two, and by
+    default nnopt gives a product the cores other processes leave free; so a training run
+    takes one fixed count, and the same run on a quiet machine and on a busy one (where
+    the load policy would give every product one thread) ends bit for bit the same."""
+    from nnopt.fast import threads
+    runs = {}
+    for free in (1, 2):
+        monkeypatch.setattr(threads, "free_cores", lambda free=free: (lambda: free))
+        runs[free] = tmp_path / f"free{free}"
+        assert run_cli(["--epochs", "1", "--out", str(runs[free])]) == 0
+    a, _, _ = checkpoint.load(runs[1] / "checkpoint.npz")
+    b, _, _ = checkpoint.load(runs[2] / "checkpoint.npz")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_flags_reach_the_run(tmp_path):
     assert run_cli(["--epochs", "1", "--no-bn", "--optimizer", "adam", "--lr", "0.002",
                     "--opt", "betas=0.8,0.99", "--init", "xavier", "--activation", "tanh",

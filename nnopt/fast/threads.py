@@ -19,6 +19,7 @@ kept). ``NNOPT_BLAS_POLICY=0`` in the environment leaves BLAS's thread count alo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -256,10 +257,30 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=reset)
 
 
+_FIXED = None  # the thread count of every product inside fixed(), else None: by the load
+
+
+@contextlib.contextmanager
+def fixed(count=None):
+    """Every product inside the block on ``count`` threads (default: the cores this process
+    may use, the quiet machine's choice), whatever the load. OpenBLAS's results depend on
+    its thread count in the last bits (64x784 @ 784x24, float32: up to 3e-5 apart on one
+    thread and on two), so a run that must repeat bit for bit, such as nnopt.train's
+    (a resumed run equals the uninterrupted one), takes one count throughout."""
+    global _FIXED
+    saved, _FIXED = _FIXED, max(1, available_cores() if count is None else int(count))
+    try:
+        yield
+    finally:
+        _FIXED = saved
+
+
 def product(a, b, out):
-    """``a @ b`` into ``out`` (NumPy arrays) on the threads of :func:`blas_threads_for`."""
+    """``a @ b`` into ``out`` (NumPy arrays) on the threads of :func:`blas_threads_for`, or
+    inside :func:`fixed` on its count."""
     if ENABLED:
-        threads = blas_threads_for(a.shape[0], a.shape[1], b.shape[1], free=free_cores()())
+        threads = (_FIXED if _FIXED is not None else
+                   blas_threads_for(a.shape[0], a.shape[1], b.shape[1], free=free_cores()()))
         blas = blas_threads()
         if threads != blas.current:
             blas.use(threads)
