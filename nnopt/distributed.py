@@ -220,6 +220,16 @@ class NCCLCommunicator(MPICommunicator):
         return buf
 
 
+def ranks_on_this_machine() -> int:
+    """How many ranks of the MPI job share this machine (1 without mpi4py): they share
+    its cores too."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return 1
+    return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+
+
 def _select_gpu(comm) -> int:
     """Give each rank of a machine its own GPU (local rank modulo the GPU count), before
     CuPy touches one: several ranks sharing GPU 0 would be slow or run out of memory."""

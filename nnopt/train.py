@@ -347,10 +347,11 @@ def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None
     (a checkpoint or run folder) continues that run.
 
     BLAS runs every product of the run on one fixed thread count (the cores this process
-    may use; nnopt.fast.threads.fixed), not on the count the machine's load suggests: a
-    product's last bits depend on it, and a resumed run repeats the uninterrupted one bit
-    for bit."""
-    with threads.fixed():
+    may use, shared among the ranks of a distributed job on this machine;
+    nnopt.fast.threads.fixed), not on the count the machine's load suggests: a product's
+    last bits depend on it, and a resumed run repeats the uninterrupted one bit for bit."""
+    sharing = distributed.ranks_on_this_machine() if config.get("distributed") else 1
+    with threads.fixed(max(1, threads.available_cores() // sharing)):
         return _fit(config, resume, log, overwrite, progress_bar, curves)
 
 
