@@ -443,12 +443,11 @@ class Launches(list):
     ``recording`` collects the work (:class:`Captured`) instead of running it, and ``kept``
     the arrays the graph owns (allocated while capturing, or handed to cuBLAS by address),
     as a graph's memory pool keeps them on a GPU. ``members``: the streams in the capture
-    (the origin, and those that waited for an event recorded on a member), each with
-    [launches, how many of them the origin has waited for]: a launch on any other stream
-    would run at once on a GPU, outside the graph, and a member's work the origin never
-    waited for fails the capture's end (cudaErrorStreamCaptureUnjoined); both are
-    LaunchErrors. ``waits``: for each member, the launches of other members it waited for
-    so far."""
+    (the origin, and those that waited for an event recorded on a member), each with its
+    count of launches: a launch on any other stream would run at once on a GPU, outside the
+    graph, and a member's work the origin never waited for fails the capture's end
+    (cudaErrorStreamCaptureUnjoined); both are LaunchErrors. ``waits``: for each member,
+    how many launches of each other member it waited for so far."""
     recording = kept = members = origin = waits = None
     streams = None  # the stand-in's streams, the current one last
     by_pointer = None  # the stand-in's streams by their ``ptr`` (cuBLAS names its stream so)
@@ -465,7 +464,7 @@ class Launches(list):
                               "on a GPU, not in the graph): make the stream wait for an event "
                               "recorded on a capturing stream first")
         self.recording.append(Captured(stream, dict(self.waits.get(stream, {})), work))
-        self.members[stream][0] += 1
+        self.members[stream] += 1
 
     def keep(self, array):
         if self.kept is not None:
@@ -543,12 +542,13 @@ class Stream:
         if launches.recording is not None:
             raise NotEmulated("a capture inside a capture")
         launches.recording, launches.kept, launches.waits = [], [], {}
-        launches.members, launches.origin = {self: [0, 0]}, self
+        launches.members, launches.origin = {self: 0}, self
 
     def end_capture(self):
         launches = self.cp.launches
-        unjoined = [s for s, (done, joined) in launches.members.items()
-                    if s is not self and done != joined]
+        joined = launches.waits.get(self, {})
+        unjoined = [s for s, done in launches.members.items()
+                    if s is not self and done != joined.get(s, 0)]
         graph = Graph(launches.recording, launches.kept, self)
         launches.recording = launches.kept = launches.members = launches.origin = None
         launches.waits = None
@@ -563,19 +563,16 @@ class Stream:
 
     def record(self, event=None):
         members = self.cp.launches.members
-        return Event(self, members[self][0] if members and self in members else None)
+        return Event(self, members[self] if members and self in members else None)
 
     def wait_event(self, event):
         members = self.cp.launches.members
         if not members or not isinstance(event, Event) or event.stream not in members:
             return
-        members.setdefault(self, [0, 0])  # the stream joins the capture
+        members.setdefault(self, 0)  # the stream joins the capture
         if event.launches is not None:
             needs = self.cp.launches.waits.setdefault(self, {})
             needs[event.stream] = max(needs.get(event.stream, 0), event.launches)
-        if self is self.cp.launches.origin and event.launches is not None:
-            state = members[event.stream]
-            state[1] = max(state[1], event.launches)
 
 
 @dataclass

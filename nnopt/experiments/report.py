@@ -29,10 +29,15 @@ RULE = (f"a claim's verdict is **yes** when it held in at least {YES_AT:.0%} of 
         "and more seeds (`--seeds`) narrow the bounds")
 
 
+def tested_flags(held_per_seed) -> list:
+    """The held flags of the seeds that could test the claim (None left out), as bools."""
+    return [bool(h) for h in held_per_seed if h is not None]
+
+
 def verdict_of(held_per_seed) -> tuple[str, float | None]:
     """(verdict, held fraction) from one True/False per seed; None entries could not test
     the claim and are left out of the fraction."""
-    tested = [bool(h) for h in held_per_seed if h is not None]
+    tested = tested_flags(held_per_seed)
     if not tested:
         return "n/a", None
     fraction = sum(tested) / len(tested)
@@ -50,7 +55,7 @@ def held_bounds(held_per_seed, z=SETTLED_Z) -> tuple[float, float] | None:
         (p + z^2/2n -+ z sqrt(p(1 - p)/n + z^2/4n^2)) / (1 + z^2/n),   p = held / n
 
     None when no seed tested the claim."""
-    tested = [bool(h) for h in held_per_seed if h is not None]
+    tested = tested_flags(held_per_seed)
     if not tested:
         return None
     n, p = len(tested), sum(tested) / len(tested)
@@ -147,8 +152,8 @@ class Claim:
 
     @property
     def held_text(self) -> str:
-        tested = [h for h in self.held_per_seed if h is not None]
-        return f"{sum(map(bool, tested))} of {len(tested)}" if tested else "no run"
+        tested = tested_flags(self.held_per_seed)
+        return f"{sum(tested)} of {len(tested)}" if tested else "no run"
 
     def to_json(self) -> dict:
         return {"id": self.id, "experiment": self.experiment, "claim": self.claim,
