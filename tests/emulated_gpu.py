@@ -30,7 +30,8 @@ allow (:class:`Graph`): as captured, side streams as late as possible, side stre
 early as possible; a race between streams (a read the capture never made wait for its
 write) then changes a result. cuBLAS calls are captured on their handle's stream.
 
-What it cannot show: speed, memory-model races beyond ``__syncthreads``, races between
+What it cannot show: speed, array operations inside a captured graph besides the two above
+(they run once, at capture), memory-model races beyond ``__syncthreads``, races between
 streams outside captured graphs or inside one kernel's interleaving, cuBLAS itself. Those
 need the GPU (bench/gpu_check.sh).
 """

@@ -162,9 +162,10 @@ def test_gpu_step_on_misaligned_views(xp, gpu, rng, name):
 class EagerAndCaptured:
     """Two copies of one model: one stepped eagerly, one through a captured graph."""
 
-    def __init__(self, xp, sizes, name, lr, batch, seed):
+    def __init__(self, xp, sizes, name, lr, batch, seed, fused=True):
         from nnopt.graph import CapturedStep
-        make = lambda: nnopt.mlp(sizes, batchnorm=True, seed=seed, device=xp)  # noqa: E731
+        make = lambda: nnopt.mlp(sizes, batchnorm=True, seed=seed, device=xp,  # noqa: E731
+                                 fused=fused)
         self.xp, self.batch, self.n_in = xp, batch, sizes[0]
         self.eager_model, self.graph_model = make(), make()
         self.eager_opt = optim.create(name, self.eager_model, lr=lr)
@@ -211,6 +212,20 @@ def test_captured_step_matches_eager(xp, gpu, rng, name):
         pair.step(rng)
     pair.assert_same_state()
     assert pair.graph_opt.state[0]["step"] == pair.eager_opt.state[0]["step"] == 5
+
+
+def test_captured_layers_step_matches_eager(xp, gpu, backend, rng):
+    """The textbook's layer-by-layer model (fused=False) captured too: its bias adds, bias
+    gradient sums and BN layers are CuPy array operations inside the graph besides nnopt's
+    kernels (bench_gpu times this graph against the blocks' one)."""
+    if backend == "emulated":
+        pytest.skip("the emulator records kernel launches only: the layers' array "
+                    "operations would run once at capture, not at each replay")
+    pair = EagerAndCaptured(xp, [784, 128, 64, 32, 16, 10], "sgd", lr=0.01, batch=64,
+                            seed=1, fused=False)
+    for _ in range(5):
+        pair.step(rng)
+    pair.assert_same_state()
 
 
 @pytest.mark.parametrize("configured", [None, "0"])
@@ -349,3 +364,41 @@ def test_fused_products_match_cublas_products(xp, gpu, rng, monkeypatch, dtype, 
         assert np.max(np.abs(state[name] - state_ref[name])) <= tol * scale(state_ref[name]), name
     for name in grads_ref:
         assert np.max(np.abs(grads[name] - grads_ref[name])) <= 10 * tol * scale(grads_ref[name]), name
+
+
+def test_bench_gpu_captures_every_graph_it_times(xp, gpu, backend, monkeypatch):
+    """bench/bench_gpu.py's captured-step section at batch 64 (gpu_check.sh step 3): nnopt's
+    graph with and without BN, the textbook layers' graph, and every GRAPH_VARIANTS undoing
+    are captured and replayed, and each row gets its ratios. On the emulated device, so a
+    broken variant or runner shows here, not in a GPU session's few minutes (which run
+    this section for real, with torch's graph beside it)."""
+    if backend != "emulated":
+        pytest.skip("the GPU runs this section itself (bench_gpu.py --check --only train)")
+    import sys
+    from pathlib import Path
+
+    import nnopt.backend
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_gpu
+    import common
+    real = nnopt.backend.get_namespace
+    monkeypatch.setattr(nnopt.backend, "get_namespace",
+                        lambda device="cpu": real("cpu" if device == "gpu" else device))
+    # one call each (the emulator's speed means nothing), keeping each first step's loss
+    losses = {}
+    monkeypatch.setattr(common, "timeit_many", lambda fns, **kw: {
+        name: (losses.setdefault(name, float(fn())), kw["sync"](), 1e-3)[-1]
+        for name, fn in fns.items()})
+    row = bench_gpu._train_config(None, 64, None, False, "gpu", "cpu", dry_run=False)
+    assert "graph_error" not in row, row.get("graph_error")
+    assert row["gemm_route"]
+    for tag in ("plain", "bn"):
+        assert f"gpu_graph_layers_{tag}_s" in row and f"graph_fused_vs_layers_{tag}" in row
+        # (not the layers' graph's loss: their bias adds and sums are array operations,
+        # which the emulator runs once at capture instead of recording them)
+        graphs = [f"gpu_graph_{tag}"] + [f"gpu_graph_{name}_{tag}"
+                                         for name in bench_gpu.GRAPH_VARIANTS]
+        for name in graphs:
+            assert f"{name}_s" in row, name
+            # the same first step (same seed, same batch) as the eager one, whatever is undone
+            assert losses[name] == pytest.approx(losses[f"gpu_{tag}"], rel=1e-5), name
