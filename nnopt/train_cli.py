@@ -24,7 +24,8 @@ from .train import (DEFAULTS, TrainingDiverged, build_model, evaluate, fit, make
 
 #: Flags a resumed run may change: how long it runs and how it talks, where the data and
 #: the arrays live; everything else is the saved run's.
-RESUMABLE = ("epochs", "target_loss", "quiet", "device", "graph", "data_dir", "fused")
+RESUMABLE = ("epochs", "target_loss", "quiet", "device", "graph", "data_dir", "fused",
+             "blas_threads")
 EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -39,6 +40,15 @@ def parse_value(text):
         return int(text) if text.strip().lstrip("-").isdigit() else float(text)
     except ValueError:
         return text
+
+
+def blas_threads(text):
+    """``--blas-threads``: a count >= 1 or auto."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if text.strip().isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a thread count >= 1 or auto, got {text!r}")
 
 
 def prog_name() -> str:
@@ -106,6 +116,11 @@ def build_parser(defaults=True) -> argparse.ArgumentParser:
            dest="graph", on=False)
     switch("--layers", "run the textbook's layer-by-layer model instead of fused FC -> BN -> "
            "ReLU blocks (the same model and parameters; slower on the CPU)", dest="fused", on=False)
+    add("--blas-threads", type=blas_threads, default=default(None), metavar="N|auto",
+        help="BLAS threads of every product, fixed for the run so that it (and a resumed run "
+             "on the same count) repeats bit for bit (None: the cores this process may use); "
+             "auto: the cores other processes leave free, product by product (faster beside "
+             "a busy process, not bit for bit)")
     switch("--distributed", "data-parallel over the ranks of mpiexec -n N (MPI; NCCL on the "
            "GPU); --batch-size is the global batch, split evenly between ranks")
     switch("--sync-bn", "with --distributed: BN statistics over the global batch, not each "
@@ -128,7 +143,7 @@ def overrides_from(args, given) -> dict:
     out = {}
     simple = ("device", "dataset", "data_dir", "val_size", "optimizer", "init", "activation",
               "bn", "epochs", "batch_size", "target_loss", "check_every", "seed", "dtype",
-              "out", "quiet", "graph", "distributed", "sync_bn", "fused")
+              "out", "quiet", "graph", "distributed", "sync_bn", "fused", "blas_threads")
     for key in simple:
         if key in given:
             out[key] = getattr(args, key)
@@ -201,7 +216,7 @@ def resolve_resume(args, given):
         raise InputError(
             f"--resume continues the saved run, whose {key} is {saved.get(key)!r} (asked: "
             f"{fixed[key]!r}); only --epochs, --target-loss, --quiet, --device, --no-graph, "
-            "--layers and --data-dir may change. Start a new run (with --config "
+            "--layers, --blas-threads and --data-dir may change. Start a new run (with --config "
             f"{folder / 'config.json'}) to change the rest")
     config = make_config(**{**saved, **{k: v for k, v in requested.items() if k in RESUMABLE}})
     config["out"] = str(folder)

@@ -55,6 +55,55 @@ def test_a_run_does_not_depend_on_the_machines_load(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.parametrize("flag, expected", [([], "cores"), (["--blas-threads", "3"], {3}),
+                                             (["--blas-threads", "auto"], {7})])
+def test_blas_threads_flag(tmp_path, monkeypatch, flag, expected):
+    """Every product of a run on one count (by default the cores this process may use, or
+    --blas-threads N's), or with --blas-threads auto on the load policy's count per
+    product (here a stand-in policy that always says 7)."""
+    from nnopt.fast import threads
+    used = []
+
+    class Recorder:
+        current = None
+
+        def most(self):
+            return 64
+
+        def use(self, count):
+            used.append(count)
+            self.current = count
+    monkeypatch.setattr(threads, "blas_threads", lambda recorder=Recorder(): recorder)
+    monkeypatch.setattr(threads, "blas_threads_for", lambda *shape, free: 7)
+    assert run_cli(["--epochs", "1", "--out", str(tmp_path), *flag]) == 0
+    assert set(used) == ({threads.available_cores()} if expected == "cores" else expected)
+    assert json.loads((tmp_path / "config.json").read_text())["blas_threads"] == (
+        None if not flag else flag[1] if flag[1] == "auto" else int(flag[1]))
+
+
+@pytest.mark.parametrize("flag, free, limit, noted", [
+    ([], 1, 2, True), ([], 2, 2, False), (["--blas-threads", "2"], 1, 2, False),
+    (["--blas-threads", "auto"], 1, 2, False),
+    ([], 1, 1, False)])  # a limit of one thread set before the run: nothing waits
+def test_a_busy_machine_is_noted_with_the_remedy(tmp_path, monkeypatch, capsys, flag, free,
+                                                 limit, noted):
+    from nnopt.fast import threads
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads.BlasThreads, "most", lambda self: limit)
+    monkeypatch.setattr(threads, "free_cores", lambda: (lambda: free))
+    assert run_cli(["--epochs", "1", "--out", str(tmp_path), *flag]) == 0
+    out = capsys.readouterr().out
+    assert ("note: other processes keep 1 of this run's 2 cores busy" in out) == noted
+    assert ("--blas-threads auto is faster" in out) == noted
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_blas_threads_flag_rejects_what_is_not_a_count(value, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["--blas-threads", value])
+    assert "--blas-threads: expected a thread count >= 1 or auto" in capsys.readouterr().err
+
+
 def test_flags_reach_the_run(tmp_path):
     assert run_cli(["--epochs", "1", "--no-bn", "--optimizer", "adam", "--lr", "0.002",
                     "--opt", "betas=0.8,0.99", "--init", "xavier", "--activation", "tanh",
@@ -146,6 +195,9 @@ def test_make_config_checks_keys():
         train.make_config(epoch=3)
     with pytest.raises(ValueError, match="--batch-size must be an integer >= 1"):
         train.make_config(batch_size=0)
+    for bad in (0, "3", True, 1.5):  # a config file's JSON, not the CLI's parsed flag
+        with pytest.raises(ValueError, match="--blas-threads must be a thread count >= 1 or auto"):
+            train.make_config(blas_threads=bad)
 
 
 def test_build_model_follows_the_config():

@@ -219,11 +219,15 @@ class BlasThreads:
             return []
         return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
 
-    def use(self, threads: int) -> None:
+    def most(self) -> int:
+        """The most threads it will ever set (the libraries found, on the first call)."""
         if self.libraries is None:
             self.libraries = self._find()
             self.ceiling = max(1, min([self.ceiling] + [lib.num_threads for lib in self.libraries]))
-        threads = min(threads, self.ceiling)
+        return self.ceiling
+
+    def use(self, threads: int) -> None:
+        threads = min(threads, self.most())
         if threads == self.current:
             return
         for lib in self.libraries:
