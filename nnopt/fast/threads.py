@@ -219,18 +219,23 @@ class BlasThreads:
             return []
         return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
 
-    def most(self) -> int:
-        """The most threads it will ever set (the libraries found, on the first call)."""
+    def _found(self):
         if self.libraries is None:
             self.libraries = self._find()
             self.ceiling = max(1, min([self.ceiling] + [lib.num_threads for lib in self.libraries]))
+        return self.libraries
+
+    def most(self) -> int:
+        """The most threads it will ever set."""
+        self._found()
         return self.ceiling
 
     def use(self, threads: int) -> None:
-        threads = min(threads, self.most())
+        libraries = self._found()
+        threads = min(threads, self.ceiling)
         if threads == self.current:
             return
-        for lib in self.libraries:
+        for lib in libraries:
             lib.set_num_threads(threads)
         self.current = threads
 
