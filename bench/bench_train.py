@@ -6,7 +6,9 @@ with and without BN: nnopt vs PyTorch on the CPU, and BN's overhead in each.
 nnopt runs its default model (fused blocks, ``nnopt.mlp(..., fused=True)``) and, as
 ``nnopt_layers``, the textbook's layer-by-layer model (``fused=False``). ``--busy`` runs a
 ``while True: pass`` process beside the whole bench (one core taken: the policy of small
-BLAS products on one thread must hold there too).
+BLAS products on one thread must hold there too), and adds ``nnopt_fixed``: nnopt as
+``python -m nnopt.train`` runs it by default, every product on one fixed BLAS count
+(bit-for-bit runs) whatever the load.
 
 An epoch is 57,000 samples (the textbook's MNIST training split) of synthetic data in
 [0, 1): the time does not depend on the pixel values. nnopt and PyTorch each run in a
@@ -135,6 +137,18 @@ def make_nnopt_layers(bn, batch, what):
     return getattr(NnoptRunner(bn, batch, fused=False), what)
 
 
+def make_nnopt_fixed(bn, batch, what):
+    """nnopt as ``python -m nnopt.train`` runs it: every product on one fixed BLAS count
+    (the cores the process may use), whatever the load (nnopt.fast.threads.fixed)."""
+    from nnopt.fast import threads
+    call = getattr(NnoptRunner(bn, batch), what)
+
+    def fixed():
+        with threads.fixed():
+            return call()
+    return fixed
+
+
 def make_torch(bn, batch, what):
     import torch
     return getattr(TorchRunner(torch, bn, batch), what)
@@ -150,13 +164,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     batches = [64, 1024] if args.quick else [int(b) for b in args.batches.split(",")]
     with common.busy_process(args.busy):
-        rows = measure(batches, args.quick, layers=not args.no_layers)
+        rows = measure(batches, args.quick, layers=not args.no_layers, fixed=args.busy)
     report(rows, "train_busy" if args.busy else "train")
 
 
-def measure(batches, quick, layers=True):
+def measure(batches, quick, layers=True, fixed=False):
     """One row of interleaved timings per batch size."""
     workers = {"nnopt": common.Worker("bench_train")}
+    if fixed:  # the training CLI's fixed BLAS count beside the load policy
+        workers["nnopt_fixed"] = common.Worker("bench_train")
     if layers:  # its own process: the same worker would share nnopt's buffers and caches
         workers["nnopt_layers"] = common.Worker("bench_train")
     if common.have_torch():
@@ -181,6 +197,8 @@ def measure(batches, quick, layers=True):
                         worker.ask("drop", key)
             for lib in workers:
                 row[f"{lib}_bn_overhead_%"] = 100 * (row[f"{lib}_bn_step_s"] / row[f"{lib}_plain_step_s"] - 1)
+            if fixed:
+                row["fixed_vs_policy_bn"] = row["nnopt_fixed_bn_step_s"] / row["nnopt_bn_step_s"]
             if layers:
                 row["fused_vs_layers_bn"] = row["nnopt_bn_step_s"] / row["nnopt_layers_bn_step_s"]
             if "torch" in workers:
@@ -207,7 +225,8 @@ def report(rows, name):
     print(common.table(rows, ["batch", "nnopt_plain_step_s", "nnopt_bn_step_s", "torch_plain_step_s",
                               "torch_bn_step_s", "nnopt_bn_overhead_%", "torch_bn_overhead_%",
                               "step_ratio_bn", "step_ratio_plain", "nnopt_layers_bn_step_s",
-                              "nnopt_layers_bn_overhead_%", "fused_vs_layers_bn"]))
+                              "nnopt_layers_bn_overhead_%", "fused_vs_layers_bn",
+                              "nnopt_fixed_bn_step_s", "fixed_vs_policy_bn"]))
     epoch_rows = [r for r in rows if r["batch"] == 64]
     if epoch_rows:
         print(common.table(epoch_rows, ["batch", "nnopt_plain_epoch_s", "nnopt_bn_epoch_s",

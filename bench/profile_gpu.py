@@ -44,7 +44,8 @@ def run(batch, bn, steps=30):
 
 KINDS = (("split-K reduce", ("splitKreduce",)), ("fused product", ("linear_forward", "linear_backward")),
          ("gemm", ("gemm", "sm90_", "sm80_", "cutlass", "xmma", "ampere", "splitk", "Kernel")),
-         ("bn", ("bn_",)), ("activation", ("activation", "bias_")), ("loss", ("softmax",)),
+         ("bn", ("bn_",)), ("activation", ("activation", "bias_")),
+         ("loss", ("softmax", "cross_entropy")),
          ("optimizer", ("sgd_", "adam", "momentum", "nag_", "rmsprop", "adagrad", "adadelta")),
          ("copy/fill", ("fill", "copy", "memset", "nnopt_", "cupy_")))
 

@@ -129,3 +129,30 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
     assert "batch 64, width textbook" in bench_gpu.verdict(rows)
     advice = bench_gpu.advice(rows)  # reads every variant's ratios of a real row
     assert advice and all(isinstance(line, str) for line in advice)
+
+
+def test_profile_summary_reads_ncu_csv(monkeypatch, tmp_path, capsys):
+    """bench/profile_gpu.py --summarize (gpu_check.sh step 5) on the CSV Nsight Compute
+    writes: kernels in launch order, grouped by kind, the replay's rest beside them."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import profile_gpu
+    (tmp_path / "b64_bn.meta.json").write_text(
+        'warming up\n{"batch": 64, "bn": true, "replay_us": 50.0}\n')
+    header = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+              '"Section Name","Metric Name","Metric Unit","Metric Value"')
+    row = '"{}","1","python3","h","{}","1","13","Command line profiler metrics",' \
+          '"gpu__time_duration.sum","{}","{}"'
+    (tmp_path / "b64_bn.csv").write_text("\n".join([
+        "==PROF== Connected to process 1", header,
+        row.format(1, "linear_backward_f32", "nsecond", "7,500"),
+        row.format(0, "linear_forward_f32", "usecond", "12.5"),
+        row.format(2, "sgd_step_f32", "nsecond", "3000")]) + "\n")
+    out = tmp_path / "profile.json"
+    profile_gpu.main(["--summarize", str(tmp_path), "--out", str(out)])
+    (summary,) = json.loads(out.read_text())
+    assert [k["name"] for k in summary["kernels"]] == [
+        "linear_forward_f32", "linear_backward_f32", "sgd_step_f32"]
+    assert summary["kernels_us"] == pytest.approx(23.0) and summary["gaps_us"] == pytest.approx(27.0)
+    assert summary["by_kind"] == {"fused product": {"n": 2, "us": 20.0},
+                                  "optimizer": {"n": 1, "us": 3.0}}
+    assert "replay 50.0 us, 3 kernels 23.0 us" in capsys.readouterr().out
