@@ -1,7 +1,8 @@
 """Training step and epoch of the textbook network (784-128-64-32-16-10, ReLU, SGD lr 0.1),
 with and without BN: nnopt vs PyTorch on the CPU, and BN's overhead in each.
 
-    python bench/bench_train.py [--quick] [--batches 64,256,1024,4096] [--busy] [--no-layers]
+    python bench/bench_train.py [--quick] [--batches 64,256,1024,4096] [--busy] [--fixed]
+                                [--no-layers]
 
 nnopt runs its default model (fused blocks, ``nnopt.mlp(..., fused=True)``) and, as
 ``nnopt_layers``, the textbook's layer-by-layer model (``fused=False``). ``--busy`` runs a
@@ -159,12 +160,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="batch 64 and 1024 only, one epoch")
     ap.add_argument("--batches", default="64,256,1024,4096")
     ap.add_argument("--busy", action="store_true", help="a busy-looping process beside the bench")
+    ap.add_argument("--fixed", action="store_true", help="add nnopt_fixed, nnopt on the "
+                    "training CLI's fixed BLAS count (always with --busy)")
     ap.add_argument("--no-layers", action="store_true",
                     help="leave out nnopt's layer-by-layer model (fused=False)")
     args = ap.parse_args(argv)
     batches = [64, 1024] if args.quick else [int(b) for b in args.batches.split(",")]
     with common.busy_process(args.busy):
-        rows = measure(batches, args.quick, layers=not args.no_layers, fixed=args.busy)
+        rows = measure(batches, args.quick, layers=not args.no_layers, fixed=args.busy or args.fixed)
     report(rows, "train_busy" if args.busy else "train")
 
 
