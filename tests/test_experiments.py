@@ -11,7 +11,7 @@ from nnopt.experiments import (EXPERIMENTS, __main__ as cli, batchnorm, curvefit
                                run_sections)
 from nnopt.experiments.initialization import activations, per_sample_spread, zero_init_demo
 from nnopt.experiments.report import (Context, Section, all_of, figure_module, held_bounds,
-                                      place, sooner, spread, verdict_of, write)
+                                      place, sooner, spread, verdict_of, wilson, write)
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,31 @@ def test_verdict_settled_only_when_the_bounds_stay_in_its_band(held, n, verdict,
     assert claim.verdict == verdict and claim.settled is is_settled
     low, high = claim.bounds
     assert 0 <= low < held / n < high <= 1 or held in (0, n)
-    assert claim.verdict_text.endswith("(unsettled)") is not is_settled
+    assert ("(unsettled" in claim.verdict_text) is not is_settled
     assert claim.to_json()["settled"] is is_settled
+
+
+@pytest.mark.parametrize("held, n", [(7, 8), (3, 8), (16, 24), (1, 8), (3, 3), (18, 21)])
+def test_seeds_to_settle_is_the_first_count_that_settles_at_this_rate(held, n):
+    """The report's guide for --seeds: at the same held rate, that many seeds give bounds
+    inside the verdict's band, one fewer does not."""
+    claim = Section("t").claim("c", "c", "tb", spread([1]), [True] * held + [False] * (n - held),
+                               "r")
+    needed = claim.seeds_to_settle
+    assert claim.settled is False and needed > n
+    band = {"yes": lambda lo, hi: lo >= 0.75, "no": lambda lo, hi: hi <= 0.25,
+            "partly": lambda lo, hi: 0.25 < lo and hi < 0.75}[claim.verdict]
+    assert band(*wilson(held / n, needed)) and not band(*wilson(held / n, needed - 1))
+    assert f"about {needed:,} tested seeds would settle it" in claim.verdict_text
+    assert claim.to_json()["seeds_to_settle"] == needed
+
+
+@pytest.mark.parametrize("held, n", [(6, 8), (3, 4), (2, 8)])  # 75% and 25%: the bands' edges
+def test_a_rate_on_a_bands_edge_never_settles(held, n):
+    claim = Section("t").claim("c", "c", "tb", spread([1]), [True] * held + [False] * (n - held),
+                               "r")
+    assert claim.settled is False and claim.seeds_to_settle is None
+    assert "on the band's edge" in claim.verdict_text
 
 
 def test_held_bounds_match_wilsons_interval():
@@ -199,7 +222,7 @@ def test_only_sampled_claims_carry_bounds(quick_run):
         assert claims[fixed].bounds is None and claims[fixed].settled is None
     # two seeds held cannot settle a rate: the report says so
     assert claims["momentum_sooner_than_sgd"].settled is False
-    assert "(unsettled)" in claims["momentum_sooner_than_sgd"].verdict_text
+    assert "(unsettled: about" in claims["momentum_sooner_than_sgd"].verdict_text
 
 
 def test_adadelta_check_can_fail():

@@ -58,10 +58,7 @@ def held_bounds(held_per_seed, z=SETTLED_Z) -> tuple[float, float] | None:
     tested = tested_flags(held_per_seed)
     if not tested:
         return None
-    n, p = len(tested), sum(tested) / len(tested)
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, (centre - half) / (1 + z * z / n)),
-            min(1.0, (centre + half) / (1 + z * z / n)))
+    return wilson(sum(tested) / len(tested), len(tested), z)
 
 
 def verdict_settled(verdict, bounds) -> bool | None:
@@ -71,6 +68,36 @@ def verdict_settled(verdict, bounds) -> bool | None:
     low, high = bounds
     return {"yes": low >= YES_AT, "no": high <= NO_AT,
             "partly": NO_AT < low and high < YES_AT}[verdict]
+
+
+def wilson(p, n, z=SETTLED_Z) -> tuple[float, float]:
+    """Wilson's score bounds for a held fraction ``p`` of ``n`` tested seeds."""
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, (centre - half) / (1 + z * z / n)),
+            min(1.0, (centre + half) / (1 + z * z / n)))
+
+
+def seeds_to_settle(held_per_seed, most=10_000) -> int | None:
+    """How many tested seeds would settle the verdict if the claim kept holding at the rate
+    it held here: the smallest n whose Wilson bounds at that rate lie inside the verdict's
+    band. None where no count up to ``most`` would (a rate on the band's edge, such as 3 of
+    4 for yes, never settles) or nothing was tested. A guide for ``--seeds``, not a promise:
+    the rate itself moves with the seeds."""
+    tested = tested_flags(held_per_seed)
+    if not tested:
+        return None
+    p = sum(tested) / len(tested)
+    verdict, _ = verdict_of(tested)
+    n = len(tested)
+    if verdict_settled(verdict, wilson(p, n)):
+        return n
+    low, high = n, most
+    if not verdict_settled(verdict, wilson(p, high)):
+        return None
+    while high - low > 1:  # the bounds narrow as n grows: the first settling n, by halving
+        middle = (low + high) // 2
+        low, high = (low, middle) if verdict_settled(verdict, wilson(p, middle)) else (middle, high)
+    return high
 
 
 def sooner(a, b) -> bool | None:
@@ -146,9 +173,17 @@ class Claim:
         return verdict_settled(self.verdict, self.bounds)
 
     @property
+    def seeds_to_settle(self) -> int | None:
+        return seeds_to_settle(self.held_per_seed) if self.settled is False else None
+
+    @property
     def verdict_text(self) -> str:
         text = "**no**" if self.verdict == "no" else self.verdict
-        return text + (" (unsettled)" if self.settled is False else "")
+        if self.settled is not False:
+            return text
+        needed = self.seeds_to_settle
+        return text + (f" (unsettled: about {needed:,} tested seeds would settle it at this rate)"
+                       if needed else " (unsettled: this rate is on the band's edge)")
 
     @property
     def held_text(self) -> str:
@@ -160,7 +195,8 @@ class Claim:
                 "textbook": self.textbook, "measured": self.measured,
                 "held_fraction": self.held_fraction, "verdict": self.verdict,
                 "held_bounds": None if self.bounds is None else [round(b, 3) for b in self.bounds],
-                "settled": self.settled, "reason": self.reason}
+                "settled": self.settled, "seeds_to_settle": self.seeds_to_settle,
+                "reason": self.reason}
 
 
 @dataclass
