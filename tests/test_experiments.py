@@ -315,6 +315,20 @@ def test_cli_writes_report(tmp_path, capsys):
     assert "unknown device" in capsys.readouterr().err
 
 
+def test_cli_lists_each_unsettled_claim_with_the_seeds_to_settle_it(tmp_path, capsys,
+                                                                     monkeypatch):
+    section = Section("t")
+    section.claim("a", "A holds", "tb", spread([1]), [True] * 7 + [False], "r")
+    section.claim("b", "B holds", "tb", spread([1]), [True] * 6 + [False] * 2, "r")
+    section.claim("c", "C holds", "tb", spread([1]), [True] * 8, "r")
+    monkeypatch.setattr(cli, "run_sections", lambda ctx, names: [section])
+    assert cli.main(["contours", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[   yes?] A holds" in out and "[   yes ] C holds" in out
+    assert "A holds: about 20 tested seeds would settle it at this rate" in out
+    assert "B holds: its rate is on the band's edge" in out and "C holds:" not in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "0"], "--seeds must be at least 1, got 0"),
     (["--seed", "-1"], "--seed must be 0 or more, got -1"),

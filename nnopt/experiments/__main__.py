@@ -62,8 +62,14 @@ def main(argv=None) -> int:
         for c in section.claims:
             mark = "?" if c.settled is False else " "
             print(f"  [{c.verdict:>6}{mark}] {c.claim} (held in {c.held_text}): {c.reason}")
-    if any(c.settled is False for section in sections for c in section.claims):
+    unsettled = [c for section in sections for c in section.claims if c.settled is False]
+    if unsettled:
         print("  ?: unsettled (other seeds may give another verdict; more seeds: --seeds)")
+        for c in unsettled:
+            needed = c.seeds_to_settle
+            print(f"     {c.claim}: " + (f"about {needed:,} tested seeds would settle it at "
+                                         f"this rate" if needed else "its rate is on the "
+                                         "band's edge: no seed count settles it"))
     print(f"report: {path} ({time.perf_counter() - started:.1f} s)")
     return 0
 
