@@ -92,8 +92,13 @@ def test_advice_names_the_setting_where_a_variant_won_with_and_without_bn(bench_
     assert bench_gpu.advice(rows[1:])[0].startswith("no variant took <= 0.95x")
 
 
-def test_module_stays_importable_without_cupy(bench_gpu):
-    assert "cupy" not in sys.modules or sys.modules["cupy"] is not None
+def test_module_stays_importable_without_cupy(bench_gpu, monkeypatch):
+    import importlib
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
+    for name in ("bench_gpu", "bench_train", "common"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    fresh = importlib.import_module("bench_gpu")
+    assert fresh is not bench_gpu and callable(fresh.main)
 
 
 def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
@@ -115,6 +120,13 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
     assert {r["optimizer"] for r in optim_rows} >= {"sgd", "adam", "adadelta"}
     bn_rows = bench_gpu.bench_bn(numpy_namespace, None, "cuda", lambda: None, [(600, 24)])
     assert bn_rows[0]["nnopt_s"] > 0
+    # the captured steps: one call each (the emulator's speed means nothing), keeping each
+    # contender's first loss
+    import common
+    losses = {}
+    monkeypatch.setattr(common, "timeit_many", lambda fns, **kw: {
+        name: (losses.setdefault(name, float(fn())), kw["sync"](), 1e-3)[-1]
+        for name, fn in fns.items()})
     rows = bench_gpu.bench_train(None, [(64, None, False)], dry_run=False)
     assert len(rows) == 1, "the configuration raised (printed above)"
     row = rows[0]
@@ -125,6 +137,12 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
         # cuBLAS products instead of fused ones, the weight gradients on the main stream
         for name in ("ws", "nows", "cublas", "slices32", "dw_cublas", "loss_apart", "serial"):
             assert row[f"{name}_vs_graph_{tag}"] > 0, name
+            # whatever is undone, the same first step (same seed, same batch) as eager
+            assert losses[f"gpu_graph_{name}_{tag}"] == pytest.approx(losses[f"gpu_{tag}"],
+                                                                      rel=1e-5), name
+        assert losses[f"gpu_graph_{tag}"] == pytest.approx(losses[f"gpu_{tag}"], rel=1e-5)
+        # (not the layers' graph's loss: their bias adds and sums are array operations,
+        # which the emulator runs once at capture instead of recording them)
     assert "gpu_graph_bn_overhead_%" in row and "graph_speedup_bn" in row
     assert "batch 64, width textbook" in bench_gpu.verdict(rows)
     advice = bench_gpu.advice(rows)  # reads every variant's ratios of a real row

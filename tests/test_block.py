@@ -32,13 +32,26 @@ def make_block(n_in, n_out, batchnorm, activation, seed):
     return Block(linear, bn, act)
 
 
-def fused_and_layered(n_in, n_out, batchnorm, activation, dtype, seed=0):
-    fused = Sequential([make_block(n_in, n_out, batchnorm, activation, seed)], dtype=dtype)
+def fused_and_layered(n_in, n_out, batchnorm, activation, dtype, seed=0, device="cpu"):
+    """A fused block in ``dtype`` and, as its reference, the same layers in float64 with
+    the block's (``dtype``-rounded) parameters and statistics: feed it the same inputs
+    with ``.astype(np.float64)``."""
+    fused = Sequential([make_block(n_in, n_out, batchnorm, activation, seed)], device=device,
+                       dtype=dtype)
     layered = Sequential(list(make_block(n_in, n_out, batchnorm, activation, seed).layers),
-                         dtype=dtype)
+                         device=device, dtype="float64")
+    layered.load_state_dict(fused.state_dict())
     for model in (fused, layered):
         model.steps[0].needs_input_grad = True
     return fused, layered
+
+
+def as_reference(model, fused, *arrays):
+    """``arrays`` as ``model`` takes them: unchanged for the fused block, float64 for its
+    reference."""
+    if model is fused:
+        return arrays
+    return tuple(a.astype(np.float64) if hasattr(a, "astype") else a for a in arrays)
 
 
 @needs_numba
@@ -56,8 +69,9 @@ def test_fused_block_matches_its_layers(rng, shape, dtype, batchnorm, activation
     outputs = []
     for model in (fused, layered):
         model.zero_grad()
-        y = model.forward(x).copy()
-        dx = model.backward(d).copy()
+        xm, dm = as_reference(model, fused, x, d)
+        y = model.forward(xm).copy()
+        dx = model.backward(dm).copy()
         outputs.append((y, dx, model.state_dict(), {p.name: p.grad.copy() for p in model.parameters()}))
     assert fused.steps[0].saved is not None and not isinstance(layered.steps[0], Block)
     (y, dx, state, grads), (y_ref, dx_ref, state_ref, grads_ref) = outputs
@@ -73,7 +87,8 @@ def test_fused_block_matches_its_layers(rng, shape, dtype, batchnorm, activation
         else:
             assert rel_err(grads[name], want, floor=1.0) < tol, name
     # Inference mode runs the layers themselves, on the running statistics both kept alike.
-    assert rel_err(fused.forward(x, train=False), layered.forward(x, train=False), floor=1.0) < tol
+    assert rel_err(fused.forward(x, train=False), layered.forward(x.astype(np.float64), train=False),
+                   floor=1.0) < tol
 
 
 @needs_numba
@@ -141,8 +156,8 @@ def test_fused_loss_matches_forward_then_backward(rng, dtype):
     logits = (rng.normal(size=(13, 10)) * 5).astype(dtype)
     labels = rng.integers(0, 10, 13)
     loss, grad = SoftmaxCrossEntropy().forward_backward(logits, labels)
-    reference = SoftmaxCrossEntropy()
-    want = reference.forward(logits, labels)
+    reference = SoftmaxCrossEntropy()  # in float64, on the same (rounded) logits
+    want = reference.forward(logits.astype(np.float64), labels)
     tol = 1e-5 if dtype == "float32" else 1e-12
     assert abs(float(loss) - float(want)) < tol * abs(float(want))
     assert rel_err(grad, reference.backward()) < tol

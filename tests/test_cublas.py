@@ -172,12 +172,15 @@ def test_load_can_be_turned_off():
 
 
 def test_load_with_nothing_found_on_this_machine(tmp_path):
-    """The real search on a machine without CUDA: one line, naming the library names."""
-    try:
-        cublas.load(env={"CUDA_PATH": str(tmp_path)})
-    except cublas.CublasUnavailable as exc:
-        assert "libcublas.so.13" in str(exc) and "\n" not in str(exc)
-    # (where a libcublas does load, there is nothing to report)
+    """The real candidate list on a machine where none of them loads (as without CUDA,
+    whatever this machine has): one line, naming the library names."""
+    def nothing_loads(path):
+        raise OSError(f"{path}: cannot open shared object file: No such file or directory")
+    with pytest.raises(cublas.CublasUnavailable) as caught:
+        cublas.load(loader=nothing_loads, env={"CUDA_PATH": str(tmp_path)})
+    message = str(caught.value)
+    assert "libcublas.so.13" in message and "\n" not in message
+    assert "set NNOPT_CUBLAS to the libcublas file CuPy uses" in message
 
 
 def test_handle_cache_warns_once_and_falls_back():

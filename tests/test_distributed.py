@@ -269,7 +269,9 @@ def test_two_ranks_with_sync_bn_train_like_one_process(tmp_path, one_process_run
     assert [r["iteration"] for r in a] == [r["iteration"] for r in b] == [25, 50]
     for ra, rb in zip(a, b):  # the training window is the global batch's, not rank 0's
         assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
-        assert ra["train_accuracy"] == rb["train_accuracy"]
+        # the same predictions but where float32 rounding tips a near tie: at most two of
+        # the window's 25 x 64 samples
+        assert abs(ra["train_accuracy"] - rb["train_accuracy"]) <= 2 / (25 * 64)
 
 
 @needs_mpi

@@ -410,7 +410,8 @@ def test_fused_product_launchers_match_reference(gpu, cupy_stand_in, monkeypatch
     slices = plan.fused_slices(n, k, sms)[0]
     assert (slices > 1) == (sms == 132 and k > plan.FUSED_MIN_SLICE)
     if slices > 1:
-        assert scratch.get("linear_forward_partial", shape=(slices, m, n), dtype=dtype).shape
+        (partial,) = scratch.arrays["linear_forward_partial"]  # the sliced launch's sums
+        assert partial.shape == (slices, m, n)
         assert not np.any(scratch.arrays["counters"][0])
 
 
@@ -573,9 +574,10 @@ def test_softmax_cross_entropy_with_a_bad_label_is_nan(gpu, rng, m):
 
 # --- a fused block on the emulated device -----------------------------------------------------
 def run_block(gpu, monkeypatch, shape, batchnorm, activation, dtype, seed, captured=False):
-    """(fused on the emulated GPU, layered on NumPy) results of one forward and backward."""
+    """(fused on the emulated GPU, layered on NumPy in float64) results of one forward and
+    backward."""
     import nnopt.block
-    from tests.test_block import fused_and_layered
+    from tests.test_block import as_reference, fused_and_layered
     monkeypatch.setattr(nnopt.block, "fast_for", lambda *arrays: gpu)
     m, n_in, n_out = shape
     fused, layered = fused_and_layered(n_in, n_out, batchnorm, activation, dtype, seed=seed)
@@ -585,9 +587,10 @@ def run_block(gpu, monkeypatch, shape, batchnorm, activation, dtype, seed, captu
     results = []
     for model in (fused, layered):
         model.zero_grad()
+        xm, dm = as_reference(model, fused, x, d)
         with capture_mode() if captured and model is fused else _nothing():
-            y = model.forward(x).copy()
-            dx = model.backward(d).copy()
+            y = model.forward(xm).copy()
+            dx = model.backward(dm).copy()
         results.append((y, dx, model.state_dict(),
                         {p.name: p.grad.copy() for p in model.parameters()},
                         model.layers[0].W.grad.ctypes.data))

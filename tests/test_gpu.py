@@ -10,7 +10,7 @@ import pytest
 
 import nnopt
 from nnopt import optim
-from nnopt.backend import backend_name
+from nnopt.backend import backend_name, to_numpy
 from nnopt.batchnorm import batchnorm_backward, batchnorm_forward
 from nnopt.params import FlatParameters
 from tests.helpers import dev, host
@@ -69,7 +69,7 @@ def test_gpu_step_matches_reference(xp, gpu, rng, name, options, n, dtype):
 def test_gpu_batchnorm_matches_reference(xp, gpu, rng, shape, dtype):
     x = rng.normal(size=shape) * rng.uniform(0.2, 4, shape[1]) + rng.normal(size=shape[1]) * 2
     gamma, beta, d = rng.uniform(0.5, 2, shape[1]), rng.normal(size=shape[1]), rng.normal(size=shape)
-    z_ref, mean_ref, _, cache = batchnorm_forward(x, gamma, beta, 1e-5)
+    z_ref, mean_ref, var_ref, cache = batchnorm_forward(x, gamma, beta, 1e-5)
     dx_ref, dgamma_ref, dbeta_ref = batchnorm_backward(d, cache)
     c = lambda a: dev(xp, np.ascontiguousarray(a), getattr(xp, dtype))  # noqa: E731
     run_mean, run_var = c(np.zeros(shape[1])), c(np.ones(shape[1]))
@@ -78,7 +78,8 @@ def test_gpu_batchnorm_matches_reference(xp, gpu, rng, shape, dtype):
     dx = gpu.bn_backward(c(d), c(x), c(gamma), mean, inv_std, dgamma, dbeta)
     tol = 1e-4 if dtype == "float32" else 1e-10
     for got, want in ((z, z_ref), (mean, mean_ref), (dx, dx_ref), (dgamma, dgamma_ref),
-                      (dbeta, dbeta_ref), (run_mean, 0.1 * mean_ref)):
+                      (dbeta, dbeta_ref), (run_mean, 0.1 * mean_ref),
+                      (run_var, 0.9 + 0.1 * var_ref), (inv_std, 1 / np.sqrt(var_ref + 1e-5))):
         assert np.max(np.abs(host(got) - want)) <= tol * max(np.max(np.abs(want)), 1.0)
 
 
@@ -300,23 +301,19 @@ def test_fused_block_on_gpu_matches_its_layers(xp, gpu, rng, shape, dtype, batch
                                                activation):
     """The CUDA block (batchnorm.cu with bias and activation; bias_activation and
     activation_backward without BN) against its own layers on the GPU; (4096, 16, 600):
-    BN's split path."""
-    from nnopt import Sequential
-    from tests.test_block import make_block
+    BN's split path. The layers run in float64, on the block's parameters."""
+    from tests.test_block import as_reference, fused_and_layered
     m, n_in, n_out = shape
-    seed = int(rng.integers(1000))
-    fused = Sequential([make_block(n_in, n_out, batchnorm, activation, seed)], device=xp,
-                       dtype=dtype)
-    layered = Sequential(list(make_block(n_in, n_out, batchnorm, activation, seed).layers),
-                         device=xp, dtype=dtype)
+    fused, layered = fused_and_layered(n_in, n_out, batchnorm, activation, dtype,
+                                       seed=int(rng.integers(1000)), device=xp)
     x = dev(xp, (rng.normal(size=(m, n_in)) * 2 + 1).astype(dtype))
     d = dev(xp, rng.normal(size=(m, n_out)).astype(dtype))
     results = []
     for model in (fused, layered):
-        model.steps[0].needs_input_grad = True
         model.zero_grad()
-        y = host(model.forward(x))
-        dx = host(model.backward(d))
+        xm, dm = as_reference(model, fused, x, d)
+        y = host(model.forward(xm))
+        dx = host(model.backward(dm))
         results.append((y, dx, model.state_dict(),
                         {p.name: host(p.grad) for p in model.parameters()}))
     assert fused.steps[0].saved is not None, "the block ran its layers, not its kernels"
@@ -356,49 +353,37 @@ def test_fused_products_match_cublas_products(xp, gpu, rng, monkeypatch, dtype, 
         assert all(step.saved is not None for step in model.steps)
         results.append((loss, {k: host(v) for k, v in model.state_dict().items()},
                         {p.name: host(p.grad) for p in model.parameters()}))
-    (loss, state, grads), (loss_ref, state_ref, grads_ref) = results
+    # and both against the reference math in float64 on the host, from the same
+    # (dtype-rounded) weights: no fast path at all
+    results.append(reference_step(monkeypatch, [784, 128, 64, 32, 16, 10], batchnorm,
+                                  nnopt.mlp([784, 128, 64, 32, 16, 10], batchnorm=batchnorm,
+                                            seed=5, device=xp, dtype=dtype).state_dict(),
+                                  host(x), to_numpy(labels)))
     tol = 1e-4 if dtype == "float32" else 1e-10
-    assert loss == pytest.approx(loss_ref, rel=tol)
     scale = lambda a: max(float(np.max(np.abs(a))), 1.0)  # noqa: E731
-    for name in state_ref:
-        assert np.max(np.abs(state[name] - state_ref[name])) <= tol * scale(state_ref[name]), name
-    for name in grads_ref:
-        assert np.max(np.abs(grads[name] - grads_ref[name])) <= 10 * tol * scale(grads_ref[name]), name
+    for (loss, state, grads), (loss_ref, state_ref, grads_ref) in [
+            (results[0], results[1]), (results[0], results[2]), (results[1], results[2])]:
+        assert loss == pytest.approx(loss_ref, rel=tol)
+        for name in state_ref:
+            assert np.max(np.abs(state[name] - state_ref[name])) <= tol * scale(state_ref[name]), name
+        for name in grads_ref:
+            assert np.max(np.abs(grads[name] - grads_ref[name])) <= 10 * tol * scale(grads_ref[name]), name
 
 
-def test_bench_gpu_captures_every_graph_it_times(xp, gpu, backend, monkeypatch):
-    """bench/bench_gpu.py's captured-step section at batch 64 (gpu_check.sh step 3): nnopt's
-    graph with and without BN, the textbook layers' graph, and every GRAPH_VARIANTS undoing
-    are captured and replayed, and each row gets its ratios. On the emulated device, so a
-    broken variant or runner shows here, not in a GPU session's few minutes (which run
-    this section for real, with torch's graph beside it)."""
-    if backend != "emulated":
-        pytest.skip("the GPU runs this section itself (bench_gpu.py --check --only train)")
-    import sys
-    from pathlib import Path
+def reference_step(monkeypatch, sizes, batchnorm, state, x, labels):
+    """(loss, state, grads) of one training step of the reference math in float64 on the
+    host (every fast path looked up returns none), from ``state``."""
+    import importlib
 
-    import nnopt.backend
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
-    import bench_gpu
-    import common
-    real = nnopt.backend.get_namespace
-    monkeypatch.setattr(nnopt.backend, "get_namespace",
-                        lambda device="cpu": real("cpu" if device == "gpu" else device))
-    # one call each (the emulator's speed means nothing), keeping each first step's loss
-    losses = {}
-    monkeypatch.setattr(common, "timeit_many", lambda fns, **kw: {
-        name: (losses.setdefault(name, float(fn())), kw["sync"](), 1e-3)[-1]
-        for name, fn in fns.items()})
-    row = bench_gpu._train_config(None, 64, None, False, "gpu", "cpu", dry_run=False)
-    assert "graph_error" not in row, row.get("graph_error")
-    assert row["gemm_route"]
-    for tag in ("plain", "bn"):
-        assert f"gpu_graph_layers_{tag}_s" in row and f"graph_fused_vs_layers_{tag}" in row
-        # (not the layers' graph's loss: their bias adds and sums are array operations,
-        # which the emulator runs once at capture instead of recording them)
-        graphs = [f"gpu_graph_{tag}"] + [f"gpu_graph_{name}_{tag}"
-                                         for name in bench_gpu.GRAPH_VARIANTS]
-        for name in graphs:
-            assert f"{name}_s" in row, name
-            # the same first step (same seed, same batch) as the eager one, whatever is undone
-            assert losses[name] == pytest.approx(losses[f"gpu_{tag}"], rel=1e-5), name
+    from tests.emulated_gpu import FAST_PATH_USERS
+    with monkeypatch.context() as patch:
+        for module in FAST_PATH_USERS:
+            patch.setattr(importlib.import_module(module), "fast_for", lambda *arrays: None)
+        model = nnopt.mlp(sizes, batchnorm=batchnorm, seed=0, device="cpu", dtype="float64")
+        model.load_state_dict({key: to_numpy(value) for key, value in state.items()})
+        model.zero_grad()
+        loss = float(model.loss_and_backward(x.astype(np.float64), labels,
+                                             nnopt.SoftmaxCrossEntropy()))
+        return (loss, {k: np.asarray(v) for k, v in model.state_dict().items()},
+                {p.name: np.array(p.grad) for p in model.parameters()})
+

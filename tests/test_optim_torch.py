@@ -98,8 +98,9 @@ DECAY_MATCHES = {  # weight_decay (coupled L2) on every optimizer, AdamW decoupl
             lambda ps: torch.optim.SGD(ps, lr=0.05, weight_decay=WD)),
     "sgd-torch-spelled-momentum": (lambda ps: optim.SGD(ps, 0.02, momentum=0.9, weight_decay=WD),
                                    lambda ps: torch.optim.SGD(ps, 0.02, momentum=0.9, weight_decay=WD)),
-    "sgd-torch-spelled-nesterov": (lambda ps: optim.SGD(ps, 0.02, momentum=0.8, nesterov=True),
-                                   lambda ps: torch.optim.SGD(ps, 0.02, momentum=0.8, nesterov=True)),
+    "sgd-torch-spelled-nesterov": (
+        lambda ps: optim.SGD(ps, 0.02, momentum=0.8, nesterov=True, weight_decay=WD),
+        lambda ps: torch.optim.SGD(ps, 0.02, momentum=0.8, nesterov=True, weight_decay=WD)),
     "momentum": (lambda ps: optim.Momentum(ps, lr=0.02, weight_decay=WD),
                  lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9, weight_decay=WD)),
     "nag": (lambda ps: optim.NAG(ps, lr=0.02, buffer="torch", weight_decay=WD),

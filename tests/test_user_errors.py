@@ -209,7 +209,10 @@ def test_library_bad_input(call, message):
 def test_model_load_state_dict_is_all_or_nothing():
     model = nnopt.mlp([3, 4, 2], batchnorm=True, seed=0)
     before = model.state_dict()
-    bad = dict(before)
+    # other values everywhere (a load that wrote the entries before fc2.W would show),
+    # and fc2.W unusable
+    bad = {key: np.asarray(value) + 0.5 for key, value in before.items()}
+    assert all(not np.array_equal(bad[key], before[key]) for key in before)
     bad["fc2.W"] = np.array([["a", "b"]] * 4)
     with pytest.raises(NnoptError, match="fc2.W"):
         model.load_state_dict(bad)
