@@ -5,7 +5,7 @@ import numpy as np
 
 from .backend import asarray, float_dtype, get_namespace, rng as make_rng, to_numpy
 from .batchnorm import BatchNorm
-from .block import Block
+from .block import Block, DeferredOutput
 from .errors import InputError, InputTypeError, check_bool, check_int, unknown_name
 from .layers import ACTIVATIONS, Layer, Linear
 from .params import FlatParameters
@@ -36,6 +36,7 @@ class Sequential:
             raise InputTypeError(f"device must be a name such as 'cpu' or 'gpu' (or an array "
                                  f"namespace), got {device!r}")
         self.training = True
+        self.output_spec = None  # (shape, dtype) of the last forward's output
         self.xp = get_namespace(device) if isinstance(device, str) else device
         self.flat = FlatParameters([p for layer in self.layers for p in layer.params],
                                    self.xp, dtype)
@@ -61,7 +62,13 @@ class Sequential:
         train = self.training if train is None else bool(train)
         for step in self.steps:
             x = step.forward(x, train)
-        return x
+        return self._note_output(x)
+
+    def _note_output(self, out):
+        """Remember the shape and dtype of the output, which backward's gradient must have."""
+        value = out.out if isinstance(out, DeferredOutput) else out
+        self.output_spec = (tuple(value.shape), value.dtype)
+        return out
 
     __call__ = forward
 
@@ -76,12 +83,31 @@ class Sequential:
         return self.train(False)
 
     def backward(self, dy):
+        self._check_output_grad(dy)
         for step in reversed(self.steps):
             dy = step.backward(dy)
         for block in self.blocks:  # weight gradients computed beside the main stream (GPU)
             if block.joins is not None:
                 block.join_weight_grad()
         return dy
+
+    def _check_output_grad(self, dy):
+        """The fused kernels index ``dy`` by the saved output's shape: anything else would
+        read and write out of bounds."""
+        spec = self.output_spec
+        if spec is None:
+            raise InputError("backward before forward: run model.forward(x) (or "
+                             "model.loss_and_backward) first")
+        shape, dtype = spec
+        if not hasattr(dy, "shape") or not hasattr(dy, "dtype"):
+            raise InputTypeError(f"backward expects the gradient of the last forward's output "
+                                 f"as an array of shape {shape}, got {type(dy).__name__}")
+        if tuple(dy.shape) != shape:
+            raise InputError(f"backward expects the gradient of the last forward's output, of "
+                             f"shape {shape}, got {tuple(dy.shape)}")
+        if dy.dtype != dtype:
+            raise InputTypeError(f"backward expects the gradient in the output's dtype {dtype}, "
+                                 f"got {dy.dtype}; convert it (xp.astype(dy, xp.{dtype}))")
 
     def forward_to_loss(self, x):
         """Forward in training mode, for a loss's ``forward_backward``: the last block may
@@ -91,8 +117,8 @@ class Sequential:
             x = step.forward(x, True)
         last = self.steps[-1] if self.steps else None
         if isinstance(last, Block):
-            return last.forward(x, True, for_loss=True)
-        return x if last is None else last.forward(x, True)
+            return self._note_output(last.forward(x, True, for_loss=True))
+        return self._note_output(x if last is None else last.forward(x, True))
 
     def loss_and_backward(self, x, target, loss):
         """Forward in training mode, the loss, backward; returns the loss (a 0-d array)."""

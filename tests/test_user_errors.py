@@ -302,3 +302,23 @@ def test_console_script_names_itself(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         train_cli.main(["--help"])
     assert capsys.readouterr().out.startswith("usage: nnopt-train")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dy, message", [
+    (np.ones((5, 3), np.float32), r"of shape \(5, 2\), got \(5, 3\)"),
+    (np.ones((2, 2), np.float32), r"of shape \(5, 2\), got \(2, 2\)"),
+    (np.ones(5, np.float32), r"of shape \(5, 2\), got \(5,\)"),
+    (np.ones((5, 2)), "in the output's dtype float32, got float64"),
+    ([[1.0, 2.0]] * 5, "as an array of shape"),
+])
+def test_backward_checks_the_gradient_it_gets(fused, dy, message):
+    """The fused kernels index the gradient by the saved output's shape: a wrong one would
+    read and write out of bounds (it once corrupted the heap), so it is refused."""
+    model = nnopt.mlp([4, 3, 2], batchnorm=True, seed=0, fused=fused)
+    model.forward(np.ones((5, 4), np.float32))
+    with pytest.raises(NnoptError, match=message):
+        model.backward(dy)
+    assert np.all(model.flat.grad == 0)
+    with pytest.raises(NnoptError, match="backward before forward"):
+        nnopt.mlp([4, 3, 2], fused=fused).backward(np.ones((5, 2), np.float32))
