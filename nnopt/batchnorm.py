@@ -47,6 +47,8 @@ two per-feature sums in one pass, then one pass for dx.
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .backend import namespace_of
@@ -165,14 +167,16 @@ class BatchNorm(Layer):
         self.params = (self.gamma, self.beta)
         self.buffers = {"running_mean": np.zeros(self.n), "running_var": np.ones(self.n)}
         self.name = name
-        self.use_fast_path = use_fast_path
+        self.use_fast_path = check_bool("BatchNorm use_fast_path", use_fast_path)
         # What forward leaves for backward; None until the first forward.
         self.train_mode = None   # the mode of the last forward
         self.fused = None        # (kernels, x, mean, inv_std) of a fused training forward
         self.cache = None        # batchnorm_forward's cache of a reference training forward
         self.std = self.normed = None  # of an inference forward
         self.scratch = None      # the fused kernels' reusable output buffers, made on first use
-        self.sync = sync
+        # True/False (the words too), or a communicator (nnopt.distributed)
+        self.sync = check_bool("BatchNorm sync", sync) if isinstance(
+            sync, (bool, str, numbers.Integral)) else sync
         self.sync_cache = None  # synchronized BN: nnopt/sync_batchnorm.py
 
     def forward(self, x, train=True):

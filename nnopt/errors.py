@@ -59,11 +59,11 @@ def check_int(what: str, value, *, low=None) -> int:
     return int(value)
 
 
-TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def check_bool(what: str, value) -> bool:
-    """``True``/``False``, 1/0, or the words true/false/yes/no/1/0 (any case); anything
+    """``True``/``False``, 1/0, or the words true/false/yes/no/on/off/1/0 (any case); anything
     else is an error, never silently True."""
     if isinstance(value, bool):
         return value
@@ -71,4 +71,4 @@ def check_bool(what: str, value) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
         return value.strip().lower() in TRUE_WORDS
-    raise InputError(f"{what} must be true or false (also accepted: yes/no, 1/0), got {value!r}")
+    raise InputError(f"{what} must be true or false (also accepted: yes/no, on/off, 1/0), got {value!r}")

@@ -205,6 +205,7 @@ def mlp(sizes, activation="relu", batchnorm=False, init="msra", seed=0, device="
     if activation not in ACTIVATIONS:
         raise unknown_name("activation", activation, ACTIVATIONS)
     float_dtype(np, dtype)
+    batchnorm = check_bool("mlp batchnorm", batchnorm)
     fused = check_bool("mlp fused", fused) and not (bn_options or {}).get("sync")
     draws = make_rng(seed)
     steps = []

@@ -29,7 +29,7 @@ import numpy as np
 from . import checkpoint, datasets, distributed, optim, runs
 from .backend import asarray, backend_name, get_namespace, is_numpy, synchronize
 from .fast import threads
-from .errors import NnoptError, InputError, check_finite_number, check_int, unknown_name
+from .errors import NnoptError, InputError, check_bool, check_finite_number, check_int, unknown_name
 from .losses import SoftmaxCrossEntropy
 from .model import mlp
 from .optim import schedules
@@ -71,6 +71,8 @@ def make_config(**overrides) -> dict:
 
 
 def validate_config(config: dict) -> None:
+    for key in ("bn", "distributed", "sync_bn", "fused", "quiet", "graph"):
+        config[key] = check_bool(f"setting {key!r}", config[key])
     for key in ("epochs", "batch_size", "check_every"):
         check_int(f"--{key.replace('_', '-')}", config[key], low=1)
     check_int("--seed", config["seed"], low=0)

@@ -30,9 +30,10 @@ EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def parse_value(text):
-    """An ``--opt`` value: true/false/yes/no as booleans, numbers, comma lists, else text."""
+    """An ``--opt`` value: true/false/yes/no/on/off as booleans, numbers, comma lists, else
+    text."""
     low = text.strip().lower()
-    if low in ("true", "false", "yes", "no"):
+    if low in ("true", "false", "yes", "no", "on", "off"):
         return check_bool("--opt value", low)
     if "," in text:
         return [parse_value(t) for t in text.split(",")]

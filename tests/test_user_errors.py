@@ -322,3 +322,29 @@ def test_backward_checks_the_gradient_it_gets(fused, dy, message):
     assert np.all(model.flat.grad == 0)
     with pytest.raises(NnoptError, match="backward before forward"):
         nnopt.mlp([4, 3, 2], fused=fused).backward(np.ones((5, 2), np.float32))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: nnopt.mlp([4, 3, 2], batchnorm="maybe"), "mlp batchnorm must be true or false"),
+    (lambda: optim.SGD(nnopt.mlp([4, 2]), momentum=0.9, nesterov="sure"),
+     "SGD nesterov must be true or false"),
+    (lambda: nnopt.BatchNorm(3, sync="perhaps"), "BatchNorm sync must be true or false"),
+    (lambda: optim.Adam(nnopt.mlp([4, 2]), use_fast_path="fast"),
+     "Adam use_fast_path must be true or false"),
+    (lambda: train.make_config(bn="nah"), "setting 'bn' must be true or false"),
+])
+def test_a_switch_is_true_or_false_never_a_truthy_word(call, message):
+    with pytest.raises(NnoptError, match=message):
+        call()
+
+
+def test_switch_words_mean_what_they_say():
+    """"false", "no" and "off" were once read as True (any non-empty string is truthy)."""
+    assert not any(isinstance(layer, nnopt.BatchNorm)
+                   for layer in nnopt.mlp([4, 3, 2], batchnorm="false").layers)
+    assert type(optim.SGD(nnopt.mlp([4, 2]), momentum=0.9, nesterov="off")) is optim.Momentum
+    assert nnopt.BatchNorm(3, sync="no").sync is False
+    assert optim.Adam(nnopt.mlp([4, 2]), use_fast_path="no").use_fast_path is False
+    config = train.make_config(bn="false", distributed="no", fused="off", quiet="yes")
+    assert (config["bn"], config["distributed"], config["fused"], config["quiet"]) == (
+        False, False, False, True)

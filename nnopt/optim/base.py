@@ -108,7 +108,7 @@ class Optimizer:
             raise InputTypeError(f"{type(self).__name__} has no hyper-parameter {unknown[0]!r}; "
                                  f"it takes: {', '.join(self.defaults)}")
         self.nonfinite = nonfinite
-        self.use_fast_path = use_fast_path
+        self.use_fast_path = check_bool(f"{type(self).__name__} use_fast_path", use_fast_path)
         #: per-group device step counters, set while a CUDA graph of the step is captured
         self.device_steps = None
         self.skipped_steps = 0

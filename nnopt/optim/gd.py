@@ -4,7 +4,7 @@ r"""Gradient descent with and without momentum.
 """
 from __future__ import annotations
 
-from ..errors import InputError, unknown_name
+from ..errors import InputError, check_bool, unknown_name
 from .base import Optimizer
 
 BUFFER_FORMS = ("textbook", "torch")
@@ -24,6 +24,7 @@ class SGD(Optimizer):
 
     def __new__(cls, params=None, lr=None, *, momentum=0.0, dampening=0.0, nesterov=False,
                 **hyper):
+        nesterov = check_bool("SGD nesterov", nesterov)
         if dampening:
             raise InputError("SGD dampening is not supported (0 only); use momentum without "
                              "dampening, or Momentum(buffer='torch')")
