@@ -37,7 +37,19 @@ def writing(path):
 
 
 def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` has any file a run writes (an nnopt run's or not)."""
     return any((folder / name).exists() for name in RUN_FILES)
+
+
+def is_nnopt_run(folder: Path) -> bool:
+    """Whether ``folder`` holds an nnopt run: its config.json (the first file a run writes)
+    is a run configuration. Files of the same names from anything else are not nnopt's to
+    replace."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"dataset", "sizes", "optimizer"} <= set(config)
 
 
 def check_folder(folder: Path) -> None:
@@ -54,15 +66,24 @@ def fresh_folder(folder, overwrite=False, numbered=False) -> Path:
     ``overwrite``), the next free ``folder-N`` if ``numbered``, else an error."""
     folder = Path(folder)
     check_folder(folder)
-    if not holds_run(folder) or overwrite:
+    if not holds_run(folder):
         return folder
     if numbered:
         n = 2
         while holds_run(folder.with_name(f"{folder.name}-{n}")):
             n += 1
         return folder.with_name(f"{folder.name}-{n}")
-    raise OutputError(f"{folder} already holds a run; continue it with --resume {folder}, "
-                      "pick another --out, or pass --overwrite to replace it")
+    if not is_nnopt_run(folder):
+        names = ", ".join(name for name in RUN_FILES if (folder / name).exists())
+        raise OutputError(f"{folder} holds {names}, named like a run's files but not an nnopt "
+                          "run's (no nnopt config.json); nnopt replaces none of them, even with "
+                          "--overwrite: pick another --out")
+    if overwrite:
+        return folder
+    resume = (f"continue it with --resume {folder}, " if (folder / "checkpoint.npz").exists()
+              else "it never finished an epoch (no checkpoint); ")
+    raise OutputError(f"{folder} already holds a run; {resume}pick another --out, or pass "
+                      "--overwrite to replace it")
 
 
 def prepare_folder(folder: Path, overwrite=False) -> None:

@@ -312,10 +312,13 @@ def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
 
 
 def diverged(run: Run, iteration, value) -> TrainingDiverged:
+    kept = ("the last checkpoint (end of the last finished epoch) is kept"
+            if (Path(run.out) / "checkpoint.npz").exists() else
+            "no epoch finished, so no checkpoint was written")
     return TrainingDiverged(
         f"the training loss became {value} at iteration {iteration}: the run diverged. Lower "
         f"the learning rate (now {run.optimizer.param_groups[0]['lr']:g}), or use Batch "
-        "Normalization; the last checkpoint (end of the last finished epoch) is kept")
+        f"Normalization; {kept}")
 
 
 def finish(run: Run, curves=True) -> dict:

@@ -73,6 +73,29 @@ def test_a_failed_run_leaves_a_finished_one_alone(tmp_path, capsys):
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
+def test_files_that_are_not_an_nnopt_run_are_never_replaced(tmp_path, capsys):
+    """A folder with the user's own config.json and curves.png: refused, with --overwrite
+    too, and both files left as they were."""
+    (tmp_path / "config.json").write_text('{"my": 1}')
+    (tmp_path / "curves.png").write_bytes(b"mine")
+    for extra in ([], ["--overwrite"]):
+        assert cli("--epochs", "1", "--out", str(tmp_path), *extra) == 2
+        err = capsys.readouterr().err
+        assert "config.json, curves.png, named like a run's files but not an nnopt run's" in err
+        assert "--resume" not in err
+    assert (tmp_path / "config.json").read_text() == '{"my": 1}'
+    assert (tmp_path / "curves.png").read_bytes() == b"mine"
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_says_so(tmp_path, capsys):
+    assert cli("--epochs", "1", "--lr", "1e30", "--no-bn", "--out", str(tmp_path)) == 3
+    err = capsys.readouterr().err
+    assert "the run diverged" in err and "no checkpoint was written" in err
+    assert not (tmp_path / "checkpoint.npz").exists()
+    assert cli("--epochs", "1", "--out", str(tmp_path)) == 2  # a run, never finished an epoch
+    assert "it never finished an epoch (no checkpoint)" in capsys.readouterr().err
+
+
 def test_overwrite_replaces_and_default_folder_is_numbered(tmp_path, monkeypatch):
     assert cli("--epochs", "1", "--out", str(tmp_path / "r")) == 0
     assert cli("--epochs", "2", "--out", str(tmp_path / "r"), "--overwrite") == 0
