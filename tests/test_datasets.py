@@ -63,6 +63,10 @@ def test_wrong_count_and_checksum(tmp_path):
     (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + b"junk")
     with pytest.raises(DataError, match="damaged gzip"):
         load_idx(tmp_path / "bad.gz")
+    # a valid gzip header over a damaged deflate stream: zlib's own error, named the same way
+    (tmp_path / "bad2.gz").write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 40)
+    with pytest.raises(DataError, match="bad2.gz: damaged gzip file"):
+        load_idx(tmp_path / "bad2.gz")
 
 
 def isolate(monkeypatch, tmp_path):
