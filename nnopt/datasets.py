@@ -169,7 +169,12 @@ def _file_in(directory: Path, stem: str):
 
 
 def candidate_dirs(source: Source, data_dir=None) -> list[Path]:
-    roots = [Path(data_dir)] if data_dir else []
+    """Where the files are looked for: an explicit ``data_dir`` alone (a copy elsewhere
+    standing in for it unasked would hide that it lacks files), else $NNOPT_DATA, the user
+    cache and the system folders."""
+    if data_dir:
+        return [Path(data_dir) / source.name, Path(data_dir)]
+    roots = []
     if os.environ.get("NNOPT_DATA"):
         roots.append(Path(os.environ["NNOPT_DATA"]))
     roots.append(cache_dir())
@@ -196,7 +201,6 @@ def find_files(source: Source, data_dir=None) -> dict | None:
 def download(source: Source, target_dir: Path, timeout=30, data_dir=None) -> dict:
     """Fetch the four files from the first mirror that answers; each is written to a
     temporary file, md5-checked, then renamed into place (never a half file)."""
-    target_dir.mkdir(parents=True, exist_ok=True)
     found, errors = {}, []
     for stem in source.counts:
         for mirror in source.mirrors:
@@ -210,6 +214,7 @@ def download(source: Source, target_dir: Path, timeout=30, data_dir=None) -> dic
             if hashlib.md5(payload).hexdigest() not in source.md5[stem]:
                 errors.append(f"{url}: checksum mismatch")
                 continue
+            target_dir.mkdir(parents=True, exist_ok=True)  # only once there is a file for it
             atomic_write(target_dir / f"{stem}.gz", lambda out: out.write(payload))
             found[stem] = target_dir / f"{stem}.gz"
             break

@@ -183,3 +183,27 @@ def test_damaged_sample_says_reinstall(monkeypatch, tmp_path):
             datasets.load_sample()
     finally:
         datasets.load_sample.cache_clear()
+
+
+def test_an_explicit_data_dir_is_the_only_place_looked_in(tmp_path, monkeypatch):
+    """A --data-dir holding one of the four files: no copy in the cache stands in for it
+    unasked, nothing is created there, and the error names the folder."""
+    isolate(monkeypatch, tmp_path)
+    source, gz = fake_source(tmp_path)
+    monkeypatch.setitem(datasets.SOURCES, "fake", source)
+    cached = tmp_path / "cache" / "nnopt" / "fake"
+    cached.mkdir(parents=True)
+    for stem, payload in gz.items():
+        (cached / f"{stem}.gz").write_bytes(payload)
+    assert datasets.load("fake", download_ok=False, n_val=1).x_test.shape == (2, 784)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    stem = next(iter(gz))
+    (mine / f"{stem}.gz").write_bytes(gz[stem])
+    monkeypatch.setattr(datasets.urllib.request, "urlopen",
+                        lambda url, timeout=None: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    with pytest.raises(DataError) as err:
+        datasets.load("fake", data_dir=mine, n_val=1)
+    assert str(mine) in str(err.value).split("Looked in:")[1]
+    assert str(cached) not in str(err.value).split("Looked in:")[1]
+    assert sorted(p.name for p in mine.iterdir()) == [f"{stem}.gz"]  # no folder made for it
