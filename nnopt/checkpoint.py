@@ -67,8 +67,11 @@ def load(path) -> tuple[dict, dict, dict]:
             arrays = {k: data[k] for k in data.files}
         header = json.loads(arrays.pop("header").tobytes().decode())
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as exc:
+        # (NumPy reads any file that is not an .npz as a pickle, which nnopt never loads)
+        detail = ("not an .npz archive" if isinstance(exc, zipfile.BadZipFile) or "pickle" in str(exc)
+                  else f"{type(exc).__name__}: {exc}")
         raise CheckpointError(f"checkpoint {path} is corrupt or not an nnopt checkpoint "
-                              f"({type(exc).__name__}: {exc}); use an intact one or start afresh") from None
+                              f"({detail}); use an intact one or start afresh") from None
     if not isinstance(header, dict) or header.get("format") != "nnopt-checkpoint-1":
         fmt = header.get("format") if isinstance(header, dict) else None
         raise CheckpointError(f"{path} is not an nnopt checkpoint (format {fmt!r})")

@@ -371,3 +371,20 @@ def test_switch_words_mean_what_they_say():
     config = train.make_config(bn="false", distributed="no", fused="off", quiet="yes")
     assert (config["bn"], config["distributed"], config["fused"], config["quiet"]) == (
         False, False, False, True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--schedule", "step"], "schedule 'step' needs step_size: give it with --schedule-opt "
+                             "step_size=VALUE"),
+    (["--schedule", "cosine"], "schedule 'cosine' needs t_max"),
+    (["--config", "SCHEDULE_AS_TEXT"], 'a schedule is a dict of its name and parameters'),
+    (["--evaluate", "NOT_A_CHECKPOINT"], "not an nnopt checkpoint (not an .npz archive)"),
+])
+def test_cli_messages_name_the_fix(tmp_path, capsys, args, message):
+    (tmp_path / "c.json").write_text('{"schedule": "step"}')
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    args = [{"SCHEDULE_AS_TEXT": str(tmp_path / "c.json"),
+             "NOT_A_CHECKPOINT": str(tmp_path / "notes.txt")}.get(a, a) for a in args]
+    assert train_cli.main([*args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "pickle" not in err

@@ -15,6 +15,7 @@ rate, PyTorch style: call ``scheduler.step()`` once per epoch.
 from __future__ import annotations
 
 import math
+import re
 
 from ..errors import InputError, check_finite_number, check_int, unknown_name
 
@@ -146,6 +147,9 @@ _ARG_NAMES = {"t_max": "T_max"}
 
 
 def check_spec(spec: dict) -> None:
+    if isinstance(spec, str) and spec in SCHEDULES:
+        raise InputError(f"a schedule is a dict of its name and parameters, such as "
+                         f"{{\"name\": \"step\", \"step_size\": 10}}, got {spec!r}")
     if not isinstance(spec, dict) or spec.get("name") not in SCHEDULES:
         name = spec.get("name") if isinstance(spec, dict) else spec
         raise unknown_name("schedule", name, SCHEDULES)
@@ -164,4 +168,11 @@ def from_spec(spec: dict, optimizer):
     try:
         return cls(optimizer, **options)
     except TypeError as exc:
+        missing = re.search(r"missing \d+ required (?:positional |keyword-only )?arguments?: '(\w+)'",
+                            str(exc))
+        if missing:
+            name = {v: k for k, v in _ARG_NAMES.items()}.get(missing.group(1), missing.group(1))
+            raise InputError(f"schedule {spec['name']!r} needs {name}: give it with "
+                             f"--schedule-opt {name}=VALUE (it takes: "
+                             f"{', '.join(SCHEDULES[spec['name']][1])})") from None
         raise InputError(f"schedule {spec['name']!r}: {exc}") from None
