@@ -131,13 +131,13 @@ class Block(Layer):
         activation) whose loss may compute it in its own launch (``fast.fuses_loss``); the
         backward then runs as after a fused forward."""
         self.saved = None
+        linear = self.linear
+        check_input(linear, x, linear.n_in)
         fast = self.fused_kernels(x, train)
         if fast is None:
             for layer in self.layers:
                 x = layer.forward(x, train)
             return x
-        linear = self.linear
-        check_input(linear, x, linear.n_in)
         check_dtype(linear, x, linear.W)
         if self.scratch is None:
             self.scratch = fast.Scratch()

@@ -47,6 +47,9 @@ def check_input(layer, x, n_features):
         shape = getattr(x, "shape", type(x).__name__)
         raise InputError(f"{layer!r} expects a 2-D batch (batch, features), got {shape}; "
                          "reshape images to (batch, 784)")
+    if x.shape[0] == 0:
+        raise InputError(f"{layer!r} got an empty batch (shape {tuple(x.shape)}); give it at "
+                         "least one sample")
     if n_features is not None and x.shape[1] != n_features:
         raise InputError(f"{layer!r} expects {n_features} features per sample, "
                          f"got a batch of shape {tuple(x.shape)}")

@@ -20,6 +20,10 @@ def one_hot(labels, n_classes, dtype):
 
 
 def _check_pair(name, a, y):
+    if not hasattr(y, "shape") or len(y.shape) == 0:
+        raise InputTypeError(f"{name}: targets must be an array with one row per sample "
+                             f"(xp.asarray(labels)), got {type(y).__name__}"
+                             + (" of shape ()" if hasattr(y, "shape") else ""))
     if y.shape[0] != a.shape[0]:
         raise InputError(f"{name}: {a.shape[0]} predictions but {y.shape[0]} targets")
 

@@ -388,3 +388,23 @@ def test_cli_messages_name_the_fix(tmp_path, capsys, args, message):
     assert train_cli.main([*args, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "pickle" not in err
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("x, y, message", [
+    (np.ones((0, 4), np.float32), np.zeros(0, np.int64), "got an empty batch"),
+    (np.ones((5, 4), np.float32).tolist(), np.arange(5) % 2, "expects a 2-D batch"),
+    (np.ones((5, 4), np.float32), [0, 1, 0, 1, 0], "targets must be an array"),
+    (np.ones((5, 4), np.float32), np.int64(1), "targets must be an array"),
+])
+def test_a_training_step_refuses_what_is_not_a_batch(fused, batchnorm, x, y, message):
+    model = nnopt.mlp([4, 3, 2], batchnorm=batchnorm, fused=fused)
+    with pytest.raises(NnoptError, match=message):
+        model.loss_and_backward(x, y, nnopt.SoftmaxCrossEntropy())
+
+
+@pytest.mark.parametrize("params", [None, 5])
+def test_an_optimizer_needs_parameters(params):
+    with pytest.raises(NnoptError, match="an optimizer takes a model, its parameters"):
+        optim.SGD(params)

@@ -125,7 +125,11 @@ class Optimizer:
             params = params.parameters()
         if isinstance(params, Parameter):
             params = [params]
-        params = list(params)
+        try:
+            params = list(params)
+        except TypeError:
+            raise InputTypeError(f"an optimizer takes a model, its parameters or parameter "
+                                 f"groups (optim.SGD(model, lr=0.1)), got {params!r}") from None
         if not params:
             raise InputError("optimizer got an empty parameter list")
         if all(isinstance(g, dict) for g in params):
