@@ -54,7 +54,7 @@ import numpy as np
 from .backend import namespace_of
 from .errors import InputError, check_bool, check_finite_number, check_int
 from .fast import fast_for
-from .layers import Layer, check_dtype, check_input
+from .layers import Layer, check_dtype, check_grads_bound, check_input
 from .params import Parameter
 from . import sync_batchnorm
 
@@ -227,6 +227,7 @@ class BatchNorm(Layer):
             return sync_batchnorm.layer_backward(self, d)
         if self.train_mode is None:
             raise RuntimeError(f"{self!r}: call forward(x) before backward")
+        check_grads_bound(self)
         xp = namespace_of(d)
         if not self.train_mode:
             # Inference mode is an affine map per feature.

@@ -55,6 +55,15 @@ def check_input(layer, x, n_features):
                          f"got a batch of shape {tuple(x.shape)}")
 
 
+def check_grads_bound(layer):
+    """A layer's gradients are views into its model's flat gradient buffer: a layer outside
+    a model has none to add to."""
+    if any(p.grad is None for p in layer.params):
+        raise InputError(f"{layer!r} has no gradient storage: its backward adds to the "
+                         "gradients of a model; put it in one (nnopt.Sequential([layer])) "
+                         "and call the model's backward")
+
+
 def check_forward_ran(layer, cached):
     if cached is None:
         raise RuntimeError(f"{layer!r}: backward needs the values of a forward pass; call "
@@ -98,6 +107,7 @@ class Linear(Layer):
 
     def backward(self, dy):
         check_forward_ran(self, self.x)
+        check_grads_bound(self)
         xp = namespace_of(dy)
         self.W.grad += matmul(self.x, dy, trans_a=True)
         self.b.grad += xp.sum(dy, axis=0)

@@ -408,3 +408,12 @@ def test_a_training_step_refuses_what_is_not_a_batch(fused, batchnorm, x, y, mes
 def test_an_optimizer_needs_parameters(params):
     with pytest.raises(NnoptError, match="an optimizer takes a model, its parameters"):
         optim.SGD(params)
+
+
+@pytest.mark.parametrize("layer, shape", [(nnopt.BatchNorm(3), (4, 3)),
+                                          (nnopt.BatchNorm(3, use_fast_path=False), (4, 3)),
+                                          (nnopt.Linear(3, 2), (4, 2))])
+def test_a_layer_outside_a_model_says_where_its_gradients_go(layer, shape):
+    layer.forward(np.ones((4, 3)))
+    with pytest.raises(NnoptError, match="has no gradient storage: .*nnopt.Sequential"):
+        layer.backward(np.ones(shape))
