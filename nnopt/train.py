@@ -29,7 +29,8 @@ import numpy as np
 from . import checkpoint, datasets, distributed, optim, runs
 from .backend import asarray, backend_name, get_namespace, is_numpy, synchronize
 from .fast import threads
-from .errors import NnoptError, InputError, check_bool, check_finite_number, check_int, unknown_name
+from .errors import (NnoptError, InputError, InputTypeError, check_bool, check_finite_number,
+                     check_int, unknown_name)
 from .losses import SoftmaxCrossEntropy
 from .model import mlp
 from .optim import schedules
@@ -62,7 +63,10 @@ def make_config(**overrides) -> dict:
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise unknown_name("training setting", unknown[0], DEFAULTS)
-    config = json.loads(json.dumps({**DEFAULTS, **overrides}))  # a deep, JSON-clean copy
+    try:  # a deep, JSON-clean copy (NumPy scalars and arrays, paths: their JSON values)
+        config = json.loads(json.dumps({**DEFAULTS, **overrides}, default=_json_value))
+    except TypeError as exc:
+        raise InputTypeError(f"a training setting is not a number, text, list or dict ({exc})") from None
     config["optimizer"] = str(config["optimizer"]).lower()
     if config["distributed"] and "world_size" not in overrides:
         config["world_size"] = distributed.size()  # the job of distributed.init()
@@ -70,9 +74,22 @@ def make_config(**overrides) -> dict:
     return resolve_saved(config)
 
 
+def _json_value(value):
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{value!r} of type {type(value).__name__}")
+
+
 def validate_config(config: dict) -> None:
     for key in ("bn", "distributed", "sync_bn", "fused", "quiet", "graph"):
         config[key] = check_bool(f"setting {key!r}", config[key])
+    if config["dtype"] not in ("float32", "float64"):
+        raise InputError(f"--dtype must be float32 or float64, got {config['dtype']!r}")
+    for key in ("data_dir", "out"):
+        if config[key] is not None and not isinstance(config[key], str):
+            raise InputTypeError(f"setting {key!r} must be a folder path, got {config[key]!r}")
     for key in ("epochs", "batch_size", "check_every"):
         check_int(f"--{key.replace('_', '-')}", config[key], low=1)
     check_int("--seed", config["seed"], low=0)
@@ -362,6 +379,9 @@ def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None
     suggests: a product's last bits depend on it, and a resumed run repeats the
     uninterrupted one bit for bit. ``"auto"`` trades that for speed beside other busy
     processes: each product on the cores they leave free (nnopt.fast.threads.product)."""
+    if not isinstance(config, dict) or set(DEFAULTS) - set(config):
+        raise InputTypeError("fit takes a whole run configuration: the dict train.make_config(...) "
+                             "returns (e.g. fit(make_config(epochs=3)))")
     count = blas_thread_count(config)
     busy_note = busy_cores_note(config, count)
     if busy_note and not (config.get("distributed") and distributed.rank() != 0):

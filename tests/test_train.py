@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +206,18 @@ def test_make_config_checks_keys():
         train.make_config(epoch=3)
     with pytest.raises(ValueError, match="--batch-size must be an integer >= 1"):
         train.make_config(batch_size=0)
+    with pytest.raises(ValueError, match="--dtype must be float32 or float64, got 5"):
+        train.make_config(dtype=5)
+    with pytest.raises(TypeError, match="setting 'data_dir' must be a folder path"):
+        train.make_config(data_dir=5)
+    with pytest.raises(TypeError, match="not a number, text, list or dict"):
+        train.make_config(hyper={"lr": object()})
+    # NumPy's scalars and arrays, and paths, as their JSON values
+    config = train.make_config(seed=np.int64(3), sizes=np.array([784, 10]), out=Path("/tmp/r"))
+    assert (config["seed"], config["sizes"], config["out"]) == (3, [784, 10], "/tmp/r")
+    for partial in ("abc", {"epochs": 1}):
+        with pytest.raises(TypeError, match="fit takes a whole run configuration"):
+            train.fit(partial)
     for bad in (0, "3", True, 1.5):  # a config file's JSON, not the CLI's parsed flag
         with pytest.raises(ValueError, match="--blas-threads must be a thread count >= 1 or auto"):
             train.make_config(blas_threads=bad)
