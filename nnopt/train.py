@@ -175,10 +175,27 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainState":
+        """The state a checkpoint saved; ValueError naming the entry that is not what a
+        run writes (a damaged or hand-edited checkpoint)."""
         saved = dict(saved)
         if "window" in saved:  # checkpoints of nnopt 0.1.0 kept the sums in a list
             saved["window_loss"], saved["window_correct"], saved["window_samples"] = saved.pop("window")
-        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+        state = cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+        for field in dataclasses.fields(cls):
+            value = getattr(state, field.name)
+            if field.type == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            elif field.type == "float":  # a non-finite loss sum is saved as null
+                ok = (value is None and field.name.endswith("loss")) or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and (field.name != "elapsed" or value >= 0))
+            elif field.type == "bool":
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, list) and all(isinstance(row, dict) for row in value)
+            if not ok:
+                raise ValueError(f"progress.{field.name} is {value!r}, not what a run saves")
+        return state
 
 
 @dataclasses.dataclass
@@ -269,7 +286,14 @@ def resume_into(run: Run, path) -> None:
             run.scheduler.load_state_dict(meta["scheduler"])
     except (ValueError, TypeError, KeyError) as exc:
         raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from None
-    run.state = TrainState.from_dict(meta["progress"])
+    try:
+        run.state = TrainState.from_dict(meta["progress"])
+        steps = batches_per_epoch(run.arrays["train"][0].shape[0], run.config["batch_size"])
+        if run.state.pos > steps:
+            raise ValueError(f"progress.pos is {run.state.pos}, past the epoch's {steps} batches")
+    except ValueError as exc:
+        raise checkpoint.CheckpointError(f"checkpoint {path} is damaged ({exc}); use an intact "
+                                         "one or start afresh") from None
     run.log(f"resumed from {path} at epoch {run.state.epoch + 1}, iteration {run.state.iteration}")
 
 

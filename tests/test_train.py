@@ -236,3 +236,20 @@ def test_train_state_reads_old_checkpoints():
     state = train.TrainState.from_dict(old)
     assert (state.window_loss, state.window_correct, state.window_samples) == (2.5, 40, 64)
     assert train.TrainState.from_dict(state.to_dict()) == state
+
+
+@pytest.mark.parametrize("entry, value, message", [
+    ("epoch", "x", "progress.epoch is 'x'"), ("epoch", -5, "progress.epoch is -5"),
+    ("history", "x", "progress.history is 'x'"), ("elapsed", "x", "progress.elapsed is 'x'"),
+    ("pos", 1_000_000, "progress.pos is 1000000, past the epoch's"),
+])
+def test_a_damaged_progress_entry_is_named(tmp_path, capsys, entry, value, message):
+    run = tmp_path / "run"
+    assert run_cli(["--epochs", "1", "--out", str(run)]) == 0
+    model_state, opt_state, meta = checkpoint.load(run)
+    meta["progress"][entry] = value
+    checkpoint.save(run / "checkpoint.npz", model_state, opt_state, meta)
+    capsys.readouterr()
+    assert run_cli(["--epochs", "2", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and message in err and err.count("\n") == 1
