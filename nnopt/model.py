@@ -165,16 +165,29 @@ class Sequential:
             raise InputError("state_dict does not belong to this model: "
                              f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
         values = {}
+        dtype_name = "float32" if "32" in str(self.dtype) else "float64"
+        largest = float(np.finfo(dtype_name).max)
         for name, target in targets.items():
+            raw = state[name]
+            if hasattr(raw, "shape") and not isinstance(raw, (np.ndarray, np.generic)):
+                raw = to_numpy(raw)  # a device array
             try:
-                value = np.asarray(to_numpy(state[name]) if hasattr(state[name], "shape")
-                                   else state[name], dtype=np.float64)
+                if np.iscomplexobj(raw):
+                    raise TypeError
+                value = np.asarray(raw, dtype=np.float64)
             except (TypeError, ValueError):
-                raise InputError(f"state_dict entry {name!r} is not numeric "
+                raise InputError(f"state_dict entry {name!r} is not real numbers "
                                  f"({type(state[name]).__name__}); it is not a model state") from None
             if tuple(value.shape) != tuple(target.shape):
                 raise InputError(f"state_dict entry {name!r} has shape {tuple(value.shape)}, "
                                  f"this model's is {tuple(target.shape)}: different layer sizes")
+            if not np.all(np.abs(value) <= largest):  # NaN, infinite, or so in this dtype
+                raise InputError(f"state_dict entry {name!r} holds NaN or values beyond "
+                                 f"{dtype_name}'s range; it is not a trained model's state (a "
+                                 "diverged run's?)")
+            if name.endswith("running_var") and np.any(value < 0):
+                raise InputError(f"state_dict entry {name!r} holds a negative variance; it is "
+                                 "not a BN layer's state")
             values[name] = value
         for name, target in targets.items():
             target[...] = asarray(values[name], self.xp, dtype=self.dtype)

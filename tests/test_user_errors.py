@@ -417,3 +417,19 @@ def test_a_layer_outside_a_model_says_where_its_gradients_go(layer, shape):
     layer.forward(np.ones((4, 3)))
     with pytest.raises(NnoptError, match="has no gradient storage: .*nnopt.Sequential"):
         layer.backward(np.ones(shape))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("fc1.W", np.full((4, 3), np.nan), "holds NaN or values beyond float32's range"),
+    ("fc1.W", np.full((4, 3), 1e300), "holds NaN or values beyond float32's range"),
+    ("fc1.W", np.ones((4, 3)) * 1j, "is not real numbers"),
+    ("bn1.running_var", -np.ones(3), "holds a negative variance"),
+    ("fc1.W", np.float64(1.0), r"has shape \(\), this model's is \(4, 3\)"),
+])
+def test_load_state_dict_refuses_values_no_model_has(key, value, message):
+    model = nnopt.mlp([4, 3, 2], batchnorm=True, seed=0)
+    before = model.state_dict()
+    with pytest.raises(NnoptError, match=message):
+        model.load_state_dict({**before, key: value})
+    for name, array in model.state_dict().items():
+        np.testing.assert_array_equal(array, before[name])
