@@ -21,6 +21,7 @@ draws happen with NumPy's generator so one seed gives the same network on any de
 """
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
 
@@ -67,6 +68,7 @@ def zeros(shape, rng=None):
 
 
 def constant(shape, rng=None, value: float = 0.0):
+    value = check_finite_number("constant value", value)
     fans(shape)
     return np.full(shape, float(value))
 
@@ -79,6 +81,10 @@ def normal(shape, rng, mean: float = 0.0, std: float = 1.0):
 
 
 def uniform(shape, rng, low: float = 0.0, high: float = 1.0):
+    low = check_finite_number("uniform low", low)
+    high = check_finite_number("uniform high", high)
+    if high < low:
+        raise InputError(f"uniform needs low <= high, got low={low!r}, high={high!r}")
     fans(shape)
     return rng.uniform(low, high, size=shape)
 
@@ -127,4 +133,9 @@ def get_initializer(init="msra", **options):
     if not isinstance(init, str) or init.lower() not in INITIALIZERS:
         raise unknown_name("initializer", init, INITIALIZERS)
     fn = INITIALIZERS[init.lower()]
+    takes = [name for name in inspect.signature(fn).parameters if name not in ("shape", "rng")]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise InputError(f"initializer {init!r} has no option {unknown[0]!r}; it takes: "
+                         f"{', '.join(takes) or 'none'}")
     return partial(fn, **options) if options else fn

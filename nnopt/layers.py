@@ -92,6 +92,9 @@ class Linear(Layer):
         self.n_out = check_int("Linear n_out", n_out, low=1)
         rng = rng if isinstance(rng, np.random.Generator) else make_rng(rng)
         self.x = None
+        if init_options is not None and not isinstance(init_options, dict):
+            raise InputTypeError(f"init_options must be a dict of the initializer's options, "
+                                 f"such as {{'std': 0.01}}, got {init_options!r}")
         draw = get_initializer(init, **(init_options or {}))
         self.W = Parameter(draw((self.n_in, self.n_out), rng), f"{name}.W")
         self.b = Parameter(np.zeros(self.n_out), f"{name}.b")

@@ -215,10 +215,15 @@ def mlp(sizes, activation="relu", batchnorm=False, init="msra", seed=0, device="
                          f"{sizes!r} ({exc})") from None
     if len(sizes) < 2:
         raise InputError(f"mlp needs at least two sizes (inputs and outputs), got {sizes}")
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise unknown_name("activation", activation, ACTIVATIONS)
     float_dtype(np, dtype)
     batchnorm = check_bool("mlp batchnorm", batchnorm)
+    bn_takes = ("eps", "momentum", "unbiased_running_var", "use_fast_path", "sync")
+    if bn_options is not None and (not isinstance(bn_options, dict)
+                                   or set(bn_options) - set(bn_takes)):
+        raise InputError(f"bn_options must be a dict of BatchNorm's options ({', '.join(bn_takes)}), "
+                         f"got {bn_options!r}")
     fused = check_bool("mlp fused", fused) and not (bn_options or {}).get("sync")
     draws = make_rng(seed)
     steps = []

@@ -433,3 +433,17 @@ def test_load_state_dict_refuses_values_no_model_has(key, value, message):
         model.load_state_dict({**before, key: value})
     for name, array in model.state_dict().items():
         np.testing.assert_array_equal(array, before[name])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"init": "uniform", "init_options": {"low": 1, "high": 0}}, "uniform needs low <= high"),
+    ({"init": "uniform", "init_options": {"low": float("nan")}}, "uniform low must be finite"),
+    ({"init": "constant", "init_options": {"value": float("nan")}}, "constant value must be finite"),
+    ({"init_options": {"foo": 1}}, "initializer 'msra' has no option 'foo'; it takes: mode"),
+    ({"init_options": [1]}, "init_options must be a dict"),
+    ({"batchnorm": True, "bn_options": {"foo": 1}}, "bn_options must be a dict of BatchNorm's"),
+    ({"activation": []}, "unknown activation"),
+])
+def test_mlp_options_are_checked(options, message):
+    with pytest.raises(NnoptError, match=message):
+        nnopt.mlp([4, 3, 2], **options)
