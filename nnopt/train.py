@@ -238,12 +238,26 @@ def prepare(config: dict, log=print) -> Run:
     if batches_per_epoch(n_train, config["batch_size"]) < 1:
         raise InputError(f"--val-size {config['val_size']} leaves {n_train} training image(s): "
                          f"not one batch; hold out fewer images")
+    if config["batch_size"] > n_train:
+        raise InputError(f"--batch-size {config['batch_size']} is more than the {n_train} training "
+                         f"images of {config['dataset']}; choose at most {n_train}")
+    total = config["epochs"] * batches_per_epoch(n_train, config["batch_size"])
+    if config["check_every"] > total:
+        raise InputError(f"--check-every {config['check_every']} is more than the run's "
+                         f"{total} iterations ({config['epochs']} epoch(s)): no validation check "
+                         f"would run, nor the target loss; choose at most {total}")
     for split in ("train", "val", "test"):
         labels = getattr(data, f"y_{split}")
         if labels.size and (labels.min() < 0 or labels.max() >= config["sizes"][-1]):
             raise InputError(f"{config['dataset']}: {split} labels outside 0..{config['sizes'][-1] - 1}")
     dtype = getattr(xp, config["dtype"])
-    model = build_model(config, xp)
+    try:
+        model = build_model(config, xp)
+    except MemoryError:
+        sizes = config["sizes"]
+        count = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+        raise InputError(f"the network {sizes} ({count:,} parameters) does not fit in this "
+                         "machine's memory; choose smaller --sizes") from None
     optimizer = build_optimizer(config, model)
     scheduler = schedules.from_spec(config["schedule"], optimizer) if config["schedule"] else None
     arrays = {split: (asarray(getattr(data, f"x_{split}"), xp, dtype),

@@ -332,6 +332,7 @@ def test_cli_lists_each_unsettled_claim_with_the_seeds_to_settle_it(tmp_path, ca
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "0"], "--seeds must be at least 1, got 0"),
     (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    (["--seed", str(2**64)], "--seed must be below 2**63"),
     (["--out", "FILE"], "is a file; give a folder"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):

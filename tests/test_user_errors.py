@@ -43,6 +43,9 @@ def a_file(tmp_path):
     (["--sizes", "784,ten,10"], "--sizes must be integers"),
     (["--schedule", "step", "--schedule-opt", "gama=0.5"], "has no parameter 'gama'"),
     (["--schedule-opt", "x"], "--schedule-opt expects KEY=VALUE"),
+    (["--batch-size", "100000"], "--batch-size 100000 is more than the 7600 training images"),
+    (["--check-every", "100000", "--epochs", "2"],
+     "--check-every 100000 is more than the run's 120 iterations (2 epoch(s))"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, args, message):
     assert cli(*args, "--out", str(tmp_path / "run")) == 2
@@ -447,3 +450,13 @@ def test_load_state_dict_refuses_values_no_model_has(key, value, message):
 def test_mlp_options_are_checked(options, message):
     with pytest.raises(NnoptError, match=message):
         nnopt.mlp([4, 3, 2], **options)
+
+
+def test_a_network_too_large_for_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    def too_large(config, xp=None):
+        raise MemoryError("Unable to allocate 584. GiB")
+    monkeypatch.setattr(train, "build_model", too_large)
+    assert cli("--sizes", "784,100000000,10", "--out", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "(79,500,000,010 parameters) does not fit in this machine's memory" in err
+    assert len(err.strip().splitlines()) == 1
