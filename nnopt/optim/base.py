@@ -308,12 +308,19 @@ class Optimizer:
                              f"has {len(self.param_groups)}")
         loaded = []
         for i, (saved_group, saved, group) in enumerate(zip(groups, states, self.param_groups)):
+            if not isinstance(saved_group, dict) or not isinstance(saved, dict):
+                raise InputError(f"parameter group {i}: its settings and state must be dicts, "
+                                 "as optimizer.state_dict() writes them")
             sizes = [p.size for p in group["params"]]
             if list(saved_group.get("sizes", [])) != sizes:
                 raise InputError(f"parameter group {i}: saved parameter sizes "
                                  f"{saved_group.get('sizes')} do not match this model's {sizes}: "
                                  "another model's optimizer")
             hyper = {k: v for k, v in saved_group.items() if k not in ("params", "sizes")}
+            unknown = sorted(set(hyper) - set(group))
+            if unknown:
+                raise InputError(f"parameter group {i}: {type(self).__name__} has no "
+                                 f"hyper-parameter {unknown[0]!r}: another optimizer's state")
             candidate = {**group, **hyper}
             self.validate(candidate)
             step = check_int(f"parameter group {i} step", saved.get("step"), low=0)
@@ -329,6 +336,12 @@ class Optimizer:
                 if value.shape != (sum(sizes),):
                     raise InputError(f"parameter group {i}: state {name!r} has shape "
                                      f"{value.shape}, expected ({sum(sizes)},)")
+                if not np.all(np.isfinite(value)):
+                    raise InputError(f"parameter group {i}: state {name!r} holds NaN or "
+                                     "infinite values (a diverged run's?)")
+                if "sq" in name and np.any(value < 0):  # sums or averages of squares
+                    raise InputError(f"parameter group {i}: state {name!r} is a sum of squares "
+                                     "and holds negative values: a damaged state")
                 arrays[name] = value
             loaded.append((group, candidate, step, arrays))
         skipped = check_int("skipped_steps", state_dict.get("skipped_steps", 0), low=0)
