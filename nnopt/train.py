@@ -90,6 +90,8 @@ def validate_config(config: dict) -> None:
     for key in ("data_dir", "out"):
         if config[key] is not None and not isinstance(config[key], str):
             raise InputTypeError(f"setting {key!r} must be a folder path, got {config[key]!r}")
+    if config["out"] is not None and not config["out"].strip():
+        raise InputError("--out is empty; give the output folder (e.g. --out runs/mine)")
     for key in ("epochs", "batch_size", "check_every"):
         check_int(f"--{key.replace('_', '-')}", config[key], low=1)
     check_int("--seed", config["seed"], low=0)

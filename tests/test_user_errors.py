@@ -477,3 +477,8 @@ def test_optimizer_state_with_values_no_run_makes(corrupt, message):
     corrupt(bad)
     with pytest.raises(NnoptError, match=message):
         opt.load_state_dict(bad)
+
+
+def test_an_empty_out_is_refused(capsys):
+    assert cli("--out", "") == 2
+    assert "--out is empty; give the output folder" in capsys.readouterr().err
