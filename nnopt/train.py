@@ -245,9 +245,10 @@ def prepare(config: dict, log=print) -> Run:
                          f"images of {config['dataset']}; choose at most {n_train}")
     total = config["epochs"] * batches_per_epoch(n_train, config["batch_size"])
     if config["check_every"] > total:
-        raise InputError(f"--check-every {config['check_every']} is more than the run's "
-                         f"{total} iterations ({config['epochs']} epoch(s)): no validation check "
-                         f"would run, nor the target loss; choose at most {total}")
+        log(f"note: --check-every {config['check_every']} is more than the run's {total} "
+            f"iterations ({config['epochs']} epoch(s)): no validation check will run, the "
+            f"target loss cannot stop it and the curves stay empty (--check-every {total} or "
+            "less checks)")
     for split in ("train", "val", "test"):
         labels = getattr(data, f"y_{split}")
         if labels.size and (labels.min() < 0 or labels.max() >= config["sizes"][-1]):
