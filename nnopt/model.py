@@ -1,6 +1,8 @@
 """A sequential container over flat parameter storage, and the MLP builder."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from .backend import asarray, float_dtype, get_namespace, rng as make_rng, to_numpy
@@ -219,7 +221,8 @@ def mlp(sizes, activation="relu", batchnorm=False, init="msra", seed=0, device="
         raise unknown_name("activation", activation, ACTIVATIONS)
     float_dtype(np, dtype)
     batchnorm = check_bool("mlp batchnorm", batchnorm)
-    bn_takes = ("eps", "momentum", "unbiased_running_var", "use_fast_path", "sync")
+    bn_takes = [name for name in inspect.signature(BatchNorm).parameters
+                if name not in ("n_features", "name")]
     if bn_options is not None and (not isinstance(bn_options, dict)
                                    or set(bn_options) - set(bn_takes)):
         raise InputError(f"bn_options must be a dict of BatchNorm's options ({', '.join(bn_takes)}), "

@@ -437,7 +437,7 @@ def busy_cores_note(config, count):
     textbook run, 3 rounds: 3.0-4.2x the quiet time on the fixed 2 threads, 1.0-1.3x with
     ``--blas-threads auto``, 1.0-1.5x with ``--blas-threads 1`` (whose quiet step is ~1.2x
     the 2 threads' one: 968 against 794 us, median of 7 rounds)."""
-    if config.get("blas_threads") is not None or count is None or not threads.ENABLED:
+    if config.get("blas_threads") is not None or not threads.ENABLED:
         return None
     count = min(count, threads.blas_threads().most())  # a limit set before the run holds
     free = threads.free_cores()()

@@ -18,7 +18,7 @@ class AdaGrad(Optimizer):
 
     defaults = {"lr": 0.01, "eps": 1e-6}
     epsilons = ("eps",)
-    state_names = ("sum_sq",)
+    state_names = squared_states = ("sum_sq",)
     rule_names = ("adagrad",)
 
     @classmethod
@@ -48,7 +48,7 @@ class AdaDelta(Optimizer):
 
     defaults = {"lr": 1.0, "rho": 0.9, "eps": 1e-5, "lr_scales_step": False}
     rates, epsilons, switches = ("rho",), ("eps",), ("lr_scales_step",)
-    state_names = ("sq_avg", "delta_sq_avg")
+    state_names = squared_states = ("sq_avg", "delta_sq_avg")
     rule_names = ("adadelta",)
 
     @classmethod
@@ -76,7 +76,7 @@ class RMSProp(Optimizer):
 
     defaults = {"lr": 0.01, "alpha": 0.9, "eps": 1e-6, "eps_inside_root": True}
     rates, epsilons, switches = ("alpha",), ("eps",), ("eps_inside_root",)
-    state_names = ("sq_avg",)
+    state_names = squared_states = ("sq_avg",)
     rule_names = ("rmsprop", "rmsprop_torch")
 
     @classmethod
@@ -123,6 +123,7 @@ class Adam(Optimizer):
     defaults = {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8}
     epsilons = ("eps",)
     state_names = ("exp_avg", "exp_avg_sq")
+    squared_states = ("exp_avg_sq",)
     rule_names = ("adam",)
     step_scalars = staticmethod(adam_kernel_scalars)
 

@@ -88,6 +88,8 @@ class Optimizer:
     epsilons: tuple = ()
     switches: tuple = ()
     state_names: tuple = ()
+    #: the states that are sums or averages of squares (never negative)
+    squared_states: tuple = ()
     #: the rule variants of this algorithm, as named in nnopt.fast.cpu and kernels/rules.cuh
     rule_names: tuple = ()
     #: for an algorithm whose kernel scalars depend on the step count t: a function of
@@ -339,7 +341,7 @@ class Optimizer:
                 if not np.all(np.isfinite(value)):
                     raise InputError(f"parameter group {i}: state {name!r} holds NaN or "
                                      "infinite values (a diverged run's?)")
-                if "sq" in name and np.any(value < 0):  # sums or averages of squares
+                if name in self.squared_states and np.any(value < 0):
                     raise InputError(f"parameter group {i}: state {name!r} is a sum of squares "
                                      "and holds negative values: a damaged state")
                 arrays[name] = value

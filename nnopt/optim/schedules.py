@@ -14,8 +14,8 @@ rate, PyTorch style: call ``scheduler.step()`` once per epoch.
 """
 from __future__ import annotations
 
+import inspect
 import math
-import re
 
 from ..errors import InputError, check_finite_number, check_int, unknown_name
 
@@ -165,14 +165,14 @@ def from_spec(spec: dict, optimizer):
     check_spec(spec)
     cls, _ = SCHEDULES[spec["name"]]
     options = {_ARG_NAMES.get(k, k): v for k, v in spec.items() if k != "name"}
+    required = [name for name, p in list(inspect.signature(cls).parameters.items())[1:]
+                if p.default is p.empty and name not in options]
+    if required:
+        name = {v: k for k, v in _ARG_NAMES.items()}.get(required[0], required[0])
+        raise InputError(f"schedule {spec['name']!r} needs {name}: give it with "
+                         f"--schedule-opt {name}=VALUE (it takes: "
+                         f"{', '.join(SCHEDULES[spec['name']][1])})")
     try:
         return cls(optimizer, **options)
     except TypeError as exc:
-        missing = re.search(r"missing \d+ required (?:positional |keyword-only )?arguments?: '(\w+)'",
-                            str(exc))
-        if missing:
-            name = {v: k for k, v in _ARG_NAMES.items()}.get(missing.group(1), missing.group(1))
-            raise InputError(f"schedule {spec['name']!r} needs {name}: give it with "
-                             f"--schedule-opt {name}=VALUE (it takes: "
-                             f"{', '.join(SCHEDULES[spec['name']][1])})") from None
         raise InputError(f"schedule {spec['name']!r}: {exc}") from None
