@@ -28,6 +28,36 @@ def _check_pair(name, a, y):
         raise InputError(f"{name}: {a.shape[0]} predictions but {y.shape[0]} targets")
 
 
+def _as_prediction_dtype(name, target, prediction):
+    """Targets in the prediction's dtype: float64 targets against float32 logits would make
+    a float64 gradient that the float32 network cannot take back."""
+    xp = namespace_of(prediction)
+    if not (xp.isdtype(target.dtype, ("real floating", "integral")) or target.dtype == xp.bool):
+        raise InputTypeError(f"{name}: targets must be real numbers, got {target.dtype}")
+    return target if target.dtype == prediction.dtype else xp.astype(target, prediction.dtype)
+
+
+def check_distributions(target):
+    """One-hot (or smoothed) target rows must be probabilities: no negative or non-finite
+    entry, each row summing to 1. Anything else gives a finite, meaningless loss. Checked on
+    host arrays only, as :func:`check_labels`."""
+    if not is_numpy(target) or target.size == 0:
+        return
+    import numpy as np
+    rows = np.asarray(target, dtype=np.float64)
+    if not np.isfinite(rows).all() or (rows < 0).any():
+        bad = int(np.argmax(~np.isfinite(rows).all(axis=1) | (rows < 0).any(axis=1)))
+        raise InputError(f"SoftmaxCrossEntropy: target row {bad} has a negative or non-finite "
+                         "entry; one-hot rows hold probabilities (0..1, each row summing to 1)")
+    sums = rows.sum(axis=1)
+    off = np.abs(sums - 1) > 1e-3
+    if off.any():
+        bad = int(np.argmax(off))
+        raise InputError(f"SoftmaxCrossEntropy: target row {bad} sums to {sums[bad]:.6g}, not "
+                         "1; one-hot rows hold probabilities (pass integer labels, or "
+                         "normalize each row)")
+
+
 def check_labels(labels, n_classes):
     """Class labels outside [0, n_classes) would one-hot to a zero row and give a finite,
     meaningless loss. Checked on host arrays only: on a GPU the check would cost a
@@ -106,6 +136,9 @@ class SoftmaxCrossEntropy(Loss):
         elif tuple(target.shape) != tuple(logits.shape):
             raise InputError(f"SoftmaxCrossEntropy: one-hot targets {tuple(target.shape)} do not "
                              f"match logits {tuple(logits.shape)}")
+        else:
+            target = _as_prediction_dtype("SoftmaxCrossEntropy", target, logits)
+            check_distributions(target)
         shifted = logits - xp.max(logits, axis=1, keepdims=True)
         log_sum = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
         log_prob = shifted - log_sum
@@ -129,6 +162,7 @@ class MSELoss(Loss):
         if tuple(target.shape) != tuple(prediction.shape):
             raise InputError(f"MSELoss: target shape {tuple(target.shape)} does not match "
                              f"prediction shape {tuple(prediction.shape)}")
+        target = _as_prediction_dtype("MSELoss", target, prediction)
         xp = namespace_of(prediction)
         self.diff = prediction - target
         return xp.sum(self.diff * self.diff) / (2 * prediction.shape[0])

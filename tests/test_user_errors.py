@@ -410,6 +410,39 @@ def test_a_training_step_refuses_what_is_not_a_batch(fused, batchnorm, x, y, mes
         model.loss_and_backward(x, y, nnopt.SoftmaxCrossEntropy())
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("loss, target", [
+    (nnopt.SoftmaxCrossEntropy(), np.eye(3)[np.arange(5) % 3]),              # float64 one-hot
+    (nnopt.SoftmaxCrossEntropy(), np.eye(3, dtype=np.int64)[np.arange(5) % 3]),
+    (nnopt.SoftmaxCrossEntropy(), np.full((5, 3), 1 / 3)),                    # smoothed rows
+    (nnopt.MSELoss(), np.zeros((5, 3))),                                      # float64 targets
+])
+def test_float32_networks_take_targets_of_any_real_dtype(fused, loss, target):
+    """The loss works in the network's dtype: a float64 gradient would be refused by the
+    float32 layers' backward."""
+    model = nnopt.mlp([4, 3], seed=0, fused=fused)
+    x = np.random.default_rng(0).random((5, 4), dtype=np.float32)
+    value = model.loss_and_backward(x, target, loss)
+    weights = {key: np.asarray(value, np.float64) for key, value in model.state_dict().items()}
+    reference = type(loss)()(x.astype(np.float64) @ weights["fc1.W"] + weights["fc1.b"], target)
+    assert np.asarray(value).dtype == np.float32
+    assert float(value) == pytest.approx(float(reference), rel=1e-5)
+    assert all(np.isfinite(p.grad).all() and p.grad.dtype == np.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("target, message", [
+    (np.eye(3)[np.arange(5) % 3] * 2, "target row 0 sums to 2, not 1"),
+    (np.where(np.arange(15).reshape(5, 3) == 7, np.nan, np.eye(3)[np.arange(5) % 3]),
+     "target row 2 has a negative or non-finite entry"),
+    (np.eye(3)[np.arange(5) % 3] - np.eye(3)[(np.arange(5) + 1) % 3] + np.eye(3)[np.arange(5) % 3],
+     "target row 0 has a negative or non-finite entry"),
+    (np.eye(3, dtype=np.complex128)[np.arange(5) % 3], "targets must be real numbers"),
+])
+def test_one_hot_rows_must_be_probabilities(target, message):
+    with pytest.raises(NnoptError, match=message):
+        nnopt.SoftmaxCrossEntropy()(np.zeros((5, 3), np.float32), target)
+
+
 @pytest.mark.parametrize("params", [None, 5])
 def test_an_optimizer_needs_parameters(params):
     with pytest.raises(NnoptError, match="an optimizer takes a model, its parameters"):
