@@ -109,7 +109,7 @@ def build_parser(defaults=True) -> argparse.ArgumentParser:
     add("--resume", metavar="DIR", default=default(None),
         help="continue the run in DIR (or of a checkpoint file) with its saved settings")
     add("--evaluate", metavar="CKPT", default=default(None),
-        help="only report the test accuracy of a checkpoint")
+        help="only report the test accuracy of a checkpoint (with its saved settings; only --device and --data-dir may be given)")
     switch("--dry-run", "check the configuration (data, model, one forward pass), print it, "
            "write nothing")
     switch("--quiet", "no progress bar: one line per epoch")
@@ -168,6 +168,13 @@ def given_flags(argv) -> set:
     return set(vars(build_parser(defaults=False).parse_args(argv)))
 
 
+def given_options(dests, argv) -> list:
+    """The options, as the user spelled them, that set the settings ``dests``."""
+    spelled = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    return [option for action in build_parser()._actions if action.dest in dests
+            for option in action.option_strings if option in spelled]
+
+
 def resolve(args, given):
     """``(config, resume_path, overwrite)`` for a fresh, configured or resumed run."""
     if args.resume:
@@ -224,7 +231,16 @@ def resolve_resume(args, given):
     return config, path, False
 
 
-def run_evaluate(args, given) -> int:
+EVALUATE_FLAGS = ("evaluate", "device", "data_dir", "dataset", "quiet")
+
+
+def run_evaluate(args, given, argv) -> int:
+    unused = given - set(EVALUATE_FLAGS)
+    ignored = given_options(unused, argv) or sorted(unused)  # (an abbreviated option: its name)
+    if ignored:
+        raise InputError(f"--evaluate reports a checkpoint as it was trained; {', '.join(ignored)} "
+                         "would change nothing there. Leave them out (--device and --data-dir "
+                         "may be given)")
     model_state, _, meta = checkpoint.load(args.evaluate)
     config = resolve_saved(meta["config"])
     if "dataset" in given and args.dataset != config["dataset"]:
@@ -254,7 +270,7 @@ def main(argv=None) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     try:
         if args.evaluate:
-            return run_evaluate(args, given)
+            return run_evaluate(args, given, argv)
         comm = distributed.init(args.device, log) if args.distributed else distributed.LOCAL
         with distributed.fail_together(comm):  # one failing rank must not hang the others
             return run_training(args, given, log)

@@ -190,6 +190,16 @@ def test_evaluate_refuses_another_data_set(tmp_path, capsys):
     assert "was trained on mnist-sample" in capsys.readouterr().err
 
 
+def test_evaluate_refuses_settings_it_would_ignore(tmp_path, capsys):
+    assert cli("--epochs", "1", "--out", str(tmp_path)) == 0
+    capsys.readouterr()
+    assert train_cli.main(["--evaluate", str(tmp_path), "--no-bn", "--lr=0.5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-bn" in err and "--lr" in err and "--quiet" not in err and "Leave them out" in err
+    assert train_cli.main(["--evaluate", str(tmp_path), "--device", "cpu", "--quiet"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
 def test_checkpoint_without_optimizer_header(tmp_path, capsys):
     assert cli("--epochs", "1", "--out", str(tmp_path)) == 0
     with np.load(tmp_path / "checkpoint.npz") as data:
