@@ -109,7 +109,8 @@ def build_parser(defaults=True) -> argparse.ArgumentParser:
     add("--resume", metavar="DIR", default=default(None),
         help="continue the run in DIR (or of a checkpoint file) with its saved settings")
     add("--evaluate", metavar="CKPT", default=default(None),
-        help="only report the test accuracy of a checkpoint (with its saved settings; only --device and --data-dir may be given)")
+        help="only report the test accuracy of a checkpoint, with its saved settings "
+             "(--device and --data-dir may be given)")
     switch("--dry-run", "check the configuration (data, model, one forward pass), print it, "
            "write nothing")
     switch("--quiet", "no progress bar: one line per epoch")
