@@ -9,8 +9,10 @@ In code: ``fit(make_config(bn=False, epochs=5))``. A run is four pieces:
 :func:`prepare` (data, model, optimizer, all checked with one forward pass before any
 file is touched), :func:`resume_into` (a checkpoint's state), :func:`run_epoch` (steps
 and validation checks) and :func:`finish` (test accuracy, summary, curves);
-:class:`TrainState` is everything a checkpoint carries to continue exactly. The command
-line (:mod:`nnopt.train_cli`) adds output-folder safety and resuming in place.
+:class:`TrainState` is everything a checkpoint carries to continue exactly. The settings
+live in :mod:`nnopt.config`, the loop's helpers (the step, the window's sums, evaluation)
+in :mod:`nnopt.train_loop`; the command line (:mod:`nnopt.train_cli`) adds output-folder
+safety and resuming in place.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,110 +28,20 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, datasets, distributed, optim, runs
-from .backend import asarray, backend_name, get_namespace, is_numpy, synchronize
+from .backend import asarray, get_namespace, is_numpy, synchronize
 from .fast import threads
-from .errors import (NnoptError, InputError, InputTypeError, check_bool, check_finite_number,
-                     check_int, unknown_name)
+from .errors import NnoptError, InputError, InputTypeError
 from .losses import SoftmaxCrossEntropy
 from .model import mlp
 from .optim import schedules
-
-TEXTBOOK_SIZES = [784, 128, 64, 32, 16, 10]
-DEVICES = ("cpu", "gpu", "cuda")
-#: The textbook's run; ``make_config`` overrides any of these.
-DEFAULTS = {"device": "cpu", "dataset": "mnist-sample", "data_dir": None, "val_size": None,
-            "sizes": TEXTBOOK_SIZES, "activation": "relu", "bn": True, "init": "msra",
-            "optimizer": "sgd", "hyper": {"lr": 0.1}, "schedule": None, "epochs": 30,
-            "batch_size": 64, "target_loss": 0.12, "check_every": 44, "seed": 0,
-            "dtype": "float32", "out": "runs/train", "graph": True, "quiet": False,
-            "distributed": False, "sync_bn": False, "world_size": 1,  # see nnopt.distributed
-            "fused": True,  # FC -> BN -> ReLU as fused blocks (nnopt.block); False: layer by layer
-            "blas_threads": None}  # see fit: None or a count, fixed for the run; "auto": the load's
-#: Config keys a resumed run must share with its checkpoint.
-RESUME_KEYS = ("dataset", "sizes", "activation", "bn", "init", "optimizer", "hyper",
-               "schedule", "batch_size", "seed", "dtype", "check_every", "val_size",
-               "distributed", "sync_bn", "world_size")
+# (make_config and the rest stay importable from here: train.make_config(...) is the API)
+from .config import (DEFAULTS, DEVICES, RESUME_KEYS, TEXTBOOK_SIZES, make_config,  # noqa: F401
+                     resolve_saved, validate_config)
+from .train_loop import ProgressBar, Stepper, StopRequest, Window, evaluate
 
 
 class TrainingDiverged(NnoptError, FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-# --- configuration ------------------------------------------------------------------------
-def make_config(**overrides) -> dict:
-    """The default run with ``overrides`` (same keys as :data:`DEFAULTS`), checked and
-    resolved (``val_size`` None becomes the data set's default)."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise unknown_name("training setting", unknown[0], DEFAULTS)
-    try:  # a deep, JSON-clean copy (NumPy scalars and arrays, paths: their JSON values)
-        config = json.loads(json.dumps({**DEFAULTS, **overrides}, default=_json_value))
-    except TypeError as exc:
-        raise InputTypeError(f"a training setting is not a number, text, list or dict ({exc})") from None
-    config["optimizer"] = str(config["optimizer"]).lower()
-    if config["distributed"] and "world_size" not in overrides:
-        config["world_size"] = distributed.size()  # the job of distributed.init()
-    validate_config(config)
-    return resolve_saved(config)
-
-
-def _json_value(value):
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"{value!r} of type {type(value).__name__}")
-
-
-def validate_config(config: dict) -> None:
-    for key in ("bn", "distributed", "sync_bn", "fused", "quiet", "graph"):
-        config[key] = check_bool(f"setting {key!r}", config[key])
-    if config["dtype"] not in ("float32", "float64"):
-        raise InputError(f"--dtype must be float32 or float64, got {config['dtype']!r}")
-    for key in ("data_dir", "out"):
-        if config[key] is not None and not isinstance(config[key], str):
-            raise InputTypeError(f"setting {key!r} must be a folder path, got {config[key]!r}")
-    if config["out"] is not None and not config["out"].strip():
-        raise InputError("--out is empty; give the output folder (e.g. --out runs/mine)")
-    for key in ("epochs", "batch_size", "check_every"):
-        check_int(f"--{key.replace('_', '-')}", config[key], low=1)
-    check_int("--seed", config["seed"], low=0)
-    check_finite_number("--target-loss", config["target_loss"], low=0)
-    if config["val_size"] is not None:
-        check_int("--val-size", config["val_size"], low=1)
-    if str(config["device"]).lower() not in DEVICES:
-        raise InputError(f"--device must be cpu or gpu, got {config['device']!r}")
-    if config["dataset"] not in datasets.DATASETS:
-        raise unknown_name("data set", config["dataset"], datasets.DATASETS)
-    if config["optimizer"] not in optim.OPTIMIZERS:
-        raise unknown_name("optimizer", config["optimizer"], optim.OPTIMIZERS)
-    if not isinstance(config["hyper"], dict):
-        raise InputError(f"hyper must be a dict of optimizer hyper-parameters, got {config['hyper']!r}")
-    reserved = sorted(set(config["hyper"]) & {"params"})
-    if reserved:
-        raise InputError(f"--opt {reserved[0]}: not a hyper-parameter (the optimizer gets the "
-                         "model's parameters itself)")
-    sizes = config["sizes"]
-    if not isinstance(sizes, list) or len(sizes) < 2 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-        raise InputError(f"--sizes must be integers >= 1 separated by commas, got {sizes!r}")
-    if sizes[0] != 784 or sizes[-1] != 10:
-        raise InputError(f"--sizes must start with 784 (28x28 pixels) and end with 10 classes, got {sizes}")
-    if config["schedule"] is not None:
-        schedules.check_spec(config["schedule"])
-    blas = config["blas_threads"]
-    if blas is not None and blas != "auto" and (
-            isinstance(blas, bool) or not isinstance(blas, int) or blas < 1):
-        raise InputError(f"--blas-threads must be a thread count >= 1 or auto, got {blas!r}")
-    if config["sync_bn"] and not config["distributed"]:  # data parallelism: nnopt.distributed
-        raise InputError("--sync-bn synchronizes BN statistics across ranks: it needs --distributed "
-                         "(mpiexec -n N python -m nnopt.train --distributed --sync-bn ...)")
-    if config["distributed"]:
-        distributed.check_batch(config["batch_size"], config["world_size"])
-    if config["bn"] and config["batch_size"] < 2:
-        raise InputError(f"--batch-size {config['batch_size']}: Batch Normalization needs at "
-                         "least 2 samples per batch (one sample has no variance); use a "
-                         "larger batch or --no-bn")
 
 
 # --- the pieces of a run ------------------------------------------------------------------------
@@ -312,16 +223,6 @@ def resume_into(run: Run, path) -> None:
         raise checkpoint.CheckpointError(f"checkpoint {path} is damaged ({exc}); use an intact "
                                          "one or start afresh") from None
     run.log(f"resumed from {path} at epoch {run.state.epoch + 1}, iteration {run.state.iteration}")
-
-
-def resolve_saved(config: dict) -> dict:
-    """``config`` with what it leaves open filled in: keys it lacks (a config saved by an
-    older run) from DEFAULTS, ``val_size`` None as the data set's default. make_config and
-    resuming both end here."""
-    config = {**DEFAULTS, **config}  # keys added since the config was saved
-    if config["val_size"] is None:
-        config["val_size"] = datasets.default_val_size(config["dataset"])
-    return config
 
 
 def batches_per_epoch(n: int, batch: int) -> int:
@@ -533,145 +434,6 @@ def announce_compilation(run: Run, log) -> None:
     cache = Path(kernels.__file__).parent / "__pycache__"
     if not any(cache.glob("cpu.*.nbi")):
         log("compiling nnopt's fused CPU kernels (numba, first run only; cached on disk after)")
-
-
-# --- the training loop's helpers -------------------------------------------------------------
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so the run stops at a
-    consistent point and saves a checkpoint; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def evaluate(model, x, y, loss_fn, batch=4096):
-    """Mean loss and accuracy (inference mode) over a whole split (a non-finite loss is a
-    value the run reports, not a NumPy warning)."""
-    xp = model.xp
-    total_loss, correct, n = 0.0, 0, x.shape[0]
-    with np.errstate(over="ignore", invalid="ignore"):
-        for start in range(0, n, batch):
-            xb, yb = x[start:start + batch], y[start:start + batch]
-            logits = model.forward(xb, train=False)
-            total_loss += float(loss_fn.forward(logits, yb)) * xb.shape[0]
-            correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64)))
-    return total_loss / n, correct / n
-
-
-class ProgressBar:
-    """One tqdm bar per epoch (rate, ETA, the last check's losses), on a terminal only;
-    each epoch then leaves one log line (:func:`format_epoch`)."""
-
-    def __init__(self, enabled):
-        self.enabled = enabled
-        self.bar = None
-
-    def start(self, epoch, epochs, done, total):
-        if self.enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}/{epochs}",
-                            unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
-
-    def update(self):
-        if self.bar is not None:
-            self.bar.update()
-
-    def postfix(self, record):
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                 acc=f"{100 * record['train_accuracy']:.1f}%",
-                                 val_loss=f"{record['val_loss']:.4f}", refresh=False)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-class Window:
-    """Training loss and correct predictions since the last flush, summed where the arrays
-    live (no host synchronisation per step on a GPU); flushed into the state at checks."""
-
-    def __init__(self, xp, skip_nonfinite=False, comm=distributed.LOCAL):
-        self.xp, self.comm = xp, comm
-        # On the host a float() of the loss costs nothing: stop at the first NaN step.
-        self.check_each_step = backend_name(xp) == "numpy" or skip_nonfinite
-        self.reset()
-
-    def reset(self):
-        self.loss = self.xp.zeros((), dtype=self.xp.float64)
-        self.correct = self.xp.zeros((), dtype=self.xp.int64)
-        self.samples = 0
-
-    def add(self, loss, prob, labels):
-        xp = self.xp
-        self.loss += xp.astype(loss, xp.float64) * labels.shape[0]
-        self.correct += xp.sum(xp.astype(xp.argmax(prob, axis=1) == labels, xp.int64))
-        self.samples += labels.shape[0]
-
-    def flush_into(self, state: TrainState):
-        sums = np.array([float(self.loss), int(self.correct), self.samples], dtype=np.float64)
-        self.comm.allreduce_sum(sums)  # distributed: the global batch's sums, on every rank
-        loss, correct, samples = float(sums[0]), int(sums[1]), int(sums[2])
-        state.window_loss += loss
-        state.window_correct += correct
-        state.window_samples += samples
-        state.epoch_loss += loss
-        state.epoch_correct += correct
-        state.epoch_samples += samples
-        self.reset()
-
-
-class Stepper:
-    """One optimization step on a batch: replayed from a captured CUDA graph on the GPU
-    (full batches, when capture works), else run eagerly. Returns (loss, softmax output)."""
-
-    def __init__(self, model, optimizer, loss_fn, batch, use_graph, log, comm=distributed.LOCAL):
-        self.model, self.optimizer, self.loss_fn, self.comm = model, optimizer, loss_fn, comm
-        self.captured = None
-        if use_graph and backend_name(model.xp) == "cupy":
-            from .graph import CapturedStep
-            try:
-                self.captured = CapturedStep(model, optimizer, loss_fn,
-                                             (batch, model.layers[0].n_in), (batch,))
-                log(f"CUDA graph: one captured training step of batch {batch}, replayed")
-            except Exception as exc:  # capture is an optimisation: run eagerly instead
-                log(f"CUDA graph capture unavailable ({type(exc).__name__}: {exc}); running eagerly")
-
-    def __call__(self, xb, yb):
-        if self.captured is not None and xb.shape[0] == self.captured.x.shape[0]:
-            return self.captured.step(xb, yb), self.captured.prob
-        self.model.zero_grad()
-        loss = self.model.loss_and_backward(xb, yb, self.loss_fn)
-        self.comm.allreduce_mean(self.model.flat.grad)  # distributed: one collective per step
-        self.optimizer.step()
-        return loss, self.loss_fn.prob
-
-    def stream(self):
-        """Where the whole loop's device work goes: the captured graph's stream."""
-        return self.captured.stream if self.captured is not None else contextlib.nullcontext()
-
-    def release(self):
-        if self.captured is not None:
-            self.captured.release()
 
 
 def check(run: Run, epoch: int) -> dict:

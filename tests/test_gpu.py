@@ -285,10 +285,10 @@ def test_captured_step_follows_a_changed_learning_rate(xp, gpu, rng):
 
 
 def test_train_on_gpu_one_epoch(xp, gpu, backend, monkeypatch, tmp_path):
-    from nnopt import train
+    from nnopt import train, train_loop
     if backend == "emulated":  # the emulated device's NumPy arrays, taken for CuPy's
         monkeypatch.setattr(train, "get_namespace", lambda device: xp)
-        monkeypatch.setattr(train, "backend_name", lambda namespace: "cupy")
+        monkeypatch.setattr(train_loop, "backend_name", lambda namespace: "cupy")
     assert train.main(["--device", "gpu", "--epochs", "1", "--quiet", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "summary.json").exists()
 

@@ -401,7 +401,8 @@ def test_cli_messages_name_the_fix(tmp_path, capsys, args, message):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     args = [{"SCHEDULE_AS_TEXT": str(tmp_path / "c.json"),
              "NOT_A_CHECKPOINT": str(tmp_path / "notes.txt")}.get(a, a) for a in args]
-    assert train_cli.main([*args, "--dry-run"]) == 2
+    dry_run = [] if "--evaluate" in args else ["--dry-run"]  # (--evaluate takes no other flag)
+    assert train_cli.main([*args, *dry_run]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "pickle" not in err
 
