@@ -125,6 +125,18 @@ def test_seeds_to_settle_is_the_first_count_that_settles_at_this_rate(held, n):
     assert claim.to_json()["seeds_to_settle"] == needed
 
 
+def test_a_timing_claim_counts_rounds_not_seeds(tmp_path, capsys, monkeypatch):
+    """--seeds does not change a timing's rounds: its hint must not send the reader there."""
+    section = Section("t")
+    made = section.claim("t", "T costs", "tb", spread([1]), [True] * 4 + [False], "r",
+                         counted="rounds")
+    assert "tested rounds would settle it" in made.verdict_text
+    assert "not --seeds" in made.verdict_text and "tested seeds" not in made.verdict_text
+    monkeypatch.setattr(cli, "run_sections", lambda ctx, names: [section])
+    assert cli.main(["contours", "--quick", "--out", str(tmp_path)]) == 0
+    assert "T costs: about" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("held, n", [(6, 8), (3, 4), (2, 8)])  # 75% and 25%: the bands' edges
 def test_a_rate_on_a_bands_edge_never_settles(held, n):
     claim = Section("t").claim("c", "c", "tb", spread([1]), [True] * held + [False] * (n - held),

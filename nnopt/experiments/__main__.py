@@ -66,10 +66,7 @@ def main(argv=None) -> int:
     if unsettled:
         print("  ?: unsettled (other seeds may give another verdict; more seeds: --seeds)")
         for c in unsettled:
-            needed = c.seeds_to_settle
-            print(f"     {c.claim}: " + (f"about {needed:,} tested seeds would settle it at "
-                                         f"this rate" if needed else "its rate is on the "
-                                         "band's edge: no seed count settles it"))
+            print(f"     {c.claim}: {c.settle_hint}")
     print(f"report: {path} ({time.perf_counter() - started:.1f} s)")
     return 0
 

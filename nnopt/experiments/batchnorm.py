@@ -308,7 +308,7 @@ def run(ctx, done=None, times=None) -> Section:
                   spread(overheads, "% per-step overhead"),
                   [v > CPU_COST for v in overheads],
                   f"overhead {describe(spread(overheads), unit='%', digits=0, counted='rounds')} "
-                  f"({conditions}; held: above {CPU_COST:.0f}% in a round)")
+                  f"({conditions}; held: above {CPU_COST:.0f}% in a round)", counted="rounds")
     text, held, measured = gpu_evidence(ctx.gpu_results)
     section.claim("bn_gpu_negligible", "On a GPU the BN time difference is negligible",
                   "should be negligible", measured, held, text, sampled=False)

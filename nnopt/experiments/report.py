@@ -159,6 +159,9 @@ class Claim:
     #: path, a property exact by construction, the GPU's fixed configurations): there is
     #: no rate to bound
     sampled: bool = True
+    #: what each held flag is one of: "seeds" (--seeds sets how many) or "rounds" (of a
+    #: timing; fixed by the experiment)
+    counted: str = "seeds"
     verdict: str = "n/a"
     held_fraction: float | None = None
     bounds: tuple | None = None
@@ -177,13 +180,21 @@ class Claim:
         return seeds_to_settle(self.held_per_seed) if self.settled is False else None
 
     @property
+    def settle_hint(self) -> str | None:
+        """What would settle an unsettled verdict, in words (None where it is settled)."""
+        if self.settled is not False:
+            return None
+        needed = self.seeds_to_settle
+        if not needed:
+            return "its rate is on the band's edge: no count settles it"
+        return f"about {needed:,} tested {self.counted} would settle it at this rate" + (
+            "" if self.counted == "seeds" else " (not --seeds: the experiment fixes its rounds)")
+
+    @property
     def verdict_text(self) -> str:
         text = "**no**" if self.verdict == "no" else self.verdict
-        if self.settled is not False:
-            return text
-        needed = self.seeds_to_settle
-        return text + (f" (unsettled: about {needed:,} tested seeds would settle it at this rate)"
-                       if needed else " (unsettled: this rate is on the band's edge)")
+        hint = self.settle_hint
+        return text if hint is None else f"{text} (unsettled: {hint})"
 
     @property
     def held_text(self) -> str:
@@ -217,12 +228,14 @@ class Section:
         self.lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
         self.lines.append("")
 
-    def claim(self, id, claim, textbook, measured, held_per_seed, reason, sampled=True) -> Claim:
+    def claim(self, id, claim, textbook, measured, held_per_seed, reason, sampled=True,
+              counted="seeds") -> Claim:
         """Record a claim: ``measured`` from :func:`spread`, one held flag per seed (None
         where that seed could not test it), ``reason`` what was measured, in words;
-        ``sampled``: False where the flags are not draws over seeds or rounds."""
+        ``sampled``: False where the flags are not draws over seeds or rounds; ``counted``:
+        "rounds" where the flags are a timing's rounds."""
         made = Claim(id, self.title, claim, textbook, measured, list(held_per_seed), reason,
-                     sampled)
+                     sampled, counted)
         self.claims.append(made)
         return made
 
