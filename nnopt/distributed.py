@@ -220,6 +220,20 @@ class NCCLCommunicator(MPICommunicator):
         return buf
 
 
+#: Where MPI launchers put the job's size: MPICH's hydra and Intel MPI, Open MPI, PMIx.
+LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+
+
+def launched_ranks() -> int:
+    """How many processes the MPI launcher started for this job (1 outside mpiexec), read
+    from its environment without initializing MPI."""
+    for name in LAUNCHER_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def ranks_on_this_machine() -> int:
     """How many ranks of the MPI job share this machine (1 without mpi4py): they share
     its cores too."""

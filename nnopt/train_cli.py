@@ -216,7 +216,10 @@ def resolve_resume(args, given):
                          f"({args.out}), or copy the run folder first")
     if "config" in given:
         raise InputError("--resume takes the saved run's configuration; leave out --config")
+    check_resumed_ranks(saved, folder, args.distributed)
     requested = overrides_from(args, given)
+    if "hyper" in requested:  # --lr or --opt name some of the saved run's hyper-parameters
+        requested["hyper"] = {**saved["hyper"], **requested["hyper"]}
     fixed = {k: v for k, v in make_config(**{**saved, **requested}).items()
              if k in requested and k not in RESUMABLE}
     changed = sorted(k for k, v in fixed.items() if v != saved.get(k))
@@ -233,6 +236,19 @@ def resolve_resume(args, given):
 
 
 EVALUATE_FLAGS = ("evaluate", "device", "data_dir", "dataset", "quiet")
+
+
+def check_resumed_ranks(saved, folder, distributed_flag) -> None:
+    """A data-parallel run continues only as the same number of ranks: its batches are
+    split among them, so another count is another run."""
+    if not saved.get("distributed"):
+        return
+    ranks, now = saved["world_size"], distributed.size() if distributed_flag else 1
+    if not distributed_flag or now != ranks:
+        raise InputError(f"the run in {folder} was trained data-parallel over {ranks} ranks; "
+                         f"resume it the same way: mpiexec -n {ranks} {prog_name()} "
+                         f"--distributed --resume {folder} (this job: {now} rank(s)"
+                         f"{'' if distributed_flag else ' without --distributed'})")
 
 
 def run_evaluate(args, given, argv) -> int:
@@ -272,6 +288,11 @@ def main(argv=None) -> int:
     try:
         if args.evaluate:
             return run_evaluate(args, given, argv)
+        launched = distributed.launched_ranks()
+        if launched > 1 and not args.distributed:
+            raise InputError(f"mpiexec started {launched} processes but --distributed is not "
+                             "given: each would train the whole run alone and write the same "
+                             "files. Add --distributed (data-parallel), or run one process")
         comm = distributed.init(args.device, log) if args.distributed else distributed.LOCAL
         with distributed.fail_together(comm):  # one failing rank must not hang the others
             return run_training(args, given, log)

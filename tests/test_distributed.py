@@ -286,16 +286,44 @@ def test_without_sync_bn_two_ranks_are_another_model(tmp_path, one_process_runs)
 
 
 @needs_mpi
-def test_resume_with_the_same_ranks(tmp_path):
+def test_resume_with_the_same_ranks(tmp_path, capsys):
     straight = train_ranks(2, tmp_path / "straight", "--sync-bn", "--epochs", "2")
     split = train_ranks(2, tmp_path / "split", "--sync-bn")
+    before = (split / "checkpoint.npz").read_bytes()
+    # Another number of ranks is another run: refused with the reason, in one process
+    # (without --distributed) and as a job of one rank
+    assert train.main(SMALL + ["--epochs", "2", "--resume", str(split)]) == 2
+    err = capsys.readouterr().err
+    assert "trained data-parallel over 2 ranks" in err and "mpiexec -n 2" in err
+    rc, out, err = mpiexec(["-n", "1", sys.executable, "-m", "nnopt.train", *SMALL, "--sync-bn",
+                            "--distributed", "--epochs", "2", "--resume", str(split)])
+    assert rc == 2 and "this job: 1 rank(s)" in err, f"{out}\n{err}"
+    assert (split / "checkpoint.npz").read_bytes() == before
     train_ranks(2, split, "--sync-bn", "--epochs", "2", "--resume", str(split))
     a, b = params(straight), params(split)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    # Another number of ranks is another run: refused with the reason.
-    assert train.main(SMALL + ["--epochs", "2", "--out", str(tmp_path / "x"),
-                               "--resume", str(split)]) == 2
+
+
+@needs_mpi
+def test_ranks_without_distributed_are_refused(tmp_path):
+    """Two processes training the same run alone would write the same files."""
+    rc, out, err = mpiexec(["-n", "2", sys.executable, "-m", "nnopt.train", *SMALL,
+                            "--out", str(tmp_path / "run")])
+    assert rc == 2 and "mpiexec started 2 processes but --distributed is not given" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("variable", distributed.LAUNCHER_SIZE_VARIABLES)
+def test_a_launcher_of_several_ranks_is_seen_without_mpi(monkeypatch, capsys, tmp_path, variable):
+    for name in distributed.LAUNCHER_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.launched_ranks() == 1
+    monkeypatch.setenv(variable, "3")
+    assert distributed.launched_ranks() == 3
+    assert train.main(SMALL + ["--out", str(tmp_path / "run")]) == 2
+    assert "mpiexec started 3 processes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @needs_mpi

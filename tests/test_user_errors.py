@@ -114,7 +114,8 @@ def test_resume_continues_in_its_folder_with_its_settings(tmp_path, capsys):
     orphan.write_bytes(b"left by a SIGKILL")
     # Flags at the saved (or default) value are fine; only a few may change.
     assert train_cli.main(["--resume", str(run), "--epochs", "2", "--val-size", "400",
-                           "--batch-size", "128", "--quiet"]) == 0
+                           "--batch-size", "128", "--quiet", "--lr", "0.003",
+                           "--opt", "eps=1e-8"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 2 and not orphan.exists()
     _, opt_state, _ = checkpoint.load(run)
