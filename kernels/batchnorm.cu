@@ -512,6 +512,9 @@ __device__ __forceinline__ bool fused_product(const T* __restrict__ a, const T* 
     __syncthreads();
     if (threadIdx.x == 0 && threadIdx.y == 0) {
         last = atomicAdd(&counters[blockIdx.x], 1) == slices - 1;
+        // the acquire half: a relaxed atomic and a barrier alone do not order the other
+        // slices' stores before this block's loads in the PTX memory model
+        if (last) __threadfence();
     }
     __syncthreads();
     if (!last) return false;
