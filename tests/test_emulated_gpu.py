@@ -747,6 +747,7 @@ def test_training_run_on_the_emulated_gpu_follows_the_cpu_run(monkeypatch, tmp_p
 
     import nnopt.graph
     import nnopt.train
+    import nnopt.train_loop
     # 1,400 training images (the rest held out): 10 full batches and a partial one per epoch
     args = ["--epochs", "2", "--sizes", "784,24,16,10", "--val-size", "6600", "--batch-size",
             "128", "--schedule", "step", "--schedule-opt", "step_size=1", "--quiet"]
@@ -755,7 +756,7 @@ def test_training_run_on_the_emulated_gpu_follows_the_cpu_run(monkeypatch, tmp_p
     emulated_gpu.install(monkeypatch)
     numpy_namespace = nnopt.get_namespace("cpu")
     monkeypatch.setattr(nnopt.train, "get_namespace", lambda device: numpy_namespace)
-    monkeypatch.setattr(nnopt.train, "backend_name", lambda xp: "cupy")
+    monkeypatch.setattr(nnopt.train_loop, "backend_name", lambda xp: "cupy")
     captures = []
     capture = nnopt.graph.CapturedStep._capture
     monkeypatch.setattr(nnopt.graph.CapturedStep, "_capture",
