@@ -30,11 +30,18 @@ def atomic_write(path, write) -> None:
             write(out)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the run's readers
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save(path, model_state: dict, optimizer_state: dict, meta: dict) -> None:

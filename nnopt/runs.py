@@ -11,11 +11,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
+
+from .checkpoint import atomic_write
 from .errors import NnoptError
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.npz", "summary.json", "curves.png")
+#: The file a process holds a lock on while it writes the run in its folder.
+LOCK_FILE = ".nnopt.lock"
+_held = {}  # resolved folder -> (open lock file, whether claim created the folder)
 
 
 class OutputError(NnoptError, OSError):
@@ -86,16 +96,94 @@ def fresh_folder(folder, overwrite=False, numbered=False) -> Path:
                       "--overwrite to replace it")
 
 
+def claim(folder) -> bool:
+    """Hold ``folder`` for this process while it writes a run there: an exclusive lock on
+    its LOCK_FILE, which the system releases when the process ends, however it ends (no
+    stale locks). False when another process holds it. Claiming a folder this process
+    holds already is a no-op; :func:`release` lets it go."""
+    folder = Path(folder)
+    key = folder.resolve()
+    if key in _held or fcntl is None:
+        return True
+    check_folder(folder)
+    created = not folder.exists()
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            lock = open(folder / LOCK_FILE, "a")
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                if created:
+                    _remove_if_empty(folder)
+                return False
+            try:  # the holder before us may have removed the file we locked: lock the new one
+                if os.stat(folder / LOCK_FILE).st_ino == os.fstat(lock.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            lock.close()
+    _held[key] = (lock, created)
+    return True
+
+
+def release(folder) -> None:
+    """Let go of a folder :func:`claim` took (a folder it created and nothing was written to
+    is removed again)."""
+    folder = Path(folder)
+    lock, created = _held.pop(folder.resolve(), (None, False))
+    if lock is None:
+        return
+    with contextlib.suppress(OSError):
+        (folder / LOCK_FILE).unlink()
+    lock.close()
+    if created:
+        _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def in_use_error(folder) -> OutputError:
+    return OutputError(f"{folder} is in use: another nnopt process is writing a run there. "
+                       "Wait for it to end, or choose another --out")
+
+
+def claim_fresh(folder, overwrite=False, numbered=False) -> Path:
+    """:func:`fresh_folder`, claimed: each candidate is held before it is checked, so two
+    runs started together never write the same folder (the second moves on to the next
+    numbered one, or is refused)."""
+    folder = Path(folder)
+    n = 1
+    while True:
+        candidate = folder if n == 1 else folder.with_name(f"{folder.name}-{n}")
+        if claim(candidate):
+            if not (numbered and holds_run(candidate)):
+                try:
+                    return fresh_folder(candidate, overwrite)
+                except OutputError:
+                    release(candidate)
+                    raise
+            release(candidate)
+        elif not numbered:
+            raise in_use_error(candidate)
+        n += 1
+
+
 def prepare_folder(folder: Path, overwrite=False) -> None:
     """Create ``folder``; when overwriting, remove the old run's files (only those), and
-    remove temporary checkpoint files a killed run left behind."""
+    remove the temporary files a killed run left behind."""
     with writing(folder):
         folder.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for name in RUN_FILES:
                 (folder / name).unlink(missing_ok=True)
-        for orphan in folder.glob(".checkpoint.npz.*.tmp"):
-            orphan.unlink(missing_ok=True)
+        for name in RUN_FILES:
+            for orphan in folder.glob(f".{name}.*.tmp"):
+                orphan.unlink(missing_ok=True)
 
 
 def strict(value):
@@ -114,8 +202,11 @@ def dumps(value, **options) -> str:
 
 
 def write_json(path: Path, value) -> None:
+    """Written whole or not at all (a full disk mid-write must not leave half a
+    config.json, which would no longer mark the folder as an nnopt run's)."""
+    text = (dumps(value, indent=2) + "\n").encode()
     with writing(path):
-        path.write_text(dumps(value, indent=2) + "\n")
+        atomic_write(path, lambda f: f.write(text))
 
 
 def write_lines(path: Path, records, mode="w") -> None:

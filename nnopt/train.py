@@ -223,6 +223,19 @@ def resume_into(run: Run, path) -> None:
         raise checkpoint.CheckpointError(f"checkpoint {path} is damaged ({exc}); use an intact "
                                          "one or start afresh") from None
     run.log(f"resumed from {path} at epoch {run.state.epoch + 1}, iteration {run.state.iteration}")
+    recheck_target(run)
+
+
+def recheck_target(run: Run) -> None:
+    """A run that stopped at its target continues when resumed with a lower one (--target-loss
+    may change on resume): "reached" is the last check's loss against the target now."""
+    state, target = run.state, run.config["target_loss"]
+    last = state.history[-1]["val_loss"] if state.history else None
+    if state.reached and not (last is not None and last <= target):
+        state.reached = False
+        loss = "unknown" if last is None else f"{last:.4f}"
+        run.log(f"the saved run stopped at its target; its last validation loss ({loss}) is "
+                f"above --target-loss {target:g}: training on")
 
 
 def batches_per_epoch(n: int, batch: int) -> int:
@@ -306,14 +319,16 @@ def finish(run: Run, curves=True) -> dict:
 
 
 def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None,
-        curves=True) -> dict:
+        curves=True, numbered=False) -> dict:
     """Train as ``config`` says; returns the summary (also written to summary.json).
     ``curves=False`` skips the curves.png figure (runs made by the dozen, as in the
     experiments: drawing it costs more than a short run).
 
     Nothing is written before the configuration has been checked (:func:`prepare`). A
-    fresh run refuses a folder that holds another run unless ``overwrite``; ``resume``
-    (a checkpoint or run folder) continues that run.
+    fresh run refuses a folder that holds another run unless ``overwrite``, or with
+    ``numbered`` moves on to the next free ``out-N``; ``resume`` (a checkpoint or run
+    folder) continues that run. The folder is held (nnopt.runs.claim) while the run writes
+    there: a second process that would write the same folder is refused.
 
     BLAS runs every product of the run on one fixed thread count, ``config["blas_threads"]``
     or by default the cores this process may use (shared among the ranks of a distributed
@@ -329,7 +344,7 @@ def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None
     if busy_note and not (config.get("distributed") and distributed.rank() != 0):
         log(busy_note)
     with threads.fixed(count) if count is not None else contextlib.nullcontext():
-        return _fit(config, resume, log, overwrite, progress_bar, curves)
+        return _fit(config, resume, log, overwrite, progress_bar, curves, numbered)
 
 
 def busy_cores_note(config, count):
@@ -360,14 +375,27 @@ def blas_thread_count(config):
     return max(1, threads.available_cores() // sharing)
 
 
-def _fit(config, resume, log, overwrite, progress_bar, curves):
+def _fit(config, resume, log, overwrite, progress_bar, curves, numbered):
     if config.get("distributed") and distributed.rank() != 0:
         log = lambda *_: None  # noqa: E731  distributed: rank 0 alone logs and writes
     run = prepare(config, log)
+    if run.comm.is_root:  # distributed: rank 0 alone writes
+        if resume:
+            if not runs.claim(run.out):
+                raise runs.in_use_error(run.out)
+        else:
+            run.out = runs.claim_fresh(run.out, overwrite, numbered)
+            config["out"] = str(run.out)
+    try:
+        return _train(run, config, resume, log, overwrite, progress_bar, curves)
+    finally:
+        if run.comm.is_root:
+            runs.release(run.out)
+
+
+def _train(run, config, resume, log, overwrite, progress_bar, curves):
     if resume:
         resume_into(run, resume)
-    elif run.comm.is_root:
-        runs.fresh_folder(run.out, overwrite=overwrite)
     config["hyper"] = resolved_hyper(config, run.optimizer)
     if run.comm.is_root:
         runs.prepare_folder(run.out, overwrite=overwrite and not resume)
@@ -419,7 +447,15 @@ def _fit(config, resume, log, overwrite, progress_bar, curves):
         log(f"interrupted at epoch {state.epoch + 1}, iteration {state.iteration}; "
             f"checkpoint saved: continue with --resume {run.out}")
         raise KeyboardInterrupt
-    return finish(run, curves)
+    # A stop request now waits the second it takes to write the summary (a second Ctrl-C
+    # does not: the checkpoint is complete, and a resume writes what is missing)
+    with StopRequest():
+        try:
+            return finish(run, curves)
+        except KeyboardInterrupt:
+            log(f"interrupted before the summary was written; the checkpoint is complete: "
+                f"--resume {run.out} writes summary.json and curves.png")
+            raise
 
 
 def announce_compilation(run: Run, log) -> None:

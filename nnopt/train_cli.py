@@ -19,8 +19,8 @@ from .backend import asarray, get_namespace
 from .errors import InputError, NnoptError, check_bool
 from .losses import SoftmaxCrossEntropy
 from .optim import schedules
-from .train import (DEFAULTS, TrainingDiverged, build_model, evaluate, fit, make_config, prepare,
-                    resolve_saved)
+from .train import (DEFAULTS, RESUME_KEYS, TrainingDiverged, build_model, evaluate, fit,
+                    make_config, prepare, resolve_saved)
 
 #: Flags a resumed run may change: how long it runs and how it talks, where the data and
 #: the arrays live; everything else is the saved run's.
@@ -216,6 +216,10 @@ def resolve_resume(args, given):
                          f"({args.out}), or copy the run folder first")
     if "config" in given:
         raise InputError("--resume takes the saved run's configuration; leave out --config")
+    if "overwrite" in given:
+        raise InputError(f"--resume continues the run in {folder} and --overwrite would replace "
+                         "it; leave out one of them")
+    check_config_file(folder, saved)
     check_resumed_ranks(saved, folder, args.distributed)
     requested = overrides_from(args, given)
     if "hyper" in requested:  # --lr or --opt name some of the saved run's hyper-parameters
@@ -236,6 +240,27 @@ def resolve_resume(args, given):
 
 
 EVALUATE_FLAGS = ("evaluate", "device", "data_dir", "dataset", "quiet")
+
+
+def check_config_file(folder, saved) -> None:
+    """The run's config.json must describe its checkpoint's run: a checkpoint copied from
+    another run, or a hand-edited config.json, would otherwise be resumed (and the file
+    rewritten) without a word."""
+    try:
+        written = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # none, or unreadable: the checkpoint alone describes the run
+    if not isinstance(written, dict):
+        return
+    written = resolve_saved({k: v for k, v in written.items() if k in DEFAULTS})
+    differ = [k for k in RESUME_KEYS if written.get(k) != saved.get(k)]
+    if differ:
+        key = differ[0]
+        raise InputError(f"{folder / 'config.json'} and the checkpoint disagree on {key} (config.json: "
+                         f"{written.get(key)!r}, checkpoint: {saved.get(key)!r}): the checkpoint "
+                         "is another run's, or config.json was edited. --resume continues the "
+                         f"checkpoint's run; to train with the file's settings, start a new run "
+                         f"with --config {folder / 'config.json'}")
 
 
 def check_resumed_ranks(saved, folder, distributed_flag) -> None:
@@ -315,7 +340,7 @@ def run_training(args, given, log) -> int:
         print(f"dry run: configuration, data and one forward pass are fine; nothing written "
               f"(a real run would write to {config['out']})")
         return 0
-    fit(config, resume=resume, log=log, overwrite=overwrite)
+    fit(config, resume=resume, log=log, overwrite=overwrite, numbered="out" not in given)
     return 0
 
 
