@@ -323,8 +323,20 @@ def test_cli_writes_report(tmp_path, capsys):
     assert (tmp_path / "report.md").read_text().count("![") >= 2
     assert "report:" in capsys.readouterr().out
     assert (tmp_path / "claims.json").is_file()
-    assert cli.main(["init", "--device", "tpu", "--out", str(tmp_path)]) == 2
-    assert "unknown device" in capsys.readouterr().err
+    # a rerun into the same folder leaves nothing of the earlier one beside its report
+    (tmp_path / "bn_runs" / "old").mkdir(parents=True)
+    (tmp_path / "init_grid.png").write_bytes(b"an earlier figure")
+    (tmp_path / "mine.txt").write_text("the user's")
+    assert cli.main(["contours", "--quick", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "bn_runs").exists() and not (tmp_path / "init_grid.png").exists()
+    assert (tmp_path / "mine.txt").exists() and (tmp_path / "report.md").exists()
+    for device in ("tpu", "strict", "torch"):  # (strict, torch: the tests' backends only)
+        assert cli.main(["init", "--device", device, "--out", str(tmp_path)]) == 2
+        assert "--device must be cpu or gpu" in capsys.readouterr().err
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    for claim in claims:  # enough to check each verdict from the file alone
+        flags = [h for h in claim["held_per_seed"] if h is not None]
+        assert (claim["held"], claim["tested"]) == (sum(flags), len(flags))
 
 
 def test_cli_lists_each_unsettled_claim_with_the_seeds_to_settle_it(tmp_path, capsys,
@@ -346,6 +358,7 @@ def test_cli_lists_each_unsettled_claim_with_the_seeds_to_settle_it(tmp_path, ca
     (["--seed", "-1"], "--seed must be 0 or more, got -1"),
     (["--seed", str(2**64)], "--seed must be below 2**63"),
     (["--out", "FILE"], "is a file; give a folder"),
+    (["--out", " "], "--out is empty"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):
     (tmp_path / "FILE").write_text("x")

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from .. import datasets
+from ..config import DEVICES
 from ..backend import BackendUnavailable, get_namespace
 from . import EXPERIMENTS, run_sections
 from .report import Context, write
@@ -47,10 +50,16 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"nnopt.experiments: error: cannot write to --out {out}: {exc.strerror}", file=sys.stderr)
         return 2
+    removed = clear_earlier_report(out)
+    if removed:
+        print(f"note: {out} held an earlier report; its {removed} files were replaced")
     seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
     ctx = Context(out=out, quick=args.quick, device=args.device, seed=args.seed, seeds=seeds,
                   dataset=args.dataset, data_dir=args.data_dir)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    if "bn" not in names and (args.dataset != "mnist-sample" or args.data_dir):
+        print(f"note: --dataset and --data-dir are used by the bn section only; {args.name} "
+              "ignores them")
     started = time.perf_counter()
     try:
         sections = run_sections(ctx, names)
@@ -71,16 +80,42 @@ def main(argv=None) -> int:
     return 0
 
 
+#: What the sections write into --out (beside report.md and claims.json).
+OUTPUTS = ("init_*.png", "optimizers_*.png", "contours_*.png", "contours_*.gif", "bn_*.png")
+
+
+def clear_earlier_report(out: Path) -> int:
+    """Remove what an earlier run of the experiments wrote into ``out`` (recognised by its
+    claims.json), so that no figure or BN run of another section or seed stays beside the
+    new report. Returns how many entries went; a folder without an nnopt claims.json is
+    left alone."""
+    try:
+        earlier = json.loads((out / "claims.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    if not (isinstance(earlier, dict) and {"rule", "claims"} <= set(earlier)):
+        return 0
+    entries = [p for pattern in OUTPUTS for p in out.glob(pattern)]
+    entries += [p for p in (out / "bn_runs", out / "report.md", out / "claims.json") if p.exists()]
+    for path in entries:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return len(entries)
+
+
 def check_arguments(args) -> str | None:
     """The one-line problem with the arguments, or None."""
     if args.seeds is not None and args.seeds < 1:
         return f"--seeds must be at least 1, got {args.seeds}"
     if args.seed < 0:
         return f"--seed must be 0 or more, got {args.seed}"
-    if args.seed + (args.seeds or SEEDS) > 2**63:  # the engine's seeds are 64-bit integers
+    if args.seed + (args.seeds or (QUICK_SEEDS if args.quick else SEEDS)) > 2**63:  # the engine's seeds are 64-bit integers
         return f"--seed must be below 2**63 less the seed count, got {args.seed}"
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         return f"--out {args.out} is a file; give a folder"
+    if args.out is not None and not args.out.strip():
+        return "--out is empty; give the output folder (e.g. --out experiments/mine)"
+    if str(args.device).lower() not in DEVICES:  # (the backends' test names: not for training)
+        return f"--device must be cpu or gpu, got {args.device!r}"
     return None
 
 

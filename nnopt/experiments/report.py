@@ -205,6 +205,9 @@ class Claim:
         return {"id": self.id, "experiment": self.experiment, "claim": self.claim,
                 "textbook": self.textbook, "measured": self.measured,
                 "held_fraction": self.held_fraction, "verdict": self.verdict,
+                "held": sum(tested_flags(self.held_per_seed)),
+                "tested": len(tested_flags(self.held_per_seed)), "counted": self.counted,
+                "held_per_seed": [None if h is None else bool(h) for h in self.held_per_seed],
                 "held_bounds": None if self.bounds is None else [round(b, 3) for b in self.bounds],
                 "settled": self.settled, "seeds_to_settle": self.seeds_to_settle,
                 "reason": self.reason}
@@ -287,11 +290,16 @@ def versions() -> str:
     return ", ".join(parts) + f"; {platform.platform()}"
 
 
+def seed_range(seeds) -> str:
+    return f"Seed {seeds[0]}" if len(seeds) == 1 else f"Seeds {seeds[0]}-{seeds[-1]} ({len(seeds)})"
+
+
 def write(ctx: Context, sections, seconds: float, name="report.md") -> Path:
     claims = [c for s in sections for c in s.claims]
     lines = ["# nnopt: the chapter's experiments", "",
-             f"Seeds {ctx.seed_list[0]}-{ctx.seed_list[-1]} ({ctx.seeds}); device {ctx.device}; "
-             f"data for the BN run: {ctx.dataset}; "
+             f"{seed_range(ctx.seed_list)}; device {ctx.device}; "
+             + (f"data for the BN run: {ctx.dataset}; " if any("Batch Normalization" in s.title
+                                                              for s in sections) else "") +
              f"{'quick settings' if ctx.quick else 'full settings'}; {seconds:.1f} s in all; "
              f"fast paths {fast_path_state()}; BLAS threads {blas_threads()}.", "",
              f"Versions: {versions()}.", ""]
