@@ -268,7 +268,7 @@ def run(ctx) -> Section:
     seeds = ctx.seed_list
     x, y = regression.line(seeds[0])
     target, optimum = line_target(seeds[0])
-    max_iterations = 400 if ctx.quick else 2000
+    max_iterations = 600 if ctx.quick else 2000  # (AdaDelta from lr 0 needs about 450)
     after = 40  # iterations drawn past the target: the oscillation around it stays visible
     line = {label: line_paths(name, opts, seeds[0], target, max_iterations, ctx.device, after)
             for label, (name, opts) in LINE_RUNS.items()}
@@ -288,16 +288,20 @@ def run(ctx) -> Section:
                  f"every iteration (contours of its log10). Paths continue {after} iterations "
                  "past the target (white diamond), so an oscillation around the minimum shows.")
     section.figure(ctx.out / "contours_line_overlay.png", "(w, b) paths, one panel per optimizer, shared axes")
-    ada_loss = []
+    ada_reached, ada_loss = [], []  # each seed to its own target, as the other runs
     for seed in seeds:
+        seed_target = line_target(seed)[0]
+        path, reached = line_paths("adadelta", {"lr": 0.0}, seed, seed_target, max_iterations,
+                                   ctx.device)
         xs, ys = regression.line(seed)
-        path = line[("AdaDelta lr 0")][0] if seed == seeds[0] else \
-            line_paths("adadelta", {"lr": 0.0}, seed, line_target(seed)[0], max_iterations, ctx.device)[0]
+        ada_reached.append(math.inf if reached is None else reached)
         ada_loss.append(float(line_loss_grid(xs, ys, np.array(path[-1][0]), np.array(path[-1][1]))))
     section.claim("line_adadelta_lr0", "AdaDelta converges with lr 0 (it needs no lr)",
-                  "still converges", spread(ada_loss, "final MSE/2"), [v < 0.05 for v in ada_loss],
-                  f"final loss {describe(spread(ada_loss), digits=4)} (optimum about 0.005; "
-                  "held: below 0.05)")
+                  "still converges", spread(ada_reached, "iterations to the target"),
+                  [r < math.inf for r in ada_reached],
+                  f"iterations to the target (0.005, or the optimum + 0.001), at most "
+                  f"{max_iterations}: {describe(spread(ada_reached))}; final loss "
+                  f"{describe(spread(ada_loss), digits=4)}")
     if target != 0.005:
         section.text(f"The least-squares optimum of seed {seeds[0]}'s draw is MSE/2 = {optimum:.5f}: "
                      "noise of standard deviation 0.1 puts the optimum at about 0.01/2 = 0.005, "
