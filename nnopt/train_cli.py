@@ -256,7 +256,8 @@ def check_config_file(folder, saved) -> None:
     differ = [k for k in RESUME_KEYS if written.get(k) != saved.get(k)]
     if differ:
         key = differ[0]
-        raise InputError(f"{folder / 'config.json'} and the checkpoint disagree on {key} (config.json: "
+        raise InputError(f"{folder / 'config.json'} and the checkpoint disagree on {key} "
+                         "(config.json: "
                          f"{written.get(key)!r}, checkpoint: {saved.get(key)!r}): the checkpoint "
                          "is another run's, or config.json was edited. --resume continues the "
                          f"checkpoint's run; to train with the file's settings, start a new run "

@@ -108,7 +108,8 @@ def check_arguments(args) -> str | None:
         return f"--seeds must be at least 1, got {args.seeds}"
     if args.seed < 0:
         return f"--seed must be 0 or more, got {args.seed}"
-    if args.seed + (args.seeds or (QUICK_SEEDS if args.quick else SEEDS)) > 2**63:  # the engine's seeds are 64-bit integers
+    seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
+    if args.seed + seeds > 2**63:  # the engine's seeds are 64-bit integers
         return f"--seed must be below 2**63 less the seed count, got {args.seed}"
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         return f"--out {args.out} is a file; give a folder"
