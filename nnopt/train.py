@@ -75,6 +75,7 @@ class TrainState:
     iteration: int = 0
     elapsed: float = 0.0
     reached: bool = False
+    blas_threads: int = 0  # the fixed BLAS count the run last trained on (0: none, "auto")
     window_loss: float = 0.0
     window_correct: int = 0
     window_samples: int = 0
@@ -396,6 +397,7 @@ def _fit(config, resume, log, overwrite, progress_bar, curves, numbered):
 def _train(run, config, resume, log, overwrite, progress_bar, curves):
     if resume:
         resume_into(run, resume)
+    note_blas_change(run)
     config["hyper"] = resolved_hyper(config, run.optimizer)
     if run.comm.is_root:
         runs.prepare_folder(run.out, overwrite=overwrite and not resume)
@@ -456,6 +458,18 @@ def _train(run, config, resume, log, overwrite, progress_bar, curves):
             log(f"interrupted before the summary was written; the checkpoint is complete: "
                 f"--resume {run.out} writes summary.json and curves.png")
             raise
+
+
+def note_blas_change(run: Run) -> None:
+    """Record the run's fixed BLAS count; a resume on another count says that it will not
+    repeat the uninterrupted run bit for bit (a product's last bits depend on the count)."""
+    now, before = blas_thread_count(run.config) or 0, run.state.blas_threads
+    if before and now != before:
+        same = "--blas-threads auto" if now == 0 else f"{now} BLAS threads"
+        run.log(f"note: this run trained on {before} BLAS threads and continues on {same}: its "
+                f"numbers will differ from an uninterrupted run's in the last bits "
+                f"(--blas-threads {before} repeats them)")
+    run.state.blas_threads = now
 
 
 def announce_compilation(run: Run, log) -> None:

@@ -162,14 +162,18 @@ def test_evaluate_reports_accuracy(tmp_path, capsys):
     assert f"{100 * summary['test_accuracy']:.2f}%" in out and "2000 images" in out
 
 
-def test_resume_on_another_blas_count(tmp_path):
+def test_resume_on_another_blas_count(tmp_path, capsys):
     """--blas-threads may change on resume (it is in RESUMABLE): the resumed epochs take
-    the new count, and config.json says which."""
+    the new count, config.json says which, and the run says it no longer repeats bit for
+    bit (it does not on the same count)."""
     assert run_cli(["--epochs", "1", "--out", str(tmp_path), "--blas-threads", "1"]) == 0
-    assert run_cli(["--epochs", "2", "--resume", str(tmp_path), "--blas-threads", "auto"]) == 0
+    assert run_cli(["--epochs", "2", "--resume", str(tmp_path), "--blas-threads", "1"]) == 0
+    assert "BLAS threads and continues" not in capsys.readouterr().out
+    assert run_cli(["--epochs", "3", "--resume", str(tmp_path), "--blas-threads", "auto"]) == 0
+    assert "trained on 1 BLAS threads and continues on --blas-threads auto" in capsys.readouterr().out
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["blas_threads"] == "auto" and config["epochs"] == 2
-    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 2
+    assert config["blas_threads"] == "auto" and config["epochs"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 3
 
 
 def test_bad_checkpoints_and_mismatches(tmp_path, capsys):
