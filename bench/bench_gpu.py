@@ -149,8 +149,9 @@ def bench_bn(xp, torch, tdev, sync, shapes):
             td = torch.randn(shape, device=tdev)
             tbn = torch.nn.BatchNorm1d(shape[1]).to(tdev)
 
-            def torch_fb():
+            def torch_fb():  # nnopt writes its gradients: torch's are not accumulated either
                 tx.grad = None
+                tbn.zero_grad(set_to_none=True)
                 tbn(tx).backward(td)
             times["torch"] = torch_fb
         m = common.timeit_many(times, repeat=5, sync=sync)
@@ -181,10 +182,17 @@ def bench_train(torch, configs, dry_run, on_row=lambda rows: None):
     return rows
 
 
+#: Every configuration's runners, kept for the whole process: a freed runner's CUDA stream
+#: address could be given to the next configuration's, which would then inherit the cuBLAS
+#: workspace (or none) nnopt's handle keeps per stream address, and its side stream.
+_KEPT_RUNNERS = []
+
+
 def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     sizes = SIZES if width is None else [784, width, width, width, width, 10]
     row = {"batch": batch, "width": "textbook" if width is None else width}
     runners = {}
+    _KEPT_RUNNERS.append(runners)
     for bn in (False, True):
         tag = "bn" if bn else "plain"
         if with_cpu:
@@ -199,14 +207,14 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
                     if applies(batch):
                         runners[f"gpu_graph_{name}_{tag}"] = variant_runner(name, bn, batch, sizes)
             except Exception as exc:  # report, do not hide
-                row["graph_error"] = f"{type(exc).__name__}: {exc}"
+                row[f"graph_error_{tag}"] = f"{type(exc).__name__}: {exc}"
         if torch is not None:
             runners[f"torch_gpu_{tag}"] = TorchRunner(torch, bn, batch, tdev, sizes)
             if not dry_run:
                 try:
                     runners[f"torch_graph_{tag}"] = TorchGraphRunner(torch, bn, batch, tdev, sizes)
                 except Exception as exc:  # report, do not hide
-                    row["torch_graph_error"] = f"{type(exc).__name__}: {exc}"
+                    row[f"torch_graph_error_{tag}"] = f"{type(exc).__name__}: {exc}"
     if "gpu_graph_plain" in runners:
         row["gemm_route"] = runners["gpu_graph_plain"].captured.gemm_route
 
