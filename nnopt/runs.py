@@ -71,6 +71,15 @@ def check_folder(folder: Path) -> None:
         raise OutputError(f"--out {folder}: {parent} is not a folder")
 
 
+def numbered_siblings(folder: Path):
+    """``folder``, ``folder-2``, ``folder-3``, ...: where the default folder moves on to."""
+    yield folder
+    n = 2
+    while True:
+        yield folder.with_name(f"{folder.name}-{n}")
+        n += 1
+
+
 def fresh_folder(folder, overwrite=False, numbered=False) -> Path:
     """The folder a new run writes to: ``folder`` itself if it holds no run (or
     ``overwrite``), the next free ``folder-N`` if ``numbered``, else an error."""
@@ -79,10 +88,7 @@ def fresh_folder(folder, overwrite=False, numbered=False) -> Path:
     if not holds_run(folder):
         return folder
     if numbered:
-        n = 2
-        while holds_run(folder.with_name(f"{folder.name}-{n}")):
-            n += 1
-        return folder.with_name(f"{folder.name}-{n}")
+        return next(c for c in numbered_siblings(folder) if not holds_run(c))
     if not is_nnopt_run(folder):
         names = ", ".join(name for name in RUN_FILES if (folder / name).exists())
         raise OutputError(f"{folder} holds {names}, named like a run's files but not an nnopt "
@@ -156,10 +162,7 @@ def claim_fresh(folder, overwrite=False, numbered=False) -> Path:
     """:func:`fresh_folder`, claimed: each candidate is held before it is checked, so two
     runs started together never write the same folder (the second moves on to the next
     numbered one, or is refused)."""
-    folder = Path(folder)
-    n = 1
-    while True:
-        candidate = folder if n == 1 else folder.with_name(f"{folder.name}-{n}")
+    for candidate in numbered_siblings(Path(folder)):
         if claim(candidate):
             if not (numbered and holds_run(candidate)):
                 try:
@@ -170,7 +173,6 @@ def claim_fresh(folder, overwrite=False, numbered=False) -> Path:
             release(candidate)
         elif not numbered:
             raise in_use_error(candidate)
-        n += 1
 
 
 def prepare_folder(folder: Path, overwrite=False) -> None:

@@ -345,7 +345,7 @@ def fit(config: dict, resume=None, log=print, overwrite=False, progress_bar=None
     if busy_note and not (config.get("distributed") and distributed.rank() != 0):
         log(busy_note)
     with threads.fixed(count) if count is not None else contextlib.nullcontext():
-        return _fit(config, resume, log, overwrite, progress_bar, curves, numbered)
+        return _fit(config, resume, log, overwrite, progress_bar, curves, numbered, count)
 
 
 def busy_cores_note(config, count):
@@ -376,7 +376,7 @@ def blas_thread_count(config):
     return max(1, threads.available_cores() // sharing)
 
 
-def _fit(config, resume, log, overwrite, progress_bar, curves, numbered):
+def _fit(config, resume, log, overwrite, progress_bar, curves, numbered, blas_count):
     if config.get("distributed") and distributed.rank() != 0:
         log = lambda *_: None  # noqa: E731  distributed: rank 0 alone logs and writes
     run = prepare(config, log)
@@ -388,16 +388,16 @@ def _fit(config, resume, log, overwrite, progress_bar, curves, numbered):
             run.out = runs.claim_fresh(run.out, overwrite, numbered)
             config["out"] = str(run.out)
     try:
-        return _train(run, config, resume, log, overwrite, progress_bar, curves)
+        return _train(run, config, resume, log, overwrite, progress_bar, curves, blas_count)
     finally:
         if run.comm.is_root:
             runs.release(run.out)
 
 
-def _train(run, config, resume, log, overwrite, progress_bar, curves):
+def _train(run, config, resume, log, overwrite, progress_bar, curves, blas_count):
     if resume:
         resume_into(run, resume)
-    note_blas_change(run)
+    note_blas_change(run, blas_count or 0)
     config["hyper"] = resolved_hyper(config, run.optimizer)
     if run.comm.is_root:
         runs.prepare_folder(run.out, overwrite=overwrite and not resume)
@@ -460,10 +460,11 @@ def _train(run, config, resume, log, overwrite, progress_bar, curves):
             raise
 
 
-def note_blas_change(run: Run) -> None:
-    """Record the run's fixed BLAS count; a resume on another count says that it will not
-    repeat the uninterrupted run bit for bit (a product's last bits depend on the count)."""
-    now, before = blas_thread_count(run.config) or 0, run.state.blas_threads
+def note_blas_change(run: Run, now: int) -> None:
+    """Record the run's fixed BLAS count ``now`` (0: none, "auto"); a resume on another
+    count says that it will not repeat the uninterrupted run bit for bit (a product's last
+    bits depend on the count)."""
+    before = run.state.blas_threads
     if before and now != before:
         same = "--blas-threads auto" if now == 0 else f"{now} BLAS threads"
         run.log(f"note: this run trained on {before} BLAS threads and continues on {same}: its "

@@ -54,14 +54,6 @@ def zero_init_demo(seed=0, epochs=20, device="cpu", init="zeros"):
     return to_numpy(first.W.data), to_numpy(first.b.data), to_numpy(second.W.data)
 
 
-def describe_ratio(measured) -> str:
-    """describe() with three significant digits (a ratio of 0.0007 is not "0.001")."""
-    def num(v):
-        return "not reached" if v is None else f"{v:.3g}"
-    return (f"median {num(measured['median'])} (range {num(measured['min'])} to "
-            f"{num(measured['max'])}, {measured['n_seeds']} seeds)")
-
-
 def per_sample_spread(values):
     """Mean over units of each unit's standard deviation across the samples. The pooled
     histogram hides a collapse: if every input maps onto the same output vector, the
@@ -195,7 +187,7 @@ def run(ctx) -> Section:
         section.claim(id, f"{name}: each input keeps an output of its own",
                       "(nnopt's check, not the textbook's)",
                       spread(ps, "per-sample spread, layer 6 / layer 1"), [v > 0.1 for v in ps],
-                      f"per-sample spread at layer 6 / layer 1: {describe_ratio(spread(ps))} "
+                      f"per-sample spread at layer 6 / layer 1: {describe(spread(ps), spec='.3g')} "
                       "(held: above 0.1, not collapsed tenfold; near 0, every input leaves as "
                       "the same vector)")
 

@@ -134,11 +134,12 @@ def spread(values, quantity="") -> dict:
             "n_seeds": len(values), "not_reached": len(values) - len(finite)}
 
 
-def describe(m: dict, unit="", digits=0, counted="seeds") -> str:
+def describe(m: dict, unit="", digits=0, counted="seeds", spec=None) -> str:
     """'median 1,250 (range 1,050-1,700, 8 seeds; 2 not reached)'; ``counted`` names what
-    the values are one per (seeds, rounds)."""
+    the values are one per (seeds, rounds); ``spec`` a format instead of ``digits``
+    decimals (".3g": a ratio of 0.0007 is not "0.001")."""
     def num(v):
-        return "not reached" if v is None else f"{v:,.{digits}f}{unit}"
+        return "not reached" if v is None else f"{v:{spec or f',.{digits}f'}}{unit}"
     text = f"median {num(m['median'])} (range {num(m['min'])} to {num(m['max'])}, {m['n_seeds']} {counted}"
     if m.get("not_reached"):
         text += f"; {m['not_reached']} not reached"
