@@ -13,12 +13,16 @@ GRAPH_VARIANTS), then optimizer steps at 1e7 and 1e8.
 --only reruns some sections: the others stay in --out as they were (with their dates in
 "measured") when that file is from the same device.
 
-Ratios only, measured in one process against references measured in the same run.
+Ratios only, measured in one process against references measured in the same run, in
+interleaved rounds: each ratio is the median of its per-round ratios, with its lowest and
+highest round beside it (``<name>_range``; the training rows also keep every round,
+``rounds_s``). A configuration that raises leaves a row with its ``error``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -82,6 +86,13 @@ class TorchGraphRunner(TorchRunner):
         return self.static_loss
 
 
+def put_ratio(row, name, top, bottom, scale=lambda v: v):
+    """``row[name]``: the median over interleaved rounds of top[i] / bottom[i] (scaled),
+    and ``row[name + "_range"]``: its lowest and highest round."""
+    median, low, high = common.round_ratio(top, bottom)
+    row[name], row[f"{name}_range"] = scale(median), [scale(low), scale(high)]
+
+
 def step_bytes(cls, itemsize):
     """Bytes an optimizer step moves per element: one read of each input (p, g, state) and
     one write of each output (p, state)."""
@@ -112,15 +123,19 @@ def bench_optim(xp, torch, tdev, sync, sizes):
                     times[f"torch_fused_{name}"] = opt.step
                 except (RuntimeError, TypeError):
                     pass
-        measured = common.timeit_many(times, repeat=5, sync=sync)
+        rounds = common.timeit_rounds(times, repeat=5, sync=sync)
+        measured = {name: statistics.median(t) for name, t in rounds.items()}
         copy_bw = 8 * n / measured["copy"]
         for name, cls in optim.OPTIMIZERS.items():
             row = {"n": n, "optimizer": name, "seconds": measured[f"nnopt_{name}"],
                    "GBps": step_bytes(cls, 4) * n / measured[f"nnopt_{name}"] / 1e9,
                    "copy_GBps": copy_bw / 1e9}
-            row["fraction_of_copy_bw"] = row["GBps"] * 1e9 / copy_bw
-            if f"torch_fused_{name}" in measured:
-                row["vs_torch_fused"] = measured[f"nnopt_{name}"] / measured[f"torch_fused_{name}"]
+            # copy time over step time, scaled by the bytes each moves, round by round
+            put_ratio(row, "fraction_of_copy_bw", rounds["copy"], rounds[f"nnopt_{name}"],
+                      scale=lambda v, cls=cls: v * step_bytes(cls, 4) / 8)
+            if f"torch_fused_{name}" in rounds:
+                put_ratio(row, "vs_torch_fused", rounds[f"nnopt_{name}"],
+                          rounds[f"torch_fused_{name}"])
             rows.append(row)
     return rows
 
@@ -154,14 +169,13 @@ def bench_bn(xp, torch, tdev, sync, shapes):
                 tbn.zero_grad(set_to_none=True)
                 tbn(tx).backward(td)
             times["torch"] = torch_fb
-        m = common.timeit_many(times, repeat=5, sync=sync)
-        row = {"shape": f"{shape[0]}x{shape[1]}", "nnopt_s": m["nnopt"]}
-        if "nnopt_4byte" in m:
-            row["nnopt_4byte_s"] = m["nnopt_4byte"]
-            row["vs_4byte"] = m["nnopt"] / m["nnopt_4byte"]
-        if "torch" in m:
-            row["torch_s"] = m["torch"]
-            row["vs_torch"] = m["nnopt"] / m["torch"]
+        rounds = common.timeit_rounds(times, repeat=5, sync=sync)
+        row = {"shape": f"{shape[0]}x{shape[1]}",
+               **{f"{name}_s": statistics.median(t) for name, t in rounds.items()}}
+        if "nnopt_4byte" in rounds:
+            put_ratio(row, "vs_4byte", rounds["nnopt"], rounds["nnopt_4byte"])
+        if "torch" in rounds:
+            put_ratio(row, "vs_torch", rounds["nnopt"], rounds["torch"])
         rows.append(row)
     return rows
 
@@ -178,9 +192,16 @@ def bench_train(torch, configs, dry_run, on_row=lambda rows: None):
             rows.append(_train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run))
             on_row(rows)
         except Exception as exc:  # record it and go on with the other configurations
-            print(f"batch {batch} width {width}: {type(exc).__name__}: {exc}", flush=True)
+            error = f"{type(exc).__name__}: {exc}"
+            print(f"batch {batch} width {width}: {error}", flush=True)
+            rows.append({"batch": batch, "width": "textbook" if width is None else width,
+                         "error": error})
+            on_row(rows)
     return rows
 
+
+#: interleaved rounds per training configuration: enough for a median and its spread
+TRAIN_ROUNDS = 5
 
 #: Every configuration's runners, kept for the whole process: a freed runner's CUDA stream
 #: address could be given to the next configuration's, which would then inherit the cuBLAS
@@ -221,30 +242,30 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     def sync_all():
         for runner in runners.values():
             runner.sync()
-    # interleaved rounds: a slow spell of the machine hits every contender alike
-    measured = common.timeit_many({k: r.step for k, r in runners.items()}, repeat=3,
+    # interleaved rounds: a slow spell of the machine hits every contender alike, and a
+    # ratio is taken round by round (its spread is kept beside its median)
+    rounds = common.timeit_rounds({k: r.step for k, r in runners.items()}, repeat=TRAIN_ROUNDS,
                                   min_time=0.05, sync=sync_all)
-    row.update({f"{key}_s": value for key, value in measured.items()})
+    row.update({f"{key}_s": statistics.median(times) for key, times in rounds.items()})
+    row["rounds_s"] = rounds
+
+    def ratio(name, top, bottom, scale=lambda v: v):
+        if top in rounds and bottom in rounds:
+            put_ratio(row, name, rounds[top], rounds[bottom], scale)
     for tag in ("plain", "bn"):
-        if f"gpu_graph_{tag}_s" in row and f"torch_graph_{tag}_s" in row:
-            row[f"graph_vs_torch_graph_{tag}"] = row[f"gpu_graph_{tag}_s"] / row[f"torch_graph_{tag}_s"]
+        ratio(f"graph_vs_torch_graph_{tag}", f"gpu_graph_{tag}", f"torch_graph_{tag}")
         for name in GRAPH_VARIANTS:
-            if f"gpu_graph_{name}_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
-                row[f"{name}_vs_graph_{tag}"] = (row[f"gpu_graph_{name}_{tag}_s"]
-                                                 / row[f"gpu_graph_{tag}_s"])
-        if f"gpu_graph_layers_{tag}_s" in row and f"gpu_graph_{tag}_s" in row:
-            row[f"graph_fused_vs_layers_{tag}"] = (row[f"gpu_graph_{tag}_s"]
-                                                   / row[f"gpu_graph_layers_{tag}_s"])
+            ratio(f"{name}_vs_graph_{tag}", f"gpu_graph_{name}_{tag}", f"gpu_graph_{tag}")
+        ratio(f"graph_fused_vs_layers_{tag}", f"gpu_graph_{tag}", f"gpu_graph_layers_{tag}")
     for prefix in ("cpu", "gpu", "gpu_graph", "gpu_graph_layers", "torch_gpu", "torch_graph",
                    *(f"gpu_graph_{name}" for name in GRAPH_VARIANTS)):
-        if f"{prefix}_bn_s" in row and f"{prefix}_plain_s" in row:
-            row[f"{prefix}_bn_overhead_%"] = 100 * (row[f"{prefix}_bn_s"] / row[f"{prefix}_plain_s"] - 1)
-    if "gpu_graph_bn_s" in row:
-        row["graph_speedup_bn"] = row["gpu_bn_s"] / row["gpu_graph_bn_s"]
-    if "cpu_bn_s" in row:
-        row["gpu_speedup_bn"] = row["cpu_bn_s"] / row.get("gpu_graph_bn_s", row["gpu_bn_s"])
+        ratio(f"{prefix}_bn_overhead_%", f"{prefix}_bn", f"{prefix}_plain",
+              scale=lambda v: 100 * (v - 1))
+    ratio("graph_speedup_bn", "gpu_bn", "gpu_graph_bn")
+    ratio("gpu_speedup_bn", "cpu_bn", "gpu_graph_bn" if "gpu_graph_bn" in rounds else "gpu_bn")
     print(f"batch {batch:5d} width {row['width']}: " + ", ".join(
-        f"{k[:-2]} {v * 1e6:.0f} us" for k, v in row.items() if k.endswith("_s")), flush=True)
+        f"{k[:-2]} {v * 1e6:.0f} us" for k, v in row.items()
+        if k.endswith("_s") and isinstance(v, float)), flush=True)
     return row
 
 
@@ -305,9 +326,21 @@ def plan_setting(name, value):
         setattr(plan, name, saved)
 
 
+def with_range(row, key, fmt="{:.2f}x"):
+    """A ratio of ``row`` with its lowest and highest round: '0.85x (0.82 to 0.88)'."""
+    if key not in row:
+        return "-"
+    text = fmt.format(row[key])
+    if f"{key}_range" in row:
+        low, high = (fmt.format(v).rstrip("x%") for v in row[f"{key}_range"])
+        text += f" ({low} to {high})"
+    return text
+
+
 def graph_table(rows):
-    """The captured-step table of the issue: per-step microseconds, textbook network, SGD;
-    nnopt's graph also with each of its choices undone (GRAPH_VARIANTS)."""
+    """The captured-step table of the issue: per-step microseconds (median of the rounds),
+    textbook network, SGD; nnopt's graph also with each of its choices undone
+    (GRAPH_VARIANTS); the ratio to torch's graph with its lowest and highest round."""
     lines = ["| batch | BN | torch eager | torch graph | nnopt graph | "
              + " | ".join(f"nnopt, {label}" for label, *_ in GRAPH_VARIANTS.values())
              + " | nnopt / torch graph |",
@@ -316,50 +349,70 @@ def graph_table(rows):
     for r in rows:
         if r.get("width") != "textbook":
             continue
+        if "error" in r:
+            lines.append(f"| {r['batch']} | - | failed: {r['error']} |")
+            continue
         for tag, label in (("plain", "no"), ("bn", "yes")):
-            ratio = r.get(f"graph_vs_torch_graph_{tag}")
             others = " | ".join(us(r, f"gpu_graph_{name}_{tag}_s") for name in GRAPH_VARIANTS)
             lines.append(f"| {r['batch']} | {label} | {us(r, f'torch_gpu_{tag}_s')} | "
                          f"{us(r, f'torch_graph_{tag}_s')} | {us(r, f'gpu_graph_{tag}_s')} | "
-                         f"{others} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+                         f"{others} | {with_range(r, f'graph_vs_torch_graph_{tag}')} |")
     return "\n".join(lines)
 
 
 def advice(rows, margin=0.95):
     """Where one of nnopt's choices lost to its undoing (GRAPH_VARIANTS) in this run: the
     setting to change and the batches it would pay at, one line each. A variant counts as
-    faster at a batch when it took at most ``margin`` of nnopt's step time, with and
-    without BN alike (one winning alone is within a run's noise)."""
+    faster at a batch when its median round took at most ``margin`` of nnopt's step time
+    and no round took longer (where the rounds are known), with and without BN alike (one
+    winning alone is within a run's noise)."""
+    def won(r, key):
+        if r.get(key) is None or r[key] > margin:
+            return False
+        return r.get(f"{key}_range", [0, 0])[1] < 1
     lines = []
     for name, (label, _, setting, value) in GRAPH_VARIANTS.items():
         wins = []
         for r in rows:
             if r.get("width") != "textbook":
                 continue
-            ratios = [r.get(f"{name}_vs_graph_{tag}") for tag in ("plain", "bn")]
-            if all(v is not None and v <= margin for v in ratios):
-                wins.append(f"batch {r['batch']} ({ratios[0]:.2f}x, {ratios[1]:.2f}x with BN)")
+            keys = [f"{name}_vs_graph_{tag}" for tag in ("plain", "bn")]
+            if all(won(r, key) for key in keys):
+                wins.append(f"batch {r['batch']} ({r[keys[0]]:.2f}x, {r[keys[1]]:.2f}x with BN)")
         if wins:
             lines.append(f"{label}: {setting} = {value!r} was faster at " + ", ".join(wins))
-    return lines or [f"no variant took <= {margin:.2f}x of nnopt's step with and without BN: "
-                     "keep every choice"]
+    return lines or [f"no variant took <= {margin:.2f}x of nnopt's step with and without BN "
+                     "in every round: keep every choice"]
 
 
 def verdict(rows, threshold=10.0):
-    holds, fails = [], []
+    """Where BN's overhead per step is below ``threshold`` percent in every round, where it
+    is above in every round, and where the rounds straddle it (too close to call)."""
+    holds, fails, close, failed = [], [], [], []
     for r in rows:
+        where = f"batch {r['batch']}, width {r['width']}"
         key = "gpu_graph_bn_overhead_%" if "gpu_graph_bn_overhead_%" in r else "gpu_bn_overhead_%"
-        label = f"batch {r['batch']}, width {r['width']} ({r[key]:+.1f}%"
+        if key not in r:
+            failed.append(f"{where} ({r.get('error', 'not measured')})")
+            continue
+        label = f"{where} ({with_range(r, key, '{:+.1f}%')}"
         if "torch_graph_bn_overhead_%" in r:
-            label += f"; PyTorch's graph {r['torch_graph_bn_overhead_%']:+.1f}%"
+            label += f"; PyTorch's graph {with_range(r, 'torch_graph_bn_overhead_%', '{:+.1f}%')}"
         label += ")"
-        (holds if r[key] < threshold else fails).append(label)
-    text = (f"BN's time overhead on the GPU is below {threshold:.0f}% (negligible) for: "
-            f"{'; '.join(holds) or 'no configuration'}. It is not for: {'; '.join(fails) or 'none'}.")
+        low, high = r.get(f"{key}_range", [r[key], r[key]])
+        (holds if high < threshold else fails if low >= threshold else close).append(label)
+    text = (f"BN's time overhead on the GPU is below {threshold:.0f}% (negligible) in every "
+            f"round for: {'; '.join(holds) or 'no configuration'}. It is not for: "
+            f"{'; '.join(fails) or 'none'}.")
+    if close:
+        text += f" Too close to call (rounds on both sides): {'; '.join(close)}."
+    if failed:
+        text += f" Not measured: {'; '.join(failed)}."
     cpu = [r for r in rows if "cpu_bn_overhead_%" in r]
     if cpu:
         text += " On the CPU, in the same run: " + "; ".join(
-            f"batch {r['batch']}, width {r['width']} {r['cpu_bn_overhead_%']:+.1f}%" for r in cpu) + "."
+            f"batch {r['batch']}, width {r['width']} {with_range(r, 'cpu_bn_overhead_%', '{:+.1f}%')}"
+            for r in cpu) + "."
     return text
 
 

@@ -30,12 +30,27 @@ def timeit_many(fns: dict, *, repeat=7, min_time=0.05, sync=None) -> dict:
     """Median seconds per call of each function, measured in interleaved rounds, so a
     slow spell of a shared machine hits every contender alike (same process: for
     contenders that share a runtime safely, e.g. on a GPU; see Worker otherwise)."""
+    rounds = timeit_rounds(fns, repeat=repeat, min_time=min_time, sync=sync)
+    return {name: statistics.median(times) for name, times in rounds.items()}
+
+
+def timeit_rounds(fns: dict, *, repeat=7, min_time=0.05, sync=None) -> dict:
+    """Seconds per call of each function in each of ``repeat`` interleaved rounds: round i
+    of every contender ran within the same stretch of time, so ratios are best taken
+    round by round (``round_ratio``)."""
     calls = {name: _calibrate(fn, min_time, sync) for name, fn in fns.items()}
     rounds = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             rounds[name].append(_run(fn, calls[name], sync))
-    return {name: statistics.median(times) for name, times in rounds.items()}
+    return rounds
+
+
+def round_ratio(top, bottom):
+    """(median, lowest, highest) of top[i] / bottom[i] over interleaved rounds: the
+    ratio with its spread, each round's contenders having shared the machine's mood."""
+    ratios = [t / b for t, b in zip(top, bottom, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def _run(fn, calls, sync=None):

@@ -25,6 +25,11 @@ def test_dry_run_writes_every_section(bench_gpu, tmp_path, capsys):
     assert {r["optimizer"] for r in result["optim"]} >= {"sgd", "adam"}
     assert [r["shape"] for r in result["bn"]] == ["64x16", "64x128"]
     assert result["train"][0]["batch"] == 64 and "verdict" in result
+    row = result["train"][0]
+    # every contender's rounds are kept, and ratios carry their lowest and highest round
+    assert {len(times) for times in row["rounds_s"].values()} == {bench_gpu.TRAIN_ROUNDS}
+    low, high = row["gpu_bn_overhead_%_range"]
+    assert low <= row["gpu_bn_overhead_%"] <= high
     assert result["graph_table"].startswith("| batch | BN | torch eager | torch graph")
     assert "| batch | BN |" in capsys.readouterr().out
 
@@ -80,6 +85,47 @@ def test_graph_table_and_verdict(bench_gpu):
     assert "It is not for: batch 1024, width textbook (+48.2%; PyTorch's graph +58.3%)" in text
 
 
+def test_spread_over_rounds_reaches_table_verdict_and_advice(bench_gpu):
+    import common
+    assert common.round_ratio([2.0, 3.0, 5.0], [1.0, 2.0, 2.0]) == (2.0, 1.5, 2.5)
+    with pytest.raises(ValueError):  # rounds of two contenders always pair up
+        common.round_ratio([1.0, 2.0], [1.0])
+    rows = [{"batch": 64, "width": "textbook", "graph_vs_torch_graph_bn": 0.7,
+             "graph_vs_torch_graph_bn_range": [0.65, 0.81],
+             "gpu_graph_bn_overhead_%": 8.0, "gpu_graph_bn_overhead_%_range": [6.1, 9.9],
+             # median faster, but one round slower: not a win
+             "cublas_vs_graph_plain": 0.8, "cublas_vs_graph_plain_range": [0.7, 1.05],
+             "cublas_vs_graph_bn": 0.8, "cublas_vs_graph_bn_range": [0.7, 0.9]},
+            {"batch": 1024, "width": "textbook", "gpu_graph_bn_overhead_%": 9.0,
+             "gpu_graph_bn_overhead_%_range": [7.0, 12.0]},
+            {"batch": 8192, "width": "textbook", "gpu_graph_bn_overhead_%": 30.0,
+             "gpu_graph_bn_overhead_%_range": [10.0, 35.0]},
+            {"batch": 4096, "width": "textbook", "error": "CUDARuntimeError: out of memory"}]
+    table = bench_gpu.graph_table(rows).splitlines()
+    assert table[3].endswith("| 0.70x (0.65 to 0.81) |")
+    assert table[-1] == "| 4096 | - | failed: CUDARuntimeError: out of memory |"
+    text = bench_gpu.verdict(rows)
+    assert "in every round for: batch 64, width textbook (+8.0% (+6.1 to +9.9))." in text
+    assert "It is not for: batch 8192, width textbook (+30.0% (+10.0 to +35.0))." in text
+    assert "Too close to call (rounds on both sides): batch 1024" in text
+    assert "Not measured: batch 4096, width textbook (CUDARuntimeError: out of memory)" in text
+    assert bench_gpu.advice(rows)[0].startswith("no variant took <= 0.95x")
+    rows[0]["cublas_vs_graph_plain_range"] = [0.7, 0.99]
+    assert bench_gpu.advice(rows)[0].startswith("cuBLAS products: FUSED_PRODUCTS = False")
+
+
+def test_a_configuration_that_raises_leaves_a_row_saying_why(bench_gpu, monkeypatch):
+    def broken(*args):
+        raise MemoryError("8192 rows do not fit")
+    monkeypatch.setattr(bench_gpu, "_train_config", broken)
+    written = []
+    rows = bench_gpu.bench_train(None, [(8192, None, False)], dry_run=True,
+                                 on_row=lambda rows: written.append(list(rows)))
+    assert rows == [{"batch": 8192, "width": "textbook",
+                     "error": "MemoryError: 8192 rows do not fit"}]
+    assert written == [rows]  # written out like any other row
+
+
 def test_advice_names_the_setting_where_a_variant_won_with_and_without_bn(bench_gpu):
     rows = [{"batch": 64, "width": "textbook", "cublas_vs_graph_plain": 0.80,
              "cublas_vs_graph_bn": 0.90, "serial_vs_graph_plain": 0.90,
@@ -124,8 +170,8 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
     # contender's first loss
     import common
     losses = {}
-    monkeypatch.setattr(common, "timeit_many", lambda fns, **kw: {
-        name: (losses.setdefault(name, float(fn())), kw["sync"](), 1e-3)[-1]
+    monkeypatch.setattr(common, "timeit_rounds", lambda fns, **kw: {
+        name: (losses.setdefault(name, float(fn())), kw["sync"](), [1e-3, 2e-3])[-1]
         for name, fn in fns.items()})
     rows = bench_gpu.bench_train(None, [(64, None, False)], dry_run=False)
     assert len(rows) == 1, "the configuration raised (printed above)"
