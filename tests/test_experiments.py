@@ -237,6 +237,23 @@ def test_only_sampled_claims_carry_bounds(quick_run):
     assert "(unsettled: about" in claims["momentum_sooner_than_sgd"].verdict_text
 
 
+def test_claims_cut_short_by_quick_are_marked(quick_run):
+    out, report, claims = quick_run
+    claims = {c.id: c for c in claims.values()}
+    assert claims["sgd_0.1_not_reached"].capped == "tested to 4,000 epochs, not 10,000"
+    assert claims["line_adadelta_lr0"].capped == "tested to 600 iterations, not 2,000"
+    assert claims["zero_init_symmetry"].capped == "trained 5 epochs, not 20"
+    assert claims["bn_fewer_iterations"].capped.startswith("at most 4 epochs to the quick target")
+    # what --quick runs whole carries no mark
+    for whole in ("bowl_sgd_zigzag", "xavier_sigmoid_even", "adadelta_ignores_lr",
+                  "bn_cpu_time_cost", "bn_gpu_negligible"):
+        assert claims[whole].capped is None, whole
+    assert "(quick: tested to 4,000 epochs, not 10,000) |" in report.read_text()
+    saved = {c["id"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
+    assert saved["sgd_0.1_not_reached"]["capped"] == "tested to 4,000 epochs, not 10,000"
+    assert saved["bowl_sgd_zigzag"]["capped"] is None
+
+
 def test_adadelta_check_can_fail():
     from nnopt.experiments.optimizers import adadelta_lr_difference
     assert adadelta_lr_difference(0, epochs=1) == 0.0
@@ -321,7 +338,9 @@ def test_engine_stops_at_target_and_records_losses():
 def test_cli_writes_report(tmp_path, capsys):
     assert cli.main(["contours", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text().count("![") >= 2
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "q] Line fit" in printed and "yes  ] SGD (lr 0.95)" in printed
+    assert "q: tested with --quick's shorter budget, not the chapter's: tested to 600" in printed
     assert (tmp_path / "claims.json").is_file()
     # a rerun into the same folder leaves nothing of the earlier one beside its report
     (tmp_path / "bn_runs" / "old").mkdir(parents=True)

@@ -69,13 +69,17 @@ def main(argv=None) -> int:
     path = write(ctx, sections, time.perf_counter() - started)
     for section in sections:
         for c in section.claims:
-            mark = "?" if c.settled is False else " "
+            mark = ("?" if c.settled is False else " ") + ("q" if c.capped else " ")
             print(f"  [{c.verdict:>6}{mark}] {c.claim} (held in {c.held_text}): {c.reason}")
     unsettled = [c for section in sections for c in section.claims if c.settled is False]
     if unsettled:
         print("  ?: unsettled (other seeds may give another verdict; more seeds: --seeds)")
         for c in unsettled:
             print(f"     {c.claim}: {c.settle_hint}")
+    capped = [c for section in sections for c in section.claims if c.capped]
+    if capped:
+        print("  q: tested with --quick's shorter budget, not the chapter's: "
+              + "; ".join(sorted({c.capped for c in capped})))
     print(f"report: {path} ({time.perf_counter() - started:.1f} s)")
     return 0
 

@@ -163,6 +163,9 @@ class Claim:
     #: what each held flag is one of: "seeds" (--seeds sets how many) or "rounds" (of a
     #: timing; fixed by the experiment)
     counted: str = "seeds"
+    #: what --quick cut short for this claim, in words (None where nothing was): its
+    #: verdict is about the shorter test and is marked so
+    capped: str | None = None
     verdict: str = "n/a"
     held_fraction: float | None = None
     bounds: tuple | None = None
@@ -195,7 +198,8 @@ class Claim:
     def verdict_text(self) -> str:
         text = "**no**" if self.verdict == "no" else self.verdict
         hint = self.settle_hint
-        return text if hint is None else f"{text} (unsettled: {hint})"
+        text = text if hint is None else f"{text} (unsettled: {hint})"
+        return text if self.capped is None else f"{text} (quick: {self.capped})"
 
     @property
     def held_text(self) -> str:
@@ -211,7 +215,7 @@ class Claim:
                 "held_per_seed": [None if h is None else bool(h) for h in self.held_per_seed],
                 "held_bounds": None if self.bounds is None else [round(b, 3) for b in self.bounds],
                 "settled": self.settled, "seeds_to_settle": self.seeds_to_settle,
-                "reason": self.reason}
+                "capped": self.capped, "reason": self.reason}
 
 
 @dataclass
@@ -219,6 +223,8 @@ class Section:
     title: str
     lines: list = field(default_factory=list)
     claims: list = field(default_factory=list)
+    #: what --quick cut short in this section (None: nothing), the default of each claim's
+    cap: str | None = None
 
     def text(self, *paragraphs):
         self.lines += [*paragraphs, ""]
@@ -233,13 +239,14 @@ class Section:
         self.lines.append("")
 
     def claim(self, id, claim, textbook, measured, held_per_seed, reason, sampled=True,
-              counted="seeds") -> Claim:
+              counted="seeds", capped="section") -> Claim:
         """Record a claim: ``measured`` from :func:`spread`, one held flag per seed (None
         where that seed could not test it), ``reason`` what was measured, in words;
         ``sampled``: False where the flags are not draws over seeds or rounds; ``counted``:
-        "rounds" where the flags are a timing's rounds."""
+        "rounds" where the flags are a timing's rounds; ``capped``: what --quick cut short
+        for it (default: the section's ``cap``; None where the claim's test is whole)."""
         made = Claim(id, self.title, claim, textbook, measured, list(held_per_seed), reason,
-                     sampled, counted)
+                     sampled, counted, self.cap if capped == "section" else capped)
         self.claims.append(made)
         return made
 
