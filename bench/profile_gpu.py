@@ -6,9 +6,12 @@ network's CUDA graph, timed by Nsight Compute, one configuration per process.
     python bench/profile_gpu.py --summarize DIR --out FILE.json
 
 ncu times each kernel node alone (``--graph-profiling node``, clocks left as they are), so
-the sum is the kernels' own time; the replay's wall time minus that sum is what the graph's
-launches and dependencies cost. Kernel names are grouped (cuBLAS, BN, activation, loss,
-optimizer, memset) so the table says which kind of node dominates.
+the sum is the kernels' own time, taken one at a time with caches flushed before each: more
+than they take inside the replay, where they find warm caches and the side stream's run
+beside the main one. The replay's wall time minus that sum ("rest", ``gaps_us``) is
+therefore a lower bound on what the graph's launches and dependencies cost (it can even
+come out negative). Kernel names are grouped (cuBLAS, BN, activation, loss, optimizer,
+memset) so the table says which kind of node dominates.
 """
 from __future__ import annotations
 
@@ -94,7 +97,7 @@ def print_rows(rows):
     for row in rows:
         print(f"\n== batch {row['batch']} {'BN' if row['bn'] else 'plain'}: replay "
               f"{row['replay_us']:.1f} us, {row['nodes']} kernels {row['kernels_us']:.1f} us, "
-              f"rest {row['gaps_us']:.1f} us")
+              f"rest (at least) {row['gaps_us']:.1f} us")
         for kind, v in sorted(row["by_kind"].items(), key=lambda kv: -kv[1]["us"]):
             print(f"   {kind:<11} {v['n']:>3} kernels {v['us']:8.1f} us")
         for k in row["kernels"]:
