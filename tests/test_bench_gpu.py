@@ -220,3 +220,54 @@ def test_profile_summary_reads_ncu_csv(monkeypatch, tmp_path, capsys):
     assert summary["by_kind"] == {"fused product": {"n": 2, "us": 20.0},
                                   "optimizer": {"n": 1, "us": 3.0}}
     assert "replay 50.0 us, 3 kernels 23.0 us" in capsys.readouterr().out
+
+
+def fake_gpu_machine(tmp_path, fail=""):
+    """PATH entries standing in for the GPU machine's python3, nvidia-smi and ncu: each
+    call is logged; python3 fails (rc 3) where its arguments contain ``fail``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    for name, body in (
+            ("python3", f'[ "$*" = "-" ] || [[ "$*" == *" - "* ]] && cat >/dev/null\n'
+                        f'[ -n "{fail}" ] && [[ "$*" == *"{fail}"* ]] && exit 3\nexit 0'),
+            ("nvidia-smi", "echo 'name, memory.total'; echo 'Fake GPU, 1 MiB'"),
+            ("ncu", "exit 0")):
+        script = bin_dir / name
+        script.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n{body}\n')
+        script.chmod(0o755)
+    return bin_dir, log
+
+
+@pytest.mark.parametrize("fail, budget", [("", "285"), ("--only train", "285"), ("", "0")])
+def test_gpu_check_script_runs_every_step_and_records_each(tmp_path, fail, budget):
+    """bench/gpu_check.sh, the one script a rare GPU session runs, on stand-ins: every step
+    is reached whatever an earlier one did, each is recorded in check.json (valid JSON),
+    and a step the budget has no room for is skipped (rc -1), not run without a limit."""
+    import os
+    import shutil
+    import subprocess
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    bin_dir, log = fake_gpu_machine(tmp_path, fail)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out),
+           "BUDGET": budget}
+    done = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=BENCH.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = json.loads((out / "check.json").read_text())
+    assert list(steps)[1:] == ["install", "test_gpu", "bench_bn", "bench_train", "bench_optim",
+                               "train", "profile", "test_rest"]
+    calls = log.read_text()
+    assert "--backend cupy" in calls and "tests/test_gpu.py" in calls
+    for section in ("bn", "train", "optim"):
+        assert f"bench/bench_gpu.py --check --only {section} --out {out}/gpu.json" in calls
+        assert steps[f"bench_{section}"]["rc"] == (3 if fail == f"--only {section}" else 0)
+    assert steps["test_gpu"]["rc"] == 0 and "-m nnopt.train --device gpu --epochs 1" in calls
+    if budget == "0":  # no time left: the optional steps are skipped, the rest still run
+        assert steps["profile"]["rc"] == -1 and steps["test_rest"]["rc"] == -1
+    else:
+        assert "--graph-profiling node" in calls and steps["profile"]["rc"] == 0
+        assert steps["test_rest"]["rc"] == 0
+    assert (out / "gpu_check.log").read_text().count("== ") >= 7
