@@ -367,7 +367,7 @@ def test_cli_lists_each_unsettled_claim_with_the_seeds_to_settle_it(tmp_path, ca
     monkeypatch.setattr(cli, "run_sections", lambda ctx, names: [section])
     assert cli.main(["contours", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "[   yes?] A holds" in out and "[   yes ] C holds" in out
+    assert "[   yes? ] A holds" in out and "[   yes  ] C holds" in out
     assert "A holds: about 20 tested seeds would settle it at this rate" in out
     assert "B holds: its rate is on the band's edge" in out and "C holds:" not in out
 
