@@ -103,13 +103,17 @@ def xavier_normal(shape, rng, gain: float = 1.0):
 
 
 def kaiming_normal(shape, rng, mode: str = "fan_in", nonlinearity: str = "relu",
-                   a: float | None = None):
+                   a: float = 0.0):
+    """MSRA/He: N(0, gain^2 / fan) with fan the layer's ``mode`` fan. ``a``: a leaky ReLU's
+    negative slope (torch's ``a``, default 0 as there, so ``"leaky_relu"`` alone gets
+    ReLU's gain sqrt(2); ``calculate_gain("leaky_relu")`` alone assumes 0.01, as torch's)."""
     std = calculate_gain(nonlinearity, a) / math.sqrt(_fan(shape, mode))
     return rng.normal(0.0, std, size=shape)
 
 
 def kaiming_uniform(shape, rng, mode: str = "fan_in", nonlinearity: str = "relu",
-                    a: float | None = None):
+                    a: float = 0.0):
+    """MSRA/He: U(-bound, bound), bound = gain * sqrt(3 / fan); ``a`` as in kaiming_normal."""
     bound = calculate_gain(nonlinearity, a) * math.sqrt(3.0 / _fan(shape, mode))
     return rng.uniform(-bound, bound, size=shape)
 

@@ -62,3 +62,22 @@ def test_bad_names_and_shapes(rng):
         init.xavier_uniform((0, 3), rng)
     with pytest.raises(ValueError, match="std must be"):
         init.normal((2, 2), rng, std=-1)
+
+
+def test_kaiming_leaky_relu_takes_torchs_default_slope(rng):
+    """torch.nn.init.kaiming_*_(nonlinearity="leaky_relu") has a = 0 (gain sqrt(2));
+    calculate_gain("leaky_relu") alone assumes 0.01, in torch as here."""
+    torch = pytest.importorskip("torch")
+    for name in ("kaiming_normal", "kaiming_uniform"):
+        ours = getattr(init, name)((4000, 300), np.random.default_rng(0), nonlinearity="leaky_relu")
+        relu = getattr(init, name)((4000, 300), np.random.default_rng(0), nonlinearity="relu")
+        np.testing.assert_array_equal(ours, relu)
+        sloped = getattr(init, name)((4000, 300), np.random.default_rng(0),
+                                     nonlinearity="leaky_relu", a=0.2)
+        assert np.std(sloped) / np.std(relu) == pytest.approx(math.sqrt(1 / 1.04), rel=1e-9)
+    assert init.calculate_gain("leaky_relu") == pytest.approx(
+        torch.nn.init.calculate_gain("leaky_relu"))
+    theirs = torch.empty(300, 4000)
+    torch.nn.init.kaiming_uniform_(theirs, nonlinearity="leaky_relu")
+    bound = math.sqrt(2) * math.sqrt(3 / 4000)
+    assert float(theirs.abs().max()) <= bound and float(theirs.abs().max()) > 0.99 * bound

@@ -162,3 +162,19 @@ def test_schedules_with_several_groups_match_torch():
              lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=2,
                                                                   min_lr=0.004),
              metrics=losses)
+
+
+def test_plateau_stops_at_cuts_below_eps_and_counts_nan_as_no_improvement_as_torch():
+    # from lr 1e-7, halving: torch stops once a cut would be 1e-8 or less (its eps)
+    flat = [1.0] * 80
+    lr_trace(lambda o: optim.ReduceLROnPlateau(o, factor=0.5, patience=0),
+             lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=0),
+             groups=(1e-7, 4e-8), epochs=80, metrics=flat)
+    lr_trace(lambda o: optim.ReduceLROnPlateau(o, factor=0.5, patience=0, eps=0.0),
+             lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=0,
+                                                                  eps=0.0),
+             groups=(1e-7, 4e-8), epochs=80, metrics=flat)
+    nans = [1.0, float("nan"), float("nan"), float("inf"), 0.5, float("nan"), float("nan")]
+    lr_trace(lambda o: optim.ReduceLROnPlateau(o, factor=0.5, patience=1),
+             lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=1),
+             epochs=len(nans), metrics=nans)

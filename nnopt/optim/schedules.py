@@ -100,29 +100,38 @@ class CosineAnnealingLR(LRScheduler):
 class ReduceLROnPlateau:
     """Multiply every group's lr by ``factor`` when ``metric`` (a validation loss: lower
     is better) has not improved by more than ``threshold`` (relative) for ``patience``
-    epochs; never below ``min_lr``. As ``torch.optim.lr_scheduler.ReduceLROnPlateau``
-    (mode "min", threshold_mode "rel", no cooldown)."""
+    epochs; never below ``min_lr``, and a cut of ``eps`` or less is not made. As
+    ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (mode "min", threshold_mode "rel", no
+    cooldown): a NaN or infinite metric is an epoch without improvement, as there."""
 
     def __init__(self, optimizer, factor: float = 0.1, patience: int = 10,
-                 threshold: float = 1e-4, min_lr: float = 0.0):
+                 threshold: float = 1e-4, min_lr: float = 0.0, eps: float = 1e-8):
         self.optimizer = optimizer
         self.factor = check_finite_number("factor", factor, low=0, high=1, low_open=True, high_open=True)
         self.patience = check_int("patience", patience, low=0)
         self.threshold = check_finite_number("threshold", threshold, low=0)
         self.min_lr = check_finite_number("min_lr", min_lr, low=0)
+        self.eps = check_finite_number("eps", eps, low=0)
         self.best, self.bad_epochs, self.epoch = math.inf, 0, 0
 
     def step(self, metric=None):
         self.epoch += 1
-        if metric is None or not math.isfinite(metric):
+        if metric is None:
             return
+        try:
+            metric = float(metric)
+        except (TypeError, ValueError):
+            raise InputError(f"ReduceLROnPlateau.step takes the epoch's validation loss (a "
+                             f"number), got {metric!r}") from None
         if metric < self.best * (1 - self.threshold):
             self.best, self.bad_epochs = metric, 0
             return
         self.bad_epochs += 1
         if self.bad_epochs > self.patience:
             for group in self.optimizer.param_groups:
-                group["lr"] = max(group["lr"] * self.factor, self.min_lr)
+                lowered = max(group["lr"] * self.factor, self.min_lr)
+                if group["lr"] - lowered > self.eps:
+                    group["lr"] = lowered
             self.bad_epochs = 0
 
     def get_last_lr(self):
