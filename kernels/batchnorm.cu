@@ -411,6 +411,9 @@ NNOPT_BN_SPLIT(double, f64)
 // launch) adds the slices in order, so the sum is the same every run, and runs the epilogue.
 #define FUSED_MAX_ROWS 64
 #define FUSED_RPT (FUSED_MAX_ROWS / ROWS)
+// A kernel's static __shared__ arrays may total 48 KB; more needs dynamic shared memory and
+// an opt-in at launch (checked at compile time: the emulator cannot show it)
+#define STATIC_SHARED_BYTES (48 * 1024)
 #define KT 32  // == TILE: a k tile of b is KT x TILE, FUSED_BQ values per thread
 
 // A KT-wide tile of k as each thread loads it into registers: a[i][k0 + tx] for its rows
@@ -541,6 +544,8 @@ extern "C" __global__ void linear_forward_##S(const T* __restrict__ a,          
     __shared__ T bs[KT][TILE + 1];                                                           \
     __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ T scale[TILE], offset[TILE];                                                  \
+    static_assert(sizeof(as) + sizeof(bs) + sizeof(sums) + sizeof(scale) + sizeof(offset) <= STATIC_SHARED_BYTES,\
+                  "static shared memory above 48 KB needs an opt-in launch");                \
     T acc[FUSED_RPT];                                                                        \
     if (!fused_product<T, false>(a, w, partial, counters, gridDim.y, blockIdx.y, slice, m, n, \
                                  k, acc, as, bs)) {                                          \
@@ -597,6 +602,8 @@ extern "C" __global__ void linear_backward_##S(const T* __restrict__ g,         
     __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ T coef[3][TILE];                                                              \
     __shared__ T ds[FUSED_MAX_ROWS][TILE];                                                   \
+    static_assert(sizeof(as) + sizeof(bs) + sizeof(sums) + sizeof(coef) + sizeof(ds) <= STATIC_SHARED_BYTES,\
+                  "static shared memory above 48 KB needs an opt-in launch");                \
     T acc[FUSED_RPT];                                                                        \
     /* n_in > 0: the weight gradient too, blockIdx.y its rows' TILE-row chunk: k unsliced */ \
     const bool weights = n_in > 0;                                                           \
@@ -688,6 +695,8 @@ extern "C" __global__ void linear_cross_entropy_##S(const T* __restrict__ a,    
     __shared__ T zs[FUSED_MAX_ROWS][TILE + 1];                                               \
     __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ double columns[2][TILE];                                                      \
+    static_assert(sizeof(as) + sizeof(bs) + sizeof(zs) + sizeof(sums) + sizeof(columns) <= STATIC_SHARED_BYTES,\
+                  "static shared memory above 48 KB needs an opt-in launch");                \
     T acc[FUSED_RPT];                                                                        \
     product_tile<T, false>(a, w, m, n, k, 0, 0, k, acc, as, bs);                             \
     const int tx = threadIdx.x, ty = threadIdx.y;                                            \

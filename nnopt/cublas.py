@@ -27,6 +27,7 @@ import ctypes
 import os
 import site
 import sys
+import weakref
 from pathlib import Path
 
 WORKSPACE_BYTES = 32 * 2**20
@@ -163,6 +164,12 @@ class Handle:
         _check(lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate_v2")
         # The workspace objects are kept: cuBLAS uses their memory for the handle's lifetime.
         self.workspaces = {}
+        # The stream objects (weakly) behind the addresses, where set_stream was given them:
+        # CUDA gives a destroyed stream's address to the next stream made.
+        self.owners = {}
+        # Workspaces of streams that have died (forget_stream): kept, not freed, since work
+        # queued on the dead stream may still be running with them.
+        self.retired = []
         self.bound = None  # the (pointer, size) cuBLAS was last given
         self.stream = 0  # a new handle runs on the NULL stream
         self._set_workspace(0)
@@ -191,15 +198,34 @@ class Handle:
                    "cublasSetWorkspace_v2")
             self.bound = (pointer, size)
 
-    def set_stream(self, stream_ptr, workspace_bytes=None):
+    def set_stream(self, stream_ptr, workspace_bytes=None, owner=None):
         """Run on ``stream_ptr`` with its own workspace (made on first use, of
         ``workspace_bytes`` or the handle's size: call this before a capture begins, never
-        first inside one)."""
+        first inside one). ``owner``: the stream object; once it has died, the address is
+        taken for a new stream's (its first use again)."""
+        known = self.owners.get(stream_ptr)
+        if known is not None and known() is None:
+            self.forget_stream(stream_ptr)
+        if owner is not None and stream_ptr not in self.owners:
+            try:
+                self.owners[stream_ptr] = weakref.ref(owner)
+            except TypeError:  # not weakly referable: taken for a stream that never dies
+                pass
         if stream_ptr != self.stream:
             _check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)),
                    "cublasSetStream_v2")
             self.stream, self.bound = stream_ptr, None  # cuBLAS dropped the workspace
             self._set_workspace(stream_ptr, workspace_bytes)
+
+    def forget_stream(self, stream_ptr):
+        """``stream_ptr``'s stream is gone: CUDA may give its address to the next stream
+        made, which must get a workspace of its own size, not inherit this one."""
+        entry = self.workspaces.pop(stream_ptr, None)
+        self.owners.pop(stream_ptr, None)
+        if entry is not None:
+            self.retired.append(entry)
+        if self.stream == stream_ptr:
+            self.stream, self.bound = None, None  # the next set_stream calls cuBLAS again
 
     def gemm(self, double, a_ptr, b_ptr, c_ptr, m, n, k, trans_a=False, trans_b=False,
              split_k=True):

@@ -49,6 +49,9 @@ class CapturedStep:
         self.x = xp.zeros(tuple(x_shape), dtype=model.dtype)
         self.y = xp.zeros(tuple(y_shape), dtype=y_dtype or xp.int64)
         self.stream = cupy.cuda.Stream(non_blocking=True)
+        # recorded again at every step (no event made per step; no timing kept)
+        self.batch_ready = cupy.cuda.Event(disable_timing=True)
+        self.step_done = cupy.cuda.Event(disable_timing=True)
         self.pool = cupy.cuda.MemoryPool()
         self.gpu.prepare_capture(self.stream)  # the stream's cuBLAS workspace
         self._warm_up()
@@ -132,13 +135,13 @@ class CapturedStep:
         caller = self.cupy.cuda.get_current_stream()
         other = caller.ptr != self.stream.ptr
         if other:  # the batch may still be in flight on the caller's stream
-            self.stream.wait_event(caller.record())
+            self.stream.wait_event(caller.record(self.batch_ready))
         with self.stream:
             self.x[...] = x
             self.y[...] = y
             self.graph.launch(self.stream)
         if other:  # what the caller queues next (reading the loss, ...) comes after the step
-            caller.wait_event(self.stream.record())
+            caller.wait_event(self.stream.record(self.step_done))
         for state in self.optimizer.state:
             state["step"] += 1
         return self.loss_value

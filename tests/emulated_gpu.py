@@ -617,6 +617,8 @@ def emulated_cupy(multiprocessors=2):
     cp.cuda = types.SimpleNamespace(
         Device=Device, Stream=lambda non_blocking=False: Stream(cp, non_blocking),
         get_current_stream=lambda: cp.streams[-1],
+        # (a stream's record() returns the point recorded, whatever event it is given)
+        Event=lambda block=False, disable_timing=False, interprocess=False: Event(None, None),
         MemoryPool=lambda: types.SimpleNamespace(malloc=None),
         using_allocator=lambda malloc=None: contextlib.nullcontext(),
         memory=_Unavailable("cupy.cuda.memory"))

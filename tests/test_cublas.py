@@ -43,6 +43,16 @@ def test_loaded_library_is_found_in_the_process_maps(tmp_path):
 from tests.emulated_gpu import host_allocate as allocate  # noqa: E402
 
 
+def counting_allocator():
+    """(allocate, the byte counts it was asked for)."""
+    made = []
+
+    def counting(nbytes):
+        made.append(nbytes)
+        return allocate(nbytes)
+    return counting, made
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True),
                                               (True, True)])
@@ -63,11 +73,7 @@ def test_row_major_gemm_through_column_major_cublas(rng, dtype, trans_a, trans_b
 def test_handle_sets_each_streams_workspace_after_the_stream():
     """cublasSetStream resets the workspace to cuBLAS's default pool (which may allocate,
     also inside a capture): nnopt sets the stream's own workspace again right after."""
-    lib, made = FakeLib(), []
-
-    def counting(nbytes):
-        made.append(nbytes)
-        return allocate(nbytes)
+    lib, (counting, made) = FakeLib(), counting_allocator()
     handle = cublas.Handle(lib, counting, workspace_bytes=64)
     handle.set_stream(1234)
     handle.set_stream(1234)  # no second call: cuBLAS must not be touched while capturing
@@ -83,11 +89,7 @@ def test_handle_sets_each_streams_workspace_after_the_stream():
 def test_a_zero_byte_workspace_is_none_at_all():
     """A stream's workspace is sized when the stream is first seen (the handle's size or the
     one given); 0 bytes: cuBLAS gets a NULL workspace of 0 bytes, nothing is allocated."""
-    lib, made, sizes = FakeLib(), [], []
-
-    def counting(nbytes):
-        made.append(nbytes)
-        return allocate(nbytes)
+    lib, (counting, made), sizes = FakeLib(), counting_allocator(), []
     lib.cublasSetWorkspace_v2 = lambda handle, pointer, size: sizes.append(
         (pointer.value, size.value)) or 0
     handle = cublas.Handle(lib, counting, workspace_bytes=64)
@@ -96,6 +98,41 @@ def test_a_zero_byte_workspace_is_none_at_all():
     handle.set_stream(99)
     handle.set_stream(1234, workspace_bytes=64)  # sized once: a graph may hold the old one
     assert made == [64, 64] and sizes[-2][1] == 64 and sizes[-1] == (None, 0)
+
+
+def test_a_forgotten_stream_is_set_up_anew():
+    """forget_stream (the stream died): its address, when CUDA gives it to a new stream, is
+    a stream first seen (the size asked for now, and cublasSetStream called again even where
+    the dead stream was the handle's current one); the old workspace is kept, not freed."""
+    lib, (counting, made) = FakeLib(), counting_allocator()
+    handle = cublas.Handle(lib, counting, workspace_bytes=64)
+    handle.set_stream(1234)
+    old = handle.workspace
+    handle.forget_stream(1234)
+    assert 1234 not in handle.workspaces and handle.retired[-1] is old
+    calls = len(lib.calls)
+    handle.set_stream(1234, workspace_bytes=0)
+    assert lib.calls[calls:] == ["cublasSetStream_v2", "cublasSetWorkspace_v2"]
+    assert handle.workspace[2] == 0 and made == [64, 64]
+    handle.forget_stream(999)  # never seen: nothing to forget
+
+
+def test_a_dead_owners_address_is_a_new_stream():
+    """set_stream(..., owner=stream): once that object has died, its address is a new
+    stream's (CUDA reuses a destroyed stream's address), set up anew at the size asked."""
+    import gc
+
+    class Owner:
+        pass
+    handle = cublas.Handle(FakeLib(), allocate, workspace_bytes=64)
+    owner = Owner()
+    handle.set_stream(1234, owner=owner)
+    handle.set_stream(1234, workspace_bytes=0, owner=owner)  # alive: the same stream
+    assert handle.workspace[2] == 64
+    del owner
+    gc.collect()
+    handle.set_stream(1234, workspace_bytes=0, owner=Owner())
+    assert handle.workspace[2] == 0 and len(handle.retired) == 1
 
 
 def test_workspace_size_from_the_environment():

@@ -229,6 +229,30 @@ def test_captured_layers_step_matches_eager(xp, gpu, backend, rng):
     pair.assert_same_state()
 
 
+def test_a_dead_streams_address_passes_nothing_on(xp, gpu, monkeypatch):
+    """CUDA gives a destroyed stream's address to the next stream made. nnopt's cuBLAS
+    handle keys each stream's workspace on that address, and gpu.side_stream each side
+    stream: once the stream has died, the next one at its address gets the workspace size
+    it asks for and a side stream of its own."""
+    import gc
+    import types
+    monkeypatch.setenv("NNOPT_CUBLAS_WORKSPACE", str(1 << 16))
+    handle = gpu.cublas_handle()
+    stream = gpu.cupy.cuda.Stream(non_blocking=True)
+    gpu.prepare_capture(stream)
+    ptr, side = stream.ptr, gpu.side_stream(stream)
+    assert handle.workspaces[ptr][2] == 1 << 16 and gpu.side_stream(stream) is side
+    del stream
+    gc.collect()
+    reborn = types.SimpleNamespace(ptr=ptr)  # a new stream at the dead one's address
+    monkeypatch.setenv("NNOPT_CUBLAS_WORKSPACE", "0")
+    gpu.prepare_capture(reborn)
+    assert handle.workspaces[ptr][2] == 0 and gpu.side_stream(reborn) is not side
+    kept = gpu.side_stream(reborn)
+    gpu.prepare_capture(reborn)  # while it lives, it keeps what it got
+    assert handle.workspaces[ptr][2] == 0 and gpu.side_stream(reborn) is kept
+
+
 @pytest.mark.parametrize("configured", [None, "0"])
 def test_captured_products_split_k_only_where_it_pays(xp, gpu, monkeypatch, configured):
     """Each captured product gets the stream's cuBLAS workspace (so cuBLAS may split k over

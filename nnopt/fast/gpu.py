@@ -12,6 +12,7 @@ Same interface as :mod:`nnopt.fast.cpu`: ``OPTIMIZER_STEPS[name](p, g, state, hp
 from __future__ import annotations
 
 import warnings
+import weakref
 from functools import lru_cache
 
 import cupy
@@ -126,24 +127,37 @@ def prepare_capture(stream):
     change streams then). Returns the GEMM route the capture will take."""
     handle = cublas_handle()
     if handle is not None:  # $NNOPT_CUBLAS_WORKSPACE, where set, sizes a new stream's
-        handle.set_stream(side_stream(stream).ptr, cublas.workspace_bytes())
-        handle.set_stream(stream.ptr, cublas.workspace_bytes())
+        bind_stream(handle, side_stream(stream), cublas.workspace_bytes())
+        bind_stream(handle, stream, cublas.workspace_bytes())
     return HANDLES.route(cupy.cuda.Device().id)
+
+
+def bind_stream(handle, stream, workspace_bytes=None):
+    """``handle.set_stream`` for the stream object ``stream``, which the handle watches:
+    once it has died, its address (which CUDA gives to the next stream made) is a new
+    stream's, with a workspace of its own."""
+    handle.set_stream(stream.ptr, workspace_bytes, owner=stream)
 
 
 # --- work beside the main stream ---------------------------------------------------------------
 # A block's weight gradient x^T dh is needed by nothing until the optimizer step, and its
 # input gradient by everything after it: on a side stream the weight-gradient products
 # overlap the rest of the backward pass (in a captured graph: parallel branches).
-_SIDE_STREAMS = {}  # main stream's pointer -> its side stream
+_SIDE_STREAMS = {}  # main stream's pointer -> (main stream, weakly; its side stream)
 _JOIN_PENDING = {}  # main stream's pointer -> the side stream it has not waited for yet
 
 
 def side_stream(main):
-    """The side stream of ``main`` (one each, made on first use)."""
-    if main.ptr not in _SIDE_STREAMS:
-        _SIDE_STREAMS[main.ptr] = cupy.cuda.Stream(non_blocking=True)
-    return _SIDE_STREAMS[main.ptr]
+    """The side stream of ``main`` (one each, made on first use; a new main stream at a dead
+    one's address gets a new side stream, not the dead one's)."""
+    known = _SIDE_STREAMS.get(main.ptr)
+    if known is None or known[0]() is None:
+        try:
+            alive = weakref.ref(main)
+        except TypeError:  # not weakly referable: taken for a stream that never dies
+            alive = lambda: main  # noqa: E731
+        _SIDE_STREAMS[main.ptr] = (alive, cupy.cuda.Stream(non_blocking=True))
+    return _SIDE_STREAMS[main.ptr][1]
 
 
 def beside_main(work):
@@ -184,7 +198,7 @@ def graph_gemm(a, b, trans_a=False, trans_b=False, out=None):
     if k == 0:
         c[...] = 0
     elif m and n:
-        handle.set_stream(cupy.cuda.get_current_stream().ptr)
+        bind_stream(handle, cupy.cuda.get_current_stream())
         configured = cublas.workspace_bytes()
         handle.gemm(a.dtype == cupy.float64, _pointer(a), _pointer(b), _pointer(c), m, n, k,
                     trans_a, trans_b, split_k=(plan.split_k_pays(m, n, k, sms())
