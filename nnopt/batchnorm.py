@@ -54,7 +54,7 @@ import numpy as np
 from .backend import namespace_of
 from .errors import InputError, check_bool, check_finite_number, check_int
 from .fast import fast_for
-from .layers import Layer, check_dtype, check_grads_bound, check_input
+from .layers import Layer, check_dtype, check_grads_bound, check_input, check_output_grad
 from .params import Parameter
 from . import sync_batchnorm
 
@@ -178,8 +178,15 @@ class BatchNorm(Layer):
         self.sync = check_bool("BatchNorm sync", sync) if isinstance(
             sync, (bool, str, numbers.Integral)) else sync
         self.sync_cache = None  # synchronized BN: nnopt/sync_batchnorm.py
+        self.output_spec = None  # (shape, dtype) of the last forward's output
 
     def forward(self, x, train=True):
+        self.output_spec = None  # (a forward that raises leaves nothing to backward)
+        z = self._forward(x, train)
+        self.output_spec = (tuple(z.shape), z.dtype)
+        return z
+
+    def _forward(self, x, train):
         if self.sync:  # synchronized BN: global batch statistics (nnopt/sync_batchnorm.py)
             self.sync_cache = None
             if train:
@@ -223,10 +230,11 @@ class BatchNorm(Layer):
         running_var[...] = a * running_var + (1 - a) * var
 
     def backward(self, d):
+        if self.output_spec is None:
+            raise RuntimeError(f"{self!r}: call forward(x) before backward")
+        check_output_grad(f"{self!r}.backward", d, *self.output_spec)
         if self.sync_cache is not None:  # after a synchronized training-mode forward
             return sync_batchnorm.layer_backward(self, d)
-        if self.train_mode is None:
-            raise RuntimeError(f"{self!r}: call forward(x) before backward")
         check_grads_bound(self)
         xp = namespace_of(d)
         if not self.train_mode:

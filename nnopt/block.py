@@ -38,7 +38,8 @@ running mean, as it does layer by layer, so inference mode gives the same output
 from __future__ import annotations
 
 from .fast import fast_for
-from .layers import ACTIVATIONS, Layer, Linear, check_dtype, check_input
+from .layers import (ACTIVATIONS, Layer, Linear, check_dtype, check_grads_bound, check_input,
+                     check_output_grad)
 
 #: nnopt.layers' activation classes by the name the fused kernels know them by
 ACTIVATION_NAMES = {cls: name for name, cls in ACTIVATIONS.items()}
@@ -200,6 +201,11 @@ class Block(Layer):
                 bn.buffers["running_mean"], bn.buffers["running_var"])
 
     def backward(self, dy):
+        if self.saved is not None:  # the fused kernels index dy by the output's shape
+            check_grads_bound(self)
+            if not isinstance(dy, DeferredInputGrad):
+                output = self.saved[4]
+                check_output_grad(f"{self!r}.backward", dy, output.shape, output.dtype)
         if isinstance(dy, DeferredInputGrad) and not (
                 self.saved is not None and dy.fast is self.saved[0]
                 and dy.fast.fuses_product(dy.dh.shape[0])):

@@ -64,6 +64,23 @@ def check_grads_bound(layer):
                          "and call the model's backward")
 
 
+def check_output_grad(who, dy, shape, dtype):
+    """``dy``, the gradient of the last forward's output, must have that output's shape and
+    dtype: the fused kernels index it by the output's shape (any other would read and write
+    out of bounds), and broadcasting it would be a different gradient. ``who``: the
+    backward being called, for the message."""
+    shape = tuple(shape)
+    if not hasattr(dy, "shape") or not hasattr(dy, "dtype"):
+        raise InputTypeError(f"{who} expects the gradient of the last forward's output "
+                             f"as an array of shape {shape}, got {type(dy).__name__}")
+    if tuple(dy.shape) != shape:
+        raise InputError(f"{who} expects the gradient of the last forward's output, of "
+                         f"shape {shape}, got {tuple(dy.shape)}")
+    if dy.dtype != dtype:
+        raise InputTypeError(f"{who} expects the gradient in the output's dtype {dtype}, "
+                             f"got {dy.dtype}; convert it (xp.astype(dy, xp.{dtype}))")
+
+
 def check_forward_ran(layer, cached):
     if cached is None:
         raise RuntimeError(f"{layer!r}: backward needs the values of a forward pass; call "
@@ -110,6 +127,7 @@ class Linear(Layer):
 
     def backward(self, dy):
         check_forward_ran(self, self.x)
+        check_output_grad(f"{self!r}.backward", dy, (self.x.shape[0], self.n_out), self.x.dtype)
         check_grads_bound(self)
         xp = namespace_of(dy)
         self.W.grad += matmul(self.x, dy, trans_a=True)
@@ -138,6 +156,7 @@ class Sigmoid(Activation):
 
     def backward(self, dy):
         check_forward_ran(self, self.y)
+        check_output_grad(f"{self!r}.backward", dy, self.y.shape, self.y.dtype)
         return dy * self.y * (1.0 - self.y)
 
 
@@ -150,6 +169,7 @@ class Tanh(Activation):
 
     def backward(self, dy):
         check_forward_ran(self, self.y)
+        check_output_grad(f"{self!r}.backward", dy, self.y.shape, self.y.dtype)
         return dy * (1.0 - self.y * self.y)
 
 
@@ -167,10 +187,12 @@ class ReLU(Activation):
             return self.y
         xp = namespace_of(x)
         self.mask = x > 0
-        return xp.where(self.mask, x, 0.0)
+        self.y = xp.where(self.mask, x, 0.0)
+        return self.y
 
     def backward(self, dy):
-        check_forward_ran(self, self.mask if self.fast is None else self.y)
+        check_forward_ran(self, self.y)
+        check_output_grad(f"{self!r}.backward", dy, self.y.shape, self.y.dtype)
         if self.fast is not None:
             return self.fast.relu_backward(dy, self.y)
         return namespace_of(dy).where(self.mask, dy, 0.0)

@@ -9,7 +9,7 @@ from .backend import asarray, float_dtype, get_namespace, rng as make_rng, to_nu
 from .batchnorm import BatchNorm
 from .block import Block, DeferredOutput
 from .errors import InputError, InputTypeError, check_bool, check_int, unknown_name
-from .layers import ACTIVATIONS, Layer, Linear
+from .layers import ACTIVATIONS, Layer, Linear, check_output_grad
 from .params import FlatParameters
 
 
@@ -100,16 +100,7 @@ class Sequential:
         if spec is None:
             raise InputError("backward before forward: run model.forward(x) (or "
                              "model.loss_and_backward) first")
-        shape, dtype = spec
-        if not hasattr(dy, "shape") or not hasattr(dy, "dtype"):
-            raise InputTypeError(f"backward expects the gradient of the last forward's output "
-                                 f"as an array of shape {shape}, got {type(dy).__name__}")
-        if tuple(dy.shape) != shape:
-            raise InputError(f"backward expects the gradient of the last forward's output, of "
-                             f"shape {shape}, got {tuple(dy.shape)}")
-        if dy.dtype != dtype:
-            raise InputTypeError(f"backward expects the gradient in the output's dtype {dtype}, "
-                                 f"got {dy.dtype}; convert it (xp.astype(dy, xp.{dtype}))")
+        check_output_grad("backward", dy, *spec)
 
     def forward_to_loss(self, x):
         """Forward in training mode, for a loss's ``forward_backward``: the last block may

@@ -461,11 +461,44 @@ def test_an_optimizer_needs_parameters(params):
         optim.SGD(params)
 
 
+def block(batchnorm=True, activation="relu"):
+    from nnopt.block import Block
+    from nnopt.layers import ACTIVATIONS
+    return Block(nnopt.Linear(3, 2), nnopt.BatchNorm(2) if batchnorm else None,
+                 ACTIVATIONS[activation]() if activation else None)
+
+
+@pytest.mark.parametrize("make, out_features", [
+    (nnopt.ReLU, 3), (nnopt.Sigmoid, 3), (nnopt.Tanh, 3), (lambda: nnopt.BatchNorm(3), 3),
+    (lambda: nnopt.BatchNorm(3, use_fast_path=False), 3), (lambda: nnopt.Linear(3, 2), 2),
+    (block, 2), (lambda: block(False, "sigmoid"), 2)])
+@pytest.mark.parametrize("wrong", ["more rows", "one row", "one column", "1-D", "dtype"])
+def test_a_layers_own_backward_checks_the_gradient_it_gets(make, out_features, wrong):
+    """Called directly, outside a model, each layer's backward refuses a gradient not shaped
+    as its last output: the fused kernels index it by that shape (more rows read and wrote
+    past the buffers' end and crashed; fewer gave uninitialised values), and broadcasting
+    it would be another gradient."""
+    layer = make()
+    if hasattr(layer, "params") and layer.params:
+        nnopt.Sequential([layer])  # its gradient storage
+    layer.forward(np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32))
+    dy = {"more rows": np.ones((4000, out_features), np.float32),
+          "one row": np.ones((1, out_features), np.float32),
+          "one column": np.ones((6, 1), np.float32),
+          "1-D": np.ones(out_features, np.float32),
+          "dtype": np.ones((6, out_features))}[wrong]
+    message = "in the output's dtype float32" if wrong == "dtype" else \
+        rf"backward expects the gradient of the last forward's output, of shape \(6, {out_features}\)"
+    with pytest.raises(NnoptError, match=message):
+        layer.backward(dy)
+
+
 @pytest.mark.parametrize("layer, shape", [(nnopt.BatchNorm(3), (4, 3)),
                                           (nnopt.BatchNorm(3, use_fast_path=False), (4, 3)),
-                                          (nnopt.Linear(3, 2), (4, 2))])
+                                          (nnopt.Linear(3, 2), (4, 2)),
+                                          (block(), (4, 2)), (block(False, "tanh"), (4, 2))])
 def test_a_layer_outside_a_model_says_where_its_gradients_go(layer, shape):
-    layer.forward(np.ones((4, 3)))
+    layer.forward(np.random.default_rng(0).normal(size=(4, 3)))
     with pytest.raises(NnoptError, match="has no gradient storage: .*nnopt.Sequential"):
         layer.backward(np.ones(shape))
 
