@@ -16,7 +16,7 @@ GRAPH_VARIANTS), then optimizer steps at 1e7 and 1e8.
 Ratios only, measured in one process against references measured in the same run, in
 interleaved rounds: each ratio is the median of its per-round ratios, with its lowest and
 highest round beside it (``<name>_range``; the training rows also keep every round,
-``rounds_s``). A configuration that raises leaves a row with its ``error``.
+``per_round_s``). A configuration that raises leaves a row with its ``error``.
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def bench_optim(xp, torch, tdev, sync, sizes):
             row = {"n": n, "optimizer": name, "seconds": measured[f"nnopt_{name}"],
                    "GBps": step_bytes(cls, 4) * n / measured[f"nnopt_{name}"] / 1e9,
                    "copy_GBps": copy_bw / 1e9}
-            # copy time over step time, scaled by the bytes each moves, round by round
+            # copy time over step time, scaled by the bytes each moves, round by round (the
+            # median of those ratios: not quite GBps / copy_GBps, which are of medians)
             put_ratio(row, "fraction_of_copy_bw", rounds["copy"], rounds[f"nnopt_{name}"],
                       scale=lambda v, cls=cls: v * step_bytes(cls, 4) / 8)
             if f"torch_fused_{name}" in rounds:
@@ -247,7 +248,7 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     rounds = common.timeit_rounds({k: r.step for k, r in runners.items()}, repeat=TRAIN_ROUNDS,
                                   min_time=0.05, sync=sync_all)
     row.update({f"{key}_s": statistics.median(times) for key, times in rounds.items()})
-    row["rounds_s"] = rounds
+    row["per_round_s"] = rounds
 
     def ratio(name, top, bottom, scale=lambda v: v):
         if top in rounds and bottom in rounds:
@@ -349,8 +350,9 @@ def graph_table(rows):
     for r in rows:
         if r.get("width") != "textbook":
             continue
-        if "error" in r:
-            lines.append(f"| {r['batch']} | - | failed: {r['error']} |")
+        if "error" in r:  # (an exception's text may hold a newline or a "|")
+            error = " ".join(str(r["error"]).split()).replace("|", "/")
+            lines.append(f"| {r['batch']} | - | failed: {error} |")
             continue
         for tag, label in (("plain", "no"), ("bn", "yes")):
             others = " | ".join(us(r, f"gpu_graph_{name}_{tag}_s") for name in GRAPH_VARIANTS)
@@ -364,8 +366,8 @@ def advice(rows, margin=0.95):
     """Where one of nnopt's choices lost to its undoing (GRAPH_VARIANTS) in this run: the
     setting to change and the batches it would pay at, one line each. A variant counts as
     faster at a batch when its median round took at most ``margin`` of nnopt's step time
-    and no round took longer (where the rounds are known), with and without BN alike (one
-    winning alone is within a run's noise)."""
+    and every round less than nnopt's (where the rounds are known), with and without BN
+    alike (one winning alone is within a run's noise)."""
     def won(r, key):
         if r.get(key) is None or r[key] > margin:
             return False

@@ -77,8 +77,7 @@ class NnoptRunner(Batches):
 
     def step(self):
         start = self.next_start()
-        # sliced, as TorchRunner's: a gather here cost nnopt a few percent at small shapes
-        # (three more kernels per eager GPU step)
+        # sliced, as TorchRunner's (a gather: three more kernels per eager GPU step)
         xb, yb = self.x[start:start + self.batch], self.y[start:start + self.batch]
         self.model.zero_grad()
         loss = self.model.loss_and_backward(xb, yb, self.loss)

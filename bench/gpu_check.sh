@@ -8,7 +8,7 @@
 #      captured step vs torch eager and torch's CUDA graph at batch 64/1024/8192 (and
 #      nnopt's choices undone, one by one; <= 70 s), optimizer bandwidth (1e7, 1e8; <= 25 s)
 #   4. one epoch of python -m nnopt.train --device gpu                                   <= 40 s
-#   5. bench/profile_gpu.sh 64:bn: each kernel of the captured step at batch 64, with BN  <= 45 s
+#   5. bench/profile_gpu.sh 64:bn: each kernel of the captured step at batch 64, with BN  <= 60 s
 #   6. the rest of the test suite on the cupy backend, with what time is left            <= 60 s
 # Writes to $OUT: gpu_check.log, pytest_gpu.xml, pytest_rest.xml, gpu.json, gpu.png,
 # train_summary.json, profile.json, and check.json (each step's exit status and seconds).
@@ -37,7 +37,7 @@ plan: 1 install (carried wheels, nnopt -e) | 2 tests/test_gpu.py --backend cupy 
         (and 4-byte loads; <=25 s) | captured step b64/1024/8192 +-BN vs torch eager and
         torch CUDA graph (and each of nnopt's choices undone; <=70 s) | optimizers at
         1e7/1e8 vs copy bandwidth and torch fused Adam (<=25 s) | 4 one GPU epoch (<=40 s)
-      5 ncu profile of the captured step, batch 64 with BN (<=45 s)
+      5 ncu profile of the captured step, batch 64 with BN (<=60 s)
       6 rest of the suite --backend cupy (time left) | total under 5 minutes
 PLAN
 
@@ -85,11 +85,11 @@ timeout "$(left 40)" python3 -m nnopt.train --device gpu --epochs 1 --target-los
   --out /tmp/nnopt-train --overwrite && cp /tmp/nnopt-train/summary.json "$OUT/train_summary.json"
 rc=$?; record train $rc
 
-step "5. where the captured step's time goes: Nsight Compute, batch 64 with BN (<= 45 s)"
+step "5. where the captured step's time goes: Nsight Compute, batch 64 with BN (<= 60 s)"
 # issue 14's target (60 us per step); its per-kernel table lets a session without a GPU
 # work on the right nodes. Skipped without ncu.
-if (( $(left 45) > 20 )); then
-  OUT="$OUT" timeout "$(left 45)" bash bench/profile_gpu.sh 64:bn
+if (( $(left 60) > 20 )); then  # (a timing process, then the one ncu runs)
+  OUT="$OUT" timeout "$(left 60)" bash bench/profile_gpu.sh 64:bn
   rc=$?; record profile $rc
 else
   record profile -1

@@ -1,8 +1,9 @@
 """Where the captured training step's time goes: every kernel of one replay of the textbook
-network's CUDA graph, timed by Nsight Compute, one configuration per process.
+network's CUDA graph, timed by Nsight Compute; each configuration in two processes of its
+own (the replay timed alone, then the one ncu profiles).
 
-    bash bench/profile_gpu.sh                 # on a GPU machine: ncu per config, then the table
-    python bench/profile_gpu.py --run 64 bn   # (what ncu runs) warm up, then one profiled replay
+    bash bench/profile_gpu.sh                 # on a GPU machine: per config, then the table
+    python bench/profile_gpu.py --run 64 bn   # warm up, time replays, one profiled replay
     python bench/profile_gpu.py --summarize DIR --out FILE.json
 
 ncu times each kernel node alone (``--graph-profiling node``, clocks left as they are), so
@@ -11,8 +12,9 @@ than they take inside the replay, where they find warm caches and the side strea
 beside the main one. The replay's wall time is measured in a process of its own, without
 ncu (under ncu every CUDA call is intercepted: 2,432 us per replay against 114 us). That
 wall time minus the kernels' sum ("rest", ``gaps_us``) is a lower bound on what the graph's
-launches and dependencies cost (it can even come out negative). Kernel names are grouped (cuBLAS, BN, activation, loss, optimizer,
-memset) so the table says which kind of node dominates.
+launches and dependencies cost (it can even come out negative). Kernel names are grouped
+(cuBLAS, BN, activation, loss, optimizer, memset) so the table says which kind of node
+dominates.
 """
 from __future__ import annotations
 

@@ -4,9 +4,8 @@
 #   device: bash bench/profile_gpu.sh [CONFIGS...]   (carry: [".whl"]; CONFIGS like 64:bn)
 set -uo pipefail
 OUT=${OUT:-/tmp/nnopt-profile}
-PROF=/tmp/nnopt-profile-csv
-rm -rf "$PROF"  # an earlier call's configurations would be summarized with this one's
-mkdir -p "$OUT" "$PROF"
+PROF=$(mktemp -d /tmp/nnopt-profile-csv.XXXXXX)  # this call's configurations alone
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --find-links .whl .whl/*.whl || exit 1
@@ -23,11 +22,13 @@ for config in "${configs[@]}"; do
   echo "== $batch $kind"
   # the replay's wall time in a process of its own: under ncu every CUDA call is
   # intercepted (a replay took 2,432 us there against 114 us without, batch 64 with BN)
-  timeout 60 python3 bench/profile_gpu.py --run "$batch" "$kind" \
-    > "$PROF/b${batch}_$kind.meta.json" || { echo "timing failed for $config"; continue; }
+  meta="$PROF/b${batch}_$kind.meta.json"
+  timeout 60 python3 bench/profile_gpu.py --run "$batch" "$kind" > "$meta" ||
+    { echo "timing failed for $config: the replay time below is the one under ncu"; rm -f "$meta"; }
   timeout 120 "$NCU" --profile-from-start off --graph-profiling node --clock-control none \
     --metrics gpu__time_duration.sum --csv --log-file "$PROF/b${batch}_$kind.csv" \
     python3 bench/profile_gpu.py --run "$batch" "$kind" > "$PROF/b${batch}_$kind.ncu.log" \
     || { echo "ncu failed for $config"; tail -5 "$PROF/b${batch}_$kind.csv"; }
+  [ -s "$meta" ] || cp "$PROF/b${batch}_$kind.ncu.log" "$meta"
 done
 python3 bench/profile_gpu.py --summarize "$PROF" --out "$OUT/profile.json"

@@ -411,8 +411,9 @@ NNOPT_BN_SPLIT(double, f64)
 // launch) adds the slices in order, so the sum is the same every run, and runs the epilogue.
 #define FUSED_MAX_ROWS 64
 #define FUSED_RPT (FUSED_MAX_ROWS / ROWS)
-// A kernel's static __shared__ arrays may total 48 KB; more needs dynamic shared memory and
-// an opt-in at launch (checked at compile time: the emulator cannot show it)
+// A kernel's static __shared__ memory may total 48 KB; more needs dynamic shared memory and
+// an opt-in at launch. Checked at compile time on each fused kernel's own arrays (the
+// emulator cannot show it); fused_product's `last` adds 4 bytes.
 #define STATIC_SHARED_BYTES (48 * 1024)
 #define KT 32  // == TILE: a k tile of b is KT x TILE, FUSED_BQ values per thread
 

@@ -168,7 +168,8 @@ class Handle:
         # CUDA gives a destroyed stream's address to the next stream made.
         self.owners = {}
         # Workspaces of streams that have died (forget_stream): kept, not freed, since work
-        # queued on the dead stream may still be running with them.
+        # queued on the dead stream may still be running with them (one per stream that
+        # died: nnopt makes one stream per captured step, and a side stream beside it).
         self.retired = []
         self.bound = None  # the (pointer, size) cuBLAS was last given
         self.stream = 0  # a new handle runs on the NULL stream
@@ -232,6 +233,9 @@ class Handle:
         """Row-major C (m, n) = op(A) @ op(B) on contiguous device buffers. ``split_k``:
         with the stream's workspace (cuBLAS may then split k over a GEMM and a reduction
         kernel), else with none (one kernel)."""
+        if self.stream not in self.workspaces:
+            raise CublasError("gemm before set_stream: give the handle its stream first "
+                              "(its stream was forgotten, or never set)")
         _, pointer, size = self.workspaces[self.stream]
         self._bind(*((pointer, size) if split_k else (None, 0)))
         op_b, op_a, rows, cols, inner, ldb, lda, ldc = gemm_args(m, n, k, trans_a, trans_b)

@@ -27,7 +27,7 @@ def test_dry_run_writes_every_section(bench_gpu, tmp_path, capsys):
     assert result["train"][0]["batch"] == 64 and "verdict" in result
     row = result["train"][0]
     # every contender's rounds are kept, and ratios carry their lowest and highest round
-    assert {len(times) for times in row["rounds_s"].values()} == {bench_gpu.TRAIN_ROUNDS}
+    assert {len(times) for times in row["per_round_s"].values()} == {bench_gpu.TRAIN_ROUNDS}
     low, high = row["gpu_bn_overhead_%_range"]
     assert low <= row["gpu_bn_overhead_%"] <= high
     assert result["graph_table"].startswith("| batch | BN | torch eager | torch graph")
@@ -269,5 +269,7 @@ def test_gpu_check_script_runs_every_step_and_records_each(tmp_path, fail, budge
         assert steps["profile"]["rc"] == -1 and steps["test_rest"]["rc"] == -1
     else:
         assert "--graph-profiling node" in calls and steps["profile"]["rc"] == 0
+        # the replay timed in a process of its own, not under ncu
+        assert "\npython3 bench/profile_gpu.py --run 64 bn" in calls
         assert steps["test_rest"]["rc"] == 0
     assert (out / "gpu_check.log").read_text().count("== ") >= 7

@@ -67,7 +67,6 @@ def test_bad_names_and_shapes(rng):
 def test_kaiming_leaky_relu_takes_torchs_default_slope(rng):
     """torch.nn.init.kaiming_*_(nonlinearity="leaky_relu") has a = 0 (gain sqrt(2));
     calculate_gain("leaky_relu") alone assumes 0.01, in torch as here."""
-    torch = pytest.importorskip("torch")
     for name in ("kaiming_normal", "kaiming_uniform"):
         ours = getattr(init, name)((4000, 300), np.random.default_rng(0), nonlinearity="leaky_relu")
         relu = getattr(init, name)((4000, 300), np.random.default_rng(0), nonlinearity="relu")
@@ -75,6 +74,8 @@ def test_kaiming_leaky_relu_takes_torchs_default_slope(rng):
         sloped = getattr(init, name)((4000, 300), np.random.default_rng(0),
                                      nonlinearity="leaky_relu", a=0.2)
         assert np.std(sloped) / np.std(relu) == pytest.approx(math.sqrt(1 / 1.04), rel=1e-9)
+    assert init.calculate_gain("leaky_relu") == pytest.approx(math.sqrt(2 / (1 + 0.01 ** 2)))
+    torch = pytest.importorskip("torch")
     assert init.calculate_gain("leaky_relu") == pytest.approx(
         torch.nn.init.calculate_gain("leaky_relu"))
     theirs = torch.empty(300, 4000)

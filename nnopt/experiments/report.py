@@ -218,6 +218,10 @@ class Claim:
                 "capped": self.capped, "reason": self.reason}
 
 
+#: Section.claim's default ``capped``: the section's own ``cap``
+SECTION_CAP = object()
+
+
 @dataclass
 class Section:
     title: str
@@ -239,14 +243,14 @@ class Section:
         self.lines.append("")
 
     def claim(self, id, claim, textbook, measured, held_per_seed, reason, sampled=True,
-              counted="seeds", capped="section") -> Claim:
+              counted="seeds", capped=SECTION_CAP) -> Claim:
         """Record a claim: ``measured`` from :func:`spread`, one held flag per seed (None
         where that seed could not test it), ``reason`` what was measured, in words;
         ``sampled``: False where the flags are not draws over seeds or rounds; ``counted``:
         "rounds" where the flags are a timing's rounds; ``capped``: what --quick cut short
         for it (default: the section's ``cap``; None where the claim's test is whole)."""
         made = Claim(id, self.title, claim, textbook, measured, list(held_per_seed), reason,
-                     sampled, counted, self.cap if capped == "section" else capped)
+                     sampled, counted, self.cap if capped is SECTION_CAP else capped)
         self.claims.append(made)
         return made
 

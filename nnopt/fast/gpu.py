@@ -157,6 +157,7 @@ def side_stream(main):
         except TypeError:  # not weakly referable: taken for a stream that never dies
             alive = lambda: main  # noqa: E731
         _SIDE_STREAMS[main.ptr] = (alive, cupy.cuda.Stream(non_blocking=True))
+        _JOIN_PENDING.pop(main.ptr, None)  # a dead stream's join, never made
     return _SIDE_STREAMS[main.ptr][1]
 
 
