@@ -76,7 +76,7 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
         T* inv_std_out, int m, int n, const T* bias, int has_bias, int activation) {         \
     __shared__ double sums[2][ROWS][TILE];                                                   \
     __shared__ T scale[TILE];                                                                \
-    __shared__ T offset[TILE];                                                               \
+    __shared__ T center[TILE];                                                               \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
     const bool active = j < n;                                                               \
     double s[2] = {0.0, 0.0}, shift = active ? (double)x[j] : 0.0;                           \
@@ -96,15 +96,16 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
     if (lead) {                                                                              \
         batchnorm_forward_feature<T>(s[0], s[1], shift, m, eps, momentum, unbiased, g, bt, bs,  \
                                      run_mean, run_var, mean_out[j], inv_std_out[j],         \
-                                     scale[threadIdx.x], offset[threadIdx.x]);               \
+                                     scale[threadIdx.x], center[threadIdx.x]);               \
         running_mean[j] = run_mean;                                                          \
         running_var[j] = run_var;                                                            \
     }                                                                                        \
     __syncthreads();                                                                         \
     if (active) {                                                                            \
+        const T sc = scale[threadIdx.x], ce = center[threadIdx.x], be = beta[j];             \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             long long k = (long long)i * n + j;                                              \
-            z[k] = activate<T>(x[k] * scale[threadIdx.x] + offset[threadIdx.x], activation); \
+            z[k] = activate<T>((x[k] - ce) * sc + be, activation);                           \
         }                                                                                    \
     }                                                                                        \
 }                                                                                            \
@@ -210,16 +211,20 @@ __device__ __forceinline__ void partial_forward(const T* __restrict__ x,
 template <typename T, int W>
 __device__ __forceinline__ void apply_forward(const T* __restrict__ x,
                                               const T* __restrict__ scale,
-                                              const T* __restrict__ offset, T* __restrict__ z,
+                                              const T* __restrict__ center,
+                                              const T* __restrict__ beta, T* __restrict__ z,
                                               int m, int n, int rows, int activation) {
     int j, begin, end;
     if (!split_rows<W>(m, n, rows, j, begin, end)) return;
-    const NnoptFeatures<T, W> a = load_features<T, W>(scale, j), b = load_features<T, W>(offset, j);
+    const NnoptFeatures<T, W> a = load_features<T, W>(scale, j), c = load_features<T, W>(center, j);
+    T b[W];  // beta: a view into the flat parameters, not 16-byte aligned: one at a time
+    for (int w = 0; w < W; ++w) b[w] = beta[j + w];
 #pragma unroll 8
     for (int i = begin; i < end; ++i) {
         const long long k = (long long)i * n + j;
         NnoptFeatures<T, W> v = load_features<T, W>(x, k);
-        for (int w = 0; w < W; ++w) v.e[w] = activate<T>(v.e[w] * a.e[w] + b.e[w], activation);
+        for (int w = 0; w < W; ++w)
+            v.e[w] = activate<T>((v.e[w] - c.e[w]) * a.e[w] + b[w], activation);
         store_features<T, W>(z, k, v);
     }
 }
@@ -304,9 +309,9 @@ extern "C" __global__ void bn_partial_forward_##S(const T* __restrict__ x,      
     partial_forward<T, W>(x, partial, m, n, rows);                                           \
 }                                                                                            \
 extern "C" __global__ void bn_apply_forward_##S(const T* __restrict__ x,                      \
-        const T* __restrict__ scale, const T* __restrict__ offset, T* __restrict__ z, int m, \
-        int n, int rows, int activation) {                                                   \
-    apply_forward<T, W>(x, scale, offset, z, m, n, rows, activation);                        \
+        const T* __restrict__ scale, const T* __restrict__ center, const T* __restrict__ beta, \
+        T* __restrict__ z, int m, int n, int rows, int activation) {                          \
+    apply_forward<T, W>(x, scale, center, beta, z, m, n, rows, activation);                  \
 }                                                                                            \
 extern "C" __global__ void bn_partial_backward_##S(const T* __restrict__ d,                   \
         const T* __restrict__ x, const T* __restrict__ mean, double* __restrict__ partial,    \
@@ -334,7 +339,7 @@ NNOPT_BN_ROWS(double, 2, f64x2)
 extern "C" __global__ void bn_finalize_forward_##S(const double* __restrict__ partial,        \
         int chunks, const T* x, const T* gamma, const T* beta, T eps, T momentum,             \
         int unbiased, T* running_mean, T* running_var, T* mean_out, T* inv_std_out,           \
-        T* scale, T* offset, int m, int n, const T* bias, int has_bias) {                    \
+        T* scale, T* center, int m, int n, const T* bias, int has_bias) {                    \
     __shared__ double shared[2][ROWS][TILE];                                                 \
     const int j = blockIdx.x * TILE + threadIdx.x;                                           \
     double s[2];                                                                             \
@@ -343,7 +348,7 @@ extern "C" __global__ void bn_finalize_forward_##S(const double* __restrict__ pa
     batchnorm_forward_feature<T>(s[0], s[1], (double)x[j], m, eps, momentum, unbiased,       \
                                  gamma[j], beta[j], has_bias ? bias[j] : T(0),               \
                                  running_mean[j], running_var[j], mean_out[j],               \
-                                 inv_std_out[j], scale[j], offset[j]);                       \
+                                 inv_std_out[j], scale[j], center[j]);                       \
 }                                                                                            \
 extern "C" __global__ void bn_finalize_backward_##S(const double* __restrict__ partial,       \
         int chunks, const T* gamma, const T* inv_std, T* coef, T* dgamma, T* dbeta, int m,    \
@@ -544,8 +549,8 @@ extern "C" __global__ void linear_forward_##S(const T* __restrict__ a,          
     alignas(16) __shared__ T as[FUSED_MAX_ROWS][KT];  /* rows read 16 bytes at a time */    \
     __shared__ T bs[KT][TILE + 1];                                                           \
     __shared__ double sums[2][ROWS][TILE];                                                   \
-    __shared__ T scale[TILE], offset[TILE];                                                  \
-    static_assert(sizeof(as) + sizeof(bs) + sizeof(sums) + sizeof(scale) + sizeof(offset) <= STATIC_SHARED_BYTES,\
+    __shared__ T scale[TILE], center[TILE];                                                  \
+    static_assert(sizeof(as) + sizeof(bs) + sizeof(sums) + sizeof(scale) + sizeof(center) <= STATIC_SHARED_BYTES,\
                   "static shared memory above 48 KB needs an opt-in launch");                \
     T acc[FUSED_RPT];                                                                        \
     if (!fused_product<T, false>(a, w, partial, counters, gridDim.y, blockIdx.y, slice, m, n, \
@@ -579,17 +584,18 @@ extern "C" __global__ void linear_forward_##S(const T* __restrict__ a,          
         batchnorm_forward_feature<T>(s[0], s[1], shift, m, eps, momentum, unbiased, gamma[j], \
                                      beta[j], has_bias ? bias[j] : T(0), run_mean, run_var,  \
                                      mean_out[j], inv_std_out[j], scale[threadIdx.x],        \
-                                     offset[threadIdx.x]);                                   \
+                                     center[threadIdx.x]);                                   \
         running_mean[j] = run_mean;                                                          \
         running_var[j] = run_var;                                                            \
     }                                                                                        \
     __syncthreads();                                                                         \
+    const T sc = scale[threadIdx.x], ce = center[threadIdx.x], be = active ? beta[j] : T(0); \
     for (int r = 0; r < FUSED_RPT; ++r) {                                                    \
         const int i = threadIdx.y + ROWS * r;                                                \
         if (i < m && active) {                                                               \
             const long long at = (long long)i * n + j;                                       \
             h[at] = acc[r];                                                                  \
-            y[at] = activate<T>(acc[r] * scale[threadIdx.x] + offset[threadIdx.x], activation);  \
+            y[at] = activate<T>((acc[r] - ce) * sc + be, activation);                        \
         }                                                                                    \
     }                                                                                        \
 }                                                                                            \

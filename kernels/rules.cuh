@@ -108,11 +108,9 @@ NNOPT_DEVICE void batchnorm_statistics(double sum_dev, double sum_sq_dev, double
     inv_std = 1.0 / sqrt(var + eps);
 }
 
-// batchnorm_scale_offset: z = x * scale + offset
-NNOPT_DEVICE void batchnorm_scale_offset(double gamma, double beta, double mean, double inv_std,
-                                         double& scale, double& offset) {
-    scale = gamma * inv_std;
-    offset = beta - mean * scale;
+// batchnorm_scale: z = (x - mean) * scale + beta (centred first: a constant feature is beta)
+NNOPT_DEVICE double batchnorm_scale(double gamma, double inv_std) {
+    return gamma * inv_std;
 }
 
 // BatchNorm._update_running: running = momentum running + (1 - momentum) batch value
@@ -138,23 +136,23 @@ NNOPT_DEVICE void batchnorm_backward_coefficients(double sum_d, double sum_dc, i
 }
 
 // One feature's forward statistics, from its shifted sums: mean and inv_std stored, the
-// running statistics updated, and z's (scale, offset), in T (every forward kernel's step).
+// running statistics updated, and z's (scale, center): z = (x - center) scale + beta, in T
+// (every forward kernel's step).
 // ``bias``: a Linear bias left out of x (nnopt.block): it cancels from z, mean and inv_std,
 // and only shifts the running mean, which is that of x + bias (0: no bias).
 template <typename T>
 NNOPT_DEVICE void batchnorm_forward_feature(double sum_dev, double sum_sq_dev, double shift,
                                             int m, T eps, T momentum, int unbiased, T gamma,
                                             T beta, T bias, T& running_mean, T& running_var,
-                                            T& mean_out, T& inv_std_out, T& scale, T& offset) {
-    double mean, var, inv_std, scale_d, offset_d;
+                                            T& mean_out, T& inv_std_out, T& scale, T& center) {
+    double mean, var, inv_std;
     batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps, mean, var, inv_std);
     mean_out = (T)mean;
     inv_std_out = (T)inv_std;
     batchnorm_update_running<T>(mean + (double)bias, var, m, momentum, unbiased, running_mean,
                                 running_var);
-    batchnorm_scale_offset(gamma, beta, mean, inv_std, scale_d, offset_d);
-    scale = (T)scale_d;
-    offset = (T)offset_d;
+    scale = (T)batchnorm_scale(gamma, inv_std);
+    center = (T)mean;
 }
 
 // One feature's backward coefficients in T, dgamma and dbeta accumulated.

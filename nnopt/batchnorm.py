@@ -102,10 +102,12 @@ def batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps):
     return mean, var, inv_std
 
 
-def batchnorm_scale_offset(gamma, beta, mean, inv_std):
-    """``(scale, offset)`` with z = x scale + offset."""
-    scale = gamma * inv_std
-    return scale, beta - mean * scale
+def batchnorm_scale(gamma, inv_std):
+    """``scale`` with z = (x - mean) scale + beta. Centred before it is scaled: a feature
+    constant over the batch comes out as exactly beta. (As x scale + (beta - mean scale),
+    it cancelled: there scale is gamma / sqrt(eps), about 316 gamma, and a constant 1e6
+    came out as -32 instead of beta = 0.7 in float32.)"""
+    return gamma * inv_std
 
 
 def batchnorm_forward_factored(x, gamma, beta, eps):
@@ -114,8 +116,7 @@ def batchnorm_forward_factored(x, gamma, beta, eps):
     shift = x[0, :]
     sum_dev, sum_sq_dev = batchnorm_shifted_sums(x, shift)
     mean, var, inv_std = batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps)
-    scale, offset = batchnorm_scale_offset(gamma, beta, mean, inv_std)
-    return x * scale + offset, mean, var, inv_std
+    return (x - mean) * batchnorm_scale(gamma, inv_std) + beta, mean, var, inv_std
 
 
 def batchnorm_backward_sums(d, x, mean):

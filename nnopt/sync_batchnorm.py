@@ -55,8 +55,8 @@ def sync_batchnorm_forward(x, gamma, beta, eps, comm, shift=None):
     count = stats[2 * n]
     mean, var, inv_std = reference.batchnorm_statistics(stats[:n], stats[n:2 * n], shift,
                                                         count, eps)
-    scale, offset = reference.batchnorm_scale_offset(gamma, beta, mean, inv_std)
-    return x * scale + offset, mean, var, count, (x, mean, inv_std, gamma, count)
+    z = (x - mean) * reference.batchnorm_scale(gamma, inv_std) + beta
+    return z, mean, var, count, (x, mean, inv_std, gamma, count)
 
 
 def sync_batchnorm_backward(d, cache, comm):

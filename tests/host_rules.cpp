@@ -41,12 +41,12 @@ extern "C" void bn_forward_##S(const T* x, const T* gamma, const T* beta, T eps,
             s += d;                                                                          \
             s2 += d * d;                                                                     \
         }                                                                                    \
-        T scale, offset;                                                                     \
+        T scale, center;                                                                     \
         batchnorm_forward_feature<T>(s, s2, shift, m, eps, momentum, unbiased, gamma[j],     \
                                      beta[j], T(0), running_mean[j], running_var[j], mean[j], \
-                                     inv_std[j], scale, offset);                             \
+                                     inv_std[j], scale, center);                             \
         for (int i = 0; i < m; ++i)                                                          \
-            z[(long long)i * n + j] = x[(long long)i * n + j] * scale + offset;                \
+            z[(long long)i * n + j] = (x[(long long)i * n + j] - center) * scale + beta[j];    \
     }                                                                                        \
 }                                                                                            \
 extern "C" void bn_backward_##S(const T* d, const T* x, const T* gamma, const T* mean,      \

@@ -137,3 +137,22 @@ def test_batchnorm_reuses_its_output_only_when_nobody_holds_it(rng):
     assert len(model.layers[0].scratch.arrays["z"]) == buffers
     z_ref, _, _, _ = batchnorm_forward(fourth_input, np.ones(5), np.zeros(5), 1e-5)
     np.testing.assert_allclose(fourth, z_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m", [64, 50_000])  # one thread; the threaded chunks
+@pytest.mark.parametrize("level", [255.0, 1e4, 1e6])
+def test_a_constant_feature_comes_out_as_beta(dtype, m, level):
+    """A feature constant over the batch normalizes to 0, so BN gives exactly beta: z is
+    centred before it is scaled. (As x scale + (beta - mean scale) the fused kernel
+    cancelled: scale = gamma / sqrt(eps) ~ 316 gamma, and 1e6 gave -32, not 0.7.)"""
+    x = np.full((m, 3), level, dtype)
+    x[:, 1] = np.linspace(-1, 1, m)  # a varying feature beside it
+    gamma, beta = np.array([1.3, 1.0, 2.0], dtype), np.array([0.7, 0.0, -0.25], dtype)
+    fast = cpu_kernels()
+    z, mean, _ = fast.bn_forward(x, gamma, beta, 1e-5, 0.9, False, np.zeros(3, dtype),
+                                 np.ones(3, dtype))
+    assert np.all(z[:, 0] == beta[0]) and np.all(z[:, 2] == beta[2]) and mean[0] == level
+    z_ref = batchnorm_forward(x.astype(np.float64), gamma, beta, 1e-5)[0]
+    np.testing.assert_allclose(z[:, 1], z_ref[:, 1], rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-6 if dtype == np.float32 else 1e-12)

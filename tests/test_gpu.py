@@ -417,3 +417,27 @@ def reference_step(monkeypatch, sizes, batchnorm, state, x, labels):
         return (loss, {k: np.asarray(v) for k, v in model.state_dict().items()},
                 {p.name: np.array(p.grad) for p in model.parameters()})
 
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("m", [32, 4096])  # the one-launch kernel (and the fused product); the split path
+def test_a_constant_feature_comes_out_as_beta_on_gpu(xp, gpu, dtype, m):
+    """BN of a feature constant over the batch is exactly beta on the GPU too: every forward
+    kernel centres before it scales (x scale + (beta - mean scale) cancelled)."""
+    from nnopt.block import Block
+    x = np.full((m, 8), 1e4)
+    x[:, 1::2] = np.linspace(-1, 1, m)[:, None]
+    gamma, beta = np.linspace(0.5, 2, 8), np.linspace(-1, 1, 8) + 0.3
+    z, _, _ = gpu.bn_forward(dev(xp, x.astype(dtype)), dev(xp, gamma.astype(dtype)),
+                             dev(xp, beta.astype(dtype)), 1e-5, 0.9, False,
+                             dev(xp, np.zeros(8, dtype)), dev(xp, np.ones(8, dtype)))
+    z = host(z)
+    assert np.all(z[:, 0::2] == beta.astype(dtype)[0::2])
+    # the fused product's epilogue: identical rows make every feature of h constant
+    linear = nnopt.Linear(8, 4, rng=0)
+    block = Block(linear, nnopt.BatchNorm(4))
+    nnopt.Sequential([block], device=xp, dtype=dtype)
+    block.batchnorm.beta.data[...] = dev(xp, np.array([0.7, -0.2, 0.0, 1.5], dtype))
+    rows = dev(xp, np.tile(np.linspace(1e3, 2e3, 8), (min(m, 64), 1)).astype(dtype))
+    y = host(block.forward(rows))
+    assert np.all(y == host(block.batchnorm.beta.data))

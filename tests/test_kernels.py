@@ -366,7 +366,7 @@ def test_split_batchnorm_kernels_match_reference(grid, emulated_batchnorm, rng, 
     k = lambda name: getattr(grid, f"bn_{name}_{rows_suffix}")  # noqa: E731
     xs, gs, bs, ds, biases = c(x), c(gamma), c(beta), c(d), c(bias)
     run_mean, run_var = c(np.zeros(n)), c(np.ones(n))
-    z, mean, inv_std, scale, offset = c(np.zeros(shape)), *(c(np.zeros(n)) for _ in range(4))
+    z, mean, inv_std, scale, center = c(np.zeros(shape)), *(c(np.zeros(n)) for _ in range(4))
     partial = np.full((chunks, 2, n), np.nan)
     (gx, gy), (block,) = bn_split_grid(n, chunks, lanes)
     run_grid(grid, k("partial_forward"), (gx, gy), block, ptr(xs), ptr(partial), m, n, rows)
@@ -375,10 +375,10 @@ def test_split_batchnorm_kernels_match_reference(grid, emulated_batchnorm, rng, 
     t, i32 = np.dtype(dtype).type, np.int32
     finalize(f"bn_finalize_forward_{suffix}")(
         *feature_tile_grid(n), (partial, i32(chunks), xs, gs, bs, t(1e-5), t(0.9), i32(0),
-                               run_mean, run_var, mean, inv_std, scale, offset, i32(m), i32(n),
+                               run_mean, run_var, mean, inv_std, scale, center, i32(m), i32(n),
                                biases, i32(with_bias)))
-    run_grid(grid, k("apply_forward"), (gx, gy), block, ptr(xs), ptr(scale), ptr(offset), ptr(z),
-             m, n, rows, code)
+    run_grid(grid, k("apply_forward"), (gx, gy), block, ptr(xs), ptr(scale), ptr(center), ptr(bs),
+             ptr(z), m, n, rows, code)
     dx, coef, dgamma, dbeta = c(np.zeros(shape)), c(np.zeros((3, n))), c(np.zeros(n)), c(np.zeros(n))
     partial[...] = np.nan
     run_grid(grid, k("partial_backward"), (gx, gy), block, ptr(ds), ptr(xs), ptr(mean),

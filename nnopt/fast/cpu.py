@@ -286,7 +286,7 @@ def batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps):
 
 
 # Plain arithmetic in nnopt.batchnorm: numba compiles the reference functions themselves.
-batchnorm_scale_offset = rule(reference_batchnorm.batchnorm_scale_offset)
+batchnorm_scale = rule(reference_batchnorm.batchnorm_scale)
 batchnorm_backward_coefficients = rule(reference_batchnorm.batchnorm_backward_coefficients)
 
 
@@ -336,7 +336,6 @@ def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_v
     else:
         sum_dev_total, sum_sq_dev_total = _shifted_sums(x, shift, x, shift, chunks, x, IDENTITY)
     scale = np.empty(n, dtype=gamma.dtype)
-    offset = np.empty(n, dtype=gamma.dtype)
     for k in range(n):
         mean, var, inv_std = batchnorm_statistics(sum_dev_total[k], sum_sq_dev_total[k],
                                                   shift[k], m, eps)
@@ -346,10 +345,10 @@ def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_v
         stored_var = var * m / (m - 1) if unbiased else var
         running_mean[k] = momentum * running_mean[k] + (1.0 - momentum) * (mean + bias[k])
         running_var[k] = momentum * running_var[k] + (1.0 - momentum) * stored_var
-        scale[k], offset[k] = batchnorm_scale_offset(gamma[k], beta[k], mean, inv_std)
+        scale[k] = batchnorm_scale(gamma[k], inv_std)
     for i in prange(m):
         for k in range(n):
-            z[i, k] = activate(x[i, k] * scale[k] + offset[k], activation)
+            z[i, k] = activate((x[i, k] - mean_out[k]) * scale[k] + beta[k], activation)
 
 
 @Kernel

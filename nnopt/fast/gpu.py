@@ -275,16 +275,16 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     if chunks > 1:  # large batch: rows split over chunks (batchnorm.cu, split path)
         rows_suffix, grid, block = _row_walks(n, chunks, x, z)
         partial = cupy.empty((chunks, 2, n), dtype=cupy.float64)
-        scale, offset = cupy.empty(n, dtype=x.dtype), cupy.empty(n, dtype=x.dtype)
+        scale, center = cupy.empty(n, dtype=x.dtype), cupy.empty(n, dtype=x.dtype)
         suffix, i32 = _suffix(x), np.int32
         function("batchnorm.cu", f"bn_partial_forward_{rows_suffix}")(
             grid, block, (x, partial, i32(m), i32(n), i32(rows)))
         function("batchnorm.cu", f"bn_finalize_forward_{suffix}")(
             *feature_tile_grid(n),
             (partial, i32(chunks), x, gamma, beta, s[0], s[1], i32(unbiased), running_mean,
-             running_var, mean, inv_std, scale, offset, i32(m), i32(n), bias, has_bias))
+             running_var, mean, inv_std, scale, center, i32(m), i32(n), bias, has_bias))
         function("batchnorm.cu", f"bn_apply_forward_{rows_suffix}")(
-            grid, block, (x, scale, offset, z, i32(m), i32(n), i32(rows), act))
+            grid, block, (x, scale, center, beta, z, i32(m), i32(n), i32(rows), act))
         return z, mean, inv_std
     function("batchnorm.cu", f"bn_forward_{_suffix(x)}")(
         *feature_tile_grid(n),
