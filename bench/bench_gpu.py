@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -124,7 +123,7 @@ def bench_optim(xp, torch, tdev, sync, sizes):
                 except (RuntimeError, TypeError):
                     pass
         rounds = common.timeit_rounds(times, repeat=5, sync=sync)
-        measured = {name: statistics.median(t) for name, t in rounds.items()}
+        measured = common.medians(rounds)
         copy_bw = 8 * n / measured["copy"]
         for name, cls in optim.OPTIMIZERS.items():
             row = {"n": n, "optimizer": name, "seconds": measured[f"nnopt_{name}"],
@@ -172,7 +171,7 @@ def bench_bn(xp, torch, tdev, sync, shapes):
             times["torch"] = torch_fb
         rounds = common.timeit_rounds(times, repeat=5, sync=sync)
         row = {"shape": f"{shape[0]}x{shape[1]}",
-               **{f"{name}_s": statistics.median(t) for name, t in rounds.items()}}
+               **{f"{name}_s": t for name, t in common.medians(rounds).items()}}
         if "nnopt_4byte" in rounds:
             put_ratio(row, "vs_4byte", rounds["nnopt"], rounds["nnopt_4byte"])
         if "torch" in rounds:
@@ -247,7 +246,7 @@ def _train_config(torch, batch, width, with_cpu, gpu, tdev, dry_run):
     # ratio is taken round by round (its spread is kept beside its median)
     rounds = common.timeit_rounds({k: r.step for k, r in runners.items()}, repeat=TRAIN_ROUNDS,
                                   min_time=0.05, sync=sync_all)
-    row.update({f"{key}_s": statistics.median(times) for key, times in rounds.items()})
+    row.update({f"{key}_s": t for key, t in common.medians(rounds).items()})
     row["per_round_s"] = rounds
 
     def ratio(name, top, bottom, scale=lambda v: v):

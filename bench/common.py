@@ -30,7 +30,11 @@ def timeit_many(fns: dict, *, repeat=7, min_time=0.05, sync=None) -> dict:
     """Median seconds per call of each function, measured in interleaved rounds, so a
     slow spell of a shared machine hits every contender alike (same process: for
     contenders that share a runtime safely, e.g. on a GPU; see Worker otherwise)."""
-    rounds = timeit_rounds(fns, repeat=repeat, min_time=min_time, sync=sync)
+    return medians(timeit_rounds(fns, repeat=repeat, min_time=min_time, sync=sync))
+
+
+def medians(rounds: dict) -> dict:
+    """Each contender's median over its rounds."""
     return {name: statistics.median(times) for name, times in rounds.items()}
 
 
@@ -136,7 +140,7 @@ def compare(contenders: dict, *, repeat=7, min_time=0.05, pause=0.25) -> dict:
                 time.sleep(pause)
                 previous = worker
             rounds[name].append(worker.ask("time", key, calls[name]))
-    return {name: statistics.median(times) for name, times in rounds.items()}
+    return medians(rounds)
 
 
 # --- the machine with one core busy ------------------------------------------------------

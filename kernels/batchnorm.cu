@@ -105,7 +105,7 @@ extern "C" __global__ void bn_forward_##S(const T* x, const T* gamma, const T* b
         const T sc = scale[threadIdx.x], ce = center[threadIdx.x], be = beta[j];             \
         for (int i = threadIdx.y; i < m; i += ROWS) {                                        \
             long long k = (long long)i * n + j;                                              \
-            z[k] = activate<T>((x[k] - ce) * sc + be, activation);                           \
+            z[k] = activate<T>(batchnorm_apply<T>(x[k], ce, sc, be), activation);            \
         }                                                                                    \
     }                                                                                        \
 }                                                                                            \
@@ -224,7 +224,7 @@ __device__ __forceinline__ void apply_forward(const T* __restrict__ x,
         const long long k = (long long)i * n + j;
         NnoptFeatures<T, W> v = load_features<T, W>(x, k);
         for (int w = 0; w < W; ++w)
-            v.e[w] = activate<T>((v.e[w] - c.e[w]) * a.e[w] + b[w], activation);
+            v.e[w] = activate<T>(batchnorm_apply<T>(v.e[w], c.e[w], a.e[w], b[w]), activation);
         store_features<T, W>(z, k, v);
     }
 }
@@ -595,7 +595,7 @@ extern "C" __global__ void linear_forward_##S(const T* __restrict__ a,          
         if (i < m && active) {                                                               \
             const long long at = (long long)i * n + j;                                       \
             h[at] = acc[r];                                                                  \
-            y[at] = activate<T>((acc[r] - ce) * sc + be, activation);                        \
+            y[at] = activate<T>(batchnorm_apply<T>(acc[r], ce, sc, be), activation);         \
         }                                                                                    \
     }                                                                                        \
 }                                                                                            \

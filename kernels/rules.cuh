@@ -108,9 +108,15 @@ NNOPT_DEVICE void batchnorm_statistics(double sum_dev, double sum_sq_dev, double
     inv_std = 1.0 / sqrt(var + eps);
 }
 
-// batchnorm_scale: z = (x - mean) * scale + beta (centred first: a constant feature is beta)
+// batchnorm_scale: gamma / sqrt(var + eps)
 NNOPT_DEVICE double batchnorm_scale(double gamma, double inv_std) {
     return gamma * inv_std;
+}
+
+// batchnorm_apply: z = (x - mean) * scale + beta (centred first: a constant feature is beta)
+template <typename T>
+NNOPT_DEVICE T batchnorm_apply(T x, T mean, T scale, T beta) {
+    return (x - mean) * scale + beta;
 }
 
 // BatchNorm._update_running: running = momentum running + (1 - momentum) batch value

@@ -103,11 +103,16 @@ def batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps):
 
 
 def batchnorm_scale(gamma, inv_std):
-    """``scale`` with z = (x - mean) scale + beta. Centred before it is scaled: a feature
-    constant over the batch comes out as exactly beta. (As x scale + (beta - mean scale),
-    it cancelled: there scale is gamma / sqrt(eps), about 316 gamma, and a constant 1e6
-    came out as -32 instead of beta = 0.7 in float32.)"""
+    """``scale`` of :func:`batchnorm_apply`: gamma / sqrt(var + eps)."""
     return gamma * inv_std
+
+
+def batchnorm_apply(x, mean, scale, beta):
+    """z = (x - mean) scale + beta. Centred before it is scaled: a feature constant over
+    the batch comes out as exactly beta. (As x scale + (beta - mean scale), it cancelled:
+    there scale is gamma / sqrt(eps), about 316 gamma, and a constant 1e6 came out as -32
+    instead of beta = 0.7 in float32.)"""
+    return (x - mean) * scale + beta
 
 
 def batchnorm_forward_factored(x, gamma, beta, eps):
@@ -116,7 +121,8 @@ def batchnorm_forward_factored(x, gamma, beta, eps):
     shift = x[0, :]
     sum_dev, sum_sq_dev = batchnorm_shifted_sums(x, shift)
     mean, var, inv_std = batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps)
-    return (x - mean) * batchnorm_scale(gamma, inv_std) + beta, mean, var, inv_std
+    z = batchnorm_apply(x, mean, batchnorm_scale(gamma, inv_std), beta)
+    return z, mean, var, inv_std
 
 
 def batchnorm_backward_sums(d, x, mean):

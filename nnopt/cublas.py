@@ -146,6 +146,16 @@ def gemm_args(m, n, k, trans_a, trans_b):
     return op_b, op_a, n, m, k, ldb, lda, n
 
 
+def watch(stream):
+    """A weak reference to ``stream`` (call it: None once the stream has died), or, for an
+    object that cannot have one, a callable that always returns it (taken for a stream that
+    never dies)."""
+    try:
+        return weakref.ref(stream)
+    except TypeError:
+        return lambda: stream
+
+
 def _check(status, what):
     if status != 0:
         raise CublasError(f"{what} failed: {STATUS.get(status, status)}")
@@ -208,10 +218,7 @@ class Handle:
         if known is not None and known() is None:
             self.forget_stream(stream_ptr)
         if owner is not None and stream_ptr not in self.owners:
-            try:
-                self.owners[stream_ptr] = weakref.ref(owner)
-            except TypeError:  # not weakly referable: taken for a stream that never dies
-                pass
+            self.owners[stream_ptr] = watch(owner)
         if stream_ptr != self.stream:
             _check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)),
                    "cublasSetStream_v2")

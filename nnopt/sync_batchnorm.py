@@ -55,7 +55,7 @@ def sync_batchnorm_forward(x, gamma, beta, eps, comm, shift=None):
     count = stats[2 * n]
     mean, var, inv_std = reference.batchnorm_statistics(stats[:n], stats[n:2 * n], shift,
                                                         count, eps)
-    z = (x - mean) * reference.batchnorm_scale(gamma, inv_std) + beta
+    z = reference.batchnorm_apply(x, mean, reference.batchnorm_scale(gamma, inv_std), beta)
     return z, mean, var, count, (x, mean, inv_std, gamma, count)
 
 

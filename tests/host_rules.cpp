@@ -46,7 +46,8 @@ extern "C" void bn_forward_##S(const T* x, const T* gamma, const T* beta, T eps,
                                      beta[j], T(0), running_mean[j], running_var[j], mean[j], \
                                      inv_std[j], scale, center);                             \
         for (int i = 0; i < m; ++i)                                                          \
-            z[(long long)i * n + j] = (x[(long long)i * n + j] - center) * scale + beta[j];    \
+            z[(long long)i * n + j] = batchnorm_apply<T>(x[(long long)i * n + j], center, scale,  \
+                                                         beta[j]);                           \
     }                                                                                        \
 }                                                                                            \
 extern "C" void bn_backward_##S(const T* d, const T* x, const T* gamma, const T* mean,      \

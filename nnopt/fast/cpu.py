@@ -287,6 +287,7 @@ def batchnorm_statistics(sum_dev, sum_sq_dev, shift, m, eps):
 
 # Plain arithmetic in nnopt.batchnorm: numba compiles the reference functions themselves.
 batchnorm_scale = rule(reference_batchnorm.batchnorm_scale)
+batchnorm_apply = rule(reference_batchnorm.batchnorm_apply)
 batchnorm_backward_coefficients = rule(reference_batchnorm.batchnorm_backward_coefficients)
 
 
@@ -348,7 +349,8 @@ def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_v
         scale[k] = batchnorm_scale(gamma[k], inv_std)
     for i in prange(m):
         for k in range(n):
-            z[i, k] = activate((x[i, k] - mean_out[k]) * scale[k] + beta[k], activation)
+            z[i, k] = activate(batchnorm_apply(x[i, k], mean_out[k], scale[k], beta[k]),
+                               activation)
 
 
 @Kernel

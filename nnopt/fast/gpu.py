@@ -12,7 +12,6 @@ Same interface as :mod:`nnopt.fast.cpu`: ``OPTIMIZER_STEPS[name](p, g, state, hp
 from __future__ import annotations
 
 import warnings
-import weakref
 from functools import lru_cache
 
 import cupy
@@ -152,11 +151,7 @@ def side_stream(main):
     one's address gets a new side stream, not the dead one's)."""
     known = _SIDE_STREAMS.get(main.ptr)
     if known is None or known[0]() is None:
-        try:
-            alive = weakref.ref(main)
-        except TypeError:  # not weakly referable: taken for a stream that never dies
-            alive = lambda: main  # noqa: E731
-        _SIDE_STREAMS[main.ptr] = (alive, cupy.cuda.Stream(non_blocking=True))
+        _SIDE_STREAMS[main.ptr] = (cublas.watch(main), cupy.cuda.Stream(non_blocking=True))
         _JOIN_PENDING.pop(main.ptr, None)  # a dead stream's join, never made
     return _SIDE_STREAMS[main.ptr][1]
 
