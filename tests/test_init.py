@@ -79,6 +79,7 @@ def test_kaiming_leaky_relu_takes_torchs_default_slope(rng):
     assert init.calculate_gain("leaky_relu") == pytest.approx(
         torch.nn.init.calculate_gain("leaky_relu"))
     theirs = torch.empty(300, 4000)
+    torch.manual_seed(0)
     torch.nn.init.kaiming_uniform_(theirs, nonlinearity="leaky_relu")
-    bound = math.sqrt(2) * math.sqrt(3 / 4000)
-    assert float(theirs.abs().max()) <= bound and float(theirs.abs().max()) > 0.99 * bound
+    bound = math.sqrt(2) * math.sqrt(3 / 4000)  # (torch draws in float32: a few ulps above)
+    assert 0.99 * bound < float(theirs.abs().max()) <= bound * (1 + 1e-6)
