@@ -11,7 +11,12 @@ compiler, CUDA's features emulated by tests/host_cuda.h. A launch then
   silently garble memory, is a :class:`LaunchError` naming the kernel and argument;
 * runs every thread of the grid: one after the other, or, for kernels that call
   ``__syncthreads``, each block's threads as fibers switched at every barrier (one block
-  at a time, so ``__shared__`` can be a single static copy);
+  at a time, so ``__shared__`` can be a single static copy, filled with NaN bytes as each
+  block starts: a read of shared memory this block never wrote shows);
+* in the order ``$NNOPT_EMULATED_ORDER`` names (:func:`schedule_order`): threads and
+  blocks as numbered, reversed, or shuffled. A GPU promises no order, so a kernel whose
+  results differ between orders has a race (a barrier missing or misplaced); CI runs the
+  GPU tests forward and reversed;
 * checks, for every array the stand-in allocated (``cupy.empty`` and friends: what the
   launchers allocate), that the kernel wrote nothing in the guard bytes either side of it:
   an out-of-bounds write is a :class:`LaunchError`; the guard bytes read as NaN
@@ -31,7 +36,8 @@ early as possible; a race between streams (a read the capture never made wait fo
 write) then changes a result. cuBLAS calls are captured on their handle's stream.
 
 What it cannot show: speed, array operations inside a captured graph besides the two above
-(they run once, at capture), memory-model races beyond ``__syncthreads``, races between
+(they run once, at capture), memory-model races beyond ``__syncthreads`` (a fence missing
+between blocks; warps' lockstep), races that no thread order of one block shows, races between
 streams outside captured graphs or inside one kernel's interleaving, cuBLAS itself. Those
 need the GPU (bench/gpu_check.sh).
 """
@@ -44,6 +50,7 @@ import ctypes
 import hashlib
 import importlib
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -170,17 +177,17 @@ UNSYNCHRONIZED, MISALIGNED = 1, 2
 
 _LAUNCHER = """
 extern "C" int nnopt_launch_{name}(unsigned gx, unsigned gy, unsigned bx, unsigned by{params}) {{
-    for (unsigned block_y = 0; block_y < gy; ++block_y)
-        for (unsigned block_x = 0; block_x < gx; ++block_x) {{
-            auto thread = [&](unsigned tx, unsigned ty) {{
-                nnopt_set_thread(gx, gy, bx, by, block_x, block_y, tx, ty);
-                {name}({args});
-            }};
-            if ({synchronizes}) nnopt_run_block(bx, by, thread);
-            else
-                for (unsigned ty = 0; ty < by; ++ty)
-                    for (unsigned tx = 0; tx < bx; ++tx) thread(tx, ty);
-        }}
+    for (const size_t block : nnopt_schedule((size_t)gx * gy)) {{
+        const unsigned block_x = (unsigned)(block % gx), block_y = (unsigned)(block / gx);
+        nnopt_next_block();
+        auto thread = [&](unsigned tx, unsigned ty) {{
+            nnopt_set_thread(gx, gy, bx, by, block_x, block_y, tx, ty);
+            {name}({args});
+        }};
+        if ({synchronizes}) nnopt_run_block(bx, by, thread);
+        else
+            for (const size_t t : nnopt_schedule((size_t)bx * by)) thread(t % bx, t / bx);
+    }}
     return nnopt_take_misuse();
 }}
 """
@@ -198,18 +205,75 @@ def _launchers(signatures):
     return "".join(out)
 
 
+_DECLARATOR = r"\w+(?:\s*\[[^\]]*\])*"
+_SHARED_DECLARATION = re.compile(rf"__shared__\s+\w+\s+({_DECLARATOR}(?:\s*,\s*{_DECLARATOR})*)\s*;")
+
+
+def fresh_shared(code):
+    """``code`` with a call to tests/host_cuda.h's nnopt_fresh_shared after each
+    ``__shared__`` declaration, for each name it declares: so each block's shared memory
+    starts as 0xFF bytes (NaN), not as the previous block's values."""
+    def fill(match):
+        names = [re.match(r"\s*(\w+)", d).group(1) for d in match.group(1).split(",")]
+        return match.group(0) + "".join(f" nnopt_fresh_shared(&{n}, sizeof({n}));"
+                                        for n in names)
+    return _SHARED_DECLARATION.sub(fill, code)
+
+
+#: The order the emulated threads and blocks run in (tests/host_cuda.h's nnopt_set_order),
+#: from $NNOPT_EMULATED_ORDER: "forward" (the default: as numbered), "reverse", or
+#: "shuffle" or "shuffle:SEED" (a fresh permutation at each barrier and launch, drawn from
+#: SEED, 0 by default). A kernel whose results change with the order has a race.
+ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
+
+
+def schedule_order(text=None):
+    """(order, seed) for nnopt_set_order, parsed from ``text`` ($NNOPT_EMULATED_ORDER)."""
+    text = os.environ.get("NNOPT_EMULATED_ORDER", "forward") if text is None else text
+    name, _, seed = text.strip().partition(":")
+    if name not in ORDERS or (seed and (name != "shuffle" or not seed.isdigit())):
+        raise ValueError(f"NNOPT_EMULATED_ORDER={text!r}: use forward, reverse, shuffle or "
+                         "shuffle:SEED (SEED a non-negative integer)")
+    return ORDERS[name], int(seed or 0)
+
+
+def _set_order(library, order):
+    library.nnopt_set_order(ctypes.c_int(order[0]), ctypes.c_ulonglong(order[1]))
+
+
+@contextlib.contextmanager
+def scheduled(text):
+    """Every emulated kernel, loaded or not yet, runs in the order ``text`` names (as
+    $NNOPT_EMULATED_ORDER) inside the block; $NNOPT_EMULATED_ORDER's order after it."""
+    _ORDER[0] = schedule_order(text)
+    try:
+        for library, _ in _LIBRARIES.values():
+            _set_order(library, _ORDER[0])
+        yield
+    finally:
+        _ORDER[0] = schedule_order()
+        for library, _ in _LIBRARIES.values():
+            _set_order(library, _ORDER[0])
+
+
+_ORDER = [schedule_order()]
+
+
 def _library(code):
     """``code`` compiled for the host with tests/host_cuda.h and a grid launcher per kernel
-    (cached per source text), and its kernels' signatures."""
+    (cached per source text), and its kernels' signatures; its threads and blocks run in
+    the order of $NNOPT_EMULATED_ORDER."""
     key = hashlib.sha256(code.encode()).hexdigest()[:16]
     if key not in _LIBRARIES:
         signatures = kernel_signatures(code)
         source, lib = _BUILD_DIR / f"{key}.cpp", _BUILD_DIR / f"lib{key}.so"
-        source.write_text(code + _launchers(signatures))
+        source.write_text(fresh_shared(code) + _launchers(signatures))
         subprocess.run([compiler(), "-O1", "-std=c++14", "-shared", "-fPIC", "-pthread",
                         "-Wno-unknown-pragmas", "-include", str(TESTS / "host_cuda.h"),
                         str(source), "-o", str(lib)], check=True, timeout=600)
-        _LIBRARIES[key] = (ctypes.CDLL(str(lib)), signatures)
+        library = ctypes.CDLL(str(lib))
+        _set_order(library, _ORDER[0])
+        _LIBRARIES[key] = (library, signatures)
     return _LIBRARIES[key]
 
 
@@ -638,8 +702,6 @@ def install(monkeypatch):
     ``pytest --backend emulated`` runs tests/test_gpu.py with. The device has
     ``$NNOPT_EMULATED_SMS`` multiprocessors (2 by default; 132, an H100's or H200's count,
     gives the launch shapes and plans of those GPUs: CI runs both)."""
-    import os
-
     import nnopt.fast
     import nnopt.graph
     import nnopt.params

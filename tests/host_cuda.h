@@ -2,18 +2,27 @@
 // kernels/*.cu with g++ and run them on the CPU:
 //   - blockIdx/threadIdx/gridDim/blockDim: set by nnopt_set_thread (and the fiber scheduler);
 //   - __shared__: one static copy, which is right because the tests run one block at a
-//     time (tests/emulated_gpu.py);
+//     time (tests/emulated_gpu.py), filled with 0xFF bytes (NaN, or -1) as each block
+//     starts (nnopt_fresh_shared, which tests/emulated_gpu.py puts after each declaration),
+//     so a read of what no thread of this block wrote shows, as it would on a GPU, instead
+//     of quietly finding the previous block's values;
 //   - __syncthreads: a barrier over the block's threads; kernels that use it run the
 //     threads of a block as fibers switched at each barrier (nnopt_run_block), the others
 //     run their threads one after the other;
 //   - float4/double2 (16-byte vector loads), CUDA's qualifiers defined away;
-//   - __threadfence, atomicAdd on int and __ldcg, trivially (one block at a time).
+//   - __threadfence, atomicAdd on int and __ldcg, trivially (one block at a time);
+//   - the order threads and blocks run in (nnopt_set_order): as numbered, reversed, or
+//     shuffled. A GPU promises no order, so a kernel's results must not depend on it: a
+//     barrier missing between one thread's write to shared memory and another's read gives
+//     other numbers in another order.
 #ifndef NNOPT_HOST_CUDA_H
 #define NNOPT_HOST_CUDA_H
 #include <ucontext.h>
 
 #include <cmath>
+#include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 using std::exp;
 using std::log;
@@ -60,9 +69,58 @@ extern "C" int nnopt_take_misuse() {
     return misuse;
 }
 
+// The order of a block's threads between two barriers (and of a kernel's threads that do not
+// synchronize), and of a grid's blocks: NNOPT_FORWARD as numbered, NNOPT_REVERSE, or
+// NNOPT_SHUFFLE, a fresh permutation each time, drawn from the seed (splitmix64).
+enum { NNOPT_FORWARD = 0, NNOPT_REVERSE = 1, NNOPT_SHUFFLE = 2 };
+static int nnopt_order = NNOPT_FORWARD;
+static unsigned long long nnopt_order_state = 0;
+
+extern "C" void nnopt_set_order(int order, unsigned long long seed) {
+    nnopt_order = order;
+    nnopt_order_state = seed;
+}
+
+static unsigned long long nnopt_next_random() {
+    unsigned long long z = (nnopt_order_state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+// 0 .. n-1 in the order nnopt_set_order chose.
+static std::vector<size_t> nnopt_schedule(size_t n) {
+    std::vector<size_t> order(n);
+    for (size_t i = 0; i < n; ++i) order[i] = nnopt_order == NNOPT_REVERSE ? n - 1 - i : i;
+    if (nnopt_order == NNOPT_SHUFFLE) {
+        for (size_t i = n; i > 1; --i) std::swap(order[i - 1], order[nnopt_next_random() % i]);
+    }
+    return order;
+}
+
+// Each block's __shared__ arrays start as 0xFF bytes: the first of its threads to reach a
+// declaration fills it (a block's threads all pass its declarations before they can write).
+static unsigned long long nnopt_block_serial = 0;
+static std::vector<std::pair<void*, unsigned long long>> nnopt_filled;
+
+static void nnopt_next_block() { ++nnopt_block_serial; }
+
+static inline void nnopt_fresh_shared(void* address, size_t bytes) {
+    for (auto& filled : nnopt_filled) {
+        if (filled.first != address) continue;
+        if (filled.second != nnopt_block_serial) {
+            std::memset(address, 0xFF, bytes);
+            filled.second = nnopt_block_serial;
+        }
+        return;
+    }
+    std::memset(address, 0xFF, bytes);
+    nnopt_filled.emplace_back(address, nnopt_block_serial);
+}
+
 // A block whose kernel synchronizes runs its threads as fibers on the calling thread
-// (ucontext): each runs up to its next __syncthreads (or its end), then the next one;
-// round after round until all are done. So no thread passes a barrier before every
+// (ucontext): each runs up to its next __syncthreads (or its end), then the next one (in
+// nnopt_schedule's order); round after round until all are done. So no thread passes a barrier before every
 // thread of the block has reached it, as on a GPU, at the cost of a context switch.
 struct NnoptFiber {
     ucontext_t context;
@@ -113,7 +171,7 @@ template <typename F> void nnopt_run_block(unsigned block_x, unsigned block_y, F
     nnopt_in_fibers = true;
     for (bool running = true; running;) {
         running = false;
-        for (size_t i = 0; i < n; ++i) {
+        for (const size_t i : nnopt_schedule(n)) {
             if (nnopt_fibers[i].done) continue;
             nnopt_running = i;
             threadIdx = {nnopt_fibers[i].tx, nnopt_fibers[i].ty, 0};  // blockIdx & co: shared

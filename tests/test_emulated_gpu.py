@@ -134,6 +134,71 @@ extern "C" __global__ void reverse_f64(double* a) { reverse<double>(a); }
         cupy_stand_in.RawModule(code=hidden).get_function("reverse_f64")((1,), (64,), (a,))
 
 
+BROADCAST = """
+extern "C" __global__ void broadcast_f64(const double* a, double* out) {
+    __shared__ double first;
+    if (threadIdx.x == 0) first = a[blockIdx.x];
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = first;
+}
+"""
+RACES = {"the barrier": BROADCAST.replace("__syncthreads();", ""),
+         "a barrier in the wrong place": BROADCAST.replace(
+             "if (threadIdx.x == 0) first = a[blockIdx.x];\n    __syncthreads();",
+             "__syncthreads();\n    if (threadIdx.x == 0) first = a[blockIdx.x];")}
+
+
+def broadcast(stand_in, code, order):
+    a, out = np.arange(1.0, 4.0), stand_in.zeros(3 * 32, np.float64)
+    with emulated_gpu.scheduled(order):
+        stand_in.RawModule(code=code).get_function("broadcast_f64")((3,), (32,), (a, out))
+    return out.reshape(3, 32)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle", "shuffle:12345"])
+def test_a_synchronized_kernel_gives_the_same_result_in_every_order(cupy_stand_in, order):
+    out = broadcast(cupy_stand_in, BROADCAST, order)
+    assert np.array_equal(out, np.repeat(np.arange(1.0, 4.0)[:, None], 32, axis=1))
+
+
+@pytest.mark.parametrize("missing", sorted(RACES))
+def test_a_race_on_shared_memory_shows_in_another_order(cupy_stand_in, missing):
+    """Without its barrier (or with it before the write), thread 0's write and the other
+    threads' reads race. Threads in order hide that (thread 0 runs first); reversed or
+    shuffled, a thread reads before thread 0 writes, and finds the 0xFF bytes every
+    block's shared memory starts as (NaN), not the previous block's value. CI runs the GPU
+    tests in the other orders (.ci/run)."""
+    code = RACES[missing]
+    assert np.array_equal(broadcast(cupy_stand_in, code, "forward"),
+                          broadcast(cupy_stand_in, BROADCAST, "forward"))
+    for order in ("reverse", "shuffle:1"):
+        out = broadcast(cupy_stand_in, code, order)
+        assert np.isnan(out).any(axis=1).all(), order  # in every block, not just the first
+
+
+def test_each_block_starts_with_fresh_shared_memory(cupy_stand_in):
+    """A read of shared memory that no thread of this block wrote is NaN in every block, as
+    garbage would be on a GPU, not what the block before left there."""
+    code = """
+extern "C" __global__ void stale_f64(double* out) {
+    __shared__ double kept[2], also;
+    out[blockIdx.x] = kept[0] + also;
+    kept[0] = also = 1.0;
+}
+"""
+    assert "nnopt_fresh_shared(&kept" in emulated_gpu.fresh_shared(code)
+    assert "nnopt_fresh_shared(&also" in emulated_gpu.fresh_shared(code)
+    out = cupy_stand_in.zeros(4, np.float64)
+    cupy_stand_in.RawModule(code=code).get_function("stale_f64")((4,), (1,), (out,))
+    assert np.isnan(out).all()
+
+
+@pytest.mark.parametrize("text", ["backwards", "reverse:3", "shuffle:-1", "shuffle:x"])
+def test_an_unknown_order_is_refused(text):
+    with pytest.raises(ValueError, match="use forward, reverse, shuffle or shuffle:SEED"):
+        emulated_gpu.schedule_order(text)
+
+
 def test_captures_follow_cudas_stream_rules():
     """While a stream captures, a launch on a stream that has not joined the capture (by
     waiting for an event recorded on a member) is a LaunchError (on a GPU it would run at
