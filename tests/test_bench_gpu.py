@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -147,11 +148,13 @@ def test_module_stays_importable_without_cupy(bench_gpu, monkeypatch):
     assert fresh is not bench_gpu and callable(fresh.main)
 
 
-def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
-    """What the dry run leaves out (the captured steps, fused and layer by layer, and their
-    ratios) through the GPU code path on the emulated device (tests/emulated_gpu.py): the
-    GPU session's benchmark must not stop at a Python error. Its timings mean nothing."""
+@pytest.fixture
+def emulated(bench_gpu, monkeypatch):
+    """bench_gpu on the emulated device (tests/emulated_gpu.py), its timing loops cut to one
+    call per contender (the emulator's speed means nothing): the NumPy namespace, and
+    {contender: its first result}."""
     import bench_train
+    import common
 
     import nnopt.backend
     from tests import emulated_gpu
@@ -161,18 +164,28 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
     numpy_namespace = nnopt.backend.get_namespace("cpu")
     monkeypatch.setattr(nnopt.backend, "get_namespace", lambda device: numpy_namespace)
     small = bench_train.data
-    monkeypatch.setattr(bench_train, "data", lambda n=2048: small(n))
+    # (more rows than the largest batch: the batches walk the set)
+    monkeypatch.setattr(bench_train, "data", lambda n=bench_train.N_TRAIN: small(min(n, 16384)))
+    firsts = {}
+
+    def first(fn):
+        out = fn()  # a training step's loss; BN's and the optimizers' steps give no number
+        return float(out) if isinstance(out, (float, np.generic, np.ndarray)) and np.ndim(out) == 0 else 0.0
+    monkeypatch.setattr(common, "timeit_rounds", lambda fns, **kw: {
+        name: (firsts.setdefault(name, first(fn)), kw["sync"](), [1e-3, 2e-3])[-1]
+        for name, fn in fns.items()})
+    return numpy_namespace, firsts
+
+
+def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, emulated):
+    """What the dry run leaves out (the captured steps, fused and layer by layer, and their
+    ratios) through the GPU code path on the emulated device (tests/emulated_gpu.py): the
+    GPU session's benchmark must not stop at a Python error. Its timings mean nothing."""
+    numpy_namespace, losses = emulated
     optim_rows = bench_gpu.bench_optim(numpy_namespace, None, "cuda", lambda: None, [1000])
     assert {r["optimizer"] for r in optim_rows} >= {"sgd", "adam", "adadelta"}
     bn_rows = bench_gpu.bench_bn(numpy_namespace, None, "cuda", lambda: None, [(600, 24)])
     assert bn_rows[0]["nnopt_s"] > 0
-    # the captured steps: one call each (the emulator's speed means nothing), keeping each
-    # contender's first loss
-    import common
-    losses = {}
-    monkeypatch.setattr(common, "timeit_rounds", lambda fns, **kw: {
-        name: (losses.setdefault(name, float(fn())), kw["sync"](), [1e-3, 2e-3])[-1]
-        for name, fn in fns.items()})
     rows = bench_gpu.bench_train(None, [(64, None, False)], dry_run=False)
     assert len(rows) == 1, "the configuration raised (printed above)"
     row = rows[0]
@@ -193,6 +206,21 @@ def test_gpu_only_sections_run_on_the_emulated_device(bench_gpu, monkeypatch):
     assert "batch 64, width textbook" in bench_gpu.verdict(rows)
     advice = bench_gpu.advice(rows)  # reads every variant's ratios of a real row
     assert advice and all(isinstance(line, str) for line in advice)
+
+
+def test_the_gpu_checks_largest_shapes_run_on_the_emulated_device(bench_gpu, emulated):
+    """The largest shapes of the GPU session's bench_gpu.py --check (BN at 4096x4096, the
+    captured step at batch 8192) launch within CUDA's limits and train: a grid too large,
+    an index past 2**31 or a plan that only big shapes take stops here, not on the card."""
+    numpy_namespace, losses = emulated
+    bn_rows = bench_gpu.bench_bn(numpy_namespace, None, "cuda", lambda: None, [(4096, 4096)])
+    assert "error" not in bn_rows[0] and bn_rows[0]["nnopt_s"] > 0
+    rows = bench_gpu.bench_train(None, [(8192, None, False)], dry_run=False)
+    assert len(rows) == 1 and not [k for k in rows[0] if "error" in k], rows
+    for tag in ("plain", "bn"):
+        assert rows[0][f"gpu_graph_{tag}_s"] > 0
+        assert np.isfinite(losses[f"gpu_{tag}"])
+        assert losses[f"gpu_graph_{tag}"] == pytest.approx(losses[f"gpu_{tag}"], rel=1e-5)
 
 
 def test_profile_summary_reads_ncu_csv(monkeypatch, tmp_path, capsys):
