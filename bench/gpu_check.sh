@@ -8,10 +8,12 @@
 #      captured step vs torch eager and torch's CUDA graph at batch 64/1024/8192 (and
 #      nnopt's choices undone, one by one; <= 70 s), optimizer bandwidth (1e7, 1e8; <= 25 s)
 #   4. one epoch of python -m nnopt.train --device gpu                                   <= 40 s
-#   5. bench/profile_gpu.sh 64:bn: each kernel of the captured step at batch 64, with BN  <= 60 s
-#   6. the rest of the test suite on the cupy backend, with what time is left            <= 60 s
+#   5. bench/sanitize_gpu.py under compute-sanitizer: memcheck, racecheck, synccheck      <= 60 s
+#   6. bench/profile_gpu.sh 64:bn: each kernel of the captured step at batch 64, with BN  <= 60 s
+#   7. the rest of the test suite on the cupy backend, with what time is left            <= 60 s
 # Writes to $OUT: gpu_check.log, pytest_gpu.xml, pytest_rest.xml, gpu.json, gpu.png,
-# train_summary.json, profile.json, and check.json (each step's exit status and seconds).
+# train_summary.json, sanitizer_<tool>.log, profile.json, and check.json (each step's exit
+# status and seconds; rc -1: skipped).
 # Commit $OUT/gpu.json as bench/results/gpu.json (it names the device).
 #
 #   here:   python3 -m pip download --no-deps --only-binary=:all: -d .whl array-api-compat
@@ -37,8 +39,9 @@ plan: 1 install (carried wheels, nnopt -e) | 2 tests/test_gpu.py --backend cupy 
         (and 4-byte loads; <=25 s) | captured step b64/1024/8192 +-BN vs torch eager and
         torch CUDA graph (and each of nnopt's choices undone; <=70 s) | optimizers at
         1e7/1e8 vs copy bandwidth and torch fused Adam (<=25 s) | 4 one GPU epoch (<=40 s)
-      5 ncu profile of the captured step, batch 64 with BN (<=60 s)
-      6 rest of the suite --backend cupy (time left) | total under 5 minutes
+      5 every kernel under compute-sanitizer: memcheck, racecheck, synccheck (<=60 s)
+      6 ncu profile of the captured step, batch 64 with BN (<=60 s)
+      7 rest of the suite --backend cupy (time left) | total under 5 minutes
 PLAN
 
 step "1. machine and install"
@@ -85,7 +88,26 @@ timeout "$(left 40)" python3 -m nnopt.train --device gpu --epochs 1 --target-los
   --out /tmp/nnopt-train --overwrite && cp /tmp/nnopt-train/summary.json "$OUT/train_summary.json"
 rc=$?; record train $rc
 
-step "5. where the captured step's time goes: Nsight Compute, batch 64 with BN (<= 60 s)"
+step "5. every kernel under compute-sanitizer (<= 60 s)"
+# out-of-bounds and misaligned accesses, shared-memory races (what the emulated device's
+# thread orders cannot show: a warp's lockstep), barriers not all threads reach.
+# rc 9: the tool found something (its log says what); skipped without compute-sanitizer.
+SANITIZER=$(command -v compute-sanitizer ||
+            ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
+echo "compute-sanitizer: ${SANITIZER:-not found}"
+for tool in memcheck:25 racecheck:25 synccheck:10; do
+  name=${tool%%:*}
+  if [ -n "$SANITIZER" ] && (( $(left "${tool##*:}") > 5 )); then
+    timeout "$(left "${tool##*:}")" "$SANITIZER" --tool "$name" --error-exitcode 9 \
+      --log-file "$OUT/sanitizer_$name.log" python3 bench/sanitize_gpu.py > /dev/null
+    rc=$?; record "sanitizer_$name" $rc
+    (( rc )) && { echo "SANITIZER $name: rc $rc"; tail -20 "$OUT/sanitizer_$name.log"; }
+  else
+    record "sanitizer_$name" -1
+  fi
+done
+
+step "6. where the captured step's time goes: Nsight Compute, batch 64 with BN (<= 60 s)"
 # issue 14's target (60 us per step); its per-kernel table lets a session without a GPU
 # work on the right nodes. Skipped without ncu.
 if (( $(left 60) > 20 )); then  # (a timing process, then the one ncu runs)
@@ -95,7 +117,7 @@ else
   record profile -1
 fi
 
-step "6. the rest of the suite on the cupy backend (time left: $(left 60) s)"
+step "7. the rest of the suite on the cupy backend (time left: $(left 60) s)"
 if (( $(left 60) > 15 )); then
   timeout "$(left 60)" python3 -m pytest -q -p no:cacheprovider --backend cupy -o addopts="" \
     -ra --junitxml="$OUT/pytest_rest.xml" tests \

@@ -223,6 +223,28 @@ def test_the_gpu_checks_largest_shapes_run_on_the_emulated_device(bench_gpu, emu
         assert losses[f"gpu_graph_{tag}"] == pytest.approx(losses[f"gpu_{tag}"], rel=1e-5)
 
 
+def test_the_sanitizer_driver_runs_every_kernel_on_the_emulated_device(monkeypatch):
+    """bench/sanitize_gpu.py, which gpu_check.sh runs under compute-sanitizer, reaches every
+    kernel the captured and eager steps use (on the emulated device), with finite losses."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import sanitize_gpu
+
+    import nnopt.backend
+    from tests import emulated_gpu
+    if emulated_gpu.compiler() is None:
+        pytest.skip("no C++ compiler to build the emulated kernels")
+    gpu = emulated_gpu.install(monkeypatch)
+    from nnopt import kernels
+    launches = emulated_gpu._SESSION["cupy"].launches
+    launches.clear()
+    losses = sanitize_gpu.run(nnopt.backend.get_namespace("cpu"), gpu, say=lambda line: None)
+    assert len(losses) == 2 * (len(sanitize_gpu.OPTIMIZERS) + len(sanitize_gpu.CASES)) and all(
+        np.isfinite(list(losses.values())))
+    every = {name for source in kernels.SOURCES
+             for name in emulated_gpu.kernel_signatures(kernels.source(source))}
+    assert sorted(every - {launch[0] for launch in launches}) == []
+
+
 def test_profile_summary_reads_ncu_csv(monkeypatch, tmp_path, capsys):
     """bench/profile_gpu.py --summarize (gpu_check.sh step 5) on the CSV Nsight Compute
     writes: kernels in launch order, grouped by kind, the replay's rest beside them."""
@@ -260,7 +282,7 @@ def fake_gpu_machine(tmp_path, fail=""):
             ("python3", f'[ "$*" = "-" ] || [[ "$*" == *" - "* ]] && cat >/dev/null\n'
                         f'[ -n "{fail}" ] && [[ "$*" == *"{fail}"* ]] && exit 3\nexit 0'),
             ("nvidia-smi", "echo 'name, memory.total'; echo 'Fake GPU, 1 MiB'"),
-            ("ncu", "exit 0")):
+            ("ncu", "exit 0"), ("compute-sanitizer", "exit 0")):
         script = bin_dir / name
         script.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n{body}\n')
         script.chmod(0o755)
@@ -285,8 +307,9 @@ def test_gpu_check_script_runs_every_step_and_records_each(tmp_path, fail, budge
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     steps = json.loads((out / "check.json").read_text())
+    sanitizers = ["sanitizer_memcheck", "sanitizer_racecheck", "sanitizer_synccheck"]
     assert list(steps)[1:] == ["install", "test_gpu", "bench_bn", "bench_train", "bench_optim",
-                               "train", "profile", "test_rest"]
+                               "train", *sanitizers, "profile", "test_rest"]
     calls = log.read_text()
     assert "--backend cupy" in calls and "tests/test_gpu.py" in calls
     for section in ("bn", "train", "optim"):
@@ -294,8 +317,12 @@ def test_gpu_check_script_runs_every_step_and_records_each(tmp_path, fail, budge
         assert steps[f"bench_{section}"]["rc"] == (3 if fail == f"--only {section}" else 0)
     assert steps["test_gpu"]["rc"] == 0 and "-m nnopt.train --device gpu --epochs 1" in calls
     if budget == "0":  # no time left: the optional steps are skipped, the rest still run
-        assert steps["profile"]["rc"] == -1 and steps["test_rest"]["rc"] == -1
+        assert all(steps[name]["rc"] == -1 for name in [*sanitizers, "profile", "test_rest"])
     else:
+        for tool in ("memcheck", "racecheck", "synccheck"):
+            assert (f"compute-sanitizer --tool {tool} --error-exitcode 9 --log-file "
+                    f"{out}/sanitizer_{tool}.log python3 bench/sanitize_gpu.py") in calls
+        assert all(steps[name]["rc"] == 0 for name in sanitizers)
         assert "--graph-profiling node" in calls and steps["profile"]["rc"] == 0
         # the replay timed in a process of its own, not under ncu
         assert "\npython3 bench/profile_gpu.py --run 64 bn" in calls
