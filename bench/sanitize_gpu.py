@@ -116,7 +116,11 @@ def run(xp, gpu, say=print):
 def main(argv=None):
     argparse.ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
-    import cupy
+    try:
+        import cupy
+    except ImportError as exc:
+        raise SystemExit(f"sanitize_gpu.py needs CuPy and a GPU ({exc}); "
+                         "pip install -e \".[gpu]\" on a machine with one") from None
     cupy.cuda.set_allocator(None)  # cudaMalloc per array: memcheck sees each one's bounds
     from nnopt.fast import gpu_kernels
     gpu = gpu_kernels()
