@@ -241,22 +241,26 @@ def _set_order(library, order):
     library.nnopt_set_order(ctypes.c_int(order[0]), ctypes.c_ulonglong(order[1]))
 
 
+def _use_order(order):
+    """``order`` for every library loaded and to come."""
+    global _ORDER
+    _ORDER = order
+    for library, _ in _LIBRARIES.values():
+        _set_order(library, order)
+
+
 @contextlib.contextmanager
 def scheduled(text):
     """Every emulated kernel, loaded or not yet, runs in the order ``text`` names (as
     $NNOPT_EMULATED_ORDER) inside the block; $NNOPT_EMULATED_ORDER's order after it."""
-    _ORDER[0] = schedule_order(text)
+    _use_order(schedule_order(text))
     try:
-        for library, _ in _LIBRARIES.values():
-            _set_order(library, _ORDER[0])
         yield
     finally:
-        _ORDER[0] = schedule_order()
-        for library, _ in _LIBRARIES.values():
-            _set_order(library, _ORDER[0])
+        _use_order(schedule_order())
 
 
-_ORDER = [schedule_order()]
+_ORDER = schedule_order()
 
 
 def _library(code):
@@ -272,7 +276,7 @@ def _library(code):
                         "-Wno-unknown-pragmas", "-include", str(TESTS / "host_cuda.h"),
                         str(source), "-o", str(lib)], check=True, timeout=600)
         library = ctypes.CDLL(str(lib))
-        _set_order(library, _ORDER[0])
+        _set_order(library, _ORDER)
         _LIBRARIES[key] = (library, signatures)
     return _LIBRARIES[key]
 

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 using std::exp;
@@ -100,28 +101,23 @@ static std::vector<size_t> nnopt_schedule(size_t n) {
 
 // Each block's __shared__ arrays start as 0xFF bytes: the first of its threads to reach a
 // declaration fills it (a block's threads all pass its declarations before they can write).
-static unsigned long long nnopt_block_serial = 0;
-static std::vector<std::pair<void*, unsigned long long>> nnopt_filled;
+static unsigned long long nnopt_block_serial = 0;  // the block running: 1, 2, ...
+static std::unordered_map<void*, unsigned long long> nnopt_filled;  // array -> its block
 
 static void nnopt_next_block() { ++nnopt_block_serial; }
 
 static inline void nnopt_fresh_shared(void* address, size_t bytes) {
-    for (auto& filled : nnopt_filled) {
-        if (filled.first != address) continue;
-        if (filled.second != nnopt_block_serial) {
-            std::memset(address, 0xFF, bytes);
-            filled.second = nnopt_block_serial;
-        }
-        return;
-    }
+    unsigned long long& filled_for = nnopt_filled[address];  // 0 the first time
+    if (filled_for == nnopt_block_serial) return;
     std::memset(address, 0xFF, bytes);
-    nnopt_filled.emplace_back(address, nnopt_block_serial);
+    filled_for = nnopt_block_serial;
 }
 
 // A block whose kernel synchronizes runs its threads as fibers on the calling thread
 // (ucontext): each runs up to its next __syncthreads (or its end), then the next one (in
-// nnopt_schedule's order); round after round until all are done. So no thread passes a barrier before every
-// thread of the block has reached it, as on a GPU, at the cost of a context switch.
+// nnopt_schedule's order); round after round until all are done. So no thread passes a
+// barrier before every thread of the block has reached it, as on a GPU, at the cost of a
+// context switch.
 struct NnoptFiber {
     ucontext_t context;
     unsigned tx, ty;

@@ -170,7 +170,8 @@ def emulated(bench_gpu, monkeypatch):
 
     def first(fn):
         out = fn()  # a training step's loss; BN's and the optimizers' steps give no number
-        return float(out) if isinstance(out, (float, np.generic, np.ndarray)) and np.ndim(out) == 0 else 0.0
+        number = isinstance(out, (float, np.generic, np.ndarray)) and np.ndim(out) == 0
+        return float(out) if number else 0.0
     monkeypatch.setattr(common, "timeit_rounds", lambda fns, **kw: {
         name: (firsts.setdefault(name, first(fn)), kw["sync"](), [1e-3, 2e-3])[-1]
         for name, fn in fns.items()})
@@ -234,8 +235,10 @@ def test_the_sanitizer_driver_runs_every_kernel_on_the_emulated_device(monkeypat
     if emulated_gpu.compiler() is None:
         pytest.skip("no C++ compiler to build the emulated kernels")
     gpu = emulated_gpu.install(monkeypatch)
+    import cupy  # the stand-in, which records every launch
+
     from nnopt import kernels
-    launches = emulated_gpu._SESSION["cupy"].launches
+    launches = cupy.launches
     launches.clear()
     losses = sanitize_gpu.run(nnopt.backend.get_namespace("cpu"), gpu, say=lambda line: None)
     assert len(losses) == 2 * (len(sanitize_gpu.OPTIMIZERS) + len(sanitize_gpu.CASES)) and all(
@@ -246,7 +249,7 @@ def test_the_sanitizer_driver_runs_every_kernel_on_the_emulated_device(monkeypat
 
 
 def test_profile_summary_reads_ncu_csv(monkeypatch, tmp_path, capsys):
-    """bench/profile_gpu.py --summarize (gpu_check.sh step 5) on the CSV Nsight Compute
+    """bench/profile_gpu.py --summarize (gpu_check.sh step 6) on the CSV Nsight Compute
     writes: kernels in launch order, grouped by kind, the replay's rest beside them."""
     monkeypatch.syspath_prepend(str(BENCH))
     import profile_gpu
