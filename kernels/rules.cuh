@@ -185,7 +185,7 @@ NNOPT_DEVICE void batchnorm_backward_feature(double sum_d, double sum_dc, int m,
 
 template <typename T>
 NNOPT_DEVICE T activate(T v, int code) {
-    if (code == NNOPT_RELU) return v > T(0) ? v : T(0);
+    if (code == NNOPT_RELU) return v <= T(0) ? T(0) : v;  // NaN passes on
     if (code == NNOPT_SIGMOID) return T(1) / (T(1) + exp(-v));
     if (code == NNOPT_TANH) return tanh(v);
     return v;

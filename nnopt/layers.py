@@ -187,7 +187,8 @@ class ReLU(Activation):
             return self.y
         xp = namespace_of(x)
         self.mask = x > 0
-        self.y = xp.where(self.mask, x, 0.0)
+        # NaN passes on (as torch.relu and the fused paths): a NaN set to 0 would hide it
+        self.y = xp.where(x <= 0, 0.0, x)
         return self.y
 
     def backward(self, dy):

@@ -143,7 +143,9 @@ class SoftmaxCrossEntropy(Loss):
         log_sum = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
         log_prob = shifted - log_sum
         self.prob, self.target = xp.exp(log_prob), target
-        return -xp.sum(target * log_prob) / logits.shape[0]
+        # 0 * log(0) counts 0: a masked (-inf) logit off the label leaves the loss finite,
+        # as in the fused paths and torch's cross_entropy
+        return -xp.sum(target * xp.where(target == 0, 0.0, log_prob)) / logits.shape[0]
 
     __call__ = forward
 

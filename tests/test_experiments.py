@@ -172,6 +172,21 @@ def test_gpu_claim_reads_results_when_present(tmp_path):
     assert "4 batch/width configurations)" in text and "seeds" not in text
     assert held == [True, True, False, True] and verdict_of(held) == ("yes", 3 / 4)
     assert measured["median"] == 4.5 and measured["n_seeds"] == 4
+    assert "too close to call" not in text
+
+
+def test_gpu_claim_judges_each_configuration_on_its_rounds(tmp_path):
+    """As bench_gpu's verdict: a configuration holds when every round was below 10%, fails
+    when every round was at or above it, and is not counted when its rounds straddle 10%
+    (its median alone would flip with the next run)."""
+    (tmp_path / "gpu.json").write_text(json.dumps({"device": "card", "train": [
+        {"batch": 64, "gpu_graph_bn_overhead_%": 9.0, "gpu_graph_bn_overhead_%_range": [7.0, 12.0]},
+        {"batch": 1024, "gpu_graph_bn_overhead_%": 11.0, "gpu_graph_bn_overhead_%_range": [10.0, 13.0]},
+        {"batch": 8192, "gpu_graph_bn_overhead_%": 4.0, "gpu_graph_bn_overhead_%_range": [3.0, 9.9]},
+        {"batch": 4096, "gpu_bn_overhead_%": 12.0, "gpu_bn_overhead_%_range": [8.0, 15.0]}]}))
+    text, held, measured = batchnorm.gpu_evidence(tmp_path / "gpu.json")
+    assert held == [None, False, True, None] and verdict_of(held) == ("partly", 1 / 2)
+    assert "too close to call in 2" in text and measured["n_seeds"] == 4
 
 
 def test_diverged_run_scores_chance_not_dropped():

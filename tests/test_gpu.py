@@ -324,6 +324,19 @@ def test_train_on_gpu_one_epoch(xp, gpu, backend, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gpu_relu_passes_nan_on_as_the_reference(xp, gpu, dtype):
+    """The ReLU layer's CUDA kernel and the blocks' activation rule: NaN stays NaN, as in
+    the reference layer and torch.relu."""
+    x = np.array([[np.nan, np.inf, -np.inf, 0.0, -1.5, 2.5]])
+    want = [[np.nan, np.inf, 0.0, 0.0, 0.0, 2.5]]
+    layer = nnopt.ReLU()
+    np.testing.assert_array_equal(host(layer.forward(dev(xp, x.astype(dtype)))), want)
+    assert layer.fast is gpu, "the layer ran the reference, not the kernel"
+    y = gpu.activation_forward(dev(xp, x.astype(dtype)), None, gpu.RELU)
+    np.testing.assert_array_equal(host(y), want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(64, 784, 128), (37, 20, 33), (4096, 16, 600)])
 @pytest.mark.parametrize("batchnorm", [False, True])
 @pytest.mark.parametrize("activation", [None, "relu", "sigmoid", "tanh"])

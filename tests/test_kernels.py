@@ -431,12 +431,14 @@ def test_cuda_activations_match_the_numba_ones(host, rng, dtype):
     from nnopt.fast import cpu
     suffix = "f32" if dtype == np.float32 else "f64"
     v, d = (rng.normal(size=1000) * 4).astype(dtype), rng.normal(size=1000).astype(dtype)
+    v[:5] = np.nan, np.inf, -np.inf, 0.0, -0.0  # NaN passes on through every activation
     for name, code in cpu.ACTIVATION_CODES.items():
         out = np.empty_like(v)
         getattr(host, f"activate_{suffix}")(ptr(v), ptr(out), code, v.size)
         want = np.array([cpu.activate(e, code) for e in v], dtype=dtype)
         np.testing.assert_allclose(out, want, rtol=1e-6 if dtype == np.float32 else 1e-14,
                                    err_msg=name)
+        assert np.isnan(out[0]) and np.isnan(want[0]), name
         y = want
         getattr(host, f"activation_grad_{suffix}")(ptr(d), ptr(y), ptr(out), code, v.size)
         want = np.array([cpu.activation_grad(a, b, code) for a, b in zip(d, y)], dtype=dtype)

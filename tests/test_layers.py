@@ -110,6 +110,34 @@ def test_softmax_cross_entropy(xp, rng, one_hot):
     assert rel_err(grad, num) < 1e-7
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_cross_entropy_with_a_masked_logit_is_finite(xp, monkeypatch, fused, one_hot):
+    """A -inf logit off the label (a masked class) has probability 0: the loss and its
+    gradient stay finite, and equal torch's cross_entropy (-log p of the label)."""
+    if not fused:
+        monkeypatch.setattr(nnopt.losses, "fast_for", lambda *arrays: None)
+    logits = np.array([[1.0, -np.inf, 0.5], [0.2, 0.1, -np.inf]])
+    labels = np.array([0, 1])
+    target = np.eye(3)[labels] if one_hot else labels
+    value, grad = SoftmaxCrossEntropy().forward_backward(dev(xp, logits), dev(xp, target))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert float(value) == pytest.approx(-np.mean(np.log(p[[0, 1], labels])), rel=1e-12)
+    np.testing.assert_allclose(host(grad), (p - np.eye(3)[labels]) / 2, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_relu_passes_nan_on(xp, monkeypatch, fused):
+    """As torch.relu: a NaN reaching ReLU stays NaN (set to 0 it would hide a blow-up);
+    the fused path and the reference agree."""
+    if not fused:
+        monkeypatch.setattr(nnopt.layers, "fast_for", lambda *arrays: None)
+    x = np.array([[np.nan, np.inf, -np.inf, 0.0, -1.5, 2.5]])
+    y = host(ReLU().forward(dev(xp, x, xp.float64)))
+    np.testing.assert_array_equal(y, [[np.nan, np.inf, 0.0, 0.0, 0.0, 2.5]])
+
+
 def test_mse_loss(xp, rng):
     a, y = rng.normal(size=(9, 1)), rng.normal(size=(9, 1))
     loss = MSELoss()

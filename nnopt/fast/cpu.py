@@ -242,7 +242,7 @@ OPTIMIZER_STEPS = {cls.__name__: optimizer_step(cls) for cls in OPTIMIZERS.value
 def activate(v, code):
     """nnopt.layers' ReLU/Sigmoid/Tanh forward of one element."""
     if code == RELU:
-        return max(v, 0)
+        return max(v, 0)  # v unless 0 > v: NaN passes on, as in the layer and torch.relu
     if code == SIGMOID:
         return 1.0 / (1.0 + math.exp(-v))
     if code == TANH:

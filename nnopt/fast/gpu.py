@@ -535,7 +535,7 @@ class Scratch(HostScratch):
         return cupy.empty(shape, dtype=dtype)
 
 
-_relu = cupy.ElementwiseKernel("T x", "T y", "y = x > 0 ? x : (T)0", "nnopt_relu")
+_relu = cupy.ElementwiseKernel("T x", "T y", "y = x <= 0 ? (T)0 : x", "nnopt_relu")
 _relu_grad = cupy.ElementwiseKernel("T dy, T y", "T dx", "dx = y > 0 ? dy : (T)0", "nnopt_relu_grad")
 
 
