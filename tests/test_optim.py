@@ -187,3 +187,27 @@ def test_schedulers_set_every_param_group(xp):
     assert cosine.get_last_lr() == pytest.approx([0.01, 0.01], rel=1e-12)  # eta_min is absolute
     with pytest.raises(ValueError, match="2 schedules for 3 parameter groups"):
         optim.LRScheduler(opt, [optim.step_decay(1), optim.step_decay(1)])
+
+
+def test_a_group_added_where_no_base_rate_fits_is_a_clear_error():
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), a=[1.0], b=[1.0], c=[1.0])
+    a, b, c = storage.params
+    per_group = optim.SGD([a], lr=0.1)
+    scheduler = optim.LRScheduler(per_group, [optim.step_decay(1)])
+    per_group.add_param_group({"params": [b], "lr": 0.1})
+    with pytest.raises(ValueError, match="one schedule per group.*after add_param_group"):
+        scheduler.step()
+    # gamma 0 after the first epoch: every base rate maps to 0, none to 0.5
+    dead = optim.SGD([a], lr=0.1)
+    scheduler = optim.StepLR(dead, step_size=1, gamma=0.0)
+    scheduler.step()
+    dead.add_param_group({"params": [c], "lr": 0.5})
+    with pytest.raises(ValueError, match="added at epoch 1 with lr 0.5 cannot be scheduled"):
+        scheduler.step()
+    # a state with more groups than the optimizer has
+    two = optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}])
+    state = optim.StepLR(two, 2).state_dict()
+    one = optim.StepLR(optim.SGD([c], lr=0.1), 2)
+    one.load_state_dict(state)
+    with pytest.raises(ValueError, match="base rates for 2 parameter groups, but its optimizer has 1"):
+        one.step()

@@ -178,3 +178,59 @@ def test_plateau_stops_at_cuts_below_eps_and_counts_nan_as_no_improvement_as_tor
     lr_trace(lambda o: optim.ReduceLROnPlateau(o, factor=0.5, patience=1),
              lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=1),
              epochs=len(nans), metrics=nans)
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda o: optim.StepLR(o, 3, 0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5)),
+    (lambda o: optim.MultiStepLR(o, [2, 5, 9], 0.3),
+     lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 5, 9], 0.3)),
+    (lambda o: optim.ExponentialLR(o, 0.8), lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.8))])
+@pytest.mark.parametrize("join_epoch", [0, 1, 4])
+def test_a_group_added_mid_run_is_scheduled_as_torch_does(rng, ours, theirs, join_epoch):
+    """add_param_group after the scheduler was built: the new group goes on from the rate it
+    was added with (before, nnopt left it unscheduled while torch scaled it)."""
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), a=[1.0], b=[1.0])
+    mine = optim.SGD([storage.params[0]], lr=0.1)
+    t_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    mine_sched, their_sched = ours(mine), theirs(t_opt)
+    added_lr = float(rng.uniform(0.01, 1.0))
+    for epoch in range(12):
+        if epoch == join_epoch:
+            mine.add_param_group({"params": [storage.params[1]], "lr": added_lr})
+            t_opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": added_lr})
+        t_opt.step()
+        their_sched.step()
+        mine_sched.step()
+        assert mine_sched.get_last_lr() == pytest.approx(their_sched.get_last_lr(), rel=1e-12)
+    # ... and a state saved now resumes into a scheduler built on both groups
+    again = ours(mine)
+    again.load_state_dict(mine_sched.state_dict())
+    for _ in range(3):
+        t_opt.step()
+        their_sched.step()
+        again.step()
+        assert again.get_last_lr() == pytest.approx(their_sched.get_last_lr(), rel=1e-12)
+
+
+def test_plateau_state_keeps_a_best_of_minus_infinity():
+    """A -inf metric is the best there can be: saved and loaded (strict JSON), it stays -inf,
+    so the resumed run cuts as the uninterrupted one and torch's do."""
+    import json
+
+    def run(resume):
+        storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), a=[1.0])
+        opt = optim.SGD(storage.params, lr=0.1)
+        plateau = optim.ReduceLROnPlateau(opt, patience=0)
+        plateau.step(float("-inf"))
+        if resume:
+            state = json.loads(json.dumps(plateau.state_dict(), allow_nan=False))
+            plateau = optim.ReduceLROnPlateau(opt, patience=0)
+            plateau.load_state_dict(state)
+        plateau.step(5.0)
+        return opt.param_groups[0]["lr"]
+
+    t_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    theirs = torch.optim.lr_scheduler.ReduceLROnPlateau(t_opt, patience=0)
+    theirs.step(float("-inf"))
+    theirs.step(5.0)
+    assert run(False) == run(True) == pytest.approx(theirs.get_last_lr()[0], rel=1e-15)

@@ -294,6 +294,10 @@ def test_optimizer_bad_input():
         optim.SGD(model, 0.1, momentum=0.9, dampening=0.1)
     with pytest.raises(NnoptError, match="has no hyper-parameter 'gamma'"):
         optim.SGD(model, gamma=2)
+    # torch's spelling runs torch's buffer form; the textbook's is Momentum's or NAG's own
+    with pytest.raises(NnoptError, match=r"use NAG\(params, lr, momentum=\.\.\., buffer='textbook'\)"):
+        optim.SGD(model, 0.1, momentum=0.9, nesterov=True, buffer="textbook")
+    assert type(optim.SGD(model, 0.1, momentum=0.9, buffer="torch")) is optim.Momentum
 
 
 @pytest.mark.parametrize("corrupt, message", [

@@ -32,6 +32,10 @@ class SGD(Optimizer):
             raise InputError("SGD nesterov=True needs a momentum > 0, as in torch.optim.SGD")
         if cls is SGD and momentum:
             variant = NAG if nesterov else Momentum
+            if hyper.pop("buffer", "torch") != "torch":
+                raise InputError(f"SGD(momentum=...) is torch.optim.SGD's, in PyTorch's buffer "
+                                 f"form; for the textbook's form use {variant.__name__}(params, "
+                                 "lr, momentum=..., buffer='textbook')")
             return variant(params, lr, momentum=momentum, buffer="torch", **hyper)
         return super().__new__(cls)
 

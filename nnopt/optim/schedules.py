@@ -11,6 +11,13 @@ rate, PyTorch style: call ``scheduler.step()`` once per epoch.
   (past T it rises again, as PyTorch's CosineAnnealingLR does)
 
 :class:`ReduceLROnPlateau` is not a function of the epoch: it watches a metric.
+
+Closed form, unlike PyTorch's chained schedulers: each step sets the rate from the base
+rate and the epoch alone. So a rate set by hand lasts until the next ``step()``, and two
+schedulers on one optimizer do not multiply (the last to step wins); PyTorch's scale the
+current rate. Untouched runs give the same rates (tests/test_optim_torch.py).
+``step(metric)`` takes a metric, so that one loop can step any scheduler; it is not
+PyTorch's deprecated ``step(epoch)``.
 """
 from __future__ import annotations
 
@@ -47,11 +54,16 @@ def cosine_decay(t_max: int, eta_min: float = 0.0):
 
 class LRScheduler:
     """Sets ``group["lr"] = schedule(epoch, base_lr)`` for every group of ``optimizer``.
-    ``schedule``: one function for every group, or a list of one per group."""
+    ``schedule``: one function for every group, or a list of one per group.
+
+    A group added later (``optimizer.add_param_group``) goes on from the rate it was added
+    with: its base rate is the one the schedule maps to that rate at the epoch it joined
+    (so StepLR, MultiStepLR and ExponentialLR scale it from there, as PyTorch's do)."""
 
     def __init__(self, optimizer, schedule):
         groups = optimizer.param_groups
-        per_group = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule] * len(groups)
+        self.shared = None if isinstance(schedule, (list, tuple)) else schedule
+        per_group = list(schedule) if self.shared is None else [schedule] * len(groups)
         if len(per_group) != len(groups):
             raise InputError(f"got {len(per_group)} schedules for {len(groups)} parameter groups")
         self.optimizer, self.schedules = optimizer, per_group
@@ -60,10 +72,36 @@ class LRScheduler:
 
     def step(self, metric=None):
         """One epoch done (``metric`` is for :class:`ReduceLROnPlateau`; ignored here)."""
+        self._join_new_groups()
         self.epoch += 1
         for group, base, schedule in zip(self.optimizer.param_groups, self.base_lrs,
                                          self.schedules):
             group["lr"] = schedule(self.epoch, base)
+
+    def _join_new_groups(self):
+        groups = self.optimizer.param_groups
+        if len(self.base_lrs) > len(groups):
+            raise InputError(f"the scheduler holds base rates for {len(self.base_lrs)} parameter "
+                             f"groups, but its optimizer has {len(groups)}: load a scheduler "
+                             "state saved with this optimizer's groups")
+        for group in groups[len(self.base_lrs):]:
+            if self.shared is None:
+                raise InputError(f"a parameter group was added after this scheduler was built "
+                                 f"with one schedule per group ({len(self.schedules)}): build "
+                                 "the scheduler after add_param_group, with a schedule for "
+                                 "every group")
+            # every schedule here is affine in the base rate: lr = a + base * b at an epoch
+            lr, low = group["lr"], self.shared(self.epoch, 0.0)
+            slope = self.shared(self.epoch, 1.0) - low
+            base = (lr - low) / slope if slope else math.nan
+            if not math.isfinite(base) or not math.isclose(self.shared(self.epoch, base), lr,
+                                                           rel_tol=1e-9, abs_tol=1e-15):
+                raise InputError(f"a parameter group added at epoch {self.epoch} with lr {lr} "
+                                 "cannot be scheduled from there (the schedule maps no base "
+                                 "rate to that rate at this epoch): build the scheduler after "
+                                 "add_param_group")
+            self.base_lrs.append(base)
+            self.schedules.append(self.shared)
 
     def get_last_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
@@ -72,7 +110,14 @@ class LRScheduler:
         return {"epoch": self.epoch, "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state):
-        self.epoch, self.base_lrs = int(state["epoch"]), list(state["base_lrs"])
+        epoch, base_lrs = int(state["epoch"]), [float(b) for b in state["base_lrs"]]
+        if self.shared is None and len(base_lrs) != len(self.schedules):
+            raise InputError(f"this scheduler state has base rates for {len(base_lrs)} "
+                             f"parameter groups, but the scheduler has {len(self.schedules)} "
+                             "schedules: load it into a scheduler built as the saved one was")
+        self.epoch, self.base_lrs = epoch, base_lrs
+        if self.shared is not None:
+            self.schedules = [self.shared] * len(base_lrs)
 
 
 class StepLR(LRScheduler):
@@ -138,8 +183,9 @@ class ReduceLROnPlateau:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self):
-        return {"epoch": self.epoch, "best": None if math.isinf(self.best) else self.best,
-                "bad_epochs": self.bad_epochs}
+        # strict JSON has no infinity: +inf (nothing seen yet) is None, -inf the text "-inf"
+        best = None if self.best == math.inf else "-inf" if self.best == -math.inf else self.best
+        return {"epoch": self.epoch, "best": best, "bad_epochs": self.bad_epochs}
 
     def load_state_dict(self, state):
         self.epoch, self.bad_epochs = int(state["epoch"]), int(state["bad_epochs"])
