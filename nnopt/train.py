@@ -82,6 +82,11 @@ class TrainState:
     epoch_loss: float = 0.0
     epoch_correct: int = 0
     epoch_samples: int = 0
+    # a window a stop cut short: its sums so far, which a resumed run's window starts from
+    # (added to the state's sums instead, they would round otherwise than the uninterrupted run)
+    pending_loss: float = 0.0
+    pending_correct: int = 0
+    pending_samples: int = 0
     history: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -103,13 +108,36 @@ class TrainState:
                 ok = (value is None and field.name.endswith("loss")) or (
                     isinstance(value, (int, float)) and not isinstance(value, bool)
                     and (field.name != "elapsed" or value >= 0))
+                if value is None:
+                    setattr(state, field.name, math.nan)  # what the live run held
             elif field.type == "bool":
                 ok = isinstance(value, bool)
             else:
                 ok = isinstance(value, list) and all(isinstance(row, dict) for row in value)
             if not ok:
                 raise ValueError(f"progress.{field.name} is {value!r}, not what a run saves")
+        state.history = [restored_record(i, row) for i, row in enumerate(state.history)]
         return state
+
+
+#: What every metrics record holds (older runs' records may lack "lr" and "time_s").
+RECORD_KEYS = ("epoch", "iteration", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def restored_record(index: int, row: dict) -> dict:
+    """A saved metrics record as the live run held it: JSON's null back to NaN (a window of
+    skipped steps has no loss), so a resumed run formats, plots and schedules on the same
+    values. ValueError naming what a damaged record lacks."""
+    row = dict(row)
+    for key in RECORD_KEYS + ("lr", "time_s"):
+        value = row.get(key, 0.0 if key in ("lr", "time_s") else None)
+        if key not in row and key in RECORD_KEYS:
+            raise ValueError(f"progress.history[{index}] has no {key!r}, not what a run saves")
+        if value is None:
+            row[key] = math.nan
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"progress.history[{index}].{key} is {value!r}, not what a run saves")
+    return row
 
 
 @dataclasses.dataclass
@@ -258,7 +286,7 @@ def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
     bar.start(epoch + 1, config["epochs"], state.pos, per_epoch)
     for it in range(state.pos, per_epoch):
         if stop.requested:
-            window.flush_into(state)
+            window.stash_into(state)
             return True
         idx = distributed.shard(order[it * batch:(it + 1) * batch], run.comm)  # this rank's part
         xb, yb = xp.take(x_train, idx, axis=0), xp.take(y_train, idx, axis=0)
@@ -274,6 +302,7 @@ def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
         if state.iteration % config["check_every"] == 0:
             window.flush_into(state)
             record = run.comm.bcast_object(check(run, epoch))  # rank 0's decides for all
+            record_check(run, record)
             if run.comm.is_root:
                 runs.write_lines(run.out / "metrics.jsonl", [record], mode="a")
             bar.postfix(record)
@@ -284,12 +313,12 @@ def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
     return False
 
 
-def diverged(run: Run, iteration, value) -> TrainingDiverged:
+def diverged(run: Run, iteration, value, what="training loss") -> TrainingDiverged:
     kept = ("the last checkpoint (end of the last finished epoch) is kept"
             if (Path(run.out) / "checkpoint.npz").exists() else
             "no epoch finished, so no checkpoint was written")
     return TrainingDiverged(
-        f"the training loss became {value} at iteration {iteration}: the run diverged. Lower "
+        f"the {what} became {value} at iteration {iteration}: the run diverged. Lower "
         f"the learning rate (now {run.optimizer.param_groups[0]['lr']:g}), or use Batch "
         f"Normalization; {kept}")
 
@@ -299,6 +328,8 @@ def finish(run: Run, curves=True) -> dict:
     config, state = run.config, run.state
     x_test, y_test = run.arrays["test"]
     test_loss, test_acc = evaluate(run.model, x_test, y_test, run.loss_fn)
+    if not math.isfinite(test_loss):  # never a result: the network's outputs overflow
+        raise diverged(run, state.iteration, test_loss, "test loss")
     summary = {"dataset": config["dataset"], "bn": config["bn"], "device": config["device"],
                "epochs": state.epoch, "iterations": state.iteration,
                "time_s": round(state.elapsed, 3), "reached_target": state.reached,
@@ -413,6 +444,7 @@ def _train(run, config, resume, log, overwrite, progress_bar, curves, blas_count
     step = Stepper(run.model, run.optimizer, run.loss_fn, config["batch_size"],
                    config.get("graph", True) and run.comm.size == 1, log, run.comm)
     window = Window(run.xp, skip_nonfinite=run.optimizer.nonfinite == "skip", comm=run.comm)
+    window.resume_from(state)
     run.started = time.perf_counter() - state.elapsed
     interrupted = False
     # A diverging run is reported by nnopt (TrainingDiverged, or the count of skipped
@@ -430,7 +462,8 @@ def _train(run, config, resume, log, overwrite, progress_bar, curves, blas_count
                 raise TrainingDiverged(f"{exc} (iteration {state.iteration + 1})") from None
             finally:
                 bar.close()
-            if not math.isfinite(state.epoch_loss) or not math.isfinite(state.window_loss):
+            if not all(map(math.isfinite, (state.epoch_loss, state.window_loss,
+                                           state.pending_loss))):
                 raise diverged(run, f"{state.iteration} or earlier", float("nan"))
             if interrupted:
                 break
@@ -500,10 +533,17 @@ def check(run: Run, epoch: int) -> dict:
               "lr": run.optimizer.param_groups[0]["lr"],
               "time_s": round(time.perf_counter() - run.started, 3)}
     state.window_loss, state.window_correct, state.window_samples = 0.0, 0, 0
-    state.history.append(record)
-    if not math.isfinite(record["train_loss"]) and run.optimizer.nonfinite != "skip":
-        raise diverged(run, f"{state.iteration} or earlier", record["train_loss"])
     return record
+
+
+def record_check(run: Run, record: dict) -> None:
+    """Keep a check's record (distributed: rank 0's, on every rank, so that every rank's
+    schedule steps on the same loss); a non-finite loss ends the run as diverged."""
+    run.state.history.append(record)
+    if not math.isfinite(record["train_loss"]) and run.optimizer.nonfinite != "skip":
+        raise diverged(run, f"{run.state.iteration} or earlier", record["train_loss"])
+    if not math.isfinite(record["val_loss"]):  # skipped steps or not: the outputs overflow
+        raise diverged(run, run.state.iteration, record["val_loss"], "validation loss")
 
 
 def format_epoch(run: Run, epoch: int) -> str:

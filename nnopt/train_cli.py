@@ -181,6 +181,8 @@ def resolve(args, given):
     if args.resume:
         return resolve_resume(args, given)
     base = read_config(args.config) if args.config else {}
+    # how the saved run was launched is not a setting: this job's flag and ranks say it
+    base = {k: v for k, v in base.items() if k not in ("distributed", "world_size")}
     overrides = overrides_from(args, given)
     if "hyper" in overrides:  # --lr's default (0.1) holds for every optimizer, as the textbook's
         lr = {"lr": args.lr} if "lr" in given or not base else {}
@@ -210,6 +212,12 @@ def resolve_resume(args, given):
     path = Path(args.resume)
     folder = path if path.is_dir() else path.parent
     _, _, meta = checkpoint.load(path)
+    own = folder / "checkpoint.npz"
+    if not path.is_dir() and own.exists() and own.resolve() != path.resolve():
+        raise InputError(f"--resume {path}: a run continues in its checkpoint's folder, and "
+                         f"{own} there (another point of a run, or another run) would be "
+                         f"replaced; copy {path.name} into a new folder as checkpoint.npz and "
+                         "resume that folder")
     saved = resolve_saved(meta["config"])
     if "out" in given and Path(args.out).resolve() != folder.resolve():
         raise InputError(f"--resume continues the run in {folder}; leave out --out "

@@ -103,17 +103,34 @@ class Window:
         self.correct += xp.sum(xp.astype(xp.argmax(prob, axis=1) == labels, xp.int64))
         self.samples += labels.shape[0]
 
-    def flush_into(self, state):
+    def _global_sums(self):
         sums = np.array([float(self.loss), int(self.correct), self.samples], dtype=np.float64)
         self.comm.allreduce_sum(sums)  # distributed: the global batch's sums, on every rank
-        loss, correct, samples = float(sums[0]), int(sums[1]), int(sums[2])
+        self.reset()
+        return float(sums[0]), int(sums[1]), int(sums[2])
+
+    def stash_into(self, state):
+        """A stop cuts the window short: its sums wait in the state (the checkpoint) for
+        :meth:`resume_from`."""
+        state.pending_loss, state.pending_correct, state.pending_samples = self._global_sums()
+
+    def resume_from(self, state):
+        """Go on from a window a stop cut short, summing on from its sums as the
+        uninterrupted run did (distributed: rank 0 holds them, the others start at 0)."""
+        if self.comm.is_root:
+            self.loss += state.pending_loss
+            self.correct += state.pending_correct
+            self.samples += state.pending_samples
+        state.pending_loss, state.pending_correct, state.pending_samples = 0.0, 0, 0
+
+    def flush_into(self, state):
+        loss, correct, samples = self._global_sums()
         state.window_loss += loss
         state.window_correct += correct
         state.window_samples += samples
         state.epoch_loss += loss
         state.epoch_correct += correct
         state.epoch_samples += samples
-        self.reset()
 
 
 class Stepper:

@@ -286,6 +286,41 @@ def test_without_sync_bn_two_ranks_are_another_model(tmp_path, one_process_runs)
 
 
 @needs_mpi
+def test_every_rank_keeps_rank_0s_metrics(tmp_path):
+    """Without sync BN each rank validates on its own running statistics; the record rank
+    0 broadcasts is the one every rank keeps, so a plateau schedule steps every rank's
+    learning rate on the same loss (a rank's own record let the ranks' rates, then their
+    parameters, drift apart)."""
+    code = ("import json, sys; from nnopt import distributed, train; finish = train.finish\n"
+            "def spy(run, curves=True):\n"
+            "    print('HISTORY', json.dumps([r['val_loss'] for r in run.state.history]))\n"
+            "    return finish(run, curves)\n"
+            "train.finish = spy\n"
+            "sys.exit(train.main(sys.argv[1:]))")
+    rc, out, err = mpiexec(["-n", "2", sys.executable, "-c", code, *SMALL, "--distributed",
+                            "--out", str(tmp_path / "r"), "--schedule", "plateau"])
+    assert rc == 0, f"{out}\n{err}"
+    histories = [line for line in out.splitlines() if line.startswith("HISTORY")]
+    assert len(histories) == 2 and histories[0] == histories[1], out
+
+
+@needs_mpi
+def test_a_distributed_runs_config_takes_this_jobs_ranks(tmp_path, capsys):
+    """--config of a 2-rank run's config.json: how that run was launched is not a setting.
+    In one process it trains as one process (all batches, resumable there); in 3 ranks
+    the global batch of 64 is refused (it was checked against the saved 2 ranks, and
+    each rank silently dropped a sample per step)."""
+    saved = train_ranks(2, tmp_path / "two") / "config.json"
+    assert train.main(["--config", str(saved), "--out", str(tmp_path / "one")]) == 0
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert (config["distributed"], config["world_size"]) == (False, 1)
+    assert train.main(["--resume", str(tmp_path / "one"), "--epochs", "2"]) == 0
+    rc, out, err = mpiexec(["-n", "3", sys.executable, "-m", "nnopt.train", "--config",
+                            str(saved), "--distributed", "--out", str(tmp_path / "three")])
+    assert rc == 2 and "does not split evenly over 3 ranks" in err, f"{out}\n{err}"
+
+
+@needs_mpi
 def test_resume_with_the_same_ranks(tmp_path, capsys):
     straight = train_ranks(2, tmp_path / "straight", "--sync-bn", "--epochs", "2")
     split = train_ranks(2, tmp_path / "split", "--sync-bn")

@@ -153,6 +153,68 @@ def test_interrupt_saves_a_consistent_checkpoint(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_stop_mid_window_resumes_bit_for_bit(tmp_path, monkeypatch, dtype):
+    """A stop between two checks (iteration 50; checks every 40): the resumed run sums its
+    training loss on from the cut window's sums, so its metrics, not only its parameters,
+    are the uninterrupted run's, bit for bit (float64 rounded them otherwise before)."""
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    args = ["--epochs", "2", "--dtype", dtype]
+    assert run_cli(args + ["--out", str(straight)]) == 0
+
+    class StopAt50(train.Stepper):
+        calls = 0
+
+        def __call__(self, xb, yb):
+            StopAt50.calls += 1
+            if StopAt50.calls == 50:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().__call__(xb, yb)
+    monkeypatch.setattr(train, "Stepper", StopAt50)
+    assert run_cli(args + ["--out", str(cut)]) == 130  # the shell's code for a Ctrl-C
+    monkeypatch.undo()
+    _, _, meta = checkpoint.load(cut)
+    assert meta["progress"]["iteration"] == 50 and meta["progress"]["pending_samples"] == 10 * 128
+    assert run_cli(args + ["--resume", str(cut)]) == 0
+    assert metrics(straight) == metrics(cut)
+    a, _, _ = checkpoint.load(straight)
+    b, _, _ = checkpoint.load(cut)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_saved_null_metric_resumes_as_the_live_nan(tmp_path):
+    """A window whose every step was skipped (nonfinite="skip") has no training loss: NaN in
+    the live run, null in the checkpoint's JSON. Read back, it is NaN again (a None made
+    every later resume fail formatting the epoch or drawing the curves)."""
+    run = tmp_path / "run"
+    assert run_cli(["--epochs", "1", "--out", str(run)]) == 0
+    model_state, opt_state, meta = checkpoint.load(run)
+    meta["progress"]["history"][-1].update(train_loss=None, train_accuracy=None)
+    checkpoint.save(run / "checkpoint.npz", model_state, opt_state, meta)
+    state = train.TrainState.from_dict(meta["progress"])
+    assert np.isnan(state.history[-1]["train_loss"]) and np.isnan(state.history[-1]["train_accuracy"])
+    assert run_cli(["--epochs", "2", "--resume", str(run)]) == 0
+    assert (run / "curves.png").stat().st_size > 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+def test_a_non_finite_validation_or_test_loss_is_never_a_result(tmp_path, monkeypatch, capsys):
+    """Skipped steps keep the parameters finite, but outputs can still overflow: a NaN
+    validation loss ends the run as diverged (exit 3), as a NaN training loss does, and so
+    does a NaN test loss at the end, before summary.json is written."""
+    assert run_cli(["--epochs", "1", "--no-bn", "--lr", "1e6", "--opt", "nonfinite=skip",
+                    "--out", str(tmp_path / "big")]) == 3
+    assert "the validation loss became nan" in capsys.readouterr().err
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda model, x, y, loss_fn: (
+        (float("nan"), 0.1) if x.shape[0] == 2000 else evaluate(model, x, y, loss_fn)))
+    assert run_cli(["--epochs", "1", "--out", str(tmp_path / "test")]) == 3
+    assert "the test loss became nan" in capsys.readouterr().err
+    assert not (tmp_path / "test" / "summary.json").exists()
+    assert (tmp_path / "test" / "checkpoint.npz").exists()
+
+
 def test_evaluate_reports_accuracy(tmp_path, capsys):
     assert run_cli(["--epochs", "1", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -174,6 +236,28 @@ def test_resume_on_another_blas_count(tmp_path, capsys):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["blas_threads"] == "auto" and config["epochs"] == 3
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 3
+
+
+def test_resuming_a_snapshot_never_replaces_the_runs_own_checkpoint(tmp_path, capsys):
+    """--resume FILE continues in FILE's folder: where that folder's checkpoint.npz is
+    another file (a later point of the run, or another run), it is refused, not replaced."""
+    snap = tmp_path / "snap"
+    assert run_cli(["--epochs", "1", "--out", str(snap)]) == 0
+    (snap / "ep1.npz").write_bytes((snap / "checkpoint.npz").read_bytes())
+    assert run_cli(["--epochs", "2", "--resume", str(snap)]) == 0
+    later, summary = (snap / "checkpoint.npz").read_bytes(), (snap / "summary.json").read_text()
+    capsys.readouterr()
+    assert run_cli(["--epochs", "3", "--resume", str(snap / "ep1.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "would be replaced" in err and "copy ep1.npz into a new folder" in err
+    assert (snap / "checkpoint.npz").read_bytes() == later
+    assert (snap / "summary.json").read_text() == summary
+    # its own checkpoint, named as a file, is the folder's run
+    assert run_cli(["--epochs", "3", "--resume", str(snap / "checkpoint.npz")]) == 0
+    branch = tmp_path / "branch"
+    branch.mkdir()
+    (branch / "checkpoint.npz").write_bytes((snap / "ep1.npz").read_bytes())
+    assert run_cli(["--epochs", "2", "--resume", str(branch)]) == 0
 
 
 def test_bad_checkpoints_and_mismatches(tmp_path, capsys):
@@ -236,7 +320,9 @@ def test_build_model_follows_the_config():
 
 def test_train_state_reads_old_checkpoints():
     old = {"epoch": 1, "pos": 5, "iteration": 65, "elapsed": 1.5, "reached": False,
-           "window": [2.5, 40, 64], "history": [{"iteration": 44}]}
+           "window": [2.5, 40, 64],  # 0.1.0's records had no "lr"
+           "history": [{"epoch": 1, "iteration": 44, "train_loss": 0.9, "train_accuracy": 0.7,
+                        "val_loss": 0.8, "val_accuracy": 0.75, "time_s": 1.2}]}
     state = train.TrainState.from_dict(old)
     assert (state.window_loss, state.window_correct, state.window_samples) == (2.5, 40, 64)
     assert train.TrainState.from_dict(state.to_dict()) == state
@@ -246,6 +332,9 @@ def test_train_state_reads_old_checkpoints():
     ("epoch", "x", "progress.epoch is 'x'"), ("epoch", -5, "progress.epoch is -5"),
     ("history", "x", "progress.history is 'x'"), ("elapsed", "x", "progress.elapsed is 'x'"),
     ("pos", 1_000_000, "progress.pos is 1000000, past the epoch's"),
+    ("history", [{"epoch": 1, "iteration": 40}], "progress.history[0] has no 'train_loss'"),
+    ("history", [{"epoch": 1, "iteration": 40, "train_loss": 1.0, "train_accuracy": 0.5,
+                  "val_loss": "low", "val_accuracy": 0.5}], "progress.history[0].val_loss is 'low'"),
 ])
 def test_a_damaged_progress_entry_is_named(tmp_path, capsys, entry, value, message):
     run = tmp_path / "run"

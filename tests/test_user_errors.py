@@ -142,12 +142,21 @@ def test_nonfinite_raise_is_a_stop_not_a_traceback(tmp_path, capsys):
     assert "non-finite gradient" in err and "Traceback" not in err
 
 
-def test_skipped_steps_are_reported(tmp_path, capsys):
-    assert cli("--no-bn", "--lr", "1e6", "--epochs", "1", "--opt", "nonfinite=skip",
-               "--out", str(tmp_path)) == 0
+def test_skipped_steps_are_reported(tmp_path, capsys, monkeypatch):
+    """Three steps' gradients turn NaN (a spike): skipped, counted, and the run goes on to a
+    result. (A run whose outputs overflow, --lr 1e6, diverges even so: tests/test_train.py.)"""
+    step, calls = optim.Optimizer.step, []
+
+    def spiking_step(self):
+        calls.append(1)
+        if len(calls) in (3, 10, 11):
+            self.param_groups[0]["params"][0].grad[0, 0] = np.nan
+        return step(self)
+    monkeypatch.setattr(optim.Optimizer, "step", spiking_step)
+    assert cli("--epochs", "1", "--opt", "nonfinite=skip", "--out", str(tmp_path)) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["skipped_steps"] > 0
-    assert f"{summary['skipped_steps']} step(s) were skipped" in capsys.readouterr().out
+    assert summary["skipped_steps"] == 3 and summary["test_accuracy"] > 0.5
+    assert "3 step(s) were skipped" in capsys.readouterr().out
 
 
 def test_config_records_every_hyper_parameter_and_metrics_the_lr(tmp_path):
@@ -233,6 +242,10 @@ def test_data_dir_with_the_embedded_sample_is_noted(tmp_path, capsys):
     (lambda: nnopt.SoftmaxCrossEntropy()(np.zeros((2, 10)), np.array([1, 12])), "class label 12"),
     (lambda: nnopt.SoftmaxCrossEntropy()(np.zeros((2, 10)), np.array([-1, 2])), "class label -1"),
     (lambda: optim.StepLR(optim.SGD(nnopt.mlp([3, 2])), 0), "step_size must be an integer >= 1"),
+    (lambda: (lambda s: (s.step(), s.step()))(optim.StepLR(optim.SGD(nnopt.mlp([3, 2])), 1, 1e200)),
+     "learning rate from base rate 0.1 overflows at epoch 2"),
+    (lambda: optim.ExponentialLR(optim.SGD(nnopt.mlp([3, 2]), lr=1e300), 1e10).step(),
+     "overflows at epoch 1"),
     (lambda: nnopt.BatchNorm(-3), "BatchNorm n_features must be an integer >= 1"),
     (lambda: nnopt.BatchNorm(3.5), "BatchNorm n_features must be an integer"),
 ])

@@ -74,9 +74,18 @@ class LRScheduler:
         """One epoch done (``metric`` is for :class:`ReduceLROnPlateau`; ignored here)."""
         self._join_new_groups()
         self.epoch += 1
-        for group, base, schedule in zip(self.optimizer.param_groups, self.base_lrs,
-                                         self.schedules):
-            group["lr"] = schedule(self.epoch, base)
+        rates = []
+        for base, schedule in zip(self.base_lrs, self.schedules):
+            try:
+                rates.append(float(schedule(self.epoch, base)))
+            except OverflowError:
+                rates.append(math.inf)
+            if not math.isfinite(rates[-1]):
+                raise InputError(f"{type(self).__name__}: the learning rate from base rate "
+                                 f"{base:g} overflows at epoch {self.epoch}; choose a schedule "
+                                 "whose rate stays finite (a gamma <= 1)")
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
 
     def _join_new_groups(self):
         groups = self.optimizer.param_groups
