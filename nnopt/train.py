@@ -549,9 +549,10 @@ def record_check(run: Run, record: dict) -> None:
 def format_epoch(run: Run, epoch: int) -> str:
     """The line an epoch leaves: its training loss/accuracy, the last check's validation."""
     state = run.state
+    samples = state.epoch_samples or math.nan  # every step skipped: no loss, not 0
     line = (f"epoch {epoch + 1:3d}/{run.config['epochs']}  iter {state.iteration:6d}  "
-            f"train loss {state.epoch_loss / max(state.epoch_samples, 1):.4f} "
-            f"acc {100 * state.epoch_correct / max(state.epoch_samples, 1):.2f}%")
+            f"train loss {state.epoch_loss / samples:.4f} "
+            f"acc {100 * state.epoch_correct / samples:.2f}%")
     last = state.history[-1] if state.history and state.history[-1]["epoch"] == epoch + 1 else None
     if last is not None:
         line += f"  val loss {last['val_loss']:.4f} acc {100 * last['val_accuracy']:.2f}%"
@@ -578,8 +579,10 @@ def plot_curves(path, history, config):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:  # whole or not at all, as every file of a run: a kill mid-write leaves the old one
+        checkpoint.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:

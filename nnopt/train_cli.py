@@ -155,7 +155,11 @@ def overrides_from(args, given) -> dict:
         except ValueError:
             raise InputError(f"--sizes must be integers separated by commas, got {args.sizes!r}") from None
     if given & {"lr", "opt"}:
-        out["hyper"] = {**({"lr": args.lr} if "lr" in given else {}), **pairs(args.opt, "--opt")}
+        opt = pairs(args.opt, "--opt")
+        if "lr" in given and "lr" in opt and opt["lr"] != args.lr:
+            raise InputError(f"--lr {args.lr:g} and --opt lr={opt['lr']} name two learning "
+                             "rates; give one of them")
+        out["hyper"] = {**({"lr": args.lr} if "lr" in given else {}), **opt}
     if given & {"schedule", "schedule_opt"}:
         name, options = args.schedule, pairs(args.schedule_opt, "--schedule-opt")
         if name == "none" and options:

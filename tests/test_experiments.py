@@ -247,6 +247,7 @@ def test_only_sampled_claims_carry_bounds(quick_run):
     for fixed in ("bowl_sgd_zigzag", "bowl_momentum_overshoot", "bowl_adaptive_direct",
                   "zero_init_symmetry", "bn_gpu_negligible"):
         assert claims[fixed].bounds is None and claims[fixed].settled is None
+    assert claims["bn_gpu_negligible"].counted == "configurations"  # not seeds
     # two seeds held cannot settle a rate: the report says so
     assert claims["momentum_sooner_than_sgd"].settled is False
     assert "(unsettled: about" in claims["momentum_sooner_than_sgd"].verdict_text

@@ -160,8 +160,8 @@ class Claim:
     #: path, a property exact by construction, the GPU's fixed configurations): there is
     #: no rate to bound
     sampled: bool = True
-    #: what each held flag is one of: "seeds" (--seeds sets how many) or "rounds" (of a
-    #: timing; fixed by the experiment)
+    #: what each held flag is one of: "seeds" (--seeds sets how many), "rounds" (of a
+    #: timing; fixed by the experiment) or "configurations" (fixed: the GPU's)
     counted: str = "seeds"
     #: what --quick cut short for this claim, in words (None where nothing was): its
     #: verdict is about the shorter test and is marked so
