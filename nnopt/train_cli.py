@@ -188,6 +188,8 @@ def resolve(args, given):
     # how the saved run was launched is not a setting: this job's flag and ranks say it
     base = {k: v for k, v in base.items() if k not in ("distributed", "world_size")}
     overrides = overrides_from(args, given)
+    if str(overrides.get("optimizer", base.get("optimizer"))).lower() != str(base.get("optimizer")).lower():
+        base.pop("hyper", None)  # the saved optimizer's (its defaults included): not the new one's
     if "hyper" in overrides:  # --lr's default (0.1) holds for every optimizer, as the textbook's
         lr = {"lr": args.lr} if "lr" in given or not base else {}
         overrides["hyper"] = {**base.get("hyper", {}), **lr, **overrides["hyper"]}
@@ -247,6 +249,10 @@ def resolve_resume(args, given):
             "--layers, --blas-threads and --data-dir may change. Start a new run (with --config "
             f"{folder / 'config.json'}) to change the rest")
     config = make_config(**{**saved, **{k: v for k, v in requested.items() if k in RESUMABLE}})
+    trained = meta.get("progress", {}).get("epoch") if isinstance(meta.get("progress"), dict) else None
+    if isinstance(trained, int) and config["epochs"] < trained:
+        raise InputError(f"--epochs {config['epochs']} is fewer than the {trained} epochs the run "
+                         f"in {folder} has trained; give --epochs {trained} or more")
     config["out"] = str(folder)
     return config, path, False
 

@@ -173,6 +173,31 @@ def test_config_records_every_hyper_parameter_and_metrics_the_lr(tmp_path):
     assert opt_state["param_groups"][0]["lr"] == 0.001  # halved after the epoch
 
 
+def test_a_config_file_with_another_optimizer(tmp_path, capsys):
+    """--config of an Adam run with --optimizer sgd: the saved hyper-parameters were Adam's
+    (betas, eps), so SGD starts from its own (it refused them before: no flag could drop
+    them); the same optimizer keeps them."""
+    assert cli("--epochs", "1", "--optimizer", "adam", "--lr", "0.002", "--out",
+               str(tmp_path / "adam")) == 0
+    saved = str(tmp_path / "adam" / "config.json")
+    assert train_cli.main(["--config", saved, "--optimizer", "sgd", "--out", str(tmp_path / "sgd"),
+                           "--epochs", "1", "--quiet"]) == 0
+    config = json.loads((tmp_path / "sgd" / "config.json").read_text())
+    assert config["optimizer"] == "sgd" and config["hyper"] == {"weight_decay": 0.0, "lr": 0.1}
+    assert train_cli.main(["--config", saved, "--optimizer", "Adam", "--out",
+                           str(tmp_path / "again"), "--epochs", "1", "--quiet"]) == 0
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["hyper"]["lr"] == 0.002 and config["hyper"]["betas"] == [0.9, 0.999]
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, capsys):
+    assert cli("--epochs", "2", "--out", str(tmp_path)) == 0
+    capsys.readouterr()
+    assert cli("--epochs", "1", "--resume", str(tmp_path)) == 2
+    assert "--epochs 1 is fewer than the 2 epochs the run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 2
+
+
 def test_config_file_dry_run_and_version(tmp_path, capsys):
     assert cli("--epochs", "1", "--no-bn", "--out", str(tmp_path / "a")) == 0
     capsys.readouterr()
