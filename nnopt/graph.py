@@ -80,7 +80,7 @@ class CapturedStep:
         # model.loss_and_backward, with zero_grad's fill beside the forward pass and the
         # loss (nothing reads a gradient before backward, which waits for it)
         self.gpu.beside_main(self.model.zero_grad)
-        value, grad = self.loss.forward_backward(self.model.forward_to_loss(self.x), self.y)
+        value, grad = self.loss.forward_backward(self.model.forward_to_loss(self.x, True), self.y)
         self.gpu.join_side()
         self.model.backward(grad)
         self.optimizer.step()

@@ -102,19 +102,24 @@ class Sequential:
                              "model.loss_and_backward) first")
         check_output_grad("backward", dy, *spec)
 
-    def forward_to_loss(self, x):
-        """Forward in training mode, for a loss's ``forward_backward``: the last block may
-        leave its output to the loss (a :class:`nnopt.block.DeferredOutput`), which on the
-        GPU computes it inside its own launch."""
+    def forward_to_loss(self, x, train: bool | None = None):
+        """Forward (``train`` defaults to the model's mode) for a loss's ``forward_backward``:
+        in training mode the last block may leave its output to the loss (a
+        :class:`nnopt.block.DeferredOutput`), which on the GPU computes it inside its own
+        launch."""
+        train = self.training if train is None else bool(train)
         for step in self.steps[:-1]:
-            x = step.forward(x, True)
+            x = step.forward(x, train)
         last = self.steps[-1] if self.steps else None
-        if isinstance(last, Block):
+        if isinstance(last, Block) and train:
             return self._note_output(last.forward(x, True, for_loss=True))
-        return self._note_output(x if last is None else last.forward(x, True))
+        return self._note_output(x if last is None else last.forward(x, train))
 
     def loss_and_backward(self, x, target, loss):
-        """Forward in training mode, the loss, backward; returns the loss (a 0-d array)."""
+        """Forward in the model's mode, the loss, backward; returns the loss (a 0-d array).
+        As in PyTorch, after ``eval()`` BN normalizes with its running statistics (and
+        leaves them alone), so the gradient is the frozen-BN network's (fine-tuning);
+        ``train()`` switches back."""
         value, grad = loss.forward_backward(self.forward_to_loss(x), target)
         self.backward(grad)
         return value

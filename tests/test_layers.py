@@ -167,6 +167,33 @@ def test_whole_network_gradient(xp, rng, batchnorm, activation):
     assert rel_err(analytic, numeric_param_grad(objective, model.flat)) < 1e-6
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_eval_mode_loss_and_backward_is_the_frozen_bn_gradient(xp, rng, fused):
+    """After model.eval(), as in PyTorch: BN normalizes with its running statistics and
+    leaves them alone, and the gradient is that network's (finite differences); train()
+    switches back to the batch's statistics."""
+    model = nnopt.mlp([6, 5, 4, 3], "tanh", batchnorm=True, init="xavier", fused=fused,
+                      seed=int(rng.integers(1 << 30)), device=xp, dtype="float64")
+    x, labels = dev(xp, rng.normal(size=(8, 6))), dev(xp, rng.integers(0, 3, 8))
+    loss = SoftmaxCrossEntropy()
+    for _ in range(3):  # running statistics of their own, not the initial 0 and 1
+        model.forward(dev(xp, rng.normal(size=(8, 6)) * 2 + 1), train=True)
+    buffers = {name: host(b[key]).copy() for name, b, key in model.named_buffers()}
+    model.eval()
+    model.zero_grad()
+    value = float(model.loss_and_backward(x, labels, loss))
+    assert value == pytest.approx(float(loss.forward(model.forward(x), labels)), rel=1e-12)
+    for name, b, key in model.named_buffers():
+        np.testing.assert_array_equal(host(b[key]), buffers[name])
+    analytic = host(model.flat.grad)
+    numeric = numeric_param_grad(lambda: float(loss.forward(model.forward(x), labels)), model.flat)
+    assert rel_err(analytic, numeric) < 1e-6
+    model.train()
+    model.zero_grad()
+    model.loss_and_backward(x, labels, loss)
+    assert rel_err(host(model.flat.grad), analytic) > 1e-3  # the batch's statistics again
+
+
 def test_gradients_accumulate_until_zero_grad(xp, rng):
     model = nnopt.mlp([3, 4, 2], seed=0, device=xp, dtype="float64")
     x, y = dev(xp, rng.normal(size=(5, 3))), dev(xp, rng.integers(0, 2, 5))
