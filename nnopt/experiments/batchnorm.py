@@ -315,7 +315,7 @@ def run(ctx, done=None, times=None) -> Section:
                   "4,267 vs 5,763", spread(with_bn, "iterations with BN"), fewer,
                   f"{describe(spread(with_bn))} vs {describe(spread(plain))} without BN "
                   f"(target {target} on {ctx.dataset}"
-                  + (f"; {ties} seeds tied at the same check, left out)" if ties else ")"))
+                  + (f"; {ties} seed{'s' if ties != 1 else ''} tied at the same check, left out)" if ties else ")"))
     for tag, (_, words) in benefits(ctx).items():
         pairs = [(a, b) for a, b in zip(done[len(table):], done[len(table) + 1:])
                  if not a["bn"] and b["bn"] and a["out"].split("/")[-1].startswith(tag)]
@@ -404,5 +404,5 @@ def _plot_training(plt, ctx, results, target):
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, ctx.out / "bn_training.png",
-                f"BN vs no BN on {ctx.dataset}, until the first seed of each stops at the target",
+                f"BN vs no BN on {ctx.dataset}, up to the check where the first of its seeds stopped at the target",
                 left=1.05, bottom=0.62, right=0.2, top=0.5, wspace=0.7)
