@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import urllib.request
 import zlib
@@ -53,8 +54,10 @@ SOURCES = {
         "mnist",
         {"train-images-idx3-ubyte": 60000, "train-labels-idx1-ubyte": 60000,
          "t10k-images-idx3-ubyte": 10000, "t10k-labels-idx1-ubyte": 10000},
-        {"train-images-idx3-ubyte": {"f68b3c2dcbeaaa9fbdd348bbdeb94873"},
-         "train-labels-idx1-ubyte": {"d53e105ee54ea40749a09fcbcd1e9432"},
+        {"train-images-idx3-ubyte": {"f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                                     "6bbc9ace898e44ae57da46a324031adb"},
+         "train-labels-idx1-ubyte": {"d53e105ee54ea40749a09fcbcd1e9432",
+                                     "a25bea736e30d166cdddb491f175f624"},
          "t10k-images-idx3-ubyte": {"9fb629c4189551a2d022fa330f9573f3",
                                     "2646ac647ad5339dbf082846283269ea"},
          "t10k-labels-idx1-ubyte": {"ec29112dd5afa0611ce80d1b7f02629c",
@@ -208,14 +211,18 @@ def download(source: Source, target_dir: Path, timeout=30, data_dir=None) -> dic
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     payload = response.read()
-            except OSError as exc:
-                errors.append(f"{url}: {exc}")
+            except (OSError, http.client.HTTPException) as exc:  # a cut transfer, a bad reply
+                errors.append(f"{url}: {type(exc).__name__}: {exc}")
                 continue
             if hashlib.md5(payload).hexdigest() not in source.md5[stem]:
                 errors.append(f"{url}: checksum mismatch")
                 continue
-            target_dir.mkdir(parents=True, exist_ok=True)  # only once there is a file for it
-            atomic_write(target_dir / f"{stem}.gz", lambda out: out.write(payload))
+            try:  # the folder only once there is a file for it
+                target_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(target_dir / f"{stem}.gz", lambda out: out.write(payload))
+            except OSError as exc:
+                raise DataError(f"cannot write the downloaded {stem}.gz into {target_dir}: "
+                                f"{exc.strerror or exc}; choose another --data-dir") from None
             found[stem] = target_dir / f"{stem}.gz"
             break
         else:

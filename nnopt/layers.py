@@ -196,7 +196,10 @@ class ReLU(Activation):
         check_output_grad(f"{self!r}.backward", dy, self.y.shape, self.y.dtype)
         if self.fast is not None:
             return self.fast.relu_backward(dy, self.y)
-        return namespace_of(dy).where(self.mask, dy, 0.0)
+        # a product, as the fused paths: a NaN or inf gradient stays NaN where the unit is
+        # off (0 * NaN), so a blow-up upstream is never hidden (torch gives 0 there)
+        xp = namespace_of(dy)
+        return dy * xp.astype(self.mask, dy.dtype)
 
 
 ACTIVATIONS = {"sigmoid": Sigmoid, "tanh": Tanh, "relu": ReLU}

@@ -105,7 +105,8 @@ class SoftmaxCrossEntropy(Loss):
         fast = fast_for(data) if len(data.shape) == 2 else None
         if (fast is None or not hasattr(fast, "softmax_cross_entropy")
                 or type(target) is not type(data) or len(target.shape) != 1
-                or target.dtype.kind not in "iu" or target.shape[0] != data.shape[0]):
+                or target.dtype.kind not in "iu" or not target.dtype.isnative
+                or target.shape[0] != data.shape[0]):
             return super().forward_backward(logits, target)
         if self.scratch is None:
             self.scratch = fast.Scratch()
@@ -131,6 +132,8 @@ class SoftmaxCrossEntropy(Loss):
             if xp.isdtype(target.dtype, "real floating"):
                 raise InputTypeError("SoftmaxCrossEntropy: 1-D targets must be integer class labels, "
                                 f"got {target.dtype}; pass one-hot rows or xp.astype(y, xp.int64)")
+            if target.dtype == xp.bool:  # False/True as the classes 0 and 1
+                target = xp.astype(target, xp.int64)
             check_labels(target, logits.shape[1])
             target = one_hot(target, logits.shape[1], logits.dtype)
         elif tuple(target.shape) != tuple(logits.shape):

@@ -123,6 +123,53 @@ def test_download_verifies_and_writes_atomically(monkeypatch, tmp_path):
     assert asked == []
 
 
+@pytest.mark.parametrize("failure", ["cut", "not http"])
+def test_a_cut_transfer_tries_the_next_mirror(monkeypatch, tmp_path, failure):
+    """A transfer cut short (http.client.IncompleteRead) or a reply that is not HTTP
+    (BadStatusLine) is not an OSError: it escaped as a traceback, and the next mirror was
+    never asked."""
+    import http.client
+    isolate(monkeypatch, tmp_path)
+    source, gz = fake_source(tmp_path)
+    monkeypatch.setitem(datasets.SOURCES, "fake", source)
+
+    class Cut(io.BytesIO):
+        def read(self, *args):
+            if failure == "cut":
+                raise http.client.IncompleteRead(b"half", 100)
+            raise http.client.BadStatusLine("SSH-2.0")
+
+    def urlopen(url, timeout=None):
+        if url.startswith("https://mirror-a/"):
+            return Cut(b"")
+        return io.BytesIO(gz[url.rsplit("/", 1)[1][:-3]])
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", urlopen)
+    assert datasets.load("fake", n_val=1).x_train.shape == (2, 784)
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", lambda url, timeout=None: Cut(b""))
+    with pytest.raises(DataError, match="IncompleteRead|BadStatusLine"):
+        datasets.load("fake", tmp_path / "elsewhere")
+
+
+def test_a_data_dir_that_cannot_be_a_folder_is_a_data_error(monkeypatch, tmp_path):
+    isolate(monkeypatch, tmp_path)
+    source, gz = fake_source(tmp_path)
+    monkeypatch.setitem(datasets.SOURCES, "fake", source)
+    monkeypatch.setattr(datasets.urllib.request, "urlopen",
+                        lambda url, timeout=None: io.BytesIO(gz[url.rsplit("/", 1)[1][:-3]]))
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DataError, match="cannot write the downloaded .* choose another --data-dir"):
+        datasets.load("fake", tmp_path / "file" / "sub")
+
+
+def test_full_mnist_is_taken_gzipped_or_not():
+    """The md5 of each file's raw bytes is known beside its .gz's (the README: "gzipped or
+    not"); the training files' raw md5s were missing, so unpacked files were refused."""
+    for stem, md5s in datasets.SOURCES["mnist"].md5.items():
+        assert len(md5s) == 2, stem
+    raw = gzip.decompress((datasets.SAMPLE_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    assert hashlib.md5(raw).hexdigest() in datasets.SOURCES["mnist"].md5["t10k-labels-idx1-ubyte"]
+
+
 def test_download_rejects_bad_checksum(monkeypatch, tmp_path):
     isolate(monkeypatch, tmp_path)
     source, gz = fake_source(tmp_path)

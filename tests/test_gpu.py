@@ -334,6 +334,10 @@ def test_gpu_relu_passes_nan_on_as_the_reference(xp, gpu, dtype):
     assert layer.fast is gpu, "the layer ran the reference, not the kernel"
     y = gpu.activation_forward(dev(xp, x.astype(dtype)), None, gpu.RELU)
     np.testing.assert_array_equal(host(y), want)
+    # backward: 0 * dy where the unit is off, so a NaN or inf there stays NaN
+    dy = np.array([[1.0, 1.0, np.inf, np.nan, 1.0, np.inf]]).astype(dtype)
+    dx = host(layer.backward(dev(xp, dy)))
+    np.testing.assert_array_equal(dx, [[0.0, 1.0, np.nan, np.nan, 0.0, np.inf]])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -138,6 +138,40 @@ def test_relu_passes_nan_on(xp, monkeypatch, fused):
     np.testing.assert_array_equal(y, [[np.nan, np.inf, 0.0, 0.0, 0.0, 2.5]])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_relu_backward_keeps_a_non_finite_gradient_visible(xp, monkeypatch, fused):
+    """Where the unit is off the gradient is 0 * dy: a NaN or inf arriving there stays NaN
+    (hidden as 0, a blow-up upstream would go unnoticed); the fused paths and the
+    reference agree."""
+    if not fused:
+        monkeypatch.setattr(nnopt.layers, "fast_for", lambda *arrays: None)
+    layer = ReLU()
+    layer.forward(dev(xp, np.array([[0.0, -1.0, 2.0, np.nan]]), xp.float64))
+    with np.errstate(invalid="ignore"):  # 0 * inf: the NaN this test asks for
+        dx = host(layer.backward(dev(xp, np.array([[np.nan, np.inf, np.inf, 1.0]]), xp.float64)))
+    np.testing.assert_array_equal(dx, [[np.nan, np.nan, np.inf, 0.0]])
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_either_byte_order_and_bool_labels(order):
+    """Big-endian arrays (read from a file as they are stored) take the reference path,
+    which reads them; the fused kernels cannot (numba's TypingError, a KeyError before).
+    Bool labels are the classes 0 and 1 (an error from inside array-api-compat before)."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 3)).astype(f"{order}f8")
+    labels = np.array([0, 2, 1, 2], dtype=f"{order}i8")
+    value, grad = SoftmaxCrossEntropy().forward_backward(logits, labels)
+    want = SoftmaxCrossEntropy().forward(logits.astype(np.float64), labels.astype(np.int64))
+    assert float(value) == pytest.approx(float(want), rel=1e-14)
+    y = ReLU().forward(logits)
+    np.testing.assert_array_equal(y, np.maximum(logits.astype(np.float64), 0))
+    value = SoftmaxCrossEntropy().forward(logits, np.array([True, False, False, True]))
+    want = SoftmaxCrossEntropy().forward(logits, np.array([1, 0, 0, 1]))
+    assert float(value) == float(want)
+    value, _ = SoftmaxCrossEntropy().forward_backward(logits, np.array([True, False, False, True]))
+    assert float(value) == pytest.approx(float(want), rel=1e-14)
+
+
 def test_mse_loss(xp, rng):
     a, y = rng.normal(size=(9, 1)), rng.normal(size=(9, 1))
     loss = MSELoss()

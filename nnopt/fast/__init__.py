@@ -84,7 +84,8 @@ def fast_for(*arrays):
     else:
         return None
     for a in arrays:
-        if type(a) is not type(first) or a.dtype.type not in FAST_DTYPES:
+        # (a non-native byte order, big-endian data read from a file, the kernels cannot take)
+        if type(a) is not type(first) or a.dtype.type not in FAST_DTYPES or not a.dtype.isnative:
             return None
     return kernels()
 

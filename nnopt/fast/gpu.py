@@ -536,7 +536,7 @@ class Scratch(HostScratch):
 
 
 _relu = cupy.ElementwiseKernel("T x", "T y", "y = x <= 0 ? (T)0 : x", "nnopt_relu")
-_relu_grad = cupy.ElementwiseKernel("T dy, T y", "T dx", "dx = y > 0 ? dy : (T)0", "nnopt_relu_grad")
+_relu_grad = cupy.ElementwiseKernel("T dy, T y", "T dx", "dx = y > 0 ? dy : (T)0 * dy", "nnopt_relu_grad")
 
 
 def relu_forward(x):
