@@ -65,6 +65,9 @@ def validate_config(config: dict) -> None:
             raise InputTypeError(f"setting {key!r} must be a folder path, got {config[key]!r}")
     if config["out"] is not None and not config["out"].strip():
         raise InputError("--out is empty; give the output folder (e.g. --out runs/mine)")
+    if config["data_dir"] is not None and not config["data_dir"].strip():
+        raise InputError("--data-dir is empty; give the folder of the IDX files, or leave "
+                         "--data-dir out to search the usual places")
     for key in ("epochs", "batch_size", "check_every"):
         check_int(f"--{key.replace('_', '-')}", config[key], low=1)
     check_int("--seed", config["seed"], low=0)

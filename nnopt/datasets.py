@@ -236,7 +236,9 @@ def offline_message(source: Source, errors=(), data_dir=None) -> str:
     tried = "\nDownload failed:\n  " + "\n  ".join(errors[:4]) if errors else ""
     return (f"data set {source.name!r} is not on this machine and could not be downloaded."
             f"{tried}\nPut these four files (gzipped or not):\n{files}\n"
-            f"into --data-dir DIR, $NNOPT_DATA, or {cache_dir() / source.name}.\nLooked in:\n{looked}\n"
+            + (f"into {data_dir} (the --data-dir given, the only place looked in)"
+               if data_dir else f"into --data-dir DIR, $NNOPT_DATA, or {cache_dir() / source.name}")
+            + f".\nLooked in:\n{looked}\n"
             "Alternatives: --dataset mnist-sample (embedded, offline), or --dataset fashion-mnist "
             "after 'apt-get install dataset-fashion-mnist'.")
 

@@ -216,6 +216,9 @@ def test_offline_message_names_the_data_dir_it_looked_in(monkeypatch, tmp_path):
         datasets.load("mnist", data_dir=tmp_path / "mine")
     looked = str(err.value).split("Looked in:")[1]
     assert str(tmp_path / "mine") in looked
+    # where to put the files: the --data-dir given, not places it will not look in
+    assert f"into {tmp_path / 'mine'} (the --data-dir given" in str(err.value)
+    assert "$NNOPT_DATA" not in str(err.value)
 
 
 def test_damaged_sample_says_reinstall(monkeypatch, tmp_path):

@@ -41,6 +41,7 @@ def a_file(tmp_path):
     (["--device", "strict"], "--device must be cpu or gpu"),
     (["--opt", "params=1"], "--opt params: not a hyper-parameter"),
     (["--lr", "0.2", "--opt", "lr=0.5"], "--lr 0.2 and --opt lr=0.5 name two learning rates"),
+    (["--data-dir", ""], "--data-dir is empty"),
     (["--sizes", "784,ten,10"], "--sizes must be integers"),
     (["--schedule", "step", "--schedule-opt", "gama=0.5"], "has no parameter 'gama'"),
     (["--schedule-opt", "x"], "--schedule-opt expects KEY=VALUE"),
