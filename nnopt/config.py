@@ -114,6 +114,9 @@ def resolve_saved(config: dict) -> dict:
     older run) from DEFAULTS, ``val_size`` None as the data set's default. make_config and
     resuming both end here."""
     config = {**DEFAULTS, **config}  # keys added since the config was saved
+    if isinstance(config["hyper"], dict) and "nonfinite" not in config["hyper"]:
+        # the optimizers' default policy (configs saved before it was recorded lack it)
+        config["hyper"] = {**config["hyper"], "nonfinite": "ignore"}
     if config["val_size"] is None:
         config["val_size"] = datasets.default_val_size(config["dataset"])
     return config

@@ -61,7 +61,9 @@ def build_optimizer(config: dict, model):
 def resolved_hyper(config: dict, optimizer) -> dict:
     """Every hyper-parameter the optimizer runs with (its defaults included), for config.json."""
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    return json.loads(json.dumps({**group, **config["hyper"]}))
+    # the non-finite policy is the optimizer's, not a group's: without it here, a resume
+    # that named the default (--opt nonfinite=ignore) was refused as a change
+    return json.loads(json.dumps({**group, "nonfinite": optimizer.nonfinite, **config["hyper"]}))
 
 
 @dataclasses.dataclass

@@ -184,11 +184,29 @@ def test_a_config_file_with_another_optimizer(tmp_path, capsys):
     assert train_cli.main(["--config", saved, "--optimizer", "sgd", "--out", str(tmp_path / "sgd"),
                            "--epochs", "1", "--quiet"]) == 0
     config = json.loads((tmp_path / "sgd" / "config.json").read_text())
-    assert config["optimizer"] == "sgd" and config["hyper"] == {"weight_decay": 0.0, "lr": 0.1}
+    assert config["optimizer"] == "sgd" and config["hyper"] == {"weight_decay": 0.0, "lr": 0.1,
+                                                             "nonfinite": "ignore"}
     assert train_cli.main(["--config", saved, "--optimizer", "Adam", "--out",
                            str(tmp_path / "again"), "--epochs", "1", "--quiet"]) == 0
     config = json.loads((tmp_path / "again" / "config.json").read_text())
     assert config["hyper"]["lr"] == 0.002 and config["hyper"]["betas"] == [0.9, 0.999]
+
+
+def test_resume_may_name_the_saved_nonfinite_policy(tmp_path):
+    """config.json records the non-finite policy with the other hyper-parameters, so a
+    resume that names the saved (here: default) one is no change, and another one is."""
+    assert cli("--epochs", "1", "--out", str(tmp_path)) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["hyper"]["nonfinite"] == "ignore"
+    assert cli("--epochs", "2", "--resume", str(tmp_path), "--opt", "nonfinite=ignore") == 0
+    assert cli("--epochs", "3", "--resume", str(tmp_path), "--opt", "nonfinite=skip") == 2
+    # a run saved before the policy was recorded: its checkpoint and config.json lack it
+    model_state, opt_state, meta = checkpoint.load(tmp_path)
+    meta["config"]["hyper"].pop("nonfinite")
+    checkpoint.save(tmp_path / "checkpoint.npz", model_state, opt_state, meta)
+    assert cli("--epochs", "3", "--resume", str(tmp_path)) == 0
+    meta["config"]["epochs"] = 3
+    checkpoint.save(tmp_path / "checkpoint.npz", model_state, opt_state, meta)
+    assert cli("--epochs", "3", "--resume", str(tmp_path)) == 0  # config.json has it now
 
 
 def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, capsys):
