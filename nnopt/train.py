@@ -61,9 +61,7 @@ def build_optimizer(config: dict, model):
 def resolved_hyper(config: dict, optimizer) -> dict:
     """Every hyper-parameter the optimizer runs with (its defaults included), for config.json."""
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    # the non-finite policy is the optimizer's, not a group's: without it here, a resume
-    # that named the default (--opt nonfinite=ignore) was refused as a change
-    return json.loads(json.dumps({**group, "nonfinite": optimizer.nonfinite, **config["hyper"]}))
+    return json.loads(json.dumps({**group, **config["hyper"]}))  # (nonfinite: resolve_saved)
 
 
 @dataclasses.dataclass
@@ -132,9 +130,11 @@ def restored_record(index: int, row: dict) -> dict:
     values. ValueError naming what a damaged record lacks."""
     row = dict(row)
     for key in RECORD_KEYS + ("lr", "time_s"):
-        value = row.get(key, 0.0 if key in ("lr", "time_s") else None)
-        if key not in row and key in RECORD_KEYS:
-            raise ValueError(f"progress.history[{index}] has no {key!r}, not what a run saves")
+        if key not in row:
+            if key in RECORD_KEYS:
+                raise ValueError(f"progress.history[{index}] has no {key!r}, not what a run saves")
+            continue
+        value = row[key]
         if value is None:
             row[key] = math.nan
         elif isinstance(value, bool) or not isinstance(value, (int, float)):

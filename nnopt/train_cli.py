@@ -188,7 +188,7 @@ def resolve(args, given):
     # how the saved run was launched is not a setting: this job's flag and ranks say it
     base = {k: v for k, v in base.items() if k not in ("distributed", "world_size")}
     overrides = overrides_from(args, given)
-    if str(overrides.get("optimizer", base.get("optimizer"))).lower() != str(base.get("optimizer")).lower():
+    if "optimizer" in overrides and overrides["optimizer"].lower() != str(base.get("optimizer")).lower():
         base.pop("hyper", None)  # the saved optimizer's (its defaults included): not the new one's
     if "hyper" in overrides:  # --lr's default (0.1) holds for every optimizer, as the textbook's
         lr = {"lr": args.lr} if "lr" in given or not base else {}
