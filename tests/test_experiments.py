@@ -391,6 +391,35 @@ def test_cli_lists_each_unsettled_claim_with_the_seeds_to_settle_it(tmp_path, ca
     assert "B holds: its rate is on the band's edge" in out and "C holds:" not in out
 
 
+def test_an_interrupted_rerun_leaves_the_earlier_report_whole(tmp_path, capsys, monkeypatch):
+    def sections_writing(fail=None):
+        def run(ctx, names):
+            (ctx.out / "contours_bowl.png").write_bytes(b"figure of a run that " + (
+                b"failed" if fail else b"finished"))
+            (ctx.out / "bn_runs" / "table_bn_seed0").mkdir(parents=True)
+            (ctx.out / "bn_runs" / "table_bn_seed0" / "config.json").write_text(
+                json.dumps({"out": str(ctx.out / "bn_runs" / "table_bn_seed0")}))
+            if fail:
+                raise fail
+            section = Section("t")
+            section.claim("a", "A holds", "tb", spread([1]), [True] * 3, "r")
+            return [section]
+        return run
+
+    monkeypatch.setattr(cli, "run_sections", sections_writing())
+    assert cli.main(["contours", "--quick", "--out", str(tmp_path)]) == 0
+    earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert {"report.md", "claims.json", "contours_bowl.png"} <= set(earlier)
+    run_config = json.loads((tmp_path / "bn_runs" / "table_bn_seed0" / "config.json").read_text())
+    assert run_config["out"] == str(tmp_path / "bn_runs" / "table_bn_seed0")  # where it lies
+    for fail, code in ((KeyboardInterrupt(), 130), (cli.datasets.DataError("no data"), 2)):
+        monkeypatch.setattr(cli, "run_sections", sections_writing(fail))
+        assert cli.main(["contours", "--quick", "--out", str(tmp_path)]) == code
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == earlier
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*earlier, "bn_runs"])
+    assert "interrupted; " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "0"], "--seeds must be at least 1, got 0"),
     (["--seed", "-1"], "--seed must be 0 or more, got -1"),

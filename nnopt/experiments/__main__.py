@@ -9,13 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from .. import datasets
+from .. import datasets, runs
 from ..config import DEVICES
 from ..backend import BackendUnavailable, get_namespace
 from . import EXPERIMENTS, run_sections
 from .report import Context, write
 
 SEEDS, QUICK_SEEDS = 8, 3
+STAGING = ".incoming"  # the report being written, inside --out
 
 
 def main(argv=None) -> int:
@@ -45,17 +46,19 @@ def main(argv=None) -> int:
         print(f"nnopt.experiments: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or f"experiments/{args.name}")
+    # The new report is written beside the earlier one and replaces it only when whole, so
+    # an interrupted or failed run leaves the earlier report as it was.
+    staging = out / STAGING
     try:
         out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # what an interrupted run left
+        staging.mkdir()
     except OSError as exc:
         print(f"nnopt.experiments: error: cannot write to --out {out}: {exc.strerror}", file=sys.stderr)
         return 2
-    removed = clear_earlier_report(out)
-    if removed:
-        print(f"note: {out} held an earlier report; its {removed} files were replaced")
     seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
-    ctx = Context(out=out, quick=args.quick, device=args.device, seed=args.seed, seeds=seeds,
-                  dataset=args.dataset, data_dir=args.data_dir)
+    ctx = Context(out=staging, quick=args.quick, device=args.device, seed=args.seed,
+                  seeds=seeds, dataset=args.dataset, data_dir=args.data_dir)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     if "bn" not in names and (args.dataset != "mnist-sample" or args.data_dir):
         print(f"note: --dataset and --data-dir are used by the bn section only; {args.name} "
@@ -63,10 +66,21 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         sections = run_sections(ctx, names)
+        write(ctx, sections, time.perf_counter() - started)
     except datasets.DataError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
         print(f"nnopt.experiments: error: {exc}", file=sys.stderr)
         return 2
-    path = write(ctx, sections, time.perf_counter() - started)
+    except KeyboardInterrupt:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"nnopt.experiments: interrupted; {out} holds what it held before",
+              file=sys.stderr)
+        return 130
+    removed = clear_earlier_report(out)
+    publish(staging, out)
+    if removed:
+        print(f"note: {out} held an earlier report; its {removed} files were replaced")
+    path = out / "report.md"
     for section in sections:
         for c in section.claims:
             mark = ("?" if c.settled is False else " ") + ("q" if c.capped else " ")
@@ -104,6 +118,20 @@ def clear_earlier_report(out: Path) -> int:
     for path in entries:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return len(entries)
+
+
+def publish(staging: Path, out: Path):
+    """Move the finished report from ``staging`` into ``out``; the BN runs' config.json
+    then names the folder they now lie in (the one to ``--resume``)."""
+    for entry in staging.iterdir():
+        if (out / entry.name).is_dir():  # bn_runs of a run stopped before its claims.json
+            shutil.rmtree(out / entry.name)
+        entry.replace(out / entry.name)
+    staging.rmdir()
+    for config_file in (out / "bn_runs").glob("*/config.json"):
+        config = json.loads(config_file.read_text())
+        config["out"] = str(config_file.parent)
+        runs.write_json(config_file, config)
 
 
 def check_arguments(args) -> str | None:
