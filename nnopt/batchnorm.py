@@ -52,7 +52,7 @@ import numbers
 import numpy as np
 
 from .backend import namespace_of
-from .errors import InputError, check_bool, check_finite_number, check_int
+from .errors import CallOrderError, InputError, check_bool, check_finite_number, check_int
 from .fast import fast_for
 from .layers import Layer, check_dtype, check_grads_bound, check_input, check_output_grad
 from .params import Parameter
@@ -238,7 +238,7 @@ class BatchNorm(Layer):
 
     def backward(self, d):
         if self.output_spec is None:
-            raise RuntimeError(f"{self!r}: call forward(x) before backward")
+            raise CallOrderError(f"{self!r}: call forward(x) before backward")
         check_output_grad(f"{self!r}.backward", d, *self.output_spec)
         if self.sync_cache is not None:  # after a synchronized training-mode forward
             return sync_batchnorm.layer_backward(self, d)

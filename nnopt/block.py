@@ -37,6 +37,8 @@ running mean, as it does layer by layer, so inference mode gives the same output
 """
 from __future__ import annotations
 
+from .batchnorm import BatchNorm
+from .errors import InputError, InputTypeError
 from .fast import fast_for
 from .layers import (ACTIVATIONS, Layer, Linear, check_dtype, check_grads_bound, check_input,
                      check_output_grad)
@@ -90,7 +92,18 @@ class Block(Layer):
 
     def __init__(self, linear, batchnorm=None, activation=None):
         if not isinstance(linear, Linear):
-            raise TypeError(f"a Block starts with a Linear layer, got {linear!r}")
+            raise InputTypeError(f"a Block starts with a Linear layer, got {linear!r}")
+        if batchnorm is not None and not isinstance(batchnorm, BatchNorm):
+            raise InputTypeError(f"a Block's second layer is a BatchNorm or None, got "
+                                 f"{batchnorm!r} (an activation goes third: "
+                                 "Block(linear, None, activation))")
+        if batchnorm is not None and batchnorm.n != linear.n_out:
+            raise InputError(f"BatchNorm({batchnorm.n}) cannot follow Linear({linear.n_in}, "
+                             f"{linear.n_out}): give it n_features={linear.n_out}")
+        if activation is not None and (not isinstance(activation, Layer) or activation.params):
+            raise InputTypeError(f"a Block's third layer is an activation (ReLU, Sigmoid, "
+                                 f"Tanh, or a Layer without parameters) or None, got "
+                                 f"{activation!r}")
         self.linear = linear  # first: Layer.__init__ sets needs_input_grad, which is the Linear's
         super().__init__()
         self.batchnorm, self.activation = batchnorm, activation

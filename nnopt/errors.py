@@ -11,6 +11,8 @@ import difflib
 import math
 import numbers
 
+import numpy as np
+
 
 class NnoptError(Exception):
     """Base of the errors nnopt raises on purpose."""
@@ -22,6 +24,14 @@ class InputError(NnoptError, ValueError):
 
 class InputTypeError(NnoptError, TypeError):
     """An argument of the wrong type."""
+
+
+class CallOrderError(NnoptError, RuntimeError):
+    """A call out of order, such as backward before any forward."""
+
+
+class NonFiniteGradient(NnoptError, FloatingPointError):
+    """A NaN or infinite gradient met by an optimizer created with ``nonfinite="raise"``."""
 
 
 def unknown_name(kind: str, name, known) -> InputError:
@@ -65,8 +75,8 @@ TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0"
 def check_bool(what: str, value) -> bool:
     """``True``/``False``, 1/0, or the words true/false/yes/no/on/off/1/0 (any case); anything
     else is an error, never silently True."""
-    if isinstance(value, bool):
-        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:

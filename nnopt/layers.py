@@ -11,7 +11,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .backend import namespace_of, rng as make_rng
-from .errors import InputError, InputTypeError, check_int
+from .errors import CallOrderError, InputError, InputTypeError, check_int
 from .fast import fast_for, matmul
 from .init import get_initializer
 from .params import Parameter
@@ -83,7 +83,7 @@ def check_output_grad(who, dy, shape, dtype):
 
 def check_forward_ran(layer, cached):
     if cached is None:
-        raise RuntimeError(f"{layer!r}: backward needs the values of a forward pass; call "
+        raise CallOrderError(f"{layer!r}: backward needs the values of a forward pass; call "
                            "forward(x) (or model.loss_and_backward) before backward")
 
 
@@ -92,6 +92,22 @@ def check_dtype(layer, x, param):
         raise InputTypeError(f"{layer!r}: input dtype {x.dtype} does not match the parameters' "
                         f"{param.data.dtype}; convert the input (xp.astype(x, xp.{param.data.dtype}))"
                         " or build the model with that dtype")
+
+
+def drawn_weights(draw, shape, rng, init):
+    """``draw(shape, rng)``, checked: a user's initializer may return another layout."""
+    try:
+        weights = np.asarray(draw(shape, rng), dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"init {init!r} did not return an array of numbers ({exc})") from None
+    if weights.shape != shape:
+        raise InputError(f"init {init!r} returned weights of shape {weights.shape}; Linear "
+                         f"takes W of shape (n_in, n_out) = {shape} (transpose PyTorch's "
+                         "(out, in) layout)")
+    if not np.isfinite(weights).all():
+        raise InputError(f"init {init!r} returned non-finite weights; every weight must be "
+                         "a finite number")
+    return weights
 
 
 class Linear(Layer):
@@ -113,7 +129,7 @@ class Linear(Layer):
             raise InputTypeError(f"init_options must be a dict of the initializer's options, "
                                  f"such as {{'std': 0.01}}, got {init_options!r}")
         draw = get_initializer(init, **(init_options or {}))
-        self.W = Parameter(draw((self.n_in, self.n_out), rng), f"{name}.W")
+        self.W = Parameter(drawn_weights(draw, (self.n_in, self.n_out), rng, init), f"{name}.W")
         self.b = Parameter(np.zeros(self.n_out), f"{name}.b")
         self.params = (self.W, self.b)
 

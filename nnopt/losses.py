@@ -7,9 +7,11 @@ r"""Losses. Each returns the mean loss over the batch and keeps what ``backward`
 """
 from __future__ import annotations
 
-from .backend import is_numpy, namespace_of
+import numpy as np
+
+from .backend import namespace_of
 from .block import DeferredOutput, materialized
-from .errors import InputError, InputTypeError
+from .errors import CallOrderError, InputError, InputTypeError
 from .fast import fast_for
 
 
@@ -20,12 +22,24 @@ def one_hot(labels, n_classes, dtype):
 
 
 def _check_pair(name, a, y):
+    if not hasattr(a, "shape") or len(a.shape) == 0:
+        raise InputTypeError(f"{name}: predictions must be an array with one row per sample "
+                             f"(the network's output), got {type(a).__name__}"
+                             + (" of shape ()" if hasattr(a, "shape") else ""))
     if not hasattr(y, "shape") or len(y.shape) == 0:
         raise InputTypeError(f"{name}: targets must be an array with one row per sample "
                              f"(xp.asarray(labels)), got {type(y).__name__}"
                              + (" of shape ()" if hasattr(y, "shape") else ""))
     if y.shape[0] != a.shape[0]:
         raise InputError(f"{name}: {a.shape[0]} predictions but {y.shape[0]} targets")
+    try:
+        namespace_of(a, y)
+    except TypeError:
+        raise InputTypeError(f"{name}: predictions are {type(a).__module__}."
+                             f"{type(a).__name__} but targets {type(y).__module__}."
+                             f"{type(y).__name__}; give targets of the predictions' kind "
+                             "(e.g. labels.numpy() for a torch tensor, cupy.asarray(labels) on "
+                             "the GPU)") from None
 
 
 def _as_prediction_dtype(name, target, prediction):
@@ -41,9 +55,8 @@ def check_distributions(target):
     """One-hot (or smoothed) target rows must be probabilities: no negative or non-finite
     entry, each row summing to 1. Anything else gives a finite, meaningless loss. Checked on
     host arrays only, as :func:`check_labels`."""
-    if not is_numpy(target) or target.size == 0:
+    if not isinstance(target, np.ndarray) or target.size == 0:  # (memmaps too)
         return
-    import numpy as np
     rows = np.asarray(target, dtype=np.float64)
     if not np.isfinite(rows).all() or (rows < 0).any():
         bad = int(np.argmax(~np.isfinite(rows).all(axis=1) | (rows < 0).any(axis=1)))
@@ -62,7 +75,7 @@ def check_labels(labels, n_classes):
     """Class labels outside [0, n_classes) would one-hot to a zero row and give a finite,
     meaningless loss. Checked on host arrays only: on a GPU the check would cost a
     synchronisation per step (the training CLI checks its data sets once instead)."""
-    if not is_numpy(labels) or labels.size == 0:
+    if not isinstance(labels, np.ndarray) or labels.size == 0:  # (memmaps too)
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= n_classes:
@@ -154,7 +167,7 @@ class SoftmaxCrossEntropy(Loss):
 
     def backward(self):
         if self.target is None:
-            raise RuntimeError("SoftmaxCrossEntropy.backward needs a forward() first "
+            raise CallOrderError("SoftmaxCrossEntropy.backward needs a forward() first "
                                "(forward_backward returned its gradient already)")
         return (self.prob - self.target) / self.prob.shape[0]
 
@@ -175,5 +188,7 @@ class MSELoss(Loss):
     __call__ = forward
 
     def backward(self):
+        if getattr(self, "diff", None) is None:
+            raise CallOrderError("MSELoss.backward needs a forward() first")
         return self.diff / self.diff.shape[0]
 

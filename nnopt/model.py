@@ -37,6 +37,7 @@ class Sequential:
         if device is None or not (isinstance(device, str) or hasattr(device, "asarray")):
             raise InputTypeError(f"device must be a name such as 'cpu' or 'gpu' (or an array "
                                  f"namespace), got {device!r}")
+        number_default_names(self.layers)
         self.training = True
         self.output_spec = None  # (shape, dtype) of the last forward's output
         self.xp = get_namespace(device) if isinstance(device, str) else device
@@ -61,7 +62,7 @@ class Sequential:
 
     def forward(self, x, train: bool | None = None):
         """The network's output; ``train`` defaults to the model's mode (``self.training``)."""
-        train = self.training if train is None else bool(train)
+        train = self.training if train is None else check_bool("forward train", train)
         for step in self.steps:
             x = step.forward(x, train)
         return self._note_output(x)
@@ -77,7 +78,7 @@ class Sequential:
     def train(self, mode: bool = True):
         """Training mode (BN normalizes over the batch and updates its running statistics);
         returns the model, as in PyTorch."""
-        self.training = bool(mode)
+        self.training = check_bool("train mode", mode)
         return self
 
     def eval(self):
@@ -107,7 +108,7 @@ class Sequential:
         in training mode the last block may leave its output to the loss (a
         :class:`nnopt.block.DeferredOutput`), which on the GPU computes it inside its own
         launch."""
-        train = self.training if train is None else bool(train)
+        train = self.training if train is None else check_bool("forward_to_loss train", train)
         for step in self.steps[:-1]:
             x = step.forward(x, train)
         last = self.steps[-1] if self.steps else None
@@ -193,6 +194,23 @@ class Sequential:
     def __repr__(self):
         inner = ", ".join(repr(step) for step in self.steps)
         return f"Sequential({inner}; {self.n_params} parameters)"
+
+
+def number_default_names(layers):
+    """Where two or more Linear (or BatchNorm) layers kept their default name ("fc", "bn"),
+    number them in order, fc1, fc2, ... as ``mlp`` names them, so that a model built of
+    unnamed layers has unique parameter names (PyTorch numbers its modules too)."""
+    for kind, default in ((Linear, "fc"), (BatchNorm, "bn")):
+        unnamed = [layer for layer in layers if isinstance(layer, kind)
+                   and all(p.storage is None and p.name.split(".")[0] == default
+                           for p in layer.params)]
+        if len(unnamed) < 2:
+            continue
+        for i, layer in enumerate(unnamed, start=1):
+            for p in layer.params:
+                p.name = f"{default}{i}.{p.name.split('.', 1)[1]}"
+            if hasattr(layer, "name"):
+                layer.name = f"{default}{i}"
 
 
 def mlp(sizes, activation="relu", batchnorm=False, init="msra", seed=0, device="cpu",

@@ -12,18 +12,65 @@ import math
 import numpy as np
 
 from .backend import asarray, float_dtype, to_numpy
-from .errors import InputError
+from .errors import InputError, InputTypeError
 
 
 class Parameter:
-    """A named array with its gradient. Before binding, ``data`` is a host array."""
+    """A named array with its gradient. Before binding, ``data`` is a host array; once
+    bound, ``data`` and ``grad`` are views into the flat buffers, and assigning to them
+    copies into those views (what the optimizer updates), as ``p.data[...] = value`` does."""
 
     def __init__(self, value, name: str = "param"):
-        self.data = value
-        self.grad = None
-        self.name = name
         self.storage: FlatParameters | None = None
         self.offset = 0
+        self.name = name
+        self._data, self._grad = value, None
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        if self.storage is None:
+            self._data = value
+        else:
+            self._copy_into(self._data, value, "data")
+
+    @property
+    def grad(self):
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        if self.storage is None:
+            self._grad = value
+        elif value is None:
+            raise InputError(f"parameter {self.name!r}: its gradient is a view into the model's "
+                             "flat gradient buffer and cannot be None; zero it with "
+                             "model.zero_grad() (or p.grad[...] = 0)")
+        else:
+            self._copy_into(self._grad, value, "grad")
+
+    def _copy_into(self, view, value, what):
+        if not hasattr(value, "shape"):
+            try:
+                value = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InputTypeError(f"parameter {self.name!r}: {what} must be an array of "
+                                     f"numbers, got {type(value).__name__}") from None
+        if tuple(value.shape) != self.shape:
+            raise InputError(f"parameter {self.name!r} has shape {self.shape}; a value of "
+                             f"shape {tuple(value.shape)} cannot be its {what} (give an array "
+                             f"of shape {self.shape})")
+        xp, dtype = self.storage.xp, self.storage.dtype
+        if not isinstance(value, np.ndarray):
+            try:
+                view[...] = xp.asarray(value, dtype=dtype)
+                return
+            except (TypeError, ValueError):  # an array of another namespace: via the host
+                value = to_numpy(value)
+        view[...] = asarray(value, xp, dtype=dtype)
 
     @property
     def shape(self):
@@ -53,7 +100,8 @@ class FlatParameters:
         names = [p.name for p in self.params]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise InputError(f"parameter names must be unique, repeated: {duplicates}")
+            raise InputError(f"parameter names must be unique, repeated: {duplicates}; give "
+                             "each layer its own name (e.g. Linear(4, 3, name='fc1'))")
         self.xp = xp
         self.dtype = float_dtype(xp, dtype)
         self.size = sum(p.size for p in self.params)
@@ -69,9 +117,9 @@ class FlatParameters:
                 raise InputError(f"parameter {p.name!r} is already bound to another flat storage")
             value = p.data if isinstance(p.data, np.ndarray) else to_numpy(p.data)
             n = p.size
-            p.data = xp.reshape(self.data[offset:offset + n], p.shape)
-            p.data[...] = asarray(np.asarray(value, dtype=np.float64), xp, dtype=self.dtype)
-            p.grad = xp.reshape(self.grad[offset:offset + n], p.shape)
+            p._data = xp.reshape(self.data[offset:offset + n], p.shape)
+            p._data[...] = asarray(np.asarray(value, dtype=np.float64), xp, dtype=self.dtype)
+            p._grad = xp.reshape(self.grad[offset:offset + n], p.shape)
             p.storage, p.offset = self, offset
             offset += n
 

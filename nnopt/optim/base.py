@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import asarray, namespace_of, to_numpy
-from ..errors import (InputError, InputTypeError, check_bool, check_finite_number, check_int,
-                      unknown_name)
+from ..errors import (InputError, InputTypeError, NonFiniteGradient, check_bool,
+                      check_finite_number, check_int, unknown_name)
 from ..fast import fast_for
 from ..params import Parameter
 
@@ -68,8 +68,8 @@ class Optimizer:
     ``params`` is a model, a list of :class:`Parameter`, or a list of dicts
     ``{"params": [...], "lr": ...}`` (param groups with their own hyper-parameters).
     ``nonfinite`` decides what a NaN/inf gradient does: ``"ignore"`` (fastest),
-    ``"raise"`` (FloatingPointError naming the group) or ``"skip"`` (the step is not
-    taken; ``skipped_steps`` counts them).
+    ``"raise"`` (NonFiniteGradient, a FloatingPointError, naming the group) or ``"skip"``
+    (the step is not taken; ``skipped_steps`` counts them).
 
     Every optimizer takes ``weight_decay`` :math:`\lambda` (default 0), L2 regularization
     coupled into the gradient as in ``torch.optim``: the rule sees
@@ -139,6 +139,9 @@ class Optimizer:
         return [{"params": params}]
 
     def add_param_group(self, group: dict):
+        if not isinstance(group, dict):
+            raise InputTypeError(f"a parameter group is a dict such as {{'params': [...], "
+                                 f"'lr': 0.01}}, got {type(group).__name__}")
         group = dict(group)
         params = group.get("params")
         if hasattr(params, "parameters"):
@@ -226,7 +229,7 @@ class Optimizer:
         if self.nonfinite != "ignore" and not self.grads_finite():
             if self.nonfinite == "raise":
                 bad = [p.name for g in self.param_groups for p in g["params"] if not _finite(p.grad)]
-                raise FloatingPointError(
+                raise NonFiniteGradient(
                     f"non-finite gradient (NaN or inf) in {', '.join(bad[:4])}"
                     f"{', ...' if len(bad) > 4 else ''}; lower the learning rate, check the "
                     "input data, or create the optimizer with nonfinite='skip'")
@@ -318,6 +321,12 @@ class Optimizer:
                 raise InputError(f"parameter group {i}: saved parameter sizes "
                                  f"{saved_group.get('sizes')} do not match this model's {sizes}: "
                                  "another model's optimizer")
+            names = [p.name for p in group["params"]]
+            if list(saved_group.get("params", names)) != names:
+                raise InputError(f"parameter group {i}: saved for parameters "
+                                 f"{list(saved_group['params'])}, but this optimizer's group "
+                                 f"{i} holds {names}: build the groups as the saved optimizer "
+                                 "had them (same parameters, same order)")
             hyper = {k: v for k, v in saved_group.items() if k not in ("params", "sizes")}
             unknown = sorted(set(hyper) - set(group))
             if unknown:

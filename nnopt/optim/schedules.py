@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 
-from ..errors import InputError, check_finite_number, check_int, unknown_name
+from ..errors import InputError, InputTypeError, check_finite_number, check_int, unknown_name
 
 
 def step_decay(step_size: int, gamma: float = 0.1):
@@ -61,11 +61,15 @@ class LRScheduler:
     (so StepLR, MultiStepLR and ExponentialLR scale it from there, as PyTorch's do)."""
 
     def __init__(self, optimizer, schedule):
-        groups = optimizer.param_groups
+        groups = optimizer_groups(type(self).__name__, optimizer)
         self.shared = None if isinstance(schedule, (list, tuple)) else schedule
         per_group = list(schedule) if self.shared is None else [schedule] * len(groups)
         if len(per_group) != len(groups):
             raise InputError(f"got {len(per_group)} schedules for {len(groups)} parameter groups")
+        for one in per_group:
+            if not callable(one):
+                raise InputTypeError(f"a schedule is a function (epoch, base_lr) -> lr, got "
+                                     f"{one!r}")
         self.optimizer, self.schedules = optimizer, per_group
         self.base_lrs = [g["lr"] for g in groups]
         self.epoch = 0
@@ -84,6 +88,10 @@ class LRScheduler:
                 raise InputError(f"{type(self).__name__}: the learning rate from base rate "
                                  f"{base:g} overflows at epoch {self.epoch}; choose a schedule "
                                  "whose rate stays finite (a gamma <= 1)")
+            if rates[-1] < 0:  # a step up the gradient, never what a schedule means
+                raise InputError(f"{type(self).__name__}: the schedule gives the negative "
+                                 f"learning rate {rates[-1]:g} at epoch {self.epoch}; a "
+                                 "schedule's rates are 0 or more")
         for group, rate in zip(self.optimizer.param_groups, rates):
             group["lr"] = rate
 
@@ -119,7 +127,9 @@ class LRScheduler:
         return {"epoch": self.epoch, "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state):
-        epoch, base_lrs = int(state["epoch"]), [float(b) for b in state["base_lrs"]]
+        epoch, base_lrs = saved_entries(self, state, "epoch", "base_lrs")
+        epoch = check_int("scheduler state epoch", epoch, low=0)
+        base_lrs = [check_finite_number("scheduler state base rate", b, low=0) for b in base_lrs]
         if self.shared is None and len(base_lrs) != len(self.schedules):
             raise InputError(f"this scheduler state has base rates for {len(base_lrs)} "
                              f"parameter groups, but the scheduler has {len(self.schedules)} "
@@ -160,6 +170,7 @@ class ReduceLROnPlateau:
 
     def __init__(self, optimizer, factor: float = 0.1, patience: int = 10,
                  threshold: float = 1e-4, min_lr: float = 0.0, eps: float = 1e-8):
+        optimizer_groups(type(self).__name__, optimizer)
         self.optimizer = optimizer
         self.factor = check_finite_number("factor", factor, low=0, high=1, low_open=True, high_open=True)
         self.patience = check_int("patience", patience, low=0)
@@ -197,8 +208,31 @@ class ReduceLROnPlateau:
         return {"epoch": self.epoch, "best": best, "bad_epochs": self.bad_epochs}
 
     def load_state_dict(self, state):
-        self.epoch, self.bad_epochs = int(state["epoch"]), int(state["bad_epochs"])
-        self.best = math.inf if state.get("best") is None else float(state["best"])
+        epoch, bad_epochs, best = saved_entries(self, state, "epoch", "bad_epochs", "best")
+        self.epoch = check_int("scheduler state epoch", epoch, low=0)
+        self.bad_epochs = check_int("scheduler state bad_epochs", bad_epochs, low=0)
+        self.best = math.inf if best is None else float(best)
+
+
+def optimizer_groups(who: str, optimizer):
+    """The optimizer's parameter groups; a clear error for anything else (the model)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        raise InputTypeError(f"{who} schedules an optimizer's learning rate: pass the "
+                             f"optimizer (e.g. optim.SGD(model, lr=0.1)), not {optimizer!r}")
+    return groups
+
+
+def saved_entries(scheduler, state, *keys):
+    """``state[key]`` for each key, or an error naming the one missing."""
+    if not isinstance(state, dict):
+        raise InputTypeError(f"{type(scheduler).__name__}.load_state_dict takes the dict its "
+                             f"state_dict() gave, got {type(state).__name__}")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise InputError(f"{type(scheduler).__name__} state has no {missing[0]!r}: load a "
+                         f"state saved by {type(scheduler).__name__}.state_dict()")
+    return [state[k] for k in keys]
 
 
 #: Names for the command line (``--schedule``), with the parameters each takes.
