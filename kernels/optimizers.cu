@@ -6,7 +6,8 @@
 // scalars (decay, shrink: NNOPT_ELEMENT below) and n. Inside a captured CUDA graph
 // Adam's step count lives in device memory (Optimizer.step advances it with
 // device_steps[i] += 1): adam_device_step_S computes the scalars there, with
-// adam_kernel_scalars, from Adam.step_scalar_inputs (lr, b1, b2, eps).
+// adam_kernel_scalars, from Adam.step_scalar_inputs (lr, b1, b2, eps), taken as doubles,
+// so that 1 - b2 and the bias corrections are the host's Python-float values.
 //
 // Memory bandwidth: nnopt_each<K> walks the K arrays (p, g, then up to two state arrays)
 // with 16-byte loads and stores (float4 / double2) in a grid-stride loop when every array
@@ -107,8 +108,8 @@ extern "C" __global__ void adam_##S(T* p, const T* g, T* m, T* v, T step, T b1, 
                      p, g, m, v);                                                                \
 }                                                                                                \
 extern "C" __global__ void adam_device_step_##S(T* p, const T* g, T* m, T* v, const int* t,      \
-                                                T lr, T b1, T b2, T eps, T decay, T shrink,      \
-                                                long long n) {                                   \
+                                                double lr, double b1, double b2, double eps,     \
+                                                T decay, T shrink, long long n) {                \
     const AdamScalars s = adam_kernel_scalars(lr, b1, b2, eps, *t);                              \
     const T step = (T)s.step, c1 = (T)s.b1, d1 = (T)s.one_minus_b1, c2 = (T)s.b2,                \
             d2 = (T)s.one_minus_b2, inv2 = (T)s.inv_correction2, e = (T)s.eps;                   \

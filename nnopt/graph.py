@@ -90,20 +90,31 @@ class CapturedStep:
         """One real step (compiles and loads every kernel before capture), then undone. Its
         buffers come from the graph's pool, which nothing else allocates from."""
         snapshot = self._snapshot()
-        cupy = self.cupy
+        cupy, opt = self.cupy, self.optimizer
         cupy.cuda.get_current_stream().synchronize()
-        with self.stream, capture_mode(), cupy.cuda.using_allocator(self.pool.malloc):
-            self._body()
-            scratch = cupy.zeros(1, dtype=cupy.int32)
-            scratch += 1  # the device step counters' increment kernel
-        self.stream.synchronize()
+        try:
+            with self.stream, capture_mode(), cupy.cuda.using_allocator(self.pool.malloc):
+                # the kernels the capture launches: Adam's device-step ones where it counts
+                # on the device (a kernel loaded during capture needs a CUDA 12.3+ driver)
+                opt.device_steps = self._device_steps()
+                self._body()
+                scratch = cupy.zeros(1, dtype=cupy.int32)
+                scratch += 1  # the device step counters' increment kernel
+            self.stream.synchronize()
+        finally:
+            opt.device_steps = None
         self._restore(snapshot)
+
+    def _device_steps(self):
+        """Adam's scalars depend on t: a graph counts the steps on the device."""
+        if type(self.optimizer).step_scalars is None:
+            return None
+        return [self.cupy.asarray(np.array([s["step"]], dtype=np.int32))
+                for s in self.optimizer.state]
 
     def _capture(self):
         cupy, opt = self.cupy, self.optimizer
-        if type(opt).step_scalars is not None:  # Adam's scalars depend on t: count on the device
-            opt.device_steps = [cupy.asarray(np.array([s["step"]], dtype=np.int32))
-                                for s in opt.state]
+        opt.device_steps = self._device_steps()
         host_steps = [s["step"] for s in opt.state]
         cupy.cuda.get_current_stream().synchronize()
         self.gemm_route = self.gpu.prepare_capture(self.stream)
@@ -129,7 +140,9 @@ class CapturedStep:
     def step(self, x, y):
         """Copy the batch into the static inputs and replay the graph. Returns the loss;
         ``self.prob`` holds the batch's softmax output."""
-        if self._hyper_parameters() != self.hyper:
+        if self.graph is None:  # released: its step counters are gone
+            self._capture()
+        elif self._hyper_parameters() != self.hyper:
             self.release()  # the step counts back on the host, then a graph with the new values
             self._capture()
         caller = self.cupy.cuda.get_current_stream()
@@ -150,8 +163,10 @@ class CapturedStep:
         self.stream.synchronize()
 
     def release(self):
-        """Stop using device step counters (so the optimizer can run uncaptured again)."""
+        """Stop using device step counters (so the optimizer can run uncaptured again);
+        the graph, which points at them, goes too: a later ``step`` captures anew."""
         self.synchronize()
         for state, counter in zip(self.optimizer.state, self.optimizer.device_steps or []):
             state["step"] = int(to_numpy(counter)[0])
         self.optimizer.device_steps = None
+        self.graph = None

@@ -215,6 +215,33 @@ def test_captured_step_matches_eager(xp, gpu, rng, name):
     assert pair.graph_opt.state[0]["step"] == pair.eager_opt.state[0]["step"] == 5
 
 
+def test_a_released_graph_is_captured_anew(xp, gpu, rng, monkeypatch):
+    """Released, the graph's device step counters are freed: the next step captures a new
+    graph (replaying the old one would write through a freed pointer). The warm-up
+    launches the kernels the capture will, Adam's device-step one included (loading a
+    kernel inside a capture needs a CUDA 12.3+ driver)."""
+    from nnopt.graph import CapturedStep
+    fetched, fetch = [], gpu.function
+    with monkeypatch.context() as patch:
+        patch.setattr(CapturedStep, "_capture", lambda self: None)  # the warm-up alone
+        patch.setattr(gpu, "function", lambda source, name: fetched.append(name) or
+                      fetch(source, name))
+        model = nnopt.mlp([784, 64, 10], batchnorm=True, seed=0, device=xp)
+        opt = optim.Adam(model, 1e-3)
+        CapturedStep(model, opt, nnopt.SoftmaxCrossEntropy(), (32, 784), (32,))
+    assert any(name.startswith("adam_device_step_") for name in fetched), fetched
+    assert opt.device_steps is None and opt.state[0]["step"] == 0  # the warm-up undone
+    pair = EagerAndCaptured(xp, [784, 64, 10], "adam", lr=0.01, batch=32, seed=3)
+    for _ in range(2):
+        pair.step(rng)
+    pair.assert_same_state()  # releases the graph
+    assert pair.captured.graph is None
+    for _ in range(2):
+        pair.step(rng)
+    pair.assert_same_state()
+    assert pair.graph_opt.state[0]["step"] == pair.eager_opt.state[0]["step"] == 4
+
+
 def test_captured_layers_step_matches_eager(xp, gpu, backend, rng):
     """The textbook's layer-by-layer model (fused=False) captured too: its bias adds, bias
     gradient sums and BN layers are CuPy array operations inside the graph besides nnopt's

@@ -169,25 +169,32 @@ def test_host_compiled_rules_match_reference(host, rng, name, options, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_host_compiled_adam_device_step_matches_reference(host, rng, dtype):
-    """The captured-graph kernel: Adam's scalars computed from a step count in memory."""
+    """The captured-graph kernel: Adam's scalars computed from a step count in memory,
+    from the hyper-parameters as doubles: the very steps of the eager kernel, whose scalars
+    the host computes (in float32 too: the scalars are rounded once, not twice)."""
     n, options = 513, {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": 0.1}
     start = rng.normal(size=n)
     storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), "float64", w=start)
     reference = optim.Adam(storage, use_fast_path=False, **options)
     suffix, s = ("f32" if dtype == np.float32 else "f64"), scalar(dtype)
     p, m, v = start.astype(dtype), np.zeros(n, dtype), np.zeros(n, dtype)
+    eager = [p.copy(), m.copy(), v.copy()]
     step = ctypes.c_int(0)
     inputs = optim.Adam.step_scalar_inputs(reference.param_groups[0])
-    for _ in range(4):
+    decay = weight_decay_scalars(optim.Adam, reference.param_groups[0])
+    for t in range(1, 5):
         g = rng.normal(size=n)
         storage.grad[...] = g
         reference.step()
         step.value += 1
-        getattr(host, f"adam_device_step_{suffix}")(ptr(p), ptr(g.astype(dtype)), ptr(m), ptr(v),
-                                                    ctypes.byref(step), *map(s, inputs),
-                                                    s(0.1), s(1.0), ctypes.c_longlong(n))
+        getattr(host, f"adam_device_step_{suffix}")(
+            ptr(p), ptr(g.astype(dtype)), ptr(m), ptr(v), ctypes.byref(step),
+            *map(ctypes.c_double, inputs), *map(s, decay), ctypes.c_longlong(n))
+        host_step(host, reference, eager[0], g.astype(dtype), eager[1:], t)
     tol = 2e-5 if dtype == np.float32 else 1e-12
     assert np.max(np.abs(p - storage.data)) <= tol * np.max(np.abs(storage.data))
+    for graph, eager_value in zip((p, m, v), eager):
+        np.testing.assert_array_equal(graph, eager_value)
 
 
 @pytest.mark.parametrize("t", [1, 2, 17, 5000])

@@ -228,7 +228,7 @@ def optimizer_step(cls):
         decay = _s(p, *weight_decay_scalars(cls, hp))
         if cls.step_scalars is not None and isinstance(t, cupy.ndarray):
             _launch(f"{rule}_device_step_{_suffix(p)}", p.size, *arrays, t,
-                    *_s(p, *cls.step_scalar_inputs(hp)), *decay)
+                    *(np.float64(v) for v in cls.step_scalar_inputs(hp)), *decay)
         else:
             _launch(f"{rule}_{_suffix(p)}", p.size, *arrays, *_s(p, *cls.kernel_scalars(hp, t)),
                     *decay)
