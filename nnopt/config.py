@@ -68,6 +68,7 @@ def validate_config(config: dict) -> None:
     if config["data_dir"] is not None and not config["data_dir"].strip():
         raise InputError("--data-dir is empty; give the folder of the IDX files, or leave "
                          "--data-dir out to search the usual places")
+    datasets.check_sample_folder(config["dataset"], config["data_dir"])
     for key in ("epochs", "batch_size", "check_every"):
         check_int(f"--{key.replace('_', '-')}", config[key], low=1)
     check_int("--seed", config["seed"], low=0)

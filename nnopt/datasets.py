@@ -187,6 +187,15 @@ def candidate_dirs(source: Source, data_dir=None) -> list[Path]:
     return dirs + [Path(d) for d in source.system_dirs]
 
 
+def check_sample_folder(name, data_dir) -> None:
+    """The embedded sample reads no folder: a data_dir given with it would be ignored."""
+    if name == "mnist-sample" and data_dir is not None:
+        raise InputError(f"the data set mnist-sample is embedded in nnopt and reads no folder, "
+                         f"so --data-dir {data_dir} would be ignored: name the data set of "
+                         "the files there (--dataset mnist or fashion-mnist), or leave "
+                         "--data-dir out")
+
+
 def check_data_dir(data_dir) -> None:
     if data_dir and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise DataError(f"--data-dir {data_dir} is a file; give the folder that holds the "
@@ -288,6 +297,7 @@ def default_val_size(name: str) -> int:
 def load(name="mnist-sample", data_dir=None, download_ok=True, n_val=None) -> Dataset:
     """Load a data set by name: ``mnist-sample`` (default), ``mnist``, ``fashion-mnist``."""
     if name == "mnist-sample":
+        check_sample_folder(name, data_dir)
         return load_sample(n_val)
     if name not in SOURCES:
         raise unknown_name("data set", name, DATASETS)

@@ -175,8 +175,6 @@ def prepare(config: dict, log=print) -> Run:
     training batch (then undo its effect on BN's statistics): every mistake in ``config``
     shows here, before any file is touched."""
     xp = get_namespace(config["device"])
-    if config["dataset"] == "mnist-sample" and config.get("data_dir"):
-        log(f"note: --data-dir {config['data_dir']} is not used: mnist-sample ships inside nnopt")
     data = datasets.load(config["dataset"], config["data_dir"], n_val=config["val_size"])
     n_train = data.x_train.shape[0]
     if batches_per_epoch(n_train, config["batch_size"]) < 1:

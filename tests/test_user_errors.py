@@ -267,9 +267,14 @@ def test_checkpoint_without_optimizer_header(tmp_path, capsys):
         checkpoint.load(tmp_path)
 
 
-def test_data_dir_with_the_embedded_sample_is_noted(tmp_path, capsys):
-    assert cli("--epochs", "1", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")) == 0
-    assert "--data-dir" in capsys.readouterr().out
+def test_data_dir_with_the_embedded_sample_is_refused(tmp_path, capsys):
+    """A folder given without --dataset would be ignored: the run would train on the sample
+    while its user thinks it trains on the files there."""
+    assert cli("--epochs", "1", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")) == 2
+    assert "name the data set of the files there (--dataset mnist" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(nnopt.errors.InputError, match="mnist-sample is embedded"):
+        nnopt.datasets.load("mnist-sample", data_dir=tmp_path)
 
 
 # --- the library -------------------------------------------------------------------------------

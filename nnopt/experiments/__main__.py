@@ -147,6 +147,9 @@ def check_arguments(args) -> str | None:
         return f"--out {args.out} is a file; give a folder"
     if args.out is not None and not args.out.strip():
         return "--out is empty; give the output folder (e.g. --out experiments/mine)"
+    if args.dataset == "mnist-sample" and args.data_dir is not None:
+        return (f"--data-dir {args.data_dir} is for --dataset mnist or fashion-mnist; the "
+                "embedded mnist-sample reads no folder (name the data set of the files there)")
     if str(args.device).lower() not in DEVICES:  # (the backends' test names: not for training)
         return f"--device must be cpu or gpu, got {args.device!r}"
     return None
