@@ -102,6 +102,10 @@ class FlatParameters:
         if duplicates:
             raise InputError(f"parameter names must be unique, repeated: {duplicates}; give "
                              "each layer its own name (e.g. Linear(4, 3, name='fc1'))")
+        bound = [p.name for p in self.params if p.storage is not None]
+        if bound:  # checked before any is bound, so a failed model leaves its layers free
+            raise InputError(f"parameter {bound[0]!r} is already bound to another flat "
+                             "storage (another model's): give each model layers of its own")
         self.xp = xp
         self.dtype = float_dtype(xp, dtype)
         self.size = sum(p.size for p in self.params)
@@ -113,8 +117,6 @@ class FlatParameters:
         self.zero_count = 0
         offset = 0
         for p in self.params:
-            if p.storage is not None:
-                raise InputError(f"parameter {p.name!r} is already bound to another flat storage")
             value = p.data if isinstance(p.data, np.ndarray) else to_numpy(p.data)
             n = p.size
             p._data = xp.reshape(self.data[offset:offset + n], p.shape)

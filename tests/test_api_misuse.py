@@ -170,3 +170,11 @@ def test_errors_raised_on_purpose_are_nnopt_errors():
     assert isinstance(caught.value, NnoptError)
     with pytest.raises(InputTypeError, match="a parameter group is a dict"):
         optim.SGD(model, lr=0.1).add_param_group([model.parameters()[0]])
+
+
+def test_a_model_refused_for_a_bound_layer_leaves_its_other_layers_free():
+    shared, fresh = Linear(4, 3, name="a"), Linear(4, 3, name="c")
+    nnopt.Sequential([shared, Linear(3, 2, name="b")])
+    with pytest.raises(InputError, match="'a.W' is already bound .* give each model layers of"):
+        nnopt.Sequential([fresh, shared])
+    assert nnopt.Sequential([fresh]).n_params == 15  # the layer was not taken by the failure
