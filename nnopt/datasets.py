@@ -259,7 +259,8 @@ def _scale(images):
 
 def _split_validation(name, x, y, x_test, y_test, n_val, description):
     if isinstance(n_val, bool) or not isinstance(n_val, (int, np.integer)) or not 0 < n_val < x.shape[0]:
-        raise InputError(f"--val-size must be an integer between 1 and {x.shape[0] - 1} for "
+        raise InputError(f"the validation size (n_val, --val-size) must be an integer between "
+                         f"1 and {x.shape[0] - 1} for "
                          f"{name} ({x.shape[0]} training images), got {n_val!r}")
     return Dataset(name, x[n_val:], y[n_val:], x[:n_val], y[:n_val], x_test, y_test, description)
 

@@ -35,7 +35,7 @@ def a_file(tmp_path):
     (["--init", "kaiming_he"], "unknown initializer"),
     (["--batch-size", "1"], "Batch Normalization needs at least 2 samples"),
     (["--val-size", "7999"], "leaves 1 training image"),
-    (["--val-size", "8000"], "--val-size must be an integer between 1 and 7999"),
+    (["--val-size", "8000"], "(n_val, --val-size) must be an integer between 1 and 7999"),
     (["--target-loss", "nan"], "--target-loss must be finite"),
     (["--seed", "-1"], "--seed must be an integer >= 0"),
     (["--device", "strict"], "--device must be cpu or gpu"),
