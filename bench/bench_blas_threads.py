@@ -2,12 +2,14 @@
 measurement behind ``nnopt.fast.threads`` (every free core on a quiet machine; with a core
 taken, one thread below ``BUSY_PARALLEL_MIN_FLOPS``).
 
-    python bench/bench_blas_threads.py [--busy]
+    python bench/bench_blas_threads.py [--busy] [--out FILE.json]
 
 Times float32 products of the textbook network's shapes (forward x W, backward x^T dz and
 dz W^T, batches 64 to 4096) on one BLAS thread and on all cores, interleaved in the same
-process, and prints the ratio per product size (2 m k n flops). ``--busy`` runs a
-``while True: pass`` process beside it (the case the policy must survive).
+process (which goes first alternates from round to round), and prints the ratio per
+product size (2 m k n flops): the median over rounds of the ratio within a round, with its
+lowest and highest round. ``--busy`` runs a ``while True: pass`` process beside it (the case
+the policy must survive).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="64,256,1024,4096")
     ap.add_argument("--busy", action="store_true", help="a busy-looping process beside the bench")
+    ap.add_argument("--out", type=Path, help="the JSON to write (default "
+                    "bench/results/blas_threads.json, blas_threads_busy.json with --busy)")
     args = ap.parse_args(argv)
     blas = BlasThreads()
     cores = available_cores()
@@ -52,13 +56,18 @@ def main(argv=None):
                     blas.use(threads)
                     np.matmul(a, b, out=out)
                 return run
-            t = common.timeit_many({"one": product(1), "all": product(cores)}, repeat=7, min_time=0.02)
-            rows.append({"m": m, "k": k, "n": n, "flops": 2 * m * k * n, "what": what,
-                         "one_thread_us": t["one"] * 1e6, "all_cores_us": t["all"] * 1e6,
-                         "all/one": t["all"] / t["one"]})
+            rounds = common.timeit_rounds({"one": product(1), "all": product(cores)}, repeat=7,
+                                          min_time=0.02)
+            medians = common.medians(rounds)
+            row = {"m": m, "k": k, "n": n, "flops": 2 * m * k * n, "what": what,
+                   "one_thread_us": medians["one"] * 1e6, "all_cores_us": medians["all"] * 1e6,
+                   "rounds": len(rounds["one"]), "per_round_s": rounds}
+            common.put_ratio(row, "all/one", rounds["all"], rounds["one"])
+            rows.append(row)
     blas.use(cores)
     print(common.table(rows, ["m", "k", "n", "flops", "what", "one_thread_us", "all_cores_us", "all/one"]))
-    path = common.save("blas_threads" + ("_busy" if args.busy else ""), {"rows": rows})
+    default = common.RESULTS / ("blas_threads_busy.json" if args.busy else "blas_threads.json")
+    path = common.save(args.out or default, {"rows": rows})
     print(f"wrote {path}")
 
 

@@ -1,7 +1,10 @@
 """Batch Normalization forward + backward (training mode), float32, on the CPU:
 nnopt fused (numba) vs nnopt reference (array API on NumPy) vs PyTorch (autograd).
 
-    python bench/bench_bn.py [--quick]
+    python bench/bench_bn.py [--quick] [--out FILE.json]
+
+Each ratio is the median over interleaved rounds of the ratio within a round, with its
+lowest and highest round (``_range``).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import common  # noqa: E402
 
 
 SHAPES = [(64, 16), (64, 128), (256, 256), (1024, 1024), (4096, 256), (4096, 4096)]
+ROUNDS = 5  # interleaved rounds per shape
 
 
 def make_nnopt(shape, fast):
@@ -49,6 +53,8 @@ def make_torch(shape):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=common.RESULTS / "bn.json",
+                    help="the JSON to write, its PNG beside it (default %(default)s)")
     args = ap.parse_args(argv)
     shapes = SHAPES[:3] if args.quick else SHAPES
     workers = {"nnopt": common.Worker("bench_bn")}
@@ -64,20 +70,22 @@ def main(argv=None):
             if "torch" in workers:
                 workers["torch"].ask("make", "torch", "make_torch", shape)
                 contenders["torch"] = (workers["torch"], "torch")
-            measured = common.compare(contenders, repeat=5)
-            row = {"shape": f"{shape[0]}x{shape[1]}", **{f"{k}_s": v for k, v in measured.items()}}
-            row["fused_vs_reference"] = row["fused_s"] / row["reference_s"]
-            if "torch_s" in row:
-                row["fused_vs_torch"] = row["fused_s"] / row["torch_s"]
+            rounds = common.compare(contenders, repeat=ROUNDS)
+            row = {"shape": f"{shape[0]}x{shape[1]}", "rounds": ROUNDS}
+            common.put_rounds(row, rounds)
+            common.put_ratio(row, "fused_vs_reference", rounds["fused"], rounds["reference"])
+            if "torch" in rounds:
+                common.put_ratio(row, "fused_vs_torch", rounds["fused"], rounds["torch"])
             rows.append(row)
             print(f"{row['shape']:>10}: fused {row['fused_s'] * 1e6:9.1f} us"
-                  + (f"  x{row['fused_vs_torch']:.2f} of torch" if "torch_s" in row else ""), flush=True)
+                  + (f"  {common.with_range(row, 'fused_vs_torch')} of torch" if "torch" in rounds
+                     else ""), flush=True)
     finally:
         for worker in workers.values():
             worker.close()
     print(common.table(rows, ["shape", "fused_s", "reference_s", "torch_s", "fused_vs_torch",
                               "fused_vs_reference"]))
-    path = common.save("bn", {"rows": rows})
+    path = common.save(args.out, {"rows": rows})
     plt = common.figure()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = [r["shape"] for r in rows]

@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+from common import put_ratio, with_range  # noqa: E402
 from bench_train import SIZES, NnoptRunner, TorchRunner  # noqa: E402
 
 import nnopt  # noqa: E402
@@ -83,13 +84,6 @@ class TorchGraphRunner(TorchRunner):
         self.static_y.copy_(self.y[start:start + self.batch])
         self.graph.replay()
         return self.static_loss
-
-
-def put_ratio(row, name, top, bottom, scale=lambda v: v):
-    """``row[name]``: the median over interleaved rounds of top[i] / bottom[i] (scaled),
-    and ``row[name + "_range"]``: its lowest and highest round."""
-    median, low, high = common.round_ratio(top, bottom)
-    row[name], row[f"{name}_range"] = scale(median), [scale(low), scale(high)]
 
 
 def step_bytes(cls, itemsize):
@@ -324,17 +318,6 @@ def plan_setting(name, value):
         yield
     finally:
         setattr(plan, name, saved)
-
-
-def with_range(row, key, fmt="{:.2f}x"):
-    """A ratio of ``row`` with its lowest and highest round: '0.85x (0.82 to 0.88)'."""
-    if key not in row:
-        return "-"
-    text = fmt.format(row[key])
-    if f"{key}_range" in row:
-        low, high = (fmt.format(v).rstrip("x%") for v in row[f"{key}_range"])
-        text += f" ({low} to {high})"
-    return text
 
 
 def graph_table(rows):

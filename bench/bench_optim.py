@@ -1,9 +1,11 @@
 """Optimizer step over flat float32 buffers: nnopt fused vs nnopt reference vs PyTorch.
 
-    python bench/bench_optim.py [--sizes 1e4,1e5,1e6,1e7,1e8] [--quick]
+    python bench/bench_optim.py [--sizes 1e4,1e5,1e6,1e7,1e8] [--quick] [--out FILE.json]
 
 Bandwidth = bytes an ideal step must move (read+write of every buffer it touches) per
-second, against a measured copy (read+write) bandwidth on the same buffers.
+second, against a measured copy (read+write) bandwidth on the same buffers. Each ratio is
+the median over interleaved rounds of the ratio within a round, with its lowest and highest
+round (``_range``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 OPTIMIZERS = ("sgd", "momentum", "nag", "adagrad", "adadelta", "rmsprop", "adam")
+ROUNDS = 3  # interleaved rounds per optimizer and size
 
 # Buffers read and written per parameter in one step (p, g read; p, state r/w), float32.
 BYTES = {"sgd": 12, "momentum": 20, "nag": 20, "adagrad": 20, "adadelta": 28,
@@ -70,6 +73,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="1e4,1e5,1e6,1e7,1e8")
     ap.add_argument("--quick", action="store_true", help="sizes 1e4..1e6 only")
+    ap.add_argument("--out", type=Path, default=common.RESULTS / "optim.json",
+                    help="the JSON to write, its PNG beside it (default %(default)s)")
     args = ap.parse_args(argv)
     sizes = [int(float(s)) for s in ("1e4,1e5,1e6" if args.quick else args.sizes).split(",")]
     nn = common.Worker("bench_optim")
@@ -79,11 +84,14 @@ def main(argv=None):
         for n in sizes:
             nn.ask("make", "copy_numpy", "make_copy", n, False)
             nn.ask("make", "copy_threads", "make_copy", n, True)
-            copies = common.compare({"numpy": (nn, "copy_numpy"), "threads": (nn, "copy_threads")},
-                                    repeat=3)
-            copy_bw = 8 * n / min(copies.values())
+            copies = common.medians(common.compare(
+                {"numpy": (nn, "copy_numpy"), "threads": (nn, "copy_threads")}, repeat=ROUNDS))
+            copy = min(copies, key=copies.get)  # the faster copy: the bandwidth to compare with
+            copy_bw = 8 * n / copies[copy]
             for name in OPTIMIZERS:
-                contenders = {"fused": (nn, "fused")}
+                # the copy runs in every optimizer's rounds: its bandwidth ratio is then
+                # taken round by round, like the others
+                contenders = {"fused": (nn, "fused"), "copy": (nn, f"copy_{copy}")}
                 nn.ask("make", "fused", "make_nnopt", name, n, True)
                 if n <= 10_000_000:  # the reference's temporaries make 1e8 slow and memory-hungry
                     nn.ask("make", "reference", "make_nnopt", name, n, False)
@@ -94,24 +102,32 @@ def main(argv=None):
                         contenders[f"torch_{variant}"] = (tw, f"torch_{variant}")
                     except RuntimeError:
                         pass  # this torch has no such variant of this optimizer
-                measured = common.compare(contenders, repeat=3)
-                row = {"optimizer": name, "n": n, "copy_GBps": copy_bw / 1e9,
-                       **{f"{k}_s": v for k, v in measured.items()}}
+                rounds = common.compare(contenders, repeat=ROUNDS)
+                row = {"optimizer": name, "n": n, "rounds": ROUNDS, "copy_GBps": copy_bw / 1e9,
+                       "copy_variant": copy}
+                common.put_rounds(row, rounds)
                 row["fused_GBps"] = BYTES[name] * n / row["fused_s"] / 1e9
-                row["fused_vs_copy_bw"] = row["fused_GBps"] / (copy_bw / 1e9)
-                torch_times = [row[k] for k in ("torch_fused_s", "torch_foreach_s") if k in row]
-                if torch_times:
-                    row["fused_vs_best_torch"] = row["fused_s"] / min(torch_times)
-                if "torch_fused_s" in row:
-                    row["fused_vs_torch_fused"] = row["fused_s"] / row["torch_fused_s"]
+                # copy time over step time, scaled by the bytes each moves
+                common.put_ratio(row, "fused_vs_copy_bw", rounds["copy"], rounds["fused"],
+                                 scale=lambda v, name=name: v * BYTES[name] / 8)
+                torch_variants = [k for k in ("torch_fused", "torch_foreach") if k in rounds]
+                if torch_variants:  # the variant faster over all rounds
+                    row["best_torch"] = min(torch_variants, key=lambda k: row[f"{k}_s"])
+                    common.put_ratio(row, "fused_vs_best_torch", rounds["fused"],
+                                     rounds[row["best_torch"]])
+                if "torch_fused" in rounds:
+                    common.put_ratio(row, "fused_vs_torch_fused", rounds["fused"],
+                                     rounds["torch_fused"])
                 for worker in (nn, tw):
                     for key in ("fused", "reference", "torch_foreach", "torch_fused"):
                         if worker:
                             worker.ask("drop", key)
                 rows.append(row)
                 print(f"n={n:>9} {name:9s} fused {row['fused_s'] * 1e3:8.3f} ms"
-                      + (f"  best torch x{row['fused_vs_best_torch']:.2f}" if torch_times else ""),
-                      flush=True)
+                      + (f"  best torch {common.with_range(row, 'fused_vs_best_torch')}"
+                         if torch_variants else ""), flush=True)
+            nn.ask("drop", "copy_numpy")
+            nn.ask("drop", "copy_threads")
     finally:
         for worker in (nn, tw):
             if worker:
@@ -119,7 +135,7 @@ def main(argv=None):
     columns = ["optimizer", "n", "fused_s", "reference_s", "torch_foreach_s", "torch_fused_s",
                "fused_vs_best_torch", "fused_GBps", "fused_vs_copy_bw"]
     print(common.table(rows, columns))
-    path = common.save("optim", {"rows": rows})
+    path = common.save(args.out, {"rows": rows})
     plot(rows, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 

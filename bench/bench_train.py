@@ -2,7 +2,7 @@
 with and without BN: nnopt vs PyTorch on the CPU, and BN's overhead in each.
 
     python bench/bench_train.py [--quick] [--batches 64,256,1024,4096] [--busy] [--fixed]
-                                [--no-layers]
+                                [--no-layers] [--out FILE.json]
 
 nnopt runs its default model (fused blocks, ``nnopt.mlp(..., fused=True)``) and, as
 ``nnopt_layers``, the textbook's layer-by-layer model (``fused=False``). ``--busy`` runs a
@@ -13,7 +13,9 @@ BLAS products on one thread must hold there too), and adds ``nnopt_fixed``: nnop
 
 An epoch is 57,000 samples (the textbook's MNIST training split) of synthetic data in
 [0, 1): the time does not depend on the pixel values. nnopt and PyTorch each run in a
-worker process of their own (see common.Worker), timed in interleaved rounds.
+worker process of their own (see common.Worker), timed in interleaved rounds (7 of a
+step, 3 of an epoch); each ratio and overhead is the median over rounds of the one within
+a round, with its lowest and highest round (``_range``).
 """
 from __future__ import annotations
 
@@ -173,21 +175,32 @@ def make_torch(bn, batch, what):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="batch 64 and 1024 only, one epoch")
+    ap.add_argument("--quick", action="store_true", help="batch 64 and 1024 only")
     ap.add_argument("--batches", default="64,256,1024,4096")
     ap.add_argument("--busy", action="store_true", help="a busy-looping process beside the bench")
     ap.add_argument("--fixed", action="store_true", help="add nnopt_fixed, nnopt on the "
                     "training CLI's fixed BLAS count (always with --busy)")
     ap.add_argument("--no-layers", action="store_true",
                     help="leave out nnopt's layer-by-layer model (fused=False)")
+    ap.add_argument("--out", type=Path, help="the JSON to write, its PNG beside it (default "
+                    "bench/results/train.json, train_busy.json with --busy)")
     args = ap.parse_args(argv)
     batches = [64, 1024] if args.quick else [int(b) for b in args.batches.split(",")]
     with common.busy_process(args.busy):
-        rows = measure(batches, args.quick, layers=not args.no_layers, fixed=args.busy or args.fixed)
-    report(rows, "train_busy" if args.busy else "train")
+        rows = measure(batches, layers=not args.no_layers, fixed=args.busy or args.fixed)
+    report(rows, args.out or common.RESULTS / ("train_busy.json" if args.busy else "train.json"))
 
 
-def measure(batches, quick, layers=True, fixed=False):
+#: interleaved rounds of each measurement: a verdict that one round could flip is none
+ROUNDS = {"step": 7, "epoch": 3}
+
+
+def percent_more(ratio):
+    """A time ratio as the percentage the top takes more than the bottom (an overhead)."""
+    return 100 * (ratio - 1)
+
+
+def measure(batches, layers=True, fixed=False):
     """One row of interleaved timings per batch size."""
     workers = {"nnopt": common.Worker("bench_train")}
     if fixed:  # the training CLI's fixed BLAS count beside the load policy
@@ -199,8 +212,8 @@ def measure(batches, quick, layers=True, fixed=False):
     rows = []
     try:
         for batch in batches:
-            row = {"batch": batch}
-            for what, repeat, min_time in (("step", 7, 0.05), ("epoch", 1 if quick else 3, 0.0)):
+            row, rounds = {"batch": batch, "rounds": {}}, {}
+            for what, min_time in (("step", 0.05), ("epoch", 0.0)):
                 if what == "epoch" and batch != 64:
                     continue
                 contenders = {}
@@ -209,38 +222,39 @@ def measure(batches, quick, layers=True, fixed=False):
                         key = f"{lib}_{'bn' if bn else 'plain'}"
                         worker.ask("make", key, f"make_{lib}", bn, batch, what)
                         contenders[key] = (worker, key)
-                measured = common.compare(contenders, repeat=repeat, min_time=min_time)
-                row.update({f"{k}_{what}_s": v for k, v in measured.items()})
+                measured = common.compare(contenders, repeat=ROUNDS[what], min_time=min_time)
+                rounds.update({f"{k}_{what}": v for k, v in measured.items()})
+                row["rounds"][what] = ROUNDS[what]
                 for worker in workers.values():
                     for key in contenders:
                         worker.ask("drop", key)
+            common.put_rounds(row, rounds)
+
+            def ratio(name, top, bottom, scale=lambda v: v):
+                if top in rounds and bottom in rounds:
+                    common.put_ratio(row, name, rounds[top], rounds[bottom], scale)
             for lib in workers:
-                row[f"{lib}_bn_overhead_%"] = 100 * (row[f"{lib}_bn_step_s"] / row[f"{lib}_plain_step_s"] - 1)
-            if fixed:
-                row["fixed_vs_policy_bn"] = row["nnopt_fixed_bn_step_s"] / row["nnopt_bn_step_s"]
-            if layers:
-                row["fused_vs_layers_bn"] = row["nnopt_bn_step_s"] / row["nnopt_layers_bn_step_s"]
-            if "torch" in workers:
-                row["step_ratio_bn"] = row["nnopt_bn_step_s"] / row["torch_bn_step_s"]
-                row["step_ratio_plain"] = row["nnopt_plain_step_s"] / row["torch_plain_step_s"]
-                if batch == 64:
-                    row["epoch_ratio_bn"] = row["nnopt_bn_epoch_s"] / row["torch_bn_epoch_s"]
-                    row["epoch_ratio_plain"] = row["nnopt_plain_epoch_s"] / row["torch_plain_epoch_s"]
-            if batch == 64:
-                row["nnopt_bn_epoch_overhead_%"] = 100 * (row["nnopt_bn_epoch_s"] / row["nnopt_plain_epoch_s"] - 1)
+                ratio(f"{lib}_bn_overhead_%", f"{lib}_bn_step", f"{lib}_plain_step", percent_more)
+            ratio("fixed_vs_policy_bn", "nnopt_fixed_bn_step", "nnopt_bn_step")
+            ratio("fused_vs_layers_bn", "nnopt_bn_step", "nnopt_layers_bn_step")
+            for tag in ("bn", "plain"):
+                ratio(f"step_ratio_{tag}", f"nnopt_{tag}_step", f"torch_{tag}_step")
+                ratio(f"epoch_ratio_{tag}", f"nnopt_{tag}_epoch", f"torch_{tag}_epoch")
+            ratio("nnopt_bn_epoch_overhead_%", "nnopt_bn_epoch", "nnopt_plain_epoch", percent_more)
             rows.append(row)
             print(f"batch {batch}: nnopt {row['nnopt_plain_step_s'] * 1e6:.0f} / "
-                  f"{row['nnopt_bn_step_s'] * 1e6:.0f} us (BN {row['nnopt_bn_overhead_%']:+.1f}%)"
+                  f"{row['nnopt_bn_step_s'] * 1e6:.0f} us (BN "
+                  f"{common.with_range(row, 'nnopt_bn_overhead_%', '{:+.1f}%')})"
                   + (f"; torch {row['torch_plain_step_s'] * 1e6:.0f} / {row['torch_bn_step_s'] * 1e6:.0f}"
-                     f" us (BN {row['torch_bn_overhead_%']:+.1f}%)" if "torch" in workers else ""),
-                  flush=True)
+                     f" us (BN {common.with_range(row, 'torch_bn_overhead_%', '{:+.1f}%')})"
+                     if "torch" in workers else ""), flush=True)
     finally:
         for worker in workers.values():
             worker.close()
     return rows
 
 
-def report(rows, name):
+def report(rows, out):
     print(common.table(rows, ["batch", "nnopt_plain_step_s", "nnopt_bn_step_s", "torch_plain_step_s",
                               "torch_bn_step_s", "nnopt_bn_overhead_%", "torch_bn_overhead_%",
                               "step_ratio_bn", "step_ratio_plain", "nnopt_layers_bn_step_s",
@@ -252,7 +266,7 @@ def report(rows, name):
                                         "torch_plain_epoch_s", "torch_bn_epoch_s",
                                         "nnopt_bn_epoch_overhead_%", "epoch_ratio_plain",
                                         "epoch_ratio_bn"]))
-    path = common.save(name, {"rows": rows})
+    path = common.save(out, {"rows": rows})
     plt = common.figure()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for prefix, name in (("nnopt", "nnopt"), ("torch", "PyTorch")):

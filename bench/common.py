@@ -21,33 +21,27 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 
 
-def timeit(fn, *, repeat=5, min_time=0.05, sync=None):
-    """Median seconds per call over ``repeat`` rounds of at least ``min_time`` each."""
-    return timeit_many({"fn": fn}, repeat=repeat, min_time=min_time, sync=sync)["fn"]
-
-
-def timeit_many(fns: dict, *, repeat=7, min_time=0.05, sync=None) -> dict:
-    """Median seconds per call of each function, measured in interleaved rounds, so a
-    slow spell of a shared machine hits every contender alike (same process: for
-    contenders that share a runtime safely, e.g. on a GPU; see Worker otherwise)."""
-    return medians(timeit_rounds(fns, repeat=repeat, min_time=min_time, sync=sync))
-
-
 def medians(rounds: dict) -> dict:
     """Each contender's median over its rounds."""
     return {name: statistics.median(times) for name, times in rounds.items()}
 
 
 def timeit_rounds(fns: dict, *, repeat=7, min_time=0.05, sync=None) -> dict:
-    """Seconds per call of each function in each of ``repeat`` interleaved rounds: round i
-    of every contender ran within the same stretch of time, so ratios are best taken
-    round by round (``round_ratio``)."""
+    """Seconds per call of each function in each of ``repeat`` interleaved rounds, in an
+    order that rotates (nobody always runs first): round i of every contender ran within
+    the same stretch of time, so ratios are best taken round by round (``put_ratio``)."""
     calls = {name: _calibrate(fn, min_time, sync) for name, fn in fns.items()}
     rounds = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            rounds[name].append(_run(fn, calls[name], sync))
+    for r in range(repeat):
+        for name in rotated(list(fns), r):
+            rounds[name].append(_run(fns[name], calls[name], sync))
     return rounds
+
+
+def rotated(names, r):
+    """``names`` in round ``r``'s order: the list turned left by r places."""
+    r %= len(names)
+    return names[r:] + names[:r]
 
 
 def round_ratio(top, bottom):
@@ -55,6 +49,24 @@ def round_ratio(top, bottom):
     ratio with its spread, each round's contenders having shared the machine's mood."""
     ratios = [t / b for t, b in zip(top, bottom, strict=True)]
     return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def put_ratio(row, name, top, bottom, scale=lambda v: v):
+    """``row[name]``: the median over interleaved rounds of top[i] / bottom[i] (scaled),
+    and ``row[name + "_range"]``: its lowest and highest round."""
+    median, low, high = round_ratio(top, bottom)
+    row[name], row[f"{name}_range"] = scale(median), [scale(low), scale(high)]
+
+
+def with_range(row, key, fmt="{:.2f}x"):
+    """A ratio of ``row`` with its lowest and highest round: '0.85x (0.82 to 0.88)'."""
+    if key not in row:
+        return "-"
+    text = fmt.format(row[key])
+    if f"{key}_range" in row:
+        low, high = (fmt.format(v).rstrip("x%") for v in row[f"{key}_range"])
+        text += f" ({low} to {high})"
+    return text
 
 
 def _run(fn, calls, sync=None):
@@ -127,20 +139,28 @@ class Worker:
 
 
 def compare(contenders: dict, *, repeat=7, min_time=0.05, pause=0.25) -> dict:
-    """Median seconds per call of each ``name: (worker, key)``, in interleaved rounds whose
-    order rotates. The pause lets the last side's idle threads stop spinning first
-    (OpenBLAS's spin for about 0.1 s after a call) so that nobody runs beside them."""
+    """Seconds per call of each ``name: (worker, key)`` in each of ``repeat`` interleaved
+    rounds whose order rotates (take ratios round by round: ``put_ratio``). The pause lets
+    the last side's idle threads stop spinning first (OpenBLAS's spin for about 0.1 s
+    after a call) so that nobody runs beside them."""
     calls = {name: worker.ask("calibrate", key, min_time) for name, (worker, key) in contenders.items()}
     rounds = {name: [] for name in contenders}
-    names, previous = list(contenders), None
+    previous = None
     for r in range(repeat):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(list(contenders), r):
             worker, key = contenders[name]
             if worker is not previous:
                 time.sleep(pause)
                 previous = worker
             rounds[name].append(worker.ask("time", key, calls[name]))
-    return medians(rounds)
+    return rounds
+
+
+def put_rounds(row, rounds):
+    """Each contender's median seconds (``row[name + "_s"]``), its rounds beside them
+    (``row["per_round_s"][name]``)."""
+    row.update({f"{name}_s": t for name, t in medians(rounds).items()})
+    row["per_round_s"] = rounds
 
 
 # --- the machine with one core busy ------------------------------------------------------
@@ -183,6 +203,7 @@ def machine() -> dict:
             info[name] = __import__(name).__version__
         except ImportError:
             pass
+    info["threads"] = threads()
     try:  # which code measured (absent where the tree was copied without .git)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         commit = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
@@ -194,13 +215,47 @@ def machine() -> dict:
     return info
 
 
+# the environment variables that set a library's thread count
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMBA_NUM_THREADS", "NNOPT_BLAS_POLICY")
+
+
+def threads() -> dict:
+    """The thread counts this process's libraries run with. The workers (see Worker) are
+    spawned with the same environment and cores, so they start with the same counts;
+    nnopt's BLAS policy (nnopt.fast.threads) then picks a count per product, at most the
+    BLAS one here."""
+    from threadpoolctl import threadpool_info
+    info = {"cpu_count": os.cpu_count(),
+            "env": {name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ},
+            "threadpools": [{"api": pool["internal_api"], "threads": pool["num_threads"],
+                             "library": os.path.basename(pool["filepath"])}
+                            for pool in threadpool_info()]}
+    if hasattr(os, "sched_getaffinity"):
+        info["affinity"] = len(os.sched_getaffinity(0))
+    if "numba" in sys.modules:  # its default count (numba's prange loops use it)
+        info["numba"] = sys.modules["numba"].config.NUMBA_NUM_THREADS
+    if "torch" in sys.modules:
+        info["torch"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
 def table(rows, columns) -> str:
-    """Rows of dicts as an aligned text table."""
+    """Rows of dicts as an aligned text table; a value with a ``_range`` beside it (its
+    lowest and highest round) is shown with it: 0.851 (0.82 to 0.88)."""
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
         return str(v)
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+
+    def cell(row, column):
+        if column not in row:
+            return ""
+        if f"{column}_range" in row:
+            low, high = row[f"{column}_range"]
+            return f"{fmt(row[column])} ({fmt(low)} to {fmt(high)})"
+        return fmt(row[column])
+    cells = [[cell(r, c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
              "  ".join("-" * w for w in widths)]
@@ -208,9 +263,10 @@ def table(rows, columns) -> str:
     return "\n".join(lines)
 
 
-def save(name, payload) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def save(path, payload) -> Path:
+    """``payload`` as JSON at ``path`` (made with its folders), after the machine record."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
 

@@ -1,12 +1,13 @@
 """BN with and without synchronization at small per-rank batches: N ranks x 8 samples,
 simulated with ``mpiexec -n N`` on one machine; loss and accuracy curves side by side.
 
-    python bench/experiment_sync_bn.py --ranks 2,4,8,16 --per-rank 8 --epochs 1
+    python bench/experiment_sync_bn.py --ranks 2,4,8,16 --per-rank 8 --epochs 1 [--out FILE.json]
 
 Without synchronization each rank normalizes over its own 8 samples (noisy batch
 statistics, and a running variance estimated from 8-sample batches); with it, over the
 N x 8 samples of the global batch, i.e. the model one process would train with that
-batch. Writes results/sync_bn.json, results/sync_bn.png and prints a Markdown table.
+batch. Writes results/sync_bn.json (or --out), the PNG beside it, and prints a Markdown
+table.
 16 ranks on a 2-core machine is slow: pick ``--ranks`` to fit.
 """
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--check-every", type=int, default=50)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    p.add_argument("--out", type=Path, default=RESULTS / "sync_bn.json",
+                   help="the JSON to write, its PNG beside it (default %(default)s)")
     args = p.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,8 +60,8 @@ def main(argv=None) -> int:
                 s = runs[-1]["summary"]
                 print(f"{n} ranks x {args.per_rank}, sync BN {sync}: test accuracy "
                       f"{100 * s['test_accuracy']:.2f}%, loss {s['test_loss']:.4f}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sync_bn.json").write_text(json.dumps(runs, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(runs, indent=1) + "\n")
     print("\n| ranks x per-rank | BN | final val loss | final val acc | test acc |")
     print("|---|---|---|---|---|")
     for r in runs:
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
         print(f"| {r['ranks']} x {r['per_rank']} | {'sync' if r['sync_bn'] else 'per rank'} | "
               f"{last['val_loss']:.4f} | {100 * last['val_accuracy']:.2f}% | "
               f"{100 * s['test_accuracy']:.2f}% |")
-    plot(runs, RESULTS / "sync_bn.png")
+    plot(runs, args.out.with_suffix(".png"))
     return 0
 
 

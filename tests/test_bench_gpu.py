@@ -243,9 +243,16 @@ def test_the_sanitizer_driver_runs_every_kernel_on_the_emulated_device(monkeypat
     losses = sanitize_gpu.run(nnopt.backend.get_namespace("cpu"), gpu, say=lambda line: None)
     assert len(losses) == 2 * (len(sanitize_gpu.OPTIMIZERS) + len(sanitize_gpu.CASES)) and all(
         np.isfinite(list(losses.values())))
-    every = {name for source in kernels.SOURCES
-             for name in emulated_gpu.kernel_signatures(kernels.source(source))}
-    assert sorted(every - {launch[0] for launch in launches}) == []
+    signatures = {name: signature for source in kernels.SOURCES
+                  for name, signature in emulated_gpu.kernel_signatures(
+                      kernels.source(source)).items()}
+    assert sorted(set(signatures) - {launch[0] for launch in launches}) == []
+    # --quick (racecheck, synccheck): still every float32 kernel with a barrier
+    launches.clear()
+    sanitize_gpu.run(nnopt.backend.get_namespace("cpu"), gpu, say=lambda line: None, quick=True)
+    barriers = {name for name, (_, synchronizes) in signatures.items()
+                if synchronizes and not name.endswith(("f64", "f64_i32", "f64_i64"))}
+    assert barriers and sorted(barriers - {launch[0] for launch in launches}) == []
 
 
 def test_profile_summary_reads_ncu_csv(monkeypatch, tmp_path, capsys):
@@ -254,7 +261,7 @@ def test_profile_summary_reads_ncu_csv(monkeypatch, tmp_path, capsys):
     monkeypatch.syspath_prepend(str(BENCH))
     import profile_gpu
     (tmp_path / "b64_bn.meta.json").write_text(
-        'warming up\n{"batch": 64, "bn": true, "replay_us": 50.0}\n')
+        'warming up\n{"batch": 64, "bn": true, "replay_us": 50.0, "device": "NVIDIA H200"}\n')
     header = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
               '"Section Name","Metric Name","Metric Unit","Metric Value"')
     row = '"{}","1","python3","h","{}","1","13","Command line profiler metrics",' \
@@ -266,7 +273,9 @@ def test_profile_summary_reads_ncu_csv(monkeypatch, tmp_path, capsys):
         row.format(2, "sgd_step_f32", "nsecond", "3000")]) + "\n")
     out = tmp_path / "profile.json"
     profile_gpu.main(["--summarize", str(tmp_path), "--out", str(out)])
-    (summary,) = json.loads(out.read_text())
+    profile = json.loads(out.read_text())
+    assert profile["device"] == "NVIDIA H200"  # the card the profile was taken on
+    (summary,) = profile["rows"]
     assert [k["name"] for k in summary["kernels"]] == [
         "linear_forward_f32", "linear_backward_f32", "sgd_step_f32"]
     assert summary["kernels_us"] == pytest.approx(23.0) and summary["gaps_us"] == pytest.approx(27.0)
@@ -275,9 +284,26 @@ def test_profile_summary_reads_ncu_csv(monkeypatch, tmp_path, capsys):
     assert "replay 50.0 us, 3 kernels 23.0 us" in capsys.readouterr().out
 
 
-def fake_gpu_machine(tmp_path, fail=""):
+def test_a_profile_without_kernels_fails_and_says_so(monkeypatch, tmp_path, capsys):
+    """ncu that wrote no kernel (failed, or profiled nothing): the summary still writes its
+    JSON, the configuration marked, and exits 4, not 0 with an empty table."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import profile_gpu
+    (tmp_path / "b64_bn.meta.json").write_text("==ERROR== the profiled process failed\n")
+    (tmp_path / "b64_bn.csv").write_text("==ERROR== no kernels were profiled\n")
+    out = tmp_path / "profile.json"
+    with pytest.raises(SystemExit) as exit_:
+        profile_gpu.main(["--summarize", str(tmp_path), "--out", str(out)])
+    assert exit_.value.code == 4
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["batch"] == 64 and row["bn"] and row["nodes"] == 0 and "no kernel" in row["error"]
+    assert "PROFILE FAILED" in capsys.readouterr().out
+
+
+def fake_gpu_machine(tmp_path, fail="", ncu="exit 0"):
     """PATH entries standing in for the GPU machine's python3, nvidia-smi and ncu: each
-    call is logged; python3 fails (rc 3) where its arguments contain ``fail``."""
+    call is logged; python3 fails (rc 3) where its arguments contain ``fail``; ncu runs
+    ``ncu`` (None: no ncu)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.log"
@@ -285,7 +311,9 @@ def fake_gpu_machine(tmp_path, fail=""):
             ("python3", f'[ "$*" = "-" ] || [[ "$*" == *" - "* ]] && cat >/dev/null\n'
                         f'[ -n "{fail}" ] && [[ "$*" == *"{fail}"* ]] && exit 3\nexit 0'),
             ("nvidia-smi", "echo 'name, memory.total'; echo 'Fake GPU, 1 MiB'"),
-            ("ncu", "exit 0"), ("compute-sanitizer", "exit 0")):
+            ("ncu", ncu), ("compute-sanitizer", "exit 0")):
+        if body is None:
+            continue
         script = bin_dir / name
         script.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n{body}\n')
         script.chmod(0o755)
@@ -311,7 +339,7 @@ def test_gpu_check_script_runs_every_step_and_records_each(tmp_path, fail, budge
     assert done.returncode == 0, done.stdout + done.stderr
     steps = json.loads((out / "check.json").read_text())
     sanitizers = ["sanitizer_memcheck", "sanitizer_racecheck", "sanitizer_synccheck"]
-    assert list(steps)[1:] == ["install", "test_gpu", "bench_bn", "bench_train", "bench_optim",
+    assert list(steps)[1:] == ["gpu", "install", "test_gpu", "bench_bn", "bench_train", "bench_optim",
                                "train", *sanitizers, "profile", "test_rest"]
     calls = log.read_text()
     assert "--backend cupy" in calls and "tests/test_gpu.py" in calls
@@ -331,3 +359,45 @@ def test_gpu_check_script_runs_every_step_and_records_each(tmp_path, fail, budge
         assert "\npython3 bench/profile_gpu.py --run 64 bn" in calls
         assert steps["test_rest"]["rc"] == 0
     assert (out / "gpu_check.log").read_text().count("== ") >= 7
+
+
+def run_gpu_check(tmp_path, bin_dir):
+    import os
+    import shutil
+    import subprocess
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out)}
+    done = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=BENCH.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return done, out
+
+
+def test_gpu_check_without_a_gpu_stops_at_once_and_says_why(tmp_path):
+    """On a machine without CuPy or a device: one clear line, check.json saying so, rc 1,
+    and nothing installed (pip never runs)."""
+    bin_dir, log = fake_gpu_machine(tmp_path, fail="import cupy")
+    done, out = run_gpu_check(tmp_path, bin_dir)
+    assert done.returncode == 1
+    assert "no CUDA GPU/CuPy here: gpu_check needs the device machine" in done.stdout
+    steps = json.loads((out / "check.json").read_text())
+    assert list(steps) == ["total_s", "gpu"] and steps["gpu"]["rc"] == 1
+    assert "no CUDA GPU/CuPy here" in steps["gpu"]["reason"]
+    assert "pip" not in log.read_text()
+
+
+@pytest.mark.parametrize("ncu, rc", [(None, -1), ("exit 1", 3)])
+def test_gpu_check_records_a_missing_or_failed_ncu(tmp_path, ncu, rc):
+    """No ncu: the profile step is skipped (rc -1, as documented); ncu failing: rc 3 from
+    bench/profile_gpu.sh, not 0 over an empty table."""
+    import glob
+    import shutil
+    if ncu is None and (shutil.which("ncu") or glob.glob("/usr/local/cuda*/bin/ncu")
+                        or glob.glob("/opt/nvidia/nsight-compute/*/ncu")):
+        pytest.skip("a real ncu is installed here")
+    bin_dir, _ = fake_gpu_machine(tmp_path, ncu=ncu)
+    done, out = run_gpu_check(tmp_path, bin_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((out / "check.json").read_text())["profile"]["rc"] == rc
+    assert ("PROFILE SKIPPED" if ncu is None else "PROFILE INCOMPLETE") in done.stdout
