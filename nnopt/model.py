@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -152,11 +153,13 @@ class Sequential:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Copy a :meth:`state_dict` in. Every entry is checked before any is assigned, so
-        a bad one leaves the model as it was."""
-        if not isinstance(state, dict):
+        """Copy a :meth:`state_dict` in (a dict, or any mapping of names to arrays, such as
+        ``np.load("state.npz")``). Every entry is checked before any is assigned, so a bad
+        one leaves the model as it was."""
+        if not isinstance(state, Mapping):
             raise InputTypeError(f"load_state_dict expects the dict of model.state_dict(), "
                                  f"got {type(state).__name__}")
+        state = dict(state.items())  # (an npz file reads each array once)
         targets = {p.name: p.data for p in self.flat.params}
         targets.update({name: holder[key] for name, holder, key in self.named_buffers()})
         missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))

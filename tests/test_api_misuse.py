@@ -178,3 +178,13 @@ def test_a_model_refused_for_a_bound_layer_leaves_its_other_layers_free():
     with pytest.raises(InputError, match="'a.W' is already bound .* give each model layers of"):
         nnopt.Sequential([fresh, shared])
     assert nnopt.Sequential([fresh]).n_params == 15  # the layer was not taken by the failure
+
+
+def test_a_state_saved_with_numpy_loads_back(tmp_path):
+    model = nnopt.mlp([4, 3, 2], batchnorm=True, seed=0)
+    np.savez(tmp_path / "state.npz", **model.state_dict())
+    other = nnopt.mlp([4, 3, 2], batchnorm=True, seed=1)
+    with np.load(tmp_path / "state.npz") as saved:
+        other.load_state_dict(saved)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(other.state_dict()[name], value)
