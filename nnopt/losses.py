@@ -175,6 +175,8 @@ class SoftmaxCrossEntropy(Loss):
 class MSELoss(Loss):
     """Half the mean squared error, the textbook's regression loss."""
 
+    diff = None  # prediction - target of the last forward
+
     def forward(self, prediction, target):
         _check_pair("MSELoss", prediction, target)
         if tuple(target.shape) != tuple(prediction.shape):
@@ -188,7 +190,7 @@ class MSELoss(Loss):
     __call__ = forward
 
     def backward(self):
-        if getattr(self, "diff", None) is None:
+        if self.diff is None:
             raise CallOrderError("MSELoss.backward needs a forward() first")
         return self.diff / self.diff.shape[0]
 

@@ -426,7 +426,7 @@ def test_an_interrupted_rerun_leaves_the_earlier_report_whole(tmp_path, capsys, 
     (["--seed", str(2**64)], "--seed must be below 2**63"),
     (["--out", "FILE"], "is a file; give a folder"),
     (["--out", " "], "--out is empty"),
-    (["--data-dir", "FILE"], "the embedded mnist-sample reads no folder"),
+    (["--data-dir", "FILE"], "mnist-sample is embedded in nnopt and reads no folder"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):
     (tmp_path / "FILE").write_text("x")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import datasets, runs
 from ..config import DEVICES
+from ..errors import InputError
 from ..backend import BackendUnavailable, get_namespace
 from . import EXPERIMENTS, run_sections
 from .report import Context, write
@@ -147,9 +148,10 @@ def check_arguments(args) -> str | None:
         return f"--out {args.out} is a file; give a folder"
     if args.out is not None and not args.out.strip():
         return "--out is empty; give the output folder (e.g. --out experiments/mine)"
-    if args.dataset == "mnist-sample" and args.data_dir is not None:
-        return (f"--data-dir {args.data_dir} is for --dataset mnist or fashion-mnist; the "
-                "embedded mnist-sample reads no folder (name the data set of the files there)")
+    try:
+        datasets.check_sample_folder(args.dataset, args.data_dir)
+    except InputError as exc:
+        return str(exc)
     if str(args.device).lower() not in DEVICES:  # (the backends' test names: not for training)
         return f"--device must be cpu or gpu, got {args.device!r}"
     return None
