@@ -105,7 +105,10 @@ def _serve(conn, module_name):
             elif op == "calibrate":
                 result = _calibrate(made[key], *args)
             elif op == "time":
-                result = _run(made[key], args[0])
+                calls, warm = args
+                for _ in range(warm):  # untimed: see compare
+                    made[key]()
+                result = _run(made[key], calls)
             elif op == "drop":
                 made.pop(key, None)
                 result = None
@@ -138,22 +141,36 @@ class Worker:
         self.process.join(timeout=10)
 
 
-def compare(contenders: dict, *, repeat=7, min_time=0.05, pause=0.25) -> dict:
+def compare(contenders: dict, *, repeat=7, min_time=0.05, pause=0.25, warm=0.25) -> dict:
     """Seconds per call of each ``name: (worker, key)`` in each of ``repeat`` interleaved
-    rounds whose order rotates (take ratios round by round: ``put_ratio``). The pause lets
-    the last side's idle threads stop spinning first (OpenBLAS's spin for about 0.1 s
-    after a call) so that nobody runs beside them."""
+    rounds (take ratios round by round: ``put_ratio``). Each worker's turn starts with a
+    pause, which lets the last worker's idle threads stop spinning (OpenBLAS's spin for
+    about 0.1 s after a call) so that nobody runs beside them. What runs first after that
+    pause runs slow (measured: the textbook step 5-15% slower for its first ~10 ms), so
+    every timed round follows an untimed ``warm`` fraction of it (none where one call fills
+    a round: it is long enough), and ``turns`` makes each contender as often the first of
+    its worker's turn as the others."""
     calls = {name: worker.ask("calibrate", key, min_time) for name, (worker, key) in contenders.items()}
     rounds = {name: [] for name in contenders}
-    previous = None
     for r in range(repeat):
-        for name in rotated(list(contenders), r):
-            worker, key = contenders[name]
-            if worker is not previous:
-                time.sleep(pause)
-                previous = worker
-            rounds[name].append(worker.ask("time", key, calls[name]))
+        for turn in turns(contenders, r):
+            time.sleep(pause)
+            for name in turn:
+                worker, key = contenders[name]
+                rounds[name].append(worker.ask("time", key, calls[name], int(calls[name] * warm)))
     return rounds
+
+
+def turns(contenders: dict, r):
+    """Round ``r`` of ``name: (worker, key)`` as the workers' turns: each worker's
+    contenders together, the turns rotated by r and so are the contenders within each. A
+    plain rotation of all names put the same contender first after a switch of process in
+    most rounds (with two workers of two: one in 7 rounds of 7, its partner in 2), which
+    biased every overhead measured within a worker."""
+    groups = {}
+    for name, (worker, _) in contenders.items():
+        groups.setdefault(id(worker), []).append(name)
+    return [rotated(group, r) for group in rotated(list(groups.values()), r)]
 
 
 def put_rounds(row, rounds):

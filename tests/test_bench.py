@@ -116,8 +116,41 @@ def test_bench_train_out_measures_epochs_over_rounds(fake_workers, monkeypatch, 
 def test_compare_rotates_the_order_between_rounds(fake_workers):
     one, other = FakeWorker("a"), FakeWorker("b")
     rounds = fake_workers.compare({"a": (one, "a"), "b": (one, "b"), "c": (other, "c")}, repeat=3)
-    assert FakeWorker.order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    # each worker's contenders together; the turns and the order within them rotate
+    assert FakeWorker.order == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
     assert {name: len(times) for name, times in rounds.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+@pytest.mark.parametrize("repeat", [6, 7])
+def test_compare_puts_each_contender_first_in_its_turn_as_often_as_its_partner(fake_workers,
+                                                                                monkeypatch, repeat):
+    """What runs first after the pause before a worker's turn runs slow: a plain rotation
+    of [nnopt plain, nnopt bn, torch plain, torch bn] put nnopt's plain step there in 7
+    rounds of 7 and its BN step in 2, which read nnopt's BN overhead ~10 points low. Each
+    timed round also follows an untimed warm-up of a quarter of its calls."""
+    import common
+    turns = []
+    monkeypatch.setattr(common.time, "sleep", lambda seconds: turns.append([]))
+    asked = []
+
+    class Recording(FakeWorker):
+        def ask(self, op, key, *args):
+            if op == "calibrate":
+                return 8
+            if op == "time":
+                turns[-1].append(key)
+                asked.append(args)
+            return super().ask(op, key, *args)
+    nnopt_worker, torch_worker = Recording("nnopt"), Recording("torch")
+    common.compare({"nnopt_plain": (nnopt_worker, "nnopt_plain"),
+                    "nnopt_bn": (nnopt_worker, "nnopt_bn"),
+                    "torch_plain": (torch_worker, "torch_plain"),
+                    "torch_bn": (torch_worker, "torch_bn")}, repeat=repeat)
+    firsts = [turn[0] for turn in turns]
+    assert len(turns) == 2 * repeat and all(len(turn) == 2 for turn in turns)
+    for lib in ("nnopt", "torch"):
+        assert abs(firsts.count(f"{lib}_plain") - firsts.count(f"{lib}_bn")) <= repeat % 2
+    assert set(asked) == {(8, 2)}  # 8 timed calls after 2 untimed ones
 
 
 def test_timeit_rounds_rotates_the_order_between_rounds(bench):
