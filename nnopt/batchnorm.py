@@ -239,7 +239,7 @@ class BatchNorm(Layer):
     def backward(self, d):
         if self.output_spec is None:
             raise CallOrderError(f"{self!r}: call forward(x) before backward")
-        check_output_grad(f"{self!r}.backward", d, *self.output_spec)
+        check_output_grad(self, d, *self.output_spec)
         if self.sync_cache is not None:  # after a synchronized training-mode forward
             return sync_batchnorm.layer_backward(self, d)
         check_grads_bound(self)

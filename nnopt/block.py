@@ -37,6 +37,8 @@ running mean, as it does layer by layer, so inference mode gives the same output
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .batchnorm import BatchNorm
 from .errors import InputError, InputTypeError
 from .fast import fast_for
@@ -113,6 +115,7 @@ class Block(Layer):
         self.activation_name = ("identity" if activation is None
                                 else ACTIVATION_NAMES.get(type(activation)))
         self.scratch = None   # the fused passes' reusable buffers, made on first use
+        self.stats = None     # BN's mean and inv_std on the CPU (_stats)
         self.saved = None     # what a fused forward leaves for backward; None after a layered one
         self.grads_written = None  # the storage's zero_count when this block last wrote its gradients
         self.defer_input_grad = False  # set by nnopt.Sequential where a block comes before this one
@@ -172,9 +175,17 @@ class Block(Layer):
             return y
         y, mean, inv_std = fast.bn_forward(h, *self._bn_forward_args(),
                                            out=self.scratch.get("y", h), bias=linear.b.data,
-                                           activation=code)
+                                           activation=code, stats=self._stats(h))
         self.saved = (fast, code, x, h, y, mean, inv_std)
         return y
+
+    def _stats(self, h):
+        """The arrays BN's mean and inv_std go into, made once (a forward's replace the
+        last forward's, as its saved values do)."""
+        stats = self.stats
+        if stats is None or stats[0].shape[0] != h.shape[1] or stats[0].dtype != h.dtype:
+            stats = self.stats = (np.empty(h.shape[1], h.dtype), np.empty(h.shape[1], h.dtype))
+        return stats
 
     def _forward_gpu(self, fast, x, for_loss):
         """As on the CPU, but up to ``fast.fuses_product`` rows, the product runs inside
@@ -218,7 +229,7 @@ class Block(Layer):
             check_grads_bound(self)
             if not isinstance(dy, DeferredInputGrad):
                 output = self.saved[4]
-                check_output_grad(f"{self!r}.backward", dy, output.shape, output.dtype)
+                check_output_grad(self, dy, output.shape, output.dtype)
         if isinstance(dy, DeferredInputGrad) and not (
                 self.saved is not None and dy.fast is self.saved[0]
                 and dy.fast.fuses_product(dy.dh.shape[0])):
