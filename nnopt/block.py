@@ -181,7 +181,8 @@ class Block(Layer):
 
     def _stats(self, h):
         """The arrays BN's mean and inv_std go into, made once (a forward's replace the
-        last forward's, as its saved values do)."""
+        last forward's, as its saved values do). Not ``Scratch.get``: its check that nobody
+        holds a buffer costs more than the two allocations it would save."""
         stats = self.stats
         if stats is None or stats[0].shape[0] != h.shape[1] or stats[0].dtype != h.dtype:
             stats = self.stats = (np.empty(h.shape[1], h.dtype), np.empty(h.shape[1], h.dtype))

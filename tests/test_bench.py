@@ -122,8 +122,8 @@ def test_compare_rotates_the_order_between_rounds(fake_workers):
 
 
 @pytest.mark.parametrize("repeat", [6, 7])
-def test_compare_puts_each_contender_first_in_its_turn_as_often_as_its_partner(fake_workers,
-                                                                                monkeypatch, repeat):
+def test_compare_puts_each_contender_first_in_its_turn_as_often_as_its_partner(
+        fake_workers, monkeypatch, repeat):
     """What runs first after the pause before a worker's turn runs slow: a plain rotation
     of [nnopt plain, nnopt bn, torch plain, torch bn] put nnopt's plain step there in 7
     rounds of 7 and its BN step in 2, which read nnopt's BN overhead ~10 points low. Each

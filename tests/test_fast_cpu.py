@@ -171,7 +171,8 @@ def test_activation_rules_keep_the_elements_precision(dtype):
         return cpu.activation_grad(d[0], y[0], code), cpu.activate(d[0], code)
     d = np.array([0.3, -1.0], dtype=dtype)
     both(d, d, cpu.RELU)  # numba returns Python floats: its signature says what it computed in
-    assert both.nopython_signatures[0].return_type == numba.types.UniTuple(numba.from_dtype(dtype), 2)
+    element = numba.from_dtype(dtype)
+    assert both.nopython_signatures[0].return_type == numba.types.UniTuple(element, 2)
     nan, negative = both(np.array([np.nan], dtype), np.array([-1.0], dtype), cpu.RELU)
     assert np.isnan(nan) and both(np.array([-3.0], dtype), d, cpu.RELU)[1] == 0
 

@@ -420,7 +420,9 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     applied to z as it is written."""
     n = x.shape[1]
     z = np.empty_like(x) if out is None else out
-    mean, inv_std = (np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)) if stats is None else stats
+    if stats is None:
+        stats = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
+    mean, inv_std = stats
     bias = np.zeros(n, dtype=x.dtype) if bias is None else bias
     chunks = bn_chunks(x)
     launch(_bn_forward, chunks > 1, np.ascontiguousarray(x), gamma, beta, eps, momentum,
