@@ -37,8 +37,6 @@ running mean, as it does layer by layer, so inference mode gives the same output
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .batchnorm import BatchNorm
 from .errors import InputError, InputTypeError
 from .fast import fast_for
@@ -115,7 +113,7 @@ class Block(Layer):
         self.activation_name = ("identity" if activation is None
                                 else ACTIVATION_NAMES.get(type(activation)))
         self.scratch = None   # the fused passes' reusable buffers, made on first use
-        self.stats = None     # BN's mean and inv_std on the CPU (_stats)
+        self.bn_kernels = None  # on the CPU, BN's passes bound to this block's arrays
         self.saved = None     # what a fused forward leaves for backward; None after a layered one
         self.grads_written = None  # the storage's zero_count when this block last wrote its gradients
         self.defer_input_grad = False  # set by nnopt.Sequential where a block comes before this one
@@ -173,20 +171,13 @@ class Block(Layer):
             y = fast.activation_forward(h, linear.b.data, code, out=h)
             self.saved = (fast, code, x, None, y, None, None)
             return y
-        y, mean, inv_std = fast.bn_forward(h, *self._bn_forward_args(),
-                                           out=self.scratch.get("y", h), bias=linear.b.data,
-                                           activation=code, stats=self._stats(h))
-        self.saved = (fast, code, x, h, y, mean, inv_std)
+        kernels = self.bn_kernels
+        if kernels is None or not kernels.fits(h) or bn.gamma.storage is None:
+            # (parameters outside a model's storage may be given new arrays: gathered anew)
+            kernels = self.bn_kernels = fast.BlockBatchNorm(bn, linear, h, code)
+        y = kernels.forward(h, self.scratch.get("y", h))
+        self.saved = (fast, code, x, h, y, kernels.mean, kernels.inv_std)
         return y
-
-    def _stats(self, h):
-        """The arrays BN's mean and inv_std go into, made once (a forward's replace the
-        last forward's, as its saved values do). Not ``Scratch.get``: its check that nobody
-        holds a buffer costs more than the two allocations it would save."""
-        stats = self.stats
-        if stats is None or stats[0].shape[0] != h.shape[1] or stats[0].dtype != h.dtype:
-            stats = self.stats = (np.empty(h.shape[1], h.dtype), np.empty(h.shape[1], h.dtype))
-        return stats
 
     def _forward_gpu(self, fast, x, for_loss):
         """As on the CPU, but up to ``fast.fuses_product`` rows, the product runs inside
@@ -253,8 +244,7 @@ class Block(Layer):
         if bn is None:
             fast.activation_backward(dy, y, code, dbias=linear.b.grad, out=dh)
         else:  # linear.b.grad: zero by construction (module docstring), nothing to add
-            fast.bn_backward(dy, h, bn.gamma.data, mean, inv_std, bn.gamma.grad, bn.beta.grad,
-                             out=dh, y=y, activation=code)
+            self.bn_kernels.backward(dy, h, y, dh)
         self._add_weight_grad(fast, x, dh)
         if not linear.needs_input_grad:
             return None

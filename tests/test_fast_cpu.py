@@ -93,10 +93,11 @@ def test_large_inputs_take_the_threaded_paths(monkeypatch, rng):
 
 def test_fast_paths_are_used_by_default_on_numpy(monkeypatch):
     calls = []
-    original_step, original_bn = fast.OPTIMIZER_STEPS["Adam"], fast.bn_forward
+    original_step, original_bn = fast.OPTIMIZER_STEPS["Adam"], fast.BlockBatchNorm.forward
     monkeypatch.setitem(fast.OPTIMIZER_STEPS, "Adam",
                         lambda *a: (calls.append("adam"), original_step(*a)))
-    monkeypatch.setattr(fast, "bn_forward", lambda *a, **k: (calls.append("bn"), original_bn(*a, **k))[1])
+    monkeypatch.setattr(fast.BlockBatchNorm, "forward",
+                        lambda *a: (calls.append("bn"), original_bn(*a))[1])
     model = nnopt.mlp([6, 5, 3], batchnorm=True, seed=0)  # float32, CPU: the defaults
     opt = optim.Adam(model)
     x, y = np.random.default_rng(0).random((4, 6), dtype=np.float32), np.array([0, 1, 2, 0])
@@ -177,18 +178,39 @@ def test_activation_rules_keep_the_elements_precision(dtype):
     assert np.isnan(nan) and both(np.array([-3.0], dtype), d, cpu.RELU)[1] == 0
 
 
-def test_bn_forward_writes_its_statistics_where_it_is_told(rng):
-    """A block brings the arrays for BN's mean and inv_std (made once, not per step)."""
-    x = rng.normal(size=(64, 16)).astype(np.float32)
-    gamma, beta = np.ones(16, np.float32), np.zeros(16, np.float32)
-    stats = (np.full(16, np.nan, np.float32), np.full(16, np.nan, np.float32))
-    args = lambda: (x, gamma, beta, 1e-5, 0.9, False, np.zeros(16, np.float32),  # noqa: E731
-                    np.ones(16, np.float32))
-    z, mean, inv_std = fast.bn_forward(*args(), stats=stats)
-    assert mean is stats[0] and inv_std is stats[1]
-    z_new, mean_new, inv_std_new = fast.bn_forward(*args())
-    assert np.array_equal(z, z_new) and np.array_equal(mean, mean_new)
-    assert np.array_equal(inv_std, inv_std_new)
+def test_a_block_gathers_its_bn_arguments_once_and_anew_when_they_may_change(rng):
+    """A block's BN passes keep their arguments between steps (BlockBatchNorm), but not
+    past a new batch size, and not for parameters outside a model's storage, which may be
+    given new arrays; eps and momentum are read at each step."""
+    from nnopt.batchnorm import BatchNorm as BN
+    from nnopt.block import Block
+    from nnopt.layers import Linear, ReLU
+    model = nnopt.mlp([8, 6, 3], "relu", batchnorm=True, seed=0)
+    block, loss = model.steps[0], nnopt.SoftmaxCrossEntropy()
+    x, y = rng.random((16, 8)).astype(np.float32), np.arange(16) % 3
+    model.loss_and_backward(x, y, loss)
+    kernels = block.bn_kernels
+    model.loss_and_backward(x, y, loss)
+    assert block.bn_kernels is kernels
+    model.loss_and_backward(x[:12], y[:12], loss)
+    assert block.bn_kernels is not kernels and block.bn_kernels.shape == (12, 6)
+    bn = block.batchnorm
+    bn.momentum, before = 0.5, bn.buffers["running_mean"].copy()
+    out = model.forward(x)
+    assert np.allclose(bn.buffers["running_mean"], 0.5 * before + 0.5 * block.saved[5]
+                       + 0.5 * block.linear.b.data, rtol=1e-5)
+
+    loose = Block(Linear(8, 6, rng=0), BN(6), ReLU())  # parameters of no model's storage
+    xf = x.astype(np.float64)
+    loose.forward(xf)
+    loose.batchnorm.gamma.data = np.full(6, 2.0)
+    loose.batchnorm.beta.data = np.full(6, -0.5)
+    fused = loose.forward(xf)
+    reference = xf
+    for layer in loose.layers:
+        reference = layer.forward(reference)
+    assert np.allclose(fused, reference) and np.any(fused == 0) and fused.max() > 1
+    assert out.shape == (16, 3)
 
 
 def test_a_block_keeps_its_bn_statistics_arrays_between_steps(rng):
