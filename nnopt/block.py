@@ -24,8 +24,9 @@ runs, inside a model, on a side stream (``nnopt.fast.gpu.beside_main``), since n
 the optimizer waits for it; the model joins it at the end of its backward.
 
 The layers themselves stay as they are, the readable reference: everywhere else
-(array-api-strict, torch, inference mode, synchronized BN, ``use_fast_path=False``) the
-block simply calls them in order, and the tests hold the fused passes to them.
+(array-api-strict, torch, inference mode, synchronized BN, ``use_fast_path=False``, and on
+the CPU a BN block outside a model, whose parameters lie in no flat storage) the block
+simply calls them in order, and the tests hold the fused passes to them.
 
 **The Linear bias before BN.** BN subtracts the batch mean of :math:`h + b`, which is
 the mean of h plus b: b cancels from BN's output, so in training mode it has no effect
@@ -113,7 +114,7 @@ class Block(Layer):
         self.activation_name = ("identity" if activation is None
                                 else ACTIVATION_NAMES.get(type(activation)))
         self.scratch = None   # the fused passes' reusable buffers, made on first use
-        self.bn_kernels = None  # on the CPU, BN's passes bound to this block's arrays
+        self.bn_kernels = None  # on the CPU: fast.BlockBatchNorm, BN's passes bound to its arrays
         self.saved = None     # what a fused forward leaves for backward; None after a layered one
         self.grads_written = None  # the storage's zero_count when this block last wrote its gradients
         self.defer_input_grad = False  # set by nnopt.Sequential where a block comes before this one
@@ -138,7 +139,12 @@ class Block(Layer):
                                or x.shape[0] < 2):
             return None  # synchronized BN, the reference asked for, or BN's own error to raise
         fast = fast_for(x, self.linear.W.data)
-        return fast if fast is not None and hasattr(fast, "activation_forward") else None
+        if fast is None or not hasattr(fast, "activation_forward"):
+            return None
+        if bn is not None and not fast.ON_GPU and self.bn_kernels is None:
+            # once made, they stay right: bound parameters stay where they are
+            return fast if fast.BlockBatchNorm.takes(bn) else None
+        return fast
 
     def forward(self, x, train=True, for_loss=False):
         """``for_loss`` (training mode; ``Sequential.forward_to_loss``): on the GPU, a
@@ -172,8 +178,7 @@ class Block(Layer):
             self.saved = (fast, code, x, None, y, None, None)
             return y
         kernels = self.bn_kernels
-        if kernels is None or not kernels.fits(h) or bn.gamma.storage is None:
-            # (parameters outside a model's storage may be given new arrays: gathered anew)
+        if kernels is None or not kernels.fits(h):
             kernels = self.bn_kernels = fast.BlockBatchNorm(bn, linear, h, code)
         y = kernels.forward(h, self.scratch.get("y", h))
         self.saved = (fast, code, x, h, y, kernels.mean, kernels.inv_std)

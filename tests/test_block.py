@@ -145,6 +145,29 @@ def test_mlp_blocks_and_layers_are_the_same_model(xp):
     assert [layer.name for layer in fused.layers if isinstance(layer, BatchNorm)] == ["bn1", "bn2"]
 
 
+@needs_numba
+def test_fused_and_layered_models_train_alike(rng):
+    """Over steps of an optimizer, which updates gamma and beta in the flat storage: the
+    block's BN passes read them there (fast.BlockBatchNorm's views), not a copy."""
+    sizes = [6, 5, 4, 3]
+    models = [nnopt.mlp(sizes, batchnorm=True, seed=4, dtype="float64", fused=fused)
+              for fused in (True, False)]
+    optimizers = [optim.Momentum(model, lr=0.3) for model in models]
+    for step in range(4):
+        x, labels = rng.normal(size=(8, 6)), rng.integers(0, 3, 8)
+        for model, opt in zip(models, optimizers):
+            model.zero_grad()
+            model.loss_and_backward(x, labels, SoftmaxCrossEntropy())
+            opt.step()
+    fused, layered = models
+    assert fused.steps[0].bn_kernels is not None  # the fused passes ran
+    assert rel_err(fused.flat.data, layered.flat.data) < 1e-10
+    assert not np.allclose(fused.flat.data, nnopt.mlp(sizes, batchnorm=True, seed=4,
+                                                      dtype="float64").flat.data)
+    state, state_ref = fused.state_dict(), layered.state_dict()
+    assert all(rel_err(state[k], state_ref[k], floor=1.0) < 1e-10 for k in state)
+
+
 def test_synchronized_bn_runs_layer_by_layer():
     model = nnopt.mlp([4, 3, 2], batchnorm=True, bn_options={"sync": True})
     assert not any(isinstance(step, Block) for step in model.steps)

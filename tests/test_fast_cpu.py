@@ -180,8 +180,8 @@ def test_activation_rules_keep_the_elements_precision(dtype):
 
 def test_a_block_gathers_its_bn_arguments_once_and_anew_when_they_may_change(rng):
     """A block's BN passes keep their arguments between steps (BlockBatchNorm), but not
-    past a new batch size, and not for parameters outside a model's storage, which may be
-    given new arrays; eps and momentum are read at each step."""
+    past a new batch size; eps and momentum are read at each step. A BN block outside a
+    model, whose parameters may be given new arrays, runs its layers."""
     from nnopt.batchnorm import BatchNorm as BN
     from nnopt.block import Block
     from nnopt.layers import Linear, ReLU
@@ -205,11 +205,12 @@ def test_a_block_gathers_its_bn_arguments_once_and_anew_when_they_may_change(rng
     loose.forward(xf)
     loose.batchnorm.gamma.data = np.full(6, 2.0)
     loose.batchnorm.beta.data = np.full(6, -0.5)
-    fused = loose.forward(xf)
+    out_loose = loose.forward(xf)
+    assert loose.saved is None and loose.bn_kernels is None
     reference = xf
     for layer in loose.layers:
         reference = layer.forward(reference)
-    assert np.allclose(fused, reference) and np.any(fused == 0) and fused.max() > 1
+    assert np.allclose(out_loose, reference) and np.any(out_loose == 0) and out_loose.max() > 1
     assert out.shape == (16, 3)
 
 

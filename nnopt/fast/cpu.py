@@ -334,10 +334,14 @@ _shifted_sums = _paired_sums.for_activation(IDENTITY)  # BN's statistics: of x i
 
 
 @Kernel
-def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_var, z,
-                mean_out, inv_std_out, chunks, bias, activation):
-    """z = activate(BN(x)); the running mean is that of x + bias (see bn_forward)."""
+def _bn_forward(x, gamma_beta, eps, momentum, unbiased, running_mean, running_var, z, stats,
+                chunks, bias, activation):
+    """z = activate(BN(x)); the running mean is that of x + bias (see bn_forward).
+    gamma_beta: rows gamma and beta; stats: rows mean and inv_std, written (one array each,
+    not two: numba takes each array argument apart at every call, ~0.3 us)."""
     activation = activation if ACTIVATION < 0 else ACTIVATION
+    gamma, beta = gamma_beta[0], gamma_beta[1]
+    mean_out, inv_std_out = stats[0], stats[1]
     m, n = x.shape
     shift = x[0].astype(np.float64)
     if chunks == 1:
@@ -371,10 +375,13 @@ def _bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_v
 
 
 @Kernel
-def _bn_backward(d, x, gamma, mean, inv_std, dx, dgamma, dbeta, chunks, y, activation):
+def _bn_backward(d, x, gamma_beta, stats, dx, grads, chunks, y, activation):
     """BN's backward of d' = activation_grad(d, y): the block's gradient through its
-    activation and BN in one pair of passes."""
+    activation and BN in one pair of passes. gamma_beta: gamma in its first row; stats:
+    rows mean and inv_std; grads: rows dgamma and dbeta, added into."""
     activation = activation if ACTIVATION < 0 else ACTIVATION
+    gamma, mean, inv_std = gamma_beta[0], stats[0], stats[1]
+    dgamma, dbeta = grads[0], grads[1]
     m, n = d.shape
     if chunks == 1:  # _paired_sums' loop, here: see _bn_forward
         sum_d_total, sum_dc_total = np.zeros(n), np.zeros(n)
@@ -419,13 +426,13 @@ def bn_forward(x, gamma, beta, eps, momentum, unbiased, running_mean, running_va
     applied to z as it is written."""
     n = x.shape[1]
     z = np.empty_like(x) if out is None else out
-    mean, inv_std = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
+    stats = np.empty((2, n), dtype=x.dtype)
     bias = np.zeros(n, dtype=x.dtype) if bias is None else bias
     chunks = bn_chunks(x)
-    launch(_bn_forward, chunks > 1, np.ascontiguousarray(x), gamma, beta, eps, momentum,
-           unbiased, running_mean, running_var, z, mean, inv_std, chunks, bias, activation,
+    launch(_bn_forward, chunks > 1, np.ascontiguousarray(x), np.stack((gamma, beta)), eps,
+           momentum, unbiased, running_mean, running_var, z, stats, chunks, bias, activation,
            activation=activation)
-    return z, mean, inv_std
+    return z, stats[0], stats[1]
 
 
 def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
@@ -436,35 +443,52 @@ def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
     dx = np.empty_like(d) if out is None else out
     chunks = bn_chunks(d)
     d = np.ascontiguousarray(d)
-    launch(_bn_backward, chunks > 1, d, np.ascontiguousarray(x), gamma,
-           mean, inv_std, dx, dgamma, dbeta, chunks, d if y is None else y, activation,
+    grads = np.stack((dgamma, dbeta))
+    launch(_bn_backward, chunks > 1, d, np.ascontiguousarray(x), gamma.reshape(1, -1),
+           np.stack((mean, inv_std)), dx, grads, chunks, d if y is None else y, activation,
            activation=activation)
+    dgamma[...], dbeta[...] = grads
     return dx
 
 
 class BlockBatchNorm:
     """A block's BN passes (nnopt.block), with everything but the per-step arrays gathered
-    once: the kernel twins for its shape and activation, gamma, beta and the Linear bias,
-    their gradients, and the arrays BN's mean and inv_std go into (a forward's replace the
-    last forward's, as its saved values do). At a batch of 64, gathering them anew in every
-    call (through bn_forward and bn_backward) cost as much as BN's arithmetic: in a
-    training step, 6 us per block forward against 4 us for the passes.
+    once: the kernel twins for its shape and activation; gamma and beta, and their
+    gradients, as the rows of one view each into the model's flat storage, where they lie
+    side by side; the Linear bias; the array BN's mean and inv_std go into (a forward's
+    replace the last forward's, as its saved values do). At a batch of 64, gathering them
+    anew in every call (as bn_forward and bn_backward do) cost as much as BN's arithmetic:
+    in a training step, 6 us per block forward against 4 us for the passes.
 
-    Only for parameters bound to a model's flat storage, whose arrays never change
-    (nnopt.params); BN's eps, momentum and running buffers are read at each call, since
-    they may be set between steps. :meth:`fits` says whether it serves an input."""
+    For a BatchNorm whose parameters are bound to a model's flat storage (:meth:`takes`),
+    whose arrays never change (nnopt.params). BN's eps, momentum and running buffers are
+    read at each call, since they may be set between steps. :meth:`fits` says whether it
+    serves an input."""
 
     def __init__(self, batchnorm, linear, h, activation):
+        if not self.takes(batchnorm):
+            raise ValueError("BlockBatchNorm takes a BatchNorm of a model's flat storage")
         n = h.shape[1]
+        gamma = batchnorm.gamma
+        storage, start = gamma.storage, gamma.offset
         self.batchnorm, self.shape, self.dtype = batchnorm, h.shape, h.dtype
-        self.gamma, self.beta, self.bias = batchnorm.gamma.data, batchnorm.beta.data, linear.b.data
-        self.dgamma, self.dbeta = batchnorm.gamma.grad, batchnorm.beta.grad
-        self.mean, self.inv_std = np.empty(n, h.dtype), np.empty(n, h.dtype)
+        self.gamma_beta = storage.data[start:start + 2 * n].reshape(2, n)
+        self.grads = storage.grad[start:start + 2 * n].reshape(2, n)
+        self.bias = linear.b.data
+        self.stats = np.empty((2, n), h.dtype)
+        self.mean, self.inv_std = self.stats
         self.chunks = bn_chunks(h)
         parallel = self.chunks > 1
         self.forward_kernel = _bn_forward.compiled(parallel, -1 if parallel else activation)
         self.backward_kernel = _bn_backward.compiled(parallel, -1 if parallel else activation)
         self.activation = activation
+
+    @staticmethod
+    def takes(batchnorm):
+        """Whether gamma and beta lie side by side in a model's flat storage."""
+        gamma, beta = batchnorm.gamma, batchnorm.beta
+        return (gamma.storage is not None and beta.storage is gamma.storage
+                and beta.offset == gamma.offset + gamma.size)
 
     def fits(self, h):
         return h.shape == self.shape and h.dtype == self.dtype
@@ -474,16 +498,16 @@ class BlockBatchNorm:
         statistics as bn_forward does."""
         bn = self.batchnorm
         buffers = bn.buffers
-        self.forward_kernel(h, self.gamma, self.beta, bn.eps, bn.momentum, bn.unbiased,
-                            buffers["running_mean"], buffers["running_var"], out, self.mean,
-                            self.inv_std, self.chunks, self.bias, self.activation)
+        self.forward_kernel(h, self.gamma_beta, bn.eps, bn.momentum, bn.unbiased,
+                            buffers["running_mean"], buffers["running_var"], out, self.stats,
+                            self.chunks, self.bias, self.activation)
         return out
 
     def backward(self, dy, h, y, out):
         """bn_backward of the last forward's h and output y: out = dh; adds into the
         gradients of gamma and beta."""
-        self.backward_kernel(np.ascontiguousarray(dy), h, self.gamma, self.mean, self.inv_std,
-                             out, self.dgamma, self.dbeta, self.chunks, y, self.activation)
+        self.backward_kernel(np.ascontiguousarray(dy), h, self.gamma_beta, self.stats, out,
+                             self.grads, self.chunks, y, self.activation)
         return out
 
 
