@@ -19,7 +19,9 @@ import common  # noqa: E402
 
 
 SHAPES = [(64, 16), (64, 128), (256, 256), (1024, 1024), (4096, 256), (4096, 4096)]
-ROUNDS = 5  # interleaved rounds per shape
+#: interleaved rounds per shape; even: fused and reference each first in its turn in half
+#: of them (common.turns)
+ROUNDS = 6
 
 
 def make_nnopt(shape, fast):

@@ -13,8 +13,8 @@ BLAS products on one thread must hold there too), and adds ``nnopt_fixed``: nnop
 
 An epoch is 57,000 samples (the textbook's MNIST training split) of synthetic data in
 [0, 1): the time does not depend on the pixel values. nnopt and PyTorch each run in a
-worker process of their own (see common.Worker), timed in interleaved rounds (7 of a
-step, 3 of an epoch); each ratio and overhead is the median over rounds of the one within
+worker process of their own (see common.Worker), timed in interleaved rounds (8 of a
+step, 4 of an epoch); each ratio and overhead is the median over rounds of the one within
 a round, with its lowest and highest round (``_range``). A step's round lasts at least
 ``STEP_ROUND_S`` (512 steps of nnopt at batch 64).
 """
@@ -195,8 +195,11 @@ def main(argv=None):
     report(rows, args.out or common.RESULTS / ("train_busy.json" if args.busy else "train.json"))
 
 
-#: interleaved rounds of each measurement: a verdict that one round could flip is none
-ROUNDS = {"step": 7, "epoch": 3}
+#: interleaved rounds of each measurement: a verdict that one round could flip is none.
+#: Even, so that each of a worker's two contenders (plain, BN) is first in its turn in half
+#: the rounds (common.turns): with 7 rounds of 0.3 s, nnopt's plain step ran first in 4, and
+#: the rounds where it did gave BN's overhead 3-8 points lower than the others.
+ROUNDS = {"step": 8, "epoch": 4}
 #: seconds of steps per round, at least: rounds of 0.05 s (64 steps of nnopt at batch 64)
 #: swung BN's overhead from -9% to +18% within one run, a hiccup of the machine's being a
 #: fifth of a round

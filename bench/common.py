@@ -149,7 +149,8 @@ def compare(contenders: dict, *, repeat=7, min_time=0.05, pause=0.25, warm=0.25)
     pause runs slow (measured: the textbook step 5-15% slower for its first ~10 ms), so
     every timed round follows an untimed ``warm`` fraction of it (none where one call fills
     a round: it is long enough), and ``turns`` makes each contender as often the first of
-    its worker's turn as the others."""
+    its worker's turn as the others: exactly so where ``repeat`` is a multiple of the
+    number of contenders per worker (even, for two)."""
     calls = {name: worker.ask("calibrate", key, min_time) for name, (worker, key) in contenders.items()}
     rounds = {name: [] for name in contenders}
     for r in range(repeat):

@@ -104,7 +104,7 @@ def test_bench_train_out_measures_epochs_over_rounds(fake_workers, monkeypatch, 
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [64, 1024]
     first = rows[0]
-    assert first["rounds"] == {"step": 7, "epoch": 3} and rows[1]["rounds"] == {"step": 7}
+    assert first["rounds"] == {"step": 8, "epoch": 4} and rows[1]["rounds"] == {"step": 8}
     assert len(first["per_round_s"]["nnopt_bn_epoch"]) >= 3  # an epoch ratio is no single round
     check_ratio(first, "epoch_ratio_bn", "nnopt_bn_epoch", "torch_bn_epoch")
     check_ratio(first, "nnopt_bn_overhead_%", "nnopt_bn_step", "nnopt_plain_step",
