@@ -197,8 +197,8 @@ def main(argv=None):
 
 #: interleaved rounds of each measurement: a verdict that one round could flip is none.
 #: Even, so that each of a worker's two contenders (plain, BN) is first in its turn in half
-#: the rounds (common.turns): with 7 rounds of 0.3 s, nnopt's plain step ran first in 4, and
-#: the rounds where it did gave BN's overhead 3-8 points lower than the others.
+#: the rounds (common.turns): with 7, nnopt's plain step ran first in 4, and in nine runs of
+#: 7 rounds of 0.3 s those rounds' median BN overhead was 0.4 to 10 points below the others'.
 ROUNDS = {"step": 8, "epoch": 4}
 #: seconds of steps per round, at least: rounds of 0.05 s (64 steps of nnopt at batch 64)
 #: swung BN's overhead from -9% to +18% within one run, a hiccup of the machine's being a
