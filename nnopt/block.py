@@ -142,7 +142,7 @@ class Block(Layer):
         if fast is None or not hasattr(fast, "activation_forward"):
             return None
         if bn is not None and not fast.ON_GPU and self.bn_kernels is None:
-            # once made, they stay right: bound parameters stay where they are
+            # (once made, no need to ask again: bound parameters never leave their storage)
             return fast if fast.BlockBatchNorm.takes(bn) else None
         return fast
 
