@@ -290,18 +290,21 @@ def test_every_rank_keeps_rank_0s_metrics(tmp_path):
     """Without sync BN each rank validates on its own running statistics; the record rank
     0 broadcasts is the one every rank keeps, so a plateau schedule steps every rank's
     learning rate on the same loss (a rank's own record let the ranks' rates, then their
-    parameters, drift apart)."""
-    code = ("import json, sys; from nnopt import distributed, train; finish = train.finish\n"
+    parameters, drift apart). Each rank writes its record to its own file: the ranks share
+    one stdout, where their lines may interleave."""
+    code = ("import json, sys; from pathlib import Path; from mpi4py import MPI\n"
+            "from nnopt import train; finish = train.finish\n"
             "def spy(run, curves=True):\n"
-            "    print('HISTORY', json.dumps([r['val_loss'] for r in run.state.history]))\n"
+            f"    Path({str(tmp_path)!r}, f'history{{MPI.COMM_WORLD.Get_rank()}}.json')"
+            ".write_text(json.dumps([r['val_loss'] for r in run.state.history]))\n"
             "    return finish(run, curves)\n"
             "train.finish = spy\n"
             "sys.exit(train.main(sys.argv[1:]))")
     rc, out, err = mpiexec(["-n", "2", sys.executable, "-c", code, *SMALL, "--distributed",
                             "--out", str(tmp_path / "r"), "--schedule", "plateau"])
     assert rc == 0, f"{out}\n{err}"
-    histories = [line for line in out.splitlines() if line.startswith("HISTORY")]
-    assert len(histories) == 2 and histories[0] == histories[1], out
+    histories = [json.loads((tmp_path / f"history{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(histories[0]) == 2 and histories[0] == histories[1], histories
 
 
 @needs_mpi
