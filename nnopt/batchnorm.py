@@ -177,7 +177,10 @@ class BatchNorm(Layer):
         self.use_fast_path = check_bool("BatchNorm use_fast_path", use_fast_path)
         # What forward leaves for backward; None until the first forward.
         self.train_mode = None   # the mode of the last forward
-        self.fused = None        # (kernels, x, mean, inv_std) of a fused training forward
+        # (fast, x, mean, inv_std, kernels) of a fused training forward; kernels: the
+        # fast.BoundBatchNorm it ran (a model's layer on the CPU), else None
+        self.fused = None
+        self.kernels = None      # that BoundBatchNorm, made on first use, kept between calls
         self.cache = None        # batchnorm_forward's cache of a reference training forward
         self.std = self.normed = None  # of an inference forward
         self.scratch = None      # the fused kernels' reusable output buffers, made on first use
@@ -217,11 +220,19 @@ class BatchNorm(Layer):
             if scratch is not None and self.scratch is None:
                 self.scratch = scratch()
             out = self.scratch.get("z", x) if scratch is not None else None
+            bound = getattr(fast, "BoundBatchNorm", None)
+            if bound is not None and bound.takes(self):  # in a model, on the CPU
+                x = np.ascontiguousarray(x)
+                kernels = self.kernels
+                if kernels is None or not kernels.fits(x):
+                    kernels = self.kernels = bound(self, None, x)
+                self.fused = (fast, x, kernels.mean, kernels.inv_std, kernels)
+                return kernels.forward(x, out)
             z, mean, inv_std = fast.bn_forward(x, self.gamma.data, self.beta.data, self.eps,
                                                self.momentum, self.unbiased,
                                                self.buffers["running_mean"],
                                                self.buffers["running_var"], out=out)
-            self.fused = (fast, x, mean, inv_std)
+            self.fused = (fast, x, mean, inv_std, None)
             return z
         self.fused = None
         z, mean, var, self.cache = batchnorm_forward(x, self.gamma.data, self.beta.data, self.eps)
@@ -250,8 +261,10 @@ class BatchNorm(Layer):
             self.beta.grad += xp.sum(d, axis=0)
             return d * self.gamma.data / self.std
         if self.fused is not None:
-            fast, x, mean, inv_std = self.fused
+            fast, x, mean, inv_std, kernels = self.fused
             out = self.scratch.get("dx", d) if self.scratch is not None else None
+            if kernels is not None:
+                return kernels.backward(d, x, None, out)
             return fast.bn_backward(d, x, self.gamma.data, mean, inv_std,
                                     self.gamma.grad, self.beta.grad, out=out)
         dx, dgamma, dbeta = batchnorm_backward(d, self.cache)

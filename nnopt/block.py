@@ -114,7 +114,7 @@ class Block(Layer):
         self.activation_name = ("identity" if activation is None
                                 else ACTIVATION_NAMES.get(type(activation)))
         self.scratch = None   # the fused passes' reusable buffers, made on first use
-        self.bn_kernels = None  # on the CPU: fast.BlockBatchNorm, BN's passes bound to its arrays
+        self.bn_kernels = None  # on the CPU: fast.BoundBatchNorm, BN's passes bound to its arrays
         self.saved = None     # what a fused forward leaves for backward; None after a layered one
         self.grads_written = None  # the storage's zero_count when this block last wrote its gradients
         self.defer_input_grad = False  # set by nnopt.Sequential where a block comes before this one
@@ -143,7 +143,7 @@ class Block(Layer):
             return None
         if bn is not None and not fast.ON_GPU and self.bn_kernels is None:
             # (once made, no need to ask again: bound parameters never leave their storage)
-            return fast if fast.BlockBatchNorm.takes(bn) else None
+            return fast if fast.BoundBatchNorm.takes(bn) else None
         return fast
 
     def forward(self, x, train=True, for_loss=False):
@@ -179,7 +179,7 @@ class Block(Layer):
             return y
         kernels = self.bn_kernels
         if kernels is None or not kernels.fits(h):
-            kernels = self.bn_kernels = fast.BlockBatchNorm(bn, linear, h, code)
+            kernels = self.bn_kernels = fast.BoundBatchNorm(bn, linear.b.data, h, code)
         y = kernels.forward(h, self.scratch.get("y", h))
         self.saved = (fast, code, x, h, y, kernels.mean, kernels.inv_std)
         return y

@@ -148,7 +148,7 @@ def test_mlp_blocks_and_layers_are_the_same_model(xp):
 @needs_numba
 def test_fused_and_layered_models_train_alike(rng):
     """Over steps of an optimizer, which updates gamma and beta in the flat storage: the
-    block's BN passes read them there (fast.BlockBatchNorm's views), not a copy."""
+    block's BN passes read them there (fast.BoundBatchNorm's views), not a copy."""
     sizes = [6, 5, 4, 3]
     models = [nnopt.mlp(sizes, batchnorm=True, seed=4, dtype="float64", fused=fused)
               for fused in (True, False)]

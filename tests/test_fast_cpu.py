@@ -7,6 +7,7 @@ from nnopt import optim
 from nnopt.batchnorm import BatchNorm, batchnorm_backward, batchnorm_forward
 from nnopt.fast import cpu_kernels
 from nnopt.params import FlatParameters
+from tests.helpers import rel_err
 
 fast = cpu_kernels()
 pytestmark = pytest.mark.skipif(fast is None, reason="numba is not installed")
@@ -93,10 +94,10 @@ def test_large_inputs_take_the_threaded_paths(monkeypatch, rng):
 
 def test_fast_paths_are_used_by_default_on_numpy(monkeypatch):
     calls = []
-    original_step, original_bn = fast.OPTIMIZER_STEPS["Adam"], fast.BlockBatchNorm.forward
+    original_step, original_bn = fast.OPTIMIZER_STEPS["Adam"], fast.BoundBatchNorm.forward
     monkeypatch.setitem(fast.OPTIMIZER_STEPS, "Adam",
                         lambda *a: (calls.append("adam"), original_step(*a)))
-    monkeypatch.setattr(fast.BlockBatchNorm, "forward",
+    monkeypatch.setattr(fast.BoundBatchNorm, "forward",
                         lambda *a: (calls.append("bn"), original_bn(*a))[1])
     model = nnopt.mlp([6, 5, 3], batchnorm=True, seed=0)  # float32, CPU: the defaults
     opt = optim.Adam(model)
@@ -179,7 +180,7 @@ def test_activation_rules_keep_the_elements_precision(dtype):
 
 
 def test_a_block_gathers_its_bn_arguments_once_and_anew_when_they_may_change(rng):
-    """A block's BN passes keep their arguments between steps (BlockBatchNorm), but not
+    """A block's BN passes keep their arguments between steps (BoundBatchNorm), but not
     past a new batch size; eps and momentum are read at each step. A BN block outside a
     model, whose parameters may be given new arrays, runs its layers."""
     from nnopt.batchnorm import BatchNorm as BN
@@ -211,6 +212,45 @@ def test_a_block_gathers_its_bn_arguments_once_and_anew_when_they_may_change(rng
     for layer in loose.layers:
         reference = layer.forward(reference)
     assert np.allclose(out_loose, reference) and np.any(out_loose == 0) and out_loose.max() > 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_models_batchnorm_layer_binds_its_passes_to_the_storage(rng, dtype):
+    """The BatchNorm layer of a model (the textbook's layer-by-layer view) gathers its
+    kernels' arguments once, as a block does (BoundBatchNorm), and still computes the
+    reference: over optimizer steps that change gamma and beta in the storage, a gamma set
+    by hand, a new batch size and a non-contiguous input, its outputs, gradients and
+    running statistics match the reference layer's (float64)."""
+    tol = TOL[dtype] * 10
+    layers = [BatchNorm(7, use_fast_path=fast_path) for fast_path in (True, False)]
+    models = [nnopt.Sequential([layer], dtype="float64" if not fast_path else dtype)
+              for layer, fast_path in zip(layers, (True, False))]
+    optimizers = [optim.SGD(model, lr=0.5) for model in models]
+    fused = layers[0]
+    for step, rows in enumerate([16, 16, 9, 16]):
+        x = rng.normal(2.0, 3.0, (rows, 14))[:, ::2]  # non-contiguous
+        d = rng.normal(size=(rows, 7))
+        if step == 2:
+            for layer in layers:
+                layer.gamma.data = np.linspace(-1.0, 2.0, 7)
+        outputs = []
+        for layer, model, opt in zip(layers, models, optimizers):
+            model.zero_grad()
+            dt = layer.gamma.data.dtype
+            outputs.append((layer.forward(x.astype(dt)), layer.backward(d.astype(dt))))
+            opt.step()
+        (z, dx), (z_ref, dx_ref) = outputs
+        assert rel_err(z, z_ref) < tol and rel_err(dx, dx_ref) < tol, step
+        assert rel_err(models[0].flat.data, models[1].flat.data) < tol, step
+        for name in ("running_mean", "running_var"):
+            assert rel_err(fused.buffers[name], layers[1].buffers[name]) < tol, (step, name)
+        if step:  # kept for the same batch size, made anew for another
+            assert (fused.kernels is kernels) == (rows == previous_rows), step
+        kernels, previous_rows = fused.kernels, rows
+        assert fused.fused[4] is kernels
+    loose = BatchNorm(7)  # in no storage: the copies of bn_forward / bn_backward
+    loose.forward(rng.normal(size=(16, 7)))
+    assert loose.kernels is None and loose.fused[4] is None
 
 
 def test_a_block_keeps_its_bn_statistics_arrays_between_steps(rng):

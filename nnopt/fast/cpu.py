@@ -459,30 +459,31 @@ def bn_backward(d, x, gamma, mean, inv_std, dgamma, dbeta, out=None, y=None,
     return dx
 
 
-class BlockBatchNorm:
-    """A block's BN passes (nnopt.block), with everything but the per-step arrays gathered
-    once: the kernel twins for its shape and activation; gamma and beta, and their
-    gradients, as the rows of one view each into the model's flat storage, where they lie
-    side by side; the Linear bias; the array BN's mean and inv_std go into (a forward's
+class BoundBatchNorm:
+    """BN's passes with everything but the per-step arrays gathered once: the kernel twins
+    for its shape and activation; gamma and beta, and their gradients, as the rows of one
+    view each into the model's flat storage, where they lie side by side; the bias (a
+    block's Linear bias, or zeros); the array BN's mean and inv_std go into (a forward's
     replace the last forward's, as its saved values do). At a batch of 64, gathering them
     anew in every call (as bn_forward and bn_backward do) cost as much as BN's arithmetic:
-    in a training step, 6 us per block forward against 4 us for the passes.
+    in a training step, 6 us per block forward against 4 us for the passes. A block
+    (nnopt.block) and the BatchNorm layer of a model each keep one.
 
     For a BatchNorm whose parameters are bound to a model's flat storage (:meth:`takes`),
     whose arrays never change (nnopt.params). BN's eps, momentum and running buffers are
     read at each call, since they may be set between steps. :meth:`fits` says whether it
     serves an input."""
 
-    def __init__(self, batchnorm, linear, h, activation):
+    def __init__(self, batchnorm, bias, h, activation=IDENTITY):
         if not self.takes(batchnorm):
-            raise ValueError("BlockBatchNorm takes a BatchNorm of a model's flat storage")
+            raise ValueError("BoundBatchNorm takes a BatchNorm of a model's flat storage")
         n = h.shape[1]
         gamma = batchnorm.gamma
         storage, start = gamma.storage, gamma.offset
         self.batchnorm, self.shape, self.dtype = batchnorm, h.shape, h.dtype
         self.gamma_beta = storage.data[start:start + 2 * n].reshape(2, n)
         self.grads = storage.grad[start:start + 2 * n].reshape(2, n)
-        self.bias = linear.b.data
+        self.bias = np.zeros(n, dtype=h.dtype) if bias is None else bias
         self.stats = np.empty((2, n), h.dtype)
         self.mean, self.inv_std = self.stats
         self.chunks = bn_chunks(h)
@@ -512,10 +513,11 @@ class BlockBatchNorm:
         return out
 
     def backward(self, dy, h, y, out):
-        """bn_backward of the last forward's h and output y: out = dh; adds into the
-        gradients of gamma and beta."""
-        self.backward_kernel(np.ascontiguousarray(dy), h, self.gamma_beta, self.stats, out,
-                             self.grads, self.chunks, y, self.activation)
+        """bn_backward of the last forward's h and output y (None: no activation): out =
+        dh; adds into the gradients of gamma and beta."""
+        dy = np.ascontiguousarray(dy)
+        self.backward_kernel(dy, h, self.gamma_beta, self.stats, out, self.grads,
+                             self.chunks, dy if y is None else y, self.activation)
         return out
 
 
