@@ -92,6 +92,12 @@ class TrainState:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def epochs_begun(self) -> int:
+        """Epochs trained, the open one counted (a run stopped at its target mid-epoch, or
+        interrupted): the summary's "epochs"."""
+        return self.epoch + (1 if self.pos else 0)
+
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainState":
         """The state a checkpoint saved; ValueError naming the entry that is not what a
@@ -272,6 +278,13 @@ def batches_per_epoch(n: int, batch: int) -> int:
     return n // batch if n % batch == 1 else math.ceil(n / batch)
 
 
+def epoch_length(run: Run) -> int:
+    """Batches per epoch. Distributed, every rank needs an equal, full shard: the last
+    partial batch is dropped."""
+    n, batch = run.arrays["train"][0].shape[0], run.config["batch_size"]
+    return n // batch if run.config.get("distributed") else batches_per_epoch(n, batch)
+
+
 def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
     """Train from ``run.state.pos`` to the end of ``epoch`` (or the target, or a stop
     request), checking on the validation split every ``check_every`` iterations.
@@ -279,9 +292,7 @@ def run_epoch(run: Run, epoch: int, step, window, stop, bar) -> bool:
     config, state, xp = run.config, run.state, run.xp
     x_train, y_train = run.arrays["train"]
     n, batch = x_train.shape[0], config["batch_size"]
-    per_epoch = batches_per_epoch(n, batch)
-    if config.get("distributed"):  # every rank needs an equal, full shard: drop the last partial batch
-        per_epoch = n // batch
+    per_epoch = epoch_length(run)
     order = xp.asarray(np.random.default_rng([config["seed"], epoch]).permutation(n))
     bar.start(epoch + 1, config["epochs"], state.pos, per_epoch)
     for it in range(state.pos, per_epoch):
@@ -331,7 +342,7 @@ def finish(run: Run, curves=True) -> dict:
     if not math.isfinite(test_loss):  # never a result: the network's outputs overflow
         raise diverged(run, state.iteration, test_loss, "test loss")
     summary = {"dataset": config["dataset"], "bn": config["bn"], "device": config["device"],
-               "epochs": state.epoch, "iterations": state.iteration,
+               "epochs": state.epochs_begun, "iterations": state.iteration,
                "time_s": round(state.elapsed, 3), "reached_target": state.reached,
                "test_loss": test_loss, "test_accuracy": test_acc,
                "skipped_steps": run.optimizer.skipped_steps, "data": run.data.description}
@@ -468,6 +479,11 @@ def _train(run, config, resume, log, overwrite, progress_bar, curves, blas_count
             if interrupted:
                 break
             log(format_epoch(run, epoch))
+            if state.reached and state.pos < epoch_length(run):
+                # Stopped at its target mid-epoch: the epoch stays open (no scheduler step),
+                # so a resume with a lower target trains on from the next batch, as one
+                # uninterrupted run with that target would.
+                break
             state.epoch, state.pos = epoch + 1, 0
             state.epoch_loss, state.epoch_correct, state.epoch_samples = 0.0, 0, 0
             if run.scheduler is not None:

@@ -249,7 +249,10 @@ def resolve_resume(args, given):
             "--layers, --blas-threads and --data-dir may change. Start a new run (with --config "
             f"{folder / 'config.json'}) to change the rest")
     config = make_config(**{**saved, **{k: v for k, v in requested.items() if k in RESUMABLE}})
-    trained = meta.get("progress", {}).get("epoch") if isinstance(meta.get("progress"), dict) else None
+    progress = meta.get("progress") if isinstance(meta.get("progress"), dict) else {}
+    trained = progress.get("epoch")
+    if isinstance(trained, int) and isinstance(progress.get("pos"), int) and progress["pos"] > 0:
+        trained += 1  # the open epoch (TrainState.epochs_begun)
     if isinstance(trained, int) and config["epochs"] < trained:
         raise InputError(f"--epochs {config['epochs']} is fewer than the {trained} epochs the run "
                          f"in {folder} has trained; give --epochs {trained} or more")

@@ -95,6 +95,39 @@ def test_a_resume_with_a_lower_target_trains_on(tmp_path, capsys):
     assert not after["reached_target"] and after["iterations"] > first["iterations"]
 
 
+def test_a_run_stopped_at_its_target_mid_epoch_resumes_as_one_run(tmp_path):
+    """Stopped at its target inside an epoch, then resumed with a lower target: the same
+    network, and the same checks, as one run with the lower target (the rest of the epoch
+    is trained, not skipped, and no scheduler step comes early)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    # 60 batches an epoch; checks at 40, 80, 120; the rate halves after each epoch
+    common = ["--epochs", "2", "--schedule", "step", "--schedule-opt", "step_size=1",
+              "--schedule-opt", "gamma=0.5"]
+    assert cli(*common, "--target-loss", "0", "--out", str(straight)) == 0
+    rows = [json.loads(r) for r in (straight / "metrics.jsonl").read_text().splitlines()]
+    at_80 = next(r for r in rows if r["iteration"] == 80)
+    assert all(r["val_loss"] > at_80["val_loss"] for r in rows if r["iteration"] < 80)
+    assert cli(*common, "--target-loss", repr(at_80["val_loss"]), "--out", str(split)) == 0
+    first = json.loads((split / "summary.json").read_text())
+    assert first["reached_target"] and first["iterations"] == 80 and first["epochs"] == 2
+    _, _, meta = checkpoint.load(split / "checkpoint.npz")
+    assert (meta["progress"]["epoch"], meta["progress"]["pos"]) == (1, 20)
+    # the open epoch counts as trained
+    assert train_cli.main(["--resume", str(split), "--target-loss", "0", "--epochs", "1"]) == 2
+    assert train_cli.main(["--resume", str(split), "--target-loss", "0"]) == 0
+    a, _, meta_a = checkpoint.load(straight / "checkpoint.npz")
+    b, _, meta_b = checkpoint.load(split / "checkpoint.npz")
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+    assert meta_a["scheduler"] == meta_b["scheduler"]
+
+    def checks(folder):
+        return [{k: v for k, v in json.loads(r).items() if k != "time_s"}
+                for r in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert checks(split) == checks(straight)
+    assert json.loads((split / "summary.json").read_text())["iterations"] == 120
+
+
 def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, capsys):
     run, other = tmp_path / "run", tmp_path / "other"
     assert cli("--epochs", "1", "--out", str(run)) == 0
