@@ -164,6 +164,54 @@ def test_schedules_with_several_groups_match_torch():
              metrics=losses)
 
 
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("threshold_mode", ["rel", "abs"])
+@pytest.mark.parametrize("cooldown", [0, 2])
+def test_plateau_modes_and_cooldown_match_torch(rng, mode, threshold_mode, cooldown):
+    # a noisy walk with flat stretches: improvements above and below the thresholds
+    steps = rng.choice([0.0, 0.0, 0.005, 0.05, -0.05, -0.2], size=40)
+    metrics = list(np.cumsum(steps) + 2.0)
+    options = dict(factor=0.5, patience=1, threshold=0.01, mode=mode,
+                   threshold_mode=threshold_mode, cooldown=cooldown)
+    lr_trace(lambda o: optim.ReduceLROnPlateau(o, **options),
+             lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, **options),
+             epochs=len(metrics), metrics=metrics)
+
+
+def test_plateau_cooldown_survives_a_resume():
+    """Saved mid-cooldown and loaded, the scheduler cuts when the uninterrupted one does."""
+    import json
+
+    def run(resume_at):
+        storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), a=[1.0])
+        opt = optim.SGD(storage.params, lr=1.0)
+        make = lambda: optim.ReduceLROnPlateau(opt, factor=0.5, patience=0, cooldown=3)
+        plateau, lrs = make(), []
+        for epoch in range(10):
+            if epoch == resume_at:
+                state = json.loads(json.dumps(plateau.state_dict(), allow_nan=False))
+                plateau = make()
+                plateau.load_state_dict(state)
+            plateau.step(1.0)
+            lrs.append(opt.param_groups[0]["lr"])
+        return lrs
+
+    straight = run(None)
+    assert straight == [1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25, 0.125]
+    assert all(run(at) == straight for at in range(1, 10))
+
+
+def test_plateau_rejects_unknown_modes():
+    storage = FlatParameters.from_arrays(nnopt.get_namespace("cpu"), a=[1.0])
+    opt = optim.SGD(storage.params, lr=1.0)
+    with pytest.raises(nnopt.errors.InputError, match="unknown ReduceLROnPlateau mode 'mn'.*'min'"):
+        optim.ReduceLROnPlateau(opt, mode="mn")
+    with pytest.raises(nnopt.errors.InputError, match="threshold_mode 'relative'.*choose one of: abs, rel"):
+        optim.ReduceLROnPlateau(opt, threshold_mode="relative")
+    with pytest.raises(nnopt.errors.InputError, match="cooldown"):
+        optim.ReduceLROnPlateau(opt, cooldown=-1)
+
+
 def test_plateau_stops_at_cuts_below_eps_and_counts_nan_as_no_improvement_as_torch():
     # from lr 1e-7, halving: torch stops once a cut would be 1e-8 or less (its eps)
     flat = [1.0] * 80

@@ -162,14 +162,25 @@ class CosineAnnealingLR(LRScheduler):
 
 
 class ReduceLROnPlateau:
-    """Multiply every group's lr by ``factor`` when ``metric`` (a validation loss: lower
-    is better) has not improved by more than ``threshold`` (relative) for ``patience``
-    epochs; never below ``min_lr``, and a cut of ``eps`` or less is not made. As
-    ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (mode "min", threshold_mode "rel", no
-    cooldown): a NaN or infinite metric is an epoch without improvement, as there."""
+    r"""Multiply every group's lr by ``factor`` when ``metric`` has not improved for more
+    than ``patience`` epochs; never below ``min_lr``, and a cut of ``eps`` or less is not
+    made. After a cut, ``cooldown`` epochs pass before bad epochs count again. As
+    ``torch.optim.lr_scheduler.ReduceLROnPlateau``: a NaN or infinite metric is an epoch
+    without improvement, as there.
+
+    An improvement on the best metric so far, :math:`b`, with threshold :math:`t`:
+
+    ============  ==========================  ==========================
+    mode          threshold_mode "rel"        threshold_mode "abs"
+    ============  ==========================  ==========================
+    "min" (loss)  :math:`m < b\,(1 - t)`      :math:`m < b - t`
+    "max"         :math:`m > b\,(1 + t)`      :math:`m > b + t`
+    ============  ==========================  ==========================
+    """
 
     def __init__(self, optimizer, factor: float = 0.1, patience: int = 10,
-                 threshold: float = 1e-4, min_lr: float = 0.0, eps: float = 1e-8):
+                 threshold: float = 1e-4, min_lr: float = 0.0, eps: float = 1e-8,
+                 mode: str = "min", threshold_mode: str = "rel", cooldown: int = 0):
         optimizer_groups(type(self).__name__, optimizer)
         self.optimizer = optimizer
         self.factor = check_finite_number("factor", factor, low=0, high=1, low_open=True, high_open=True)
@@ -177,7 +188,20 @@ class ReduceLROnPlateau:
         self.threshold = check_finite_number("threshold", threshold, low=0)
         self.min_lr = check_finite_number("min_lr", min_lr, low=0)
         self.eps = check_finite_number("eps", eps, low=0)
-        self.best, self.bad_epochs, self.epoch = math.inf, 0, 0
+        if mode not in ("min", "max"):
+            raise unknown_name("ReduceLROnPlateau mode", mode, ("min", "max"))
+        if threshold_mode not in ("rel", "abs"):
+            raise unknown_name("ReduceLROnPlateau threshold_mode", threshold_mode, ("rel", "abs"))
+        self.mode, self.threshold_mode = mode, threshold_mode
+        self.cooldown = check_int("cooldown", cooldown, low=0)
+        self.best = math.inf if mode == "min" else -math.inf
+        self.bad_epochs, self.cooldown_left, self.epoch = 0, 0, 0
+
+    def improves(self, metric: float) -> bool:
+        best, t = self.best, self.threshold
+        if self.mode == "min":
+            return metric < (best * (1 - t) if self.threshold_mode == "rel" else best - t)
+        return metric > (best * (1 + t) if self.threshold_mode == "rel" else best + t)
 
     def step(self, metric=None):
         self.epoch += 1
@@ -186,18 +210,21 @@ class ReduceLROnPlateau:
         try:
             metric = float(metric)
         except (TypeError, ValueError):
-            raise InputError(f"ReduceLROnPlateau.step takes the epoch's validation loss (a "
-                             f"number), got {metric!r}") from None
-        if metric < self.best * (1 - self.threshold):
+            raise InputError(f"ReduceLROnPlateau.step takes the epoch's metric (a number: the "
+                             f"validation loss, in mode 'min'), got {metric!r}") from None
+        if self.improves(metric):
             self.best, self.bad_epochs = metric, 0
-            return
-        self.bad_epochs += 1
+        else:
+            self.bad_epochs += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad_epochs = 0
         if self.bad_epochs > self.patience:
             for group in self.optimizer.param_groups:
                 lowered = max(group["lr"] * self.factor, self.min_lr)
                 if group["lr"] - lowered > self.eps:
                     group["lr"] = lowered
-            self.bad_epochs = 0
+            self.cooldown_left, self.bad_epochs = self.cooldown, 0
 
     def get_last_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
@@ -205,13 +232,17 @@ class ReduceLROnPlateau:
     def state_dict(self):
         # strict JSON has no infinity: +inf (nothing seen yet) is None, -inf the text "-inf"
         best = None if self.best == math.inf else "-inf" if self.best == -math.inf else self.best
-        return {"epoch": self.epoch, "best": best, "bad_epochs": self.bad_epochs}
+        return {"epoch": self.epoch, "best": best, "bad_epochs": self.bad_epochs,
+                "cooldown_left": self.cooldown_left}
 
     def load_state_dict(self, state):
         epoch, bad_epochs, best = saved_entries(self, state, "epoch", "bad_epochs", "best")
         self.epoch = check_int("scheduler state epoch", epoch, low=0)
         self.bad_epochs = check_int("scheduler state bad_epochs", bad_epochs, low=0)
         self.best = math.inf if best is None else float(best)
+        # (states saved before cooldown existed have none left)
+        self.cooldown_left = check_int("scheduler state cooldown_left",
+                                       state.get("cooldown_left", 0), low=0)
 
 
 def optimizer_groups(who: str, optimizer):
@@ -240,7 +271,9 @@ SCHEDULES = {"step": (StepLR, ("step_size", "gamma")),
              "multistep": (MultiStepLR, ("milestones", "gamma")),
              "exponential": (ExponentialLR, ("gamma",)),
              "cosine": (CosineAnnealingLR, ("t_max", "eta_min")),
-             "plateau": (ReduceLROnPlateau, ("factor", "patience", "threshold", "min_lr"))}
+             # (no "mode": the training loop's metric is the validation loss, mode "min")
+             "plateau": (ReduceLROnPlateau, ("factor", "patience", "threshold", "min_lr",
+                                             "threshold_mode", "cooldown"))}
 _ARG_NAMES = {"t_max": "T_max"}
 
 
