@@ -333,16 +333,20 @@ def main(argv=None) -> int:
     given = given_flags(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        if args.evaluate:
-            return run_evaluate(args, given, argv)
         launched = distributed.launched_ranks()
+        if args.evaluate:
+            if launched > 1:  # every rank would evaluate the whole test split and print it
+                raise InputError(f"--evaluate runs in one process; mpiexec started {launched}. "
+                                 f"Run it without mpiexec: {prog_name()} --evaluate "
+                                 f"{args.evaluate}")
+            return run_evaluate(args, given, argv)
         if launched > 1 and not args.distributed:
             raise InputError(f"mpiexec started {launched} processes but --distributed is not "
                              "given: each would train the whole run alone and write the same "
                              "files. Add --distributed (data-parallel), or run one process")
         comm = distributed.init(args.device, log) if args.distributed else distributed.LOCAL
         with distributed.fail_together(comm):  # one failing rank must not hang the others
-            return run_training(args, given, log)
+            return run_training(args, given, log, comm)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except TrainingDiverged as exc:
@@ -353,14 +357,16 @@ def main(argv=None) -> int:
         return EXIT_ERROR
 
 
-def run_training(args, given, log) -> int:
+def run_training(args, given, log, comm=distributed.LOCAL) -> int:
     config, resume, overwrite = resolve(args, given)
     if args.dry_run:
         run = prepare(config, log)
-        hyper = {k: v for k, v in run.optimizer.param_groups[0].items() if k != "params"}
-        print(runs.dumps({**config, "hyper": hyper}, indent=2))
-        print(f"dry run: configuration, data and one forward pass are fine; nothing written "
-              f"(a real run would write to {config['out']})")
+        if comm.is_root:  # (distributed: every rank checked its part; one report)
+            hyper = {k: v for k, v in run.optimizer.param_groups[0].items() if k != "params"}
+            print(runs.dumps({**config, "hyper": hyper}, indent=2))
+            print(f"dry run: configuration, data and one forward pass are fine on "
+                  f"{comm.size} rank(s); nothing written (a real run would write to "
+                  f"{config['out']})")
         return 0
     fit(config, resume=resume, log=log, overwrite=overwrite, numbered="out" not in given)
     return 0

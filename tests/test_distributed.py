@@ -365,6 +365,18 @@ def test_a_launcher_of_several_ranks_is_seen_without_mpi(monkeypatch, capsys, tm
 
 
 @needs_mpi
+def test_a_distributed_dry_run_reports_once_and_evaluate_asks_for_one_process(tmp_path):
+    rc, out, err = mpiexec(["-n", "2", sys.executable, "-m", "nnopt.train", *SMALL,
+                            "--distributed", "--dry-run", "--out", str(tmp_path / "r")], timeout=90)
+    assert rc == 0, f"{out}\n{err}"
+    assert out.count("dry run: configuration") == 1 and "on 2 rank(s)" in out, out
+    assert out.count('"sizes"') == 1 and not (tmp_path / "r").exists(), out
+    rc, out, err = mpiexec(["-n", "2", sys.executable, "-m", "nnopt.train", "--evaluate",
+                            str(tmp_path / "checkpoint.npz")], timeout=60)
+    assert rc != 0 and "--evaluate runs in one process; mpiexec started 2" in err, err
+
+
+@needs_mpi
 def test_a_failing_rank_aborts_the_job_instead_of_hanging(tmp_path):
     # Rank 1 alone fails (its checkpoint is missing) while rank 0 waits in the initial
     # broadcast: without the abort, rank 0 would wait forever.
