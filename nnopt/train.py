@@ -258,7 +258,25 @@ def resume_into(run: Run, path) -> None:
         raise checkpoint.CheckpointError(f"checkpoint {path} is damaged ({exc}); use an intact "
                                          "one or start afresh") from None
     run.log(f"resumed from {path} at epoch {run.state.epoch + 1}, iteration {run.state.iteration}")
+    note_order_change(run, saved)
     recheck_target(run)
+
+
+def note_order_change(run: Run, saved: dict) -> None:
+    """A resume on another device, or with the blocks fused where they were not (or the
+    reverse), computes the same model in another order: say that its numbers leave the
+    uninterrupted run's in the last bits (as note_blas_change does for BLAS threads)."""
+    config = run.config
+    how = {True: "fused blocks", False: "layer by layer (--layers)"}
+    changes = []
+    if saved.get("device", config["device"]) != config["device"]:
+        changes.append(f"trained on {saved['device']} and continues on {config['device']}")
+    if saved.get("fused", True) != config.get("fused", True):
+        changes.append(f"trained with {how[saved.get('fused', True)]} and continues with "
+                       f"{how[config.get('fused', True)]}")
+    if changes:
+        run.log(f"note: this run {'; it '.join(changes)}: the same model, computed in another "
+                "order, so its numbers will differ from an uninterrupted run's in the last bits")
 
 
 def recheck_target(run: Run) -> None:

@@ -238,6 +238,19 @@ def test_resume_on_another_blas_count(tmp_path, capsys):
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 3
 
 
+def test_resume_with_or_without_layers_says_the_bits_change(tmp_path, capsys):
+    """--layers may change on resume: the same model in another order, so the run says
+    it no longer repeats the uninterrupted one bit for bit (and says nothing otherwise)."""
+    assert run_cli(["--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert run_cli(["--epochs", "2", "--resume", str(tmp_path)]) == 0
+    assert "computed in another order" not in capsys.readouterr().out
+    assert run_cli(["--epochs", "3", "--resume", str(tmp_path), "--layers"]) == 0
+    assert ("this run trained with fused blocks and continues with layer by layer (--layers): "
+            "the same model, computed in another order" in capsys.readouterr().out)
+    assert run_cli(["--epochs", "4", "--resume", str(tmp_path), "--layers"]) == 0
+    assert "computed in another order" not in capsys.readouterr().out  # --layers since the last save
+
+
 def test_resuming_a_snapshot_never_replaces_the_runs_own_checkpoint(tmp_path, capsys):
     """--resume FILE continues in FILE's folder: where that folder's checkpoint.npz is
     another file (a later point of the run, or another run), it is refused, not replaced."""
