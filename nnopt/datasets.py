@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import urllib.request
 import zlib
@@ -134,7 +135,7 @@ def parse_idx(data: bytes, path, expected_count=None) -> np.ndarray:
     if expected_count is not None and count != expected_count:
         raise DataError(f"{path}: header says {count} items, this data set has {expected_count}; "
                         "wrong or mixed-up file")
-    need = int(np.prod(shape))
+    need = math.prod(shape)  # Python ints: no overflow for a damaged header's sizes
     have = len(data) - offset
     if have != need:
         what = "truncated" if have < need else "has trailing bytes"

@@ -44,6 +44,9 @@ def test_raw_and_gzipped_files_read_the_same(tmp_path):
     (idx_images(4) + b"xx", "trailing bytes"),
     (idx_images(4, magic=1234), "magic number 1234"),
     (b"\x00\x00", "too short"),
+    # sizes whose product overflows int64: still the byte count the header promises
+    (idx_images(2**32 - 1, 2**32 - 1, 2**32 - 1, payload=b"x"),
+     f"1 bytes of data where the header promises {(2**32 - 1) ** 3}"),
 ])
 def test_broken_files(tmp_path, data, match):
     path = tmp_path / "f.gz"
