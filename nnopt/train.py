@@ -605,7 +605,9 @@ def plot_curves(path, history, config):
         ax_loss.plot(it, [r[key] for r in history], label=label)
     ax_loss.axhline(config["target_loss"], color="gray", ls="--", label="target")
     ax_loss.set(xlabel="iteration", ylabel="cross-entropy loss", title=f"Loss: {title}")
-    ax_loss.set_yscale("log")
+    losses = [r[k] for r in history for k in ("train_loss", "val_loss")] + [config["target_loss"]]
+    if any(v > 0 for v in losses):  # (no check ran and a target of 0: nothing a log axis can show)
+        ax_loss.set_yscale("log")
     for key, label in (("train_accuracy", "train"), ("val_accuracy", "validation")):
         ax_acc.plot(it, [100 * r[key] for r in history], label=label)
     ax_acc.set(xlabel="iteration", ylabel="accuracy (%)", title=f"Accuracy: {title}")
