@@ -89,18 +89,26 @@ class Window:
     def __init__(self, xp, skip_nonfinite=False, comm=distributed.LOCAL):
         self.xp, self.comm = xp, comm
         # On the host a float() of the loss costs nothing: stop at the first NaN step.
-        self.check_each_step = backend_name(xp) == "numpy" or skip_nonfinite
+        self.on_host = backend_name(xp) == "numpy"
+        self.check_each_step = self.on_host or skip_nonfinite
         self.reset()
 
     def reset(self):
-        self.loss = self.xp.zeros((), dtype=self.xp.float64)
-        self.correct = self.xp.zeros((), dtype=self.xp.int64)
+        if self.on_host:  # Python numbers: the same float64 sums, without ~20 us of array calls a step
+            self.loss, self.correct = 0.0, 0
+        else:
+            self.loss = self.xp.zeros((), dtype=self.xp.float64)
+            self.correct = self.xp.zeros((), dtype=self.xp.int64)
         self.samples = 0
 
     def add(self, loss, prob, labels):
-        xp = self.xp
-        self.loss += xp.astype(loss, xp.float64) * labels.shape[0]
-        self.correct += xp.sum(xp.astype(xp.argmax(prob, axis=1) == labels, xp.int64))
+        if self.on_host:
+            self.loss += float(loss) * labels.shape[0]
+            self.correct += int(np.count_nonzero(np.argmax(prob, axis=1) == labels))
+        else:
+            xp = self.xp
+            self.loss += xp.astype(loss, xp.float64) * labels.shape[0]
+            self.correct += xp.sum(xp.astype(xp.argmax(prob, axis=1) == labels, xp.int64))
         self.samples += labels.shape[0]
 
     def _global_sums(self):

@@ -359,3 +359,22 @@ def test_a_damaged_progress_entry_is_named(tmp_path, capsys, entry, value, messa
     assert run_cli(["--epochs", "2", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "is damaged" in err and message in err and err.count("\n") == 1
+
+
+def test_the_training_windows_host_sums_are_its_array_sums(rng):
+    """On NumPy the window sums in Python numbers (no array call per step); the same
+    float64 and integer sums as the array path the GPU takes, bit for bit."""
+    from nnopt.backend import get_namespace
+    from nnopt.train_loop import Window
+    host, arrays = Window(get_namespace("cpu")), Window(get_namespace("cpu"))
+    arrays.on_host = False
+    arrays.reset()
+    for _ in range(50):
+        rows = int(rng.integers(2, 70))
+        loss = np.float32(rng.exponential())
+        prob = rng.random((rows, 10)).astype(np.float32)
+        labels = rng.integers(0, 10, rows)
+        for window in (host, arrays):
+            window.add(loss, prob, labels)
+    assert isinstance(host.loss, float) and not isinstance(arrays.loss, float)
+    assert host._global_sums() == arrays._global_sums()
