@@ -9,6 +9,7 @@ twice keeps both runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -42,8 +43,16 @@ def writing(path):
         raise
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise OutputError(f"cannot write {path}: {reason}; choose another --out "
-                          "or free the space") from None
+        raise OutputError(f"cannot write {path}: {reason}; {remedy(exc)}") from None
+
+
+def remedy(exc: OSError) -> str:
+    """What to do about a failed write, by its cause."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "free some space there, or choose another --out"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "choose an --out you may write to"
+    return "choose another --out"
 
 
 def holds_run(folder: Path) -> bool:

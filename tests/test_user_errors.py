@@ -2,6 +2,7 @@
 a diverging run is never reported as a result (the command line and the library)."""
 import json
 import math
+import os
 import warnings
 
 import numpy as np
@@ -403,6 +404,21 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     assert cli("--epochs", "1", "--out", str(tmp_path / "r")) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and "No space left" in err and "Traceback" not in err
+    assert "free some space there" in err
+
+
+@pytest.mark.parametrize("code, remedy", [("EACCES", "choose an --out you may write to"),
+                                          ("EROFS", "choose an --out you may write to"),
+                                          ("ENOENT", "choose another --out")])
+def test_a_failed_write_names_the_remedy_of_its_cause(tmp_path, monkeypatch, capsys, code, remedy):
+    import errno
+
+    def refused(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+    monkeypatch.setattr(checkpoint, "save", refused)
+    assert cli("--epochs", "1", "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert f"{os.strerror(getattr(errno, code))}; {remedy}" in err and "space" not in err, err
 
 
 def test_console_script_names_itself(monkeypatch, capsys):
