@@ -213,9 +213,15 @@ def find_files(source: Source, data_dir=None) -> dict | None:
 
 def download(source: Source, target_dir: Path, timeout=30, data_dir=None) -> dict:
     """Fetch the four files from the first mirror that answers; each is written to a
-    temporary file, md5-checked, then renamed into place (never a half file)."""
+    temporary file, md5-checked, then renamed into place (never a half file). A file an
+    earlier, failed download left in ``target_dir`` (whole and md5-checked, as written) is
+    kept and not fetched again."""
     found, errors = {}, []
     for stem in source.counts:
+        kept = target_dir / f"{stem}.gz"
+        if kept.is_file() and hashlib.md5(kept.read_bytes()).hexdigest() in source.md5[stem]:
+            found[stem] = kept
+            continue
         for mirror in source.mirrors:
             url = f"{mirror}{stem}.gz"
             try:
@@ -236,7 +242,12 @@ def download(source: Source, target_dir: Path, timeout=30, data_dir=None) -> dic
             found[stem] = target_dir / f"{stem}.gz"
             break
         else:
-            raise DataError(offline_message(source, errors, data_dir))
+            message = offline_message(source, errors, data_dir)
+            if found:
+                message += (f"\nKept in {target_dir} (whole, md5-checked): "
+                            f"{', '.join(f'{stem}.gz' for stem in found)}; the next try fetches "
+                            "only the rest.")
+            raise DataError(message)
     return found
 
 

@@ -126,6 +126,35 @@ def test_download_verifies_and_writes_atomically(monkeypatch, tmp_path):
     assert asked == []
 
 
+def test_a_failed_download_keeps_its_whole_files_and_fetches_only_the_rest(monkeypatch, tmp_path):
+    isolate(monkeypatch, tmp_path)
+    source, gz = fake_source(tmp_path)
+    monkeypatch.setitem(datasets.SOURCES, "fake", source)
+    stems = list(source.counts)
+    asked = []
+
+    def urlopen(url, timeout=None):
+        stem = url.rsplit("/", 1)[1][:-3]
+        asked.append(stem)
+        if stem == stems[2]:
+            raise urllib.error.URLError("connection reset")
+        return io.BytesIO(gz[stem])
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", urlopen)
+    with pytest.raises(DataError) as err:
+        datasets.load("fake", n_val=1)
+    folder = tmp_path / "cache" / "nnopt" / "fake"
+    assert (f"Kept in {folder} (whole, md5-checked): {stems[0]}.gz, {stems[1]}.gz; the next "
+            "try fetches only the rest.") in str(err.value)
+    # one of the kept files is damaged meanwhile: fetched again, the other is not
+    (folder / f"{stems[1]}.gz").write_bytes(b"damaged")
+    asked.clear()
+    monkeypatch.setattr(datasets.urllib.request, "urlopen",
+                        lambda url, timeout=None: (asked.append(url.rsplit("/", 1)[1][:-3]),
+                                                   io.BytesIO(gz[url.rsplit("/", 1)[1][:-3]]))[1])
+    assert datasets.load("fake", n_val=1).x_train.shape == (2, 784)
+    assert asked == stems[1:]
+
+
 @pytest.mark.parametrize("failure", ["cut", "not http"])
 def test_a_cut_transfer_tries_the_next_mirror(monkeypatch, tmp_path, failure):
     """A transfer cut short (http.client.IncompleteRead) or a reply that is not HTTP
