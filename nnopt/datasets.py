@@ -235,11 +235,11 @@ def download(source: Source, target_dir: Path, timeout=30, data_dir=None) -> dic
                 continue
             try:  # the folder only once there is a file for it
                 target_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write(target_dir / f"{stem}.gz", lambda out: out.write(payload))
+                atomic_write(kept, lambda out: out.write(payload))
             except OSError as exc:
                 raise DataError(f"cannot write the downloaded {stem}.gz into {target_dir}: "
                                 f"{exc.strerror or exc}; choose another --data-dir") from None
-            found[stem] = target_dir / f"{stem}.gz"
+            found[stem] = kept
             break
         else:
             message = offline_message(source, errors, data_dir)

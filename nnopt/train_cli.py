@@ -19,8 +19,8 @@ from .backend import asarray, get_namespace
 from .errors import InputError, NnoptError, check_bool
 from .losses import SoftmaxCrossEntropy
 from .optim import schedules
-from .train import (DEFAULTS, RESUME_KEYS, TrainingDiverged, build_model, evaluate, fit,
-                    make_config, prepare, resolve_saved)
+from .train import (DEFAULTS, RESUME_KEYS, TrainingDiverged, TrainState, build_model, evaluate,
+                    fit, make_config, prepare, resolve_saved)
 
 #: Flags a resumed run may change: how long it runs and how it talks, where the data and
 #: the arrays live; everything else is the saved run's.
@@ -249,11 +249,11 @@ def resolve_resume(args, given):
             "--layers, --blas-threads and --data-dir may change. Start a new run (with --config "
             f"{folder / 'config.json'}) to change the rest")
     config = make_config(**{**saved, **{k: v for k, v in requested.items() if k in RESUMABLE}})
-    progress = meta.get("progress") if isinstance(meta.get("progress"), dict) else {}
-    trained = progress.get("epoch")
-    if isinstance(trained, int) and isinstance(progress.get("pos"), int) and progress["pos"] > 0:
-        trained += 1  # the open epoch (TrainState.epochs_begun)
-    if isinstance(trained, int) and config["epochs"] < trained:
+    try:
+        trained = TrainState.from_dict(meta["progress"]).epochs_begun
+    except (KeyError, TypeError, ValueError):  # damaged: resume_into names the entry
+        trained = None
+    if trained is not None and config["epochs"] < trained:
         raise InputError(f"--epochs {config['epochs']} is fewer than the {trained} epochs the run "
                          f"in {folder} has trained; give --epochs {trained} or more")
     config["out"] = str(folder)
