@@ -177,9 +177,8 @@ class Handle:
         # The stream objects (weakly) behind the addresses, where set_stream was given them:
         # CUDA gives a destroyed stream's address to the next stream made.
         self.owners = {}
-        # Workspaces of streams that have died (forget_stream): kept, not freed, since work
-        # queued on the dead stream may still be running with them (one per stream that
-        # died: nnopt makes one stream per captured step, and a side stream beside it).
+        # Workspaces of streams that have died (forget_stream): kept until free_retired,
+        # since work queued on the dead stream (a graph in flight) may still use them.
         self.retired = []
         self.bound = None  # the (pointer, size) cuBLAS was last given
         self.stream = 0  # a new handle runs on the NULL stream
@@ -234,6 +233,22 @@ class Handle:
             self.retired.append(entry)
         if self.stream == stream_ptr:
             self.stream, self.bound = None, None  # the next set_stream calls cuBLAS again
+
+    def sweep(self):
+        """Retire the workspace of every stream whose owner (set_stream's) has died."""
+        for stream_ptr, owner in list(self.owners.items()):
+            if owner() is None:
+                self.forget_stream(stream_ptr)
+
+    def free_retired(self, synchronize):
+        """Free the retired workspaces, after ``synchronize()`` (the whole device's) has
+        waited for everything queued, so that no graph still in flight uses one. Never call
+        it while a stream captures (a device synchronization ends the capture). Without it a
+        process that captures one step after another (a sweep of runs) keeps 64 MiB per
+        dead step: its stream's workspace and its side stream's."""
+        if self.retired:
+            synchronize()
+            self.retired.clear()
 
     def gemm(self, double, a_ptr, b_ptr, c_ptr, m, n, k, trans_a=False, trans_b=False,
              split_k=True):

@@ -656,6 +656,7 @@ def emulated_cupy(multiprocessors=2):
     """A module that stands in for ``cupy``; ``.launches`` lists every kernel launch."""
     cp = types.ModuleType("cupy")
     cp.launches = Launches()
+    cp.synchronizations = 0  # of the whole device (Device().synchronize)
     cp.ndarray, cp.float32, cp.float64 = np.ndarray, np.float32, np.float64
     cp.int32, cp.int64 = np.int32, np.int64
     cp.matmul = np.matmul
@@ -678,6 +679,12 @@ def emulated_cupy(multiprocessors=2):
         def __init__(self, device_id=0):
             self.id = device_id
             self.attributes = {"MultiProcessorCount": multiprocessors}
+
+        def synchronize(self):  # work runs as it is launched: nothing is ever in flight
+            if cp.launches.recording is not None:
+                raise LaunchError("a device synchronization while a stream captures (on a "
+                                  "GPU: the capture is invalidated)")
+            cp.synchronizations += 1
 
     cp.launches.by_pointer = weakref.WeakValueDictionary()
     cp.streams = [Stream(cp, ptr=0)]  # the current stream last; 0: the NULL stream

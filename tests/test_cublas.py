@@ -135,6 +135,36 @@ def test_a_dead_owners_address_is_a_new_stream():
     assert handle.workspace[2] == 0 and len(handle.retired) == 1
 
 
+def test_dead_streams_workspaces_are_freed_after_the_device_synchronized():
+    """sweep retires the workspace of each stream whose owner died (a live one keeps its
+    own); free_retired lets the retired ones go only after the device synchronized (a
+    graph in flight may still use one), and synchronizes nothing where none is retired."""
+    import gc
+    import weakref
+
+    class Owner:
+        pass
+    handle = cublas.Handle(FakeLib(), allocate, workspace_bytes=64)
+    owners = [Owner() for _ in range(3)]
+    for ptr, owner in enumerate(owners, start=100):
+        handle.set_stream(ptr, owner=owner)
+    memory = {ptr: weakref.ref(handle.workspaces[ptr][0]) for ptr in (100, 101, 102)}
+    del owners[:2]
+    gc.collect()
+    handle.sweep()
+    assert sorted(handle.workspaces) == [0, 102] and len(handle.retired) == 2
+    alive_at_sync = []
+    handle.free_retired(lambda: alive_at_sync.append(
+        [memory[ptr]() is not None for ptr in (100, 101)]))
+    assert alive_at_sync == [[True, True]]  # the synchronization came first
+    assert handle.retired == [] and memory[100]() is None and memory[101]() is None
+    assert memory[102]() is not None
+    handle.free_retired(lambda: alive_at_sync.append("again"))
+    assert alive_at_sync == [[True, True]]  # nothing retired: no synchronization
+    handle.set_stream(102, owner=owners[0])
+    assert handle.stream == 102 and handle.workspace[0] is memory[102]()
+
+
 def test_workspace_size_from_the_environment():
     assert cublas.workspace_bytes({}) is None
     assert cublas.workspace_bytes({"NNOPT_CUBLAS_WORKSPACE": "0"}) == 0

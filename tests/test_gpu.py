@@ -286,6 +286,33 @@ def test_a_dead_streams_address_passes_nothing_on(xp, gpu, monkeypatch):
     handle.forget_stream(ptr)  # (the stand-in's address: no workspace left behind)
 
 
+def test_captured_steps_one_after_another_keep_no_dead_workspace(xp, gpu, monkeypatch):
+    """Captured steps made one after another in one process (a sweep of runs): each new one
+    frees the cuBLAS workspaces of the steps that died (their streams' and side streams'),
+    after synchronizing the device, outside any capture. Before, every dead step kept its
+    two workspaces (64 MiB) for the life of the process."""
+    import gc
+    from nnopt.graph import CapturedStep
+    monkeypatch.setattr(gpu, "_SIDE_STREAMS", {})
+    monkeypatch.setenv("NNOPT_CUBLAS_WORKSPACE", str(1 << 12))
+    handle = gpu.cublas_handle()
+    model = nnopt.mlp([16, 8, 4], batchnorm=True, seed=0, device=xp)
+    synchronized = getattr(gpu.cupy, "synchronizations", None)  # (counted where emulated)
+    kept, step = [], None
+    for _ in range(3):
+        step = None
+        gc.collect()
+        step = CapturedStep(model, optim.SGD(model, lr=0.1), nnopt.SoftmaxCrossEntropy(),
+                            (8, 16), (8,))
+        live = {step.stream.ptr, gpu.side_stream(step.stream).ptr}
+        assert live <= set(handle.workspaces) and handle.retired == []
+        kept.append(len(handle.workspaces))
+    assert kept[1] == kept[0] and kept[2] == kept[0], kept
+    assert len(gpu._SIDE_STREAMS) == 1
+    if synchronized is not None:
+        assert gpu.cupy.synchronizations >= synchronized + 2  # once per dead step
+
+
 @pytest.mark.parametrize("configured", [None, "0"])
 def test_captured_products_split_k_only_where_it_pays(xp, gpu, monkeypatch, configured):
     """Each captured product gets the stream's cuBLAS workspace (so cuBLAS may split k over

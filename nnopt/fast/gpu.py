@@ -124,8 +124,12 @@ def prepare_capture(stream):
     made and given its workspace on ``stream``'s side stream (:func:`beside_main`), then
     bound to ``stream`` with its own (cuBLAS must not allocate while capturing; it may
     change streams then). Returns the GEMM route the capture will take."""
+    drop_dead_side_streams()
     handle = cublas_handle()
-    if handle is not None:  # $NNOPT_CUBLAS_WORKSPACE, where set, sizes a new stream's
+    if handle is not None:  # the dead steps' workspaces freed, before this one's is made
+        handle.sweep()
+        handle.free_retired(cupy.cuda.Device().synchronize)
+        # $NNOPT_CUBLAS_WORKSPACE, where set, sizes a new stream's
         bind_stream(handle, side_stream(stream), cublas.workspace_bytes())
         bind_stream(handle, stream, cublas.workspace_bytes())
     return HANDLES.route(cupy.cuda.Device().id)
@@ -154,6 +158,15 @@ def side_stream(main):
         _SIDE_STREAMS[main.ptr] = (cublas.watch(main), cupy.cuda.Stream(non_blocking=True))
         _JOIN_PENDING.pop(main.ptr, None)  # a dead stream's join, never made
     return _SIDE_STREAMS[main.ptr][1]
+
+
+def drop_dead_side_streams():
+    """Let go of the side streams whose main stream has died (each with the cuBLAS
+    workspace nnopt gave it, which the handle's next sweep retires)."""
+    for main_ptr, (main, _) in list(_SIDE_STREAMS.items()):
+        if main() is None:
+            del _SIDE_STREAMS[main_ptr]
+            _JOIN_PENDING.pop(main_ptr, None)
 
 
 def beside_main(work):
