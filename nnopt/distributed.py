@@ -240,6 +240,19 @@ def launched_ranks() -> int:
     return 1
 
 
+LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def launched_rank() -> int:
+    """This process's rank in the launcher's job (0 outside mpiexec), read from its
+    environment without initializing MPI: a refusal every rank reaches is printed once."""
+    for name in LAUNCHER_RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def ranks_on_this_machine() -> int:
     """How many ranks of the MPI job share this machine (1 without mpi4py): they share
     its cores too."""

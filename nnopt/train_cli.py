@@ -332,18 +332,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     given = given_flags(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
+    refusal = launch_refusal(args, distributed.launched_ranks())
+    if refusal:  # every rank of the job reaches it: one says why
+        if distributed.launched_rank() == 0:
+            print(f"{prog_name()}: error: {refusal}", file=sys.stderr)
+        return EXIT_ERROR
     try:
-        launched = distributed.launched_ranks()
         if args.evaluate:
-            if launched > 1:  # every rank would evaluate the whole test split and print it
-                raise InputError(f"--evaluate runs in one process; mpiexec started {launched}. "
-                                 f"Run it without mpiexec: {prog_name()} --evaluate "
-                                 f"{args.evaluate}")
             return run_evaluate(args, given, argv)
-        if launched > 1 and not args.distributed:
-            raise InputError(f"mpiexec started {launched} processes but --distributed is not "
-                             "given: each would train the whole run alone and write the same "
-                             "files. Add --distributed (data-parallel), or run one process")
         comm = distributed.init(args.device, log) if args.distributed else distributed.LOCAL
         with distributed.fail_together(comm):  # one failing rank must not hang the others
             return run_training(args, given, log, comm)
@@ -355,6 +351,18 @@ def main(argv=None) -> int:
     except NnoptError as exc:
         print(f"{prog_name()}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def launch_refusal(args, launched):
+    """Why a job of ``launched`` processes must not run this command line, or None."""
+    if launched > 1 and args.evaluate:  # every rank would evaluate the test split and print it
+        return (f"--evaluate runs in one process; mpiexec started {launched}. Run it without "
+                f"mpiexec: {prog_name()} --evaluate {args.evaluate}")
+    if launched > 1 and not args.distributed:
+        return (f"mpiexec started {launched} processes but --distributed is not given: each "
+                "would train the whole run alone and write the same files. Add --distributed "
+                "(data-parallel), or run one process")
+    return None
 
 
 def run_training(args, given, log, comm=distributed.LOCAL) -> int:

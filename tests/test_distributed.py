@@ -348,7 +348,7 @@ def test_ranks_without_distributed_are_refused(tmp_path):
     """Two processes training the same run alone would write the same files."""
     rc, out, err = mpiexec(["-n", "2", sys.executable, "-m", "nnopt.train", *SMALL,
                             "--out", str(tmp_path / "run")])
-    assert rc == 2 and "mpiexec started 2 processes but --distributed is not given" in err, err
+    assert rc == 2 and err.count("mpiexec started 2 processes but --distributed is not given") == 1, err
     assert not (tmp_path / "run").exists()
 
 
@@ -364,6 +364,24 @@ def test_a_launcher_of_several_ranks_is_seen_without_mpi(monkeypatch, capsys, tm
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("variable", distributed.LAUNCHER_RANK_VARIABLES)
+def test_a_refused_launch_is_reported_by_rank_0_alone(monkeypatch, capsys, tmp_path, variable):
+    """Every rank of a refused job exits with the error's code; only rank 0 says why (the
+    job's output had the same message once per rank)."""
+    for name in distributed.LAUNCHER_SIZE_VARIABLES + distributed.LAUNCHER_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PMI_SIZE", "3")
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv(variable, rank)
+        assert distributed.launched_rank() == int(rank)
+        for argv in (SMALL + ["--out", str(tmp_path / "run")],
+                     ["--evaluate", str(tmp_path / "checkpoint.npz")]):
+            assert train.main(argv) == 2
+            err = capsys.readouterr().err
+            assert ("error: " in err) == says and err.count("error: ") <= 1, err
+    assert not (tmp_path / "run").exists()
+
+
 @needs_mpi
 def test_a_distributed_dry_run_reports_once_and_evaluate_asks_for_one_process(tmp_path):
     rc, out, err = mpiexec(["-n", "2", sys.executable, "-m", "nnopt.train", *SMALL,
@@ -373,7 +391,7 @@ def test_a_distributed_dry_run_reports_once_and_evaluate_asks_for_one_process(tm
     assert out.count('"sizes"') == 1 and not (tmp_path / "r").exists(), out
     rc, out, err = mpiexec(["-n", "2", sys.executable, "-m", "nnopt.train", "--evaluate",
                             str(tmp_path / "checkpoint.npz")], timeout=60)
-    assert rc != 0 and "--evaluate runs in one process; mpiexec started 2" in err, err
+    assert rc != 0 and err.count("--evaluate runs in one process; mpiexec started 2") == 1, err
 
 
 @needs_mpi
