@@ -95,6 +95,28 @@ def test_gemm_matches_matmul(xp, gpu, rng, trans_a, trans_b, route):
     np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("trans_a", [False, True])
+def test_tiled_gemm_walks_row_tiles_beyond_the_grid(xp, gpu, backend, rng, monkeypatch, trans_a):
+    """CUDA caps gridDim.y at 65535 row tiles (1,048,560 rows): each block of the tiled
+    GEMM walks down the rows in steps of the grid. Here the cap is lowered to 2 (77 rows:
+    5 tiles); on a GPU also one product of 1,048,577 rows at the real cap."""
+    monkeypatch.setattr(gpu, "GRID_Y_LIMIT", 2)
+    a = rng.normal(size=(45, 77) if trans_a else (77, 45))
+    b = rng.normal(size=(45, 33))
+    want = (a.T if trans_a else a) @ b
+    np.testing.assert_allclose(host(gpu.gemm(dev(xp, a), dev(xp, b), trans_a)), want,
+                               rtol=1e-10, atol=1e-10)
+    launches = getattr(gpu.cupy, "launches", None)  # (recorded where emulated)
+    if launches is not None:
+        assert launches[-1][0] == "gemm_f64" and launches[-1][1] == (3, 2)
+    if backend == "cupy":
+        monkeypatch.undo()
+        tall = rng.normal(size=(65535 * 16 + 1, 2)).astype(np.float32)
+        got = host(gpu.gemm(dev(xp, tall), dev(xp, b[:2, :3], xp.float32)))
+        np.testing.assert_allclose(got, tall @ b[:2, :3].astype(np.float32), rtol=1e-5,
+                                   atol=1e-5)
+
+
 @pytest.mark.parametrize("route", ["gemm", "graph_gemm"])
 def test_gemm_writes_into_a_view_of_a_flat_buffer(xp, gpu, rng, route):
     """As a block's dW lands in W.grad, a view into the flat gradient buffer."""

@@ -215,13 +215,17 @@ def graph_gemm(a, b, trans_a=False, trans_b=False, out=None):
     return _into(out, c)
 
 
+#: CUDA's largest gridDim.y: the tiled GEMM's blocks walk the row tiles beyond it.
+GRID_Y_LIMIT = 65535
+
+
 def gemm(a, b, trans_a=False, trans_b=False, out=None):
     """op(a) @ op(b) (into ``out`` if given) with nnopt's own tiled kernel: the fallback
     where cuBLAS cannot load."""
     a, b, c, m, n, k = _gemm_operands(a, b, trans_a, trans_b, out)
     if m and n:
         function("gemm.cu", f"gemm_{_suffix(a)}")(
-            ((n + 15) // 16, (m + 15) // 16), (16, 16),
+            ((n + 15) // 16, min((m + 15) // 16, GRID_Y_LIMIT)), (16, 16),
             (a, b, c, np.int32(m), np.int32(n), np.int32(k), np.int32(trans_a),
              np.int32(trans_b)))
     return _into(out, c)
