@@ -19,6 +19,12 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+# The checkout's nnopt, whatever else is installed: the commit recorded with the results
+# (machine_info) is then the code that ran, in the worker processes too (a spawned
+# process starts with its parent's sys.path), and a checkout runs without pip install.
+if sys.path[:1] != [str(ROOT)]:
+    sys.path.insert(0, str(ROOT))
 
 
 def medians(rounds: dict) -> dict:
@@ -223,8 +229,7 @@ def machine() -> dict:
             pass
     info["threads"] = threads()
     try:  # which code measured (absent where the tree was copied without .git)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
+        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                                 capture_output=True, text=True, timeout=10)
         if commit.returncode == 0 and commit.stdout.strip():
             info["commit"] = commit.stdout.strip()

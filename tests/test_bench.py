@@ -113,6 +113,29 @@ def test_bench_train_out_measures_epochs_over_rounds(fake_workers, monkeypatch, 
     assert ("fixed_vs_policy_bn_range" in first) == ("--busy" in args)
 
 
+def test_bench_workers_run_the_checkouts_nnopt(tmp_path):
+    """A bench and its worker processes import the nnopt of the checkout bench/ lies in,
+    not another installed copy (whose code the recorded commit would misname), from any
+    working directory."""
+    import subprocess
+    import sys
+    (tmp_path / "where.py").write_text(
+        "def where(path):\n    import nnopt\n    open(path, 'w').write(nnopt.__file__)\n"
+        "    return lambda: None\n")
+    script = (f"import sys; sys.path[:0] = [{str(BENCH)!r}, {str(tmp_path)!r}]\n"
+              "import common, nnopt\n"
+              "worker = common.Worker('where')\n"
+              f"worker.ask('make', 'k', 'where', {str(tmp_path / 'worker.txt')!r})\n"
+              "worker.close()\n"
+              "print(nnopt.__file__)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    package = BENCH.parent / "nnopt"
+    assert Path(done.stdout.strip()).parent == package
+    assert Path((tmp_path / "worker.txt").read_text()).parent == package
+
+
 def test_compare_rotates_the_order_between_rounds(fake_workers):
     one, other = FakeWorker("a"), FakeWorker("b")
     rounds = fake_workers.compare({"a": (one, "a"), "b": (one, "b"), "c": (other, "c")}, repeat=3)
