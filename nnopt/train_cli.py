@@ -56,11 +56,22 @@ def prog_name() -> str:
     return "nnopt-train" if Path(sys.argv[0]).name == "nnopt-train" else "python -m nnopt.train"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, where it has one worth showing: not a flag's (it is off
+    until given: "--no-bn (default: True)" read as if BN were off), nor a None or empty one
+    (the help says what happens without the option)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(defaults=True) -> argparse.ArgumentParser:
     """The parser; ``defaults=False`` leaves out every flag not given (to tell which were)."""
     d = DEFAULTS
     p = argparse.ArgumentParser(
-        prog=prog_name(), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog_name(), formatter_class=HelpFormatter,
         argument_default=None if defaults else argparse.SUPPRESS,
         description="Train the textbook's MNIST network (chapter 15) with or without Batch "
                     "Normalization and report epochs, iterations, time and test accuracy.")
@@ -87,8 +98,9 @@ def build_parser(defaults=True) -> argparse.ArgumentParser:
     add("--schedule", default=default("none"), choices=["none", *schedules.SCHEDULES],
         help="learning-rate schedule, stepped once per epoch")
     add("--schedule-opt", action="append", default=default([]), metavar="KEY=VALUE",
-        help="a schedule parameter: step: step_size, gamma; multistep: milestones=3,6, gamma; "
-             "exponential: gamma; cosine: t_max, eta_min; plateau: factor, patience, min_lr")
+        help="a schedule parameter, e.g. --schedule-opt milestones=3,6 (repeatable): "
+             + "; ".join(f"{name}: {', '.join(params)}"
+                         for name, (_, params) in schedules.SCHEDULES.items()))
     add("--init", default=default(d["init"]), help="weight initializer (msra, xavier, normal, ...)")
     add("--activation", default=default(d["activation"]), choices=["relu", "sigmoid", "tanh"])
     add("--sizes", default=default(",".join(map(str, d["sizes"]))), help="layer sizes, comma separated")

@@ -10,6 +10,7 @@ import pytest
 
 import nnopt
 from nnopt import checkpoint, init, optim, train, train_cli
+from nnopt.optim import schedules
 from nnopt.errors import NnoptError
 
 SMALL = ["--sizes", "784,24,16,10", "--check-every", "40", "--batch-size", "128", "--quiet"]
@@ -236,8 +237,13 @@ def test_config_file_dry_run_and_version(tmp_path, capsys):
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         train_cli.main(["--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.1)" in text and "(default: 30)" in text
+    # a flag is off until given: no "--no-bn ... (default: True)"; no "(default: None)"
+    assert "default: True" not in text and "default: False" not in text, text
+    assert "default: None" not in text and "default: []" not in text, text
+    for name, (_, params) in schedules.SCHEDULES.items():  # each schedule's parameters
+        assert f"{name}: {', '.join(params)}" in text, name
 
 
 def test_evaluate_refuses_another_data_set(tmp_path, capsys):
