@@ -354,6 +354,14 @@ def test_engine_stops_at_target_and_records_losses():
     assert losses[-1] < losses[0]
 
 
+def test_cli_help_says_what_each_experiment_is(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in [*EXPERIMENTS, "all"]:
+        assert f"{name}: " in text, name
+
+
 def test_cli_writes_report(tmp_path, capsys):
     assert cli.main(["contours", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text().count("![") >= 2

@@ -25,7 +25,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="nnopt-experiments" if named else "python -m nnopt.experiments",
                                 description="Run the chapter's experiments; write PNG figures "
                                             "and a Markdown report beside the textbook's numbers.")
-    p.add_argument("name", choices=[*EXPERIMENTS, "all"])
+    p.add_argument("name", choices=[*EXPERIMENTS, "all"],
+                   help="init: activation histograms per layer and initializer, the zero-init "
+                        "demo; optimizers: the curve-fitting runs of 15.2/15.3; contours: "
+                        "optimizer paths on loss contours; bn: BN's effect on a layer's inputs "
+                        "and Table 15-12 (BN vs no BN); all: every one, one report")
     p.add_argument("--out", default=None, help="output folder (default experiments/NAME)")
     p.add_argument("--device", default="cpu", help="cpu or gpu")
     p.add_argument("--quick", action="store_true",
@@ -35,7 +39,8 @@ def main(argv=None) -> int:
                    help=f"how many seeds every stochastic claim runs over (default {SEEDS})")
     p.add_argument("--dataset", default="mnist-sample", choices=datasets.DATASETS,
                    help="data for the BN comparison (default: the embedded sample)")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="folder holding the data set's IDX files "
+                   "(else $NNOPT_DATA, the user cache, system folders, then a download)")
     args = p.parse_args(argv)
     problem = check_arguments(args)
     if problem:
