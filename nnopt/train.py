@@ -542,16 +542,20 @@ def note_blas_change(run: Run, now: int) -> None:
 
 def announce_compilation(run: Run, log) -> None:
     """numba compiles the fused CPU kernels on first use (seconds), then caches them on
-    disk: say so instead of sitting silent."""
+    disk until nnopt's text changes (nnopt.fast.numba_cache): say so instead of sitting
+    silent. The loss kernel, which every run on NumPy compiles, stands for them."""
     if not is_numpy(run.model.flat.data):
         return
-    from .fast import cpu_kernels
+    from .fast import cpu_kernels, numba_cache
     kernels = cpu_kernels()
     if kernels is None:
         return
-    cache = Path(kernels.__file__).parent / "__pycache__"
-    if not any(cache.glob("cpu.*.nbi")):
-        log("compiling nnopt's fused CPU kernels (numba, first run only; cached on disk after)")
+    cached = numba_cache.is_cached(kernels._softmax_cross_entropy)
+    if cached is None:
+        cached = any((Path(kernels.__file__).parent / "__pycache__").glob("cpu.*.nbi"))
+    if not cached:
+        log("compiling nnopt's fused CPU kernels (numba: on a first run, and once after "
+            "nnopt changes; cached on disk)")
 
 
 def check(run: Run, epoch: int) -> dict:

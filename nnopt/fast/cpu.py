@@ -22,6 +22,7 @@ from numba.extending import overload
 from .. import batchnorm as reference_batchnorm
 from ..optim import OPTIMIZERS
 from ..optim.adaptive import adam_kernel_scalars as adam_kernel_scalars_py
+from . import numba_cache  # noqa: F401  (before any kernel: the cache keys of nnopt's functions)
 from .shared import ACTIVATION_CODES, IDENTITY, RELU, SIGMOID, TANH, Scratch  # noqa: F401
 from .threads import product  # noqa: F401  (a block's products: nnopt.block)
 
