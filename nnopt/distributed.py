@@ -226,31 +226,31 @@ class NCCLCommunicator(MPICommunicator):
         return buf
 
 
-#: Where MPI launchers put the job's size: MPICH's hydra and Intel MPI, Open MPI, PMIx.
+#: Where MPI launchers put the job's size and this process's rank: MPICH's hydra and Intel
+#: MPI, Open MPI, PMIx.
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
-
-
-def launched_ranks() -> int:
-    """How many processes the MPI launcher started for this job (1 outside mpiexec), read
-    from its environment without initializing MPI."""
-    for name in LAUNCHER_SIZE_VARIABLES:
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
-
-
 LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
-def launched_rank() -> int:
-    """This process's rank in the launcher's job (0 outside mpiexec), read from its
-    environment without initializing MPI: a refusal every rank reaches is printed once."""
-    for name in LAUNCHER_RANK_VARIABLES:
+def _from_launcher(names, least, outside):
+    """The first of the environment variables ``names`` holding a whole number >= ``least``
+    (read without initializing MPI), else ``outside``."""
+    for name in names:
         value = os.environ.get(name, "")
-        if value.isdigit():
+        if value.isdigit() and int(value) >= least:
             return int(value)
-    return 0
+    return outside
+
+
+def launched_ranks() -> int:
+    """How many processes the MPI launcher started for this job (1 outside mpiexec)."""
+    return _from_launcher(LAUNCHER_SIZE_VARIABLES, 1, 1)
+
+
+def launched_rank() -> int:
+    """This process's rank in the launcher's job (0 outside mpiexec): a refusal every rank
+    reaches is printed once."""
+    return _from_launcher(LAUNCHER_RANK_VARIABLES, 0, 0)
 
 
 def ranks_on_this_machine() -> int:

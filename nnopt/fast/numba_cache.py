@@ -63,7 +63,6 @@ def _locators(root: Path):
         from numba.core import caching
         bases = (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator,
                  caching.UserWideCacheLocator)
-        caching._SourceFileBackedLocatorMixin.get_source_stamp  # noqa: B018
     except (ImportError, AttributeError):
         return None
     inside = str(root) + os.sep
