@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnopt import checkpoint, train
+from nnopt import checkpoint, datasets, train
 
 SMALL = ["--sizes", "784,24,16,10", "--check-every", "40", "--batch-size", "128", "--quiet"]
 
@@ -181,6 +181,29 @@ def test_a_stop_mid_window_resumes_bit_for_bit(tmp_path, monkeypatch, dtype):
     b, _, _ = checkpoint.load(cut)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_every_epoch_visits_each_training_image_once_in_a_new_order(tmp_path, monkeypatch):
+    """The shuffle is drawn anew each epoch (from the seed and the epoch), and an epoch is
+    one pass over the training split: every image once, the last batch partial."""
+    batches = []
+
+    class Recording(train.Stepper):
+        def __call__(self, xb, yb):
+            batches.append(np.array(xb))
+            return super().__call__(xb, yb)
+    monkeypatch.setattr(train, "Stepper", Recording)
+    assert run_cli(["--epochs", "2", "--out", str(tmp_path)]) == 0
+    x_train = np.asarray(datasets.load_sample().x_train, np.float32)
+    per_epoch = -(-x_train.shape[0] // 128)
+    assert len(batches) == 2 * per_epoch
+    epochs = [np.concatenate(batches[:per_epoch]), np.concatenate(batches[per_epoch:])]
+
+    def rows(x):
+        return sorted(row.tobytes() for row in x)
+    assert rows(epochs[0]) == rows(x_train) == rows(epochs[1])
+    assert not np.array_equal(epochs[0], epochs[1])  # another order
+    assert not np.array_equal(epochs[0], x_train)    # shuffled at all
 
 
 def test_a_saved_null_metric_resumes_as_the_live_nan(tmp_path):
