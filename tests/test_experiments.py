@@ -279,6 +279,28 @@ def test_adadelta_check_can_fail():
     assert adadelta_lr_difference(0, epochs=1, lr_scales_step=True) > 0
 
 
+def test_regression_sets_follow_the_chapters_formulas():
+    """The curve y = 0.4x^2 + 0.3x sin(15x) + 0.01 cos(50x) - 0.3 at points where each term
+    is known exactly; its sets as the chapter draws them; the line y = 2x + 3 + noise."""
+    third = math.pi / 30  # sin(15x) = 1, cos(50x) = cos(5 pi / 3) = 1/2
+    known = {0.0: 0.01 - 0.3,
+             third: 0.4 * third ** 2 + 0.3 * third + 0.005 - 0.3,
+             2 * third: 0.4 * (2 * third) ** 2 - 0.005 - 0.3}  # sin(pi) = 0, cos(10 pi / 3) = -1/2
+    for x, y in known.items():
+        assert abs(regression.curve_fn(np.array([x]))[0] - y) < 1e-12, x
+    x, y, x_test, y_test = regression.curve(seed=3)
+    assert x.shape == y.shape == (1000, 1) and x_test.shape == y_test.shape == (200, 1)
+    assert 0 <= x.min() and x.max() < 1
+    noise = y - regression.curve_fn(x)
+    assert np.abs(noise).max() <= 0.05 and noise.min() < -0.045 and noise.max() > 0.045
+    np.testing.assert_array_equal(x_test[:, 0], np.linspace(0, 1, 200))
+    np.testing.assert_array_equal(y_test, regression.curve_fn(x_test))
+    x, y = regression.line(seed=3, n=2000, noise=0.1)
+    slope, intercept = np.polyfit(x[:, 0], y[:, 0], 1)
+    assert abs(slope - 2) < 0.05 and abs(intercept - 3) < 0.03
+    assert abs(np.std(y[:, 0] - (2 * x[:, 0] + 3)) - 0.1) < 0.01
+
+
 def test_train_seeds_matches_single_runs():
     seeds = [0, 1]
     data = [regression.curve(s, n_train=100) for s in seeds]
