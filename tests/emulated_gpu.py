@@ -556,6 +556,8 @@ class Graph:
         self.replays = 0
 
     def launch(self, stream=None):
+        if self.origin is not None:
+            self.origin.cp.stream_log.append(("replay", getattr(stream, "ptr", None)))
         order = self.ORDERS[self.replays % len(self.ORDERS)]
         self.replays += 1
         for captured in schedule(self.work, self.origin, order):
@@ -636,6 +638,8 @@ class Stream:
 
     def wait_event(self, event):
         members = self.cp.launches.members
+        if not members and isinstance(event, Event):
+            self.cp.stream_log.append(("wait", self.ptr, getattr(event.stream, "ptr", None)))
         if not members or not isinstance(event, Event) or event.stream not in members:
             return
         members.setdefault(self, 0)  # the stream joins the capture
@@ -657,6 +661,12 @@ def emulated_cupy(multiprocessors=2):
     cp = types.ModuleType("cupy")
     cp.launches = Launches()
     cp.synchronizations = 0  # of the whole device (Device().synchronize)
+    # Outside a capture, work runs as it is launched, so a stream that forgets to wait for
+    # another's work computes the right numbers here: the order of the streams' waits and
+    # graph replays, ("wait", waiting stream, stream of the event) and ("replay", stream),
+    # each stream by its ptr (the log keeps no stream alive), is what a test can hold to
+    # CUDA's rules instead.
+    cp.stream_log = []
     cp.ndarray, cp.float32, cp.float64 = np.ndarray, np.float32, np.float64
     cp.int32, cp.int64 = np.int32, np.int64
     cp.matmul = np.matmul

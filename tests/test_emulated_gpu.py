@@ -814,6 +814,36 @@ def test_a_deferred_input_gradient_reaches_a_block_that_runs_its_layers(gpu, mon
 
 
 # --- a training run, as python -m nnopt.train --device gpu ------------------------------------
+def test_a_replay_is_ordered_after_the_callers_work_and_before_its_next(monkeypatch):
+    """CapturedStep.step called on another stream (the one the batch was made on): the
+    graph's stream waits for that stream's work before it copies the batch in and replays,
+    and the caller's stream waits for the replay before whatever it queues next (reading
+    the loss, the next batch). Called on the graph's own stream, nothing waits. On a GPU a
+    missing wait is a race that reads half-written batches now and then; the emulator runs
+    eager work at once, so its log of waits and replays is what shows it."""
+    import sys
+
+    from nnopt.graph import CapturedStep
+    emulated_gpu.install(monkeypatch)
+    cp = sys.modules["cupy"]
+    model = nnopt.mlp([784, 24, 10], batchnorm=True, seed=0, device="cpu")
+    captured = CapturedStep(model, optim.SGD(model, 0.1), nnopt.SoftmaxCrossEntropy(),
+                            (32, 784), (32,))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, 784), dtype=np.float32), rng.integers(0, 10, 32)
+    graph = captured.stream
+    for caller in (cp.cuda.get_current_stream(), cp.cuda.Stream(non_blocking=True)):
+        del cp.stream_log[:]
+        with caller:
+            captured.step(x, y)
+        assert cp.stream_log == [("wait", graph.ptr, caller.ptr), ("replay", graph.ptr),
+                                 ("wait", caller.ptr, graph.ptr)]
+    del cp.stream_log[:]
+    with graph:
+        captured.step(x, y)
+    assert cp.stream_log == [("replay", graph.ptr)]
+
+
 def test_training_run_on_the_emulated_gpu_follows_the_cpu_run(monkeypatch, tmp_path):
     """The GPU training loop (a captured step replayed for full batches, the last partial
     batch eager, a learning-rate schedule that captures the graph again each epoch) on the
