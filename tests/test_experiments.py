@@ -9,7 +9,8 @@ import math
 
 from nnopt.experiments import (EXPERIMENTS, __main__ as cli, batchnorm, curvefit, regression,
                                run_sections)
-from nnopt.experiments.initialization import activations, per_sample_spread, zero_init_demo
+from nnopt.experiments.initialization import (activations, per_sample_spread, zero_init_demo,
+                                               zero_init_identical)
 from nnopt.experiments.report import (Context, Section, all_of, figure_module, held_bounds,
                                       place, sooner, spread, verdict_of, wilson, write)
 
@@ -212,6 +213,12 @@ def test_zero_init_keeps_units_identical(quick_run):
     w1, b1, w2 = zero_init_demo(seed=3, epochs=2)
     assert np.all(w1 == w1[:, :1]) and np.all(b1 == b1[0]) and np.all(w2 == w2[0])
     assert np.any(w1 != 0)  # it did train
+    # the claim's test itself: any of the three parts breaking the symmetry fails it
+    assert zero_init_identical(w1, b1, w2)
+    for k, part in enumerate((w1, b1, w2)):
+        broken = [w1.copy(), b1.copy(), w2.copy()]
+        broken[k].flat[-1] += 1e-9
+        assert not zero_init_identical(*broken), k
 
 
 def test_initialization_claims(quick_run):
@@ -362,6 +369,38 @@ def test_batched_engine_matches_reference(name, options):
                                      record_every=1, check_every=1, target=-1.0, seed=2)
     want = curvefit.reference_run(name, options, data, epochs=3, seed=2)
     assert np.max(np.abs(final[0] - want)) <= 1e-12 * max(1.0, np.max(np.abs(want)))
+
+
+def test_engine_records_the_reference_models_test_loss():
+    """The curves (and the stop at the target) are MSE/2 on the test set of the model the
+    reference layers train, epoch by epoch."""
+    from nnopt.losses import MSELoss
+    from nnopt.model import mlp
+    data = regression.curve(seed=2, n_train=200)
+    curves, _, _ = curvefit.train_all([("momentum", {"lr": 0.1})], data,
+                                      curvefit.initial_params(seed=2), max_epochs=3,
+                                      record_every=1, check_every=1, target=-1.0, seed=2)
+    for epoch in (1, 2, 3):
+        model = mlp([1, 3, 1], "sigmoid", seed=2, dtype="float64")
+        model.flat.data[...] = curvefit.reference_run("momentum", {"lr": 0.1}, data, epochs=epoch,
+                                                      seed=2)
+        model.eval()
+        want = float(MSELoss().forward(model(data[2]), data[3]))
+        assert abs(curves[0][epoch - 1] - want) <= 1e-12 * want, epoch
+
+
+def test_epoch_shuffle_draws_every_order_equally_often():
+    """Fisher-Yates: each of the 24 orders of 4 items about 1/24 of the epochs (a
+    near-miss such as Sattolo's, which draws only the 6 cycles, fails); reproducible
+    from (seed, epoch), another per epoch."""
+    import collections
+    epochs = 24_000
+    counts = collections.Counter(tuple(curvefit.epoch_order(4, 7, e)) for e in range(epochs))
+    assert len(counts) == 24
+    assert all(abs(c - epochs / 24) < 6 * math.sqrt(epochs / 24) for c in counts.values())
+    assert np.array_equal(curvefit.epoch_order(50, 7, 3), curvefit.epoch_order(50, 7, 3))
+    assert not np.array_equal(curvefit.epoch_order(50, 7, 3), curvefit.epoch_order(50, 7, 4))
+    assert not np.array_equal(curvefit.epoch_order(50, 7, 3), curvefit.epoch_order(50, 8, 3))
 
 
 def test_engine_stops_at_target_and_records_losses():

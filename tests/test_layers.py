@@ -115,6 +115,25 @@ def test_softmax_cross_entropy(xp, rng, one_hot):
 
 
 @pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cross_entropy_of_huge_logits_is_finite(xp, monkeypatch, fused, dtype):
+    """Logits far past exp's range (softmax is shift-invariant: the largest is subtracted
+    first): the loss, the probabilities and the gradient are exact, not inf or NaN."""
+    if not fused:
+        monkeypatch.setattr(nnopt.losses, "fast_for", lambda *arrays: None)
+    logits = np.array([[1000.0, 0.0, -1000.0], [5000.0, 5000.0, 0.0]])
+    labels = np.array([0, 0])
+    loss = SoftmaxCrossEntropy()
+    value, grad = loss.forward_backward(dev(xp, logits, getattr(xp, dtype)), dev(xp, labels))
+    # row 1: p = (1, 0, 0), loss 0; row 2: p = (1/2, 1/2, 0), loss log 2
+    want_prob = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    tol = 1e-6 if dtype == "float32" else 1e-12
+    assert float(value) == pytest.approx(np.log(2.0) / 2, rel=tol)
+    np.testing.assert_allclose(host(loss.prob), want_prob, atol=tol)
+    np.testing.assert_allclose(host(grad), (want_prob - np.eye(3)[labels]) / 2, atol=tol)
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("one_hot", [True, False])
 def test_cross_entropy_with_a_masked_logit_is_finite(xp, monkeypatch, fused, one_hot):
     """A -inf logit off the label (a masked class) has probability 0: the loss and its
