@@ -137,6 +137,11 @@ def test_nonfinite_gradients_raise_or_skip(xp):
     assert skipper.step() is False and skipper.skipped_steps == 1
     np.testing.assert_array_equal(host(storage.data), [1.0, 2.0])
     assert not optim.SGD(storage).grads_finite()
+    # the count goes on in a resumed run (its summary reports it), the step count with it
+    skipper.step()
+    resumed = optim.Adam(storage, nonfinite="skip")
+    resumed.load_state_dict(skipper.state_dict())
+    assert resumed.skipped_steps == 2 and resumed.state[0]["step"] == 0
 
 
 @pytest.mark.parametrize("bad, match", [
